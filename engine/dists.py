@@ -201,11 +201,12 @@ class Gaussian(Distribution):
         stats[:, 2] += (flows * x2).sum(1)
 
     def em_update(self, params, stats, step_size, pseudocount):
-        w = stats[:, 0] + pseudocount
+        w = (stats[:, 0] + pseudocount).clamp_min(1e-30)
         mu = (stats[:, 1] + pseudocount * params[:, 0]) / w
         var = (stats[:, 2] + pseudocount * (params[:, 0] ** 2 + params[:, 1] ** 2)) / w - mu * mu
         sd = var.clamp_min(self.min_std**2).sqrt()
         new = torch.stack([mu, sd], 1)
+        new = torch.where((w > 1e-12)[:, None], new, params)  # no data and no prior: keep the node
         return (1 - step_size) * params + step_size * new
 
     def sample(self, params):

@@ -90,3 +90,16 @@ def sum_em_update(pt: SumPartitionTensors, params, param_flows, mask, step_size:
     new = counts / counts.sum(2, keepdim=True).clamp_min(1e-30)
     keep = counts.sum(2, keepdim=True) <= 1e-30  # no flow and no pseudocount: keep old weights
     w.copy_(torch.where(keep, w, (1 - step_size) * w + step_size * new))
+
+
+def sum_forward_max(pt: SumPartitionTensors, params, element_mars, node_mars, chunk_elems: int = 1 << 24) -> None:
+    """Max-product: node_mars[nodes] = max_c (log w_nc + element_mars[c]) (for MPE)."""
+    logw = pt.weights(params).clamp_min(0).log()  # [nb, bs, width*bs]; padding -> -inf
+    bsz = element_mars.shape[1]
+    per_block = logw.shape[1] * logw.shape[2] * bsz
+    step = max(1, chunk_elems // max(per_block, 1))
+    out = []
+    for s in range(0, pt.num_node_blocks, step):
+        el = element_mars[pt.child_idx[s : s + step]]  # [c, width*bs, B]
+        out.append((logw[s : s + step, :, :, None] + el[:, None]).amax(2))
+    node_mars[pt.node_idx] = torch.cat(out).reshape(-1, bsz)

@@ -1,0 +1,161 @@
+"""Queries on a compiled circuit: conditionals, sampling and MPE.
+
+- `conditional`: p(x_v | observed) for every missing discrete variable, from ONE forward and ONE
+  flows pass: the flow into input node n times its probability of value k, summed over the
+  variable's input nodes, is the posterior of x_v = k.
+- `sample`: top-down ancestral sampling; each sum picks a child with probability proportional to
+  w_nc * p_c(evidence), so samples follow p(x_missing | x_observed).
+- `mpe`: a max-product forward pass then a top-down argmax; exact MAP on deterministic circuits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.executor import torch_ops
+
+
+def _prepare(pc, x, missing, num_rows: int | None = None):
+    if x is None:
+        if num_rows is None:
+            raise ValueError("x is required")
+        x = torch.zeros(num_rows, pc.num_vars, dtype=torch.long)
+        missing = torch.ones_like(x, dtype=torch.bool)
+    x = torch.as_tensor(x)
+    if missing is None:
+        missing = torch.zeros(x.shape, dtype=torch.bool)
+    return pc.check_data(x.to(pc.device), torch.as_tensor(missing).to(pc.device))
+
+
+def _require_discrete(pc, what: str) -> None:
+    if any(not d.discrete for d in pc.input_dists):
+        raise ValueError(f"{what} supports discrete input distributions only (this circuit has Gaussian inputs)")
+
+
+def _input_probs(dist, params: torch.Tensor) -> torch.Tensor:
+    """[n, K] value probabilities of each discrete input node."""
+    return torch.cat([1 - params, params], 1) if dist.name == "bernoulli" else params
+
+
+@torch.no_grad()
+def conditional(pc, x, missing) -> torch.Tensor:
+    """Posterior of every variable given the observed ones: `[B, num_vars, K]` (K = most categories).
+
+    Observed variables get a one-hot row of their value.
+    """
+    _require_discrete(pc, "conditional")
+    x, missing = _prepare(pc, x, missing)
+    pc.forward(x, missing, validate=False)
+    flows = pc.backward_flows(accumulate_params=False)
+    ks = [_input_probs(d, pc.input_params(i)).shape[1] for i, d in enumerate(pc.input_dists)]
+    k = max(ks)
+    bsz = x.shape[0]
+    out = torch.zeros(bsz, pc.num_vars, k, device=pc.device, dtype=torch.float64)
+    for i, layer in enumerate(pc.input_layers):
+        g = layer.input_group
+        probs = _input_probs(pc.input_dists[i], pc.input_params(i)).double()  # [n, Ki]
+        f = flows[g.row_start : g.row_start + g.num_nodes].double()  # [n, B]
+        contrib = f[:, :, None] * probs[:, None, :]  # [n, B, Ki]
+        vars_ = getattr(pc, f"input_vars_{i}")
+        padded = torch.zeros(contrib.shape[0], bsz, k, device=pc.device, dtype=torch.float64)
+        padded[:, :, : probs.shape[1]] = contrib
+        out.index_add_(1, vars_, padded.permute(1, 0, 2))
+    out = out / out.sum(2, keepdim=True).clamp_min(1e-300)
+    observed = torch.nn.functional.one_hot(x.long().clamp(0, k - 1), k).double()
+    return torch.where(missing[:, :, None], out, observed).float()
+
+
+def _top_down(pc, node_mars, element_mars, choose) -> torch.Tensor:
+    """Select one child per active sum node (`choose(logits) -> index`); returns node selection [R, B]."""
+    bsz = node_mars.shape[1]
+    sel = torch.zeros(node_mars.shape, dtype=torch.bool, device=pc.device)
+    sel[pc.plan.root_row] = True
+    layers = pc.plan.layers
+    for li in range(len(layers) - 1, -1, -1):
+        layer = layers[li]
+        if layer.kind != "sum":
+            continue
+        below = layers[li - 1]
+        for pt in pc.parts[below.index]:
+            torch_ops.prod_forward(pt, node_mars, element_mars)
+        elem_sel = torch.zeros(element_mars.shape, dtype=torch.bool, device=pc.device)
+        for pt in pc.parts[layer.index]:
+            pos, s = sel[pt.node_idx].nonzero(as_tuple=True)
+            if pos.numel() == 0:
+                continue
+            blk, i = pos // pt.block_size, pos % pt.block_size
+            logw = pt.weights(pc.params)[blk, i].clamp_min(0).log()  # [P, width*bs]
+            rows = pt.child_idx[blk]  # [P, width*bs]
+            logits = logw + element_mars[rows, s[:, None]]
+            k = choose(logits)
+            elem_sel[rows.gather(1, k[:, None]).squeeze(1), s] = True
+        for pt in pc.parts[below.index]:
+            es = elem_sel[pt.elem_rows]  # [n, B]
+            w = pt.child_rows.shape[1]
+            cnt = torch.zeros(sel.shape, dtype=torch.int32, device=pc.device)
+            cnt.index_add_(0, pt.child_rows.reshape(-1), es.repeat_interleave(w, 0).int())
+            sel |= cnt > 0
+    sel[0] = False
+    return sel
+
+
+def _fill_inputs(pc, sel, x, missing, pick) -> torch.Tensor:
+    out = x.clone().double()
+    for i, layer in enumerate(pc.input_layers):
+        g = layer.input_group
+        node, s = sel[g.row_start : g.row_start + g.num_nodes].nonzero(as_tuple=True)
+        vars_ = getattr(pc, f"input_vars_{i}")[node]
+        values = pick(pc.input_dists[i], pc.input_params(i)[node]).double()
+        fill = missing[s, vars_]
+        out[s[fill], vars_[fill]] = values[fill]
+    return out if any(not d.discrete for d in pc.input_dists) else out.long()
+
+
+@torch.no_grad()
+def sample(pc, num_samples: int, x=None, missing=None) -> torch.Tensor:
+    """`[num_samples, num_vars]` samples; with `x` ([1 or num_samples, V]) missing entries are drawn
+    from p(missing | observed) and observed entries are kept."""
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if x is not None:
+        x = torch.as_tensor(x)
+        if x.dim() == 2 and x.shape[0] == 1:
+            x = x.expand(num_samples, -1)
+            missing = None if missing is None else torch.as_tensor(missing).expand(num_samples, -1)
+        elif x.dim() != 2 or x.shape[0] != num_samples:
+            raise ValueError(f"x must have 1 or num_samples={num_samples} rows, got shape {tuple(x.shape)}")
+    x, missing = _prepare(pc, x, missing, num_samples)
+    node_mars, element_mars = pc.forward_mars(x, missing, validate=False)
+
+    def gumbel_argmax(logits):
+        g = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-20, 1.0)))
+        return (logits + g).argmax(1)
+
+    sel = _top_down(pc, node_mars, element_mars, gumbel_argmax)
+    return _fill_inputs(pc, sel, x, missing, lambda d, p: d.sample(p))
+
+
+@torch.no_grad()
+def mpe(pc, x=None, missing=None, num_rows: int = 1) -> torch.Tensor:
+    """Max-product completion of the missing entries `[B, num_vars]` (observed entries kept)."""
+    x, missing = _prepare(pc, x, missing, num_rows)
+    bsz = x.shape[0]
+    node_mars = torch.zeros(pc.plan.num_node_rows, bsz, device=pc.device)
+    element_mars = torch.full((pc.plan.num_element_rows, bsz), -torch.inf, device=pc.device)
+    for layer in pc.plan.layers:
+        if layer.kind == "input":
+            i = pc.input_layers.index(layer)
+            g, dist = layer.input_group, pc.input_dists[i]
+            vars_ = getattr(pc, f"input_vars_{i}")
+            xv, miss = x[:, vars_].T, missing[:, vars_].T
+            lp = dist.log_prob(pc.input_params(i), xv.long() if dist.discrete else xv, miss)
+            _, best = dist.mode(pc.input_params(i))
+            node_mars[g.row_start : g.row_start + g.num_nodes] = torch.where(miss, best[:, None].expand_as(lp), lp)
+        elif layer.kind == "product":
+            for pt in pc.parts[layer.index]:
+                torch_ops.prod_forward(pt, node_mars, element_mars)
+        else:
+            for pt in pc.parts[layer.index]:
+                torch_ops.sum_forward_max(pt, pc.params, element_mars, node_mars)
+    sel = _top_down(pc, node_mars, element_mars, lambda logits: logits.argmax(1))
+    return _fill_inputs(pc, sel, x, missing, lambda d, p: d.mode(p)[0])
