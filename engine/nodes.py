@@ -192,8 +192,10 @@ class SumNodes(NodeVector):
         if np.unique(edge_ids[0]).size != self.num_blocks:
             raise CircuitError("summate edge_ids leaves some node block without children")
         self.edge_ids = edge_ids
-        if params is None:
-            params = torch.rand(edge_ids.shape[1], bs, bs) + 0.01
+        if params is None:  # random init: finite and positive by construction, no checks needed
+            params = torch.rand(edge_ids.shape[1], bs, bs).add_(0.01)
+            self.params = normalize_sum_params(params, edge_ids[0], self.num_blocks, fast=True)
+            return
         else:
             params = torch.as_tensor(params, dtype=torch.float32)
             if params.dim() == 3 and params.shape[0] == order.size:
@@ -216,12 +218,15 @@ class SumNodes(NodeVector):
         return out
 
 
-def normalize_sum_params(params: torch.Tensor, node_block: np.ndarray, num_blocks: int) -> torch.Tensor:
+def normalize_sum_params(params: torch.Tensor, node_block: np.ndarray, num_blocks: int, fast=False) -> torch.Tensor:
     """Normalise `[E, bs, bs]` tile params so each node's weights over all its children sum to 1."""
     row_sums = torch.zeros(num_blocks, params.shape[1], dtype=torch.float64)
-    row_sums.index_add_(0, torch.as_tensor(node_block), params.double().sum(2))
+    row_sums.index_add_(0, torch.as_tensor(node_block), params.sum(2, dtype=torch.float64))
     if (row_sums <= 0).any():
         raise CircuitError("a sum node has all-zero weights")
+    if fast:  # random init: float32 scaling in place (GBs for HCLT-512; exactness irrelevant)
+        return params.mul_((1.0 / row_sums).float()[torch.as_tensor(node_block)][:, :, None])
+    # user params: divide in float64 so already-normalised weights round-trip bit for bit
     return (params.double() / row_sums[torch.as_tensor(node_block)][:, :, None]).float()
 
 
