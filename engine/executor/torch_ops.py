@@ -78,8 +78,8 @@ def prod_forward(pt: ProdPartitionTensors, node_mars, element_mars) -> None:
 def prod_backward(pt: ProdPartitionTensors, element_flows, node_flows) -> None:
     """Each child of a product receives the product's flow."""
     f = element_flows[pt.elem_rows]  # [n, B]
-    width = pt.child_rows.shape[1]
-    node_flows.index_add_(0, pt.child_rows.reshape(-1), f.repeat_interleave(width, 0))
+    for k in range(pt.child_rows.shape[1]):  # one scatter per factor: no [n * width, B] copy
+        node_flows.index_add_(0, pt.child_rows[:, k], f)
 
 
 def sum_em_update(pt: SumPartitionTensors, params, param_flows, mask, step_size: float, pseudocount: float):
