@@ -22,6 +22,9 @@ def _prepare(pc, x, missing, num_rows: int | None = None):
         x = torch.zeros(num_rows, pc.num_vars, dtype=torch.long)
         missing = torch.ones_like(x, dtype=torch.bool)
     x = torch.as_tensor(x)
+    if x.dim() == 1:  # one example given as a vector
+        x = x[None]
+        missing = None if missing is None else torch.as_tensor(missing).reshape(1, -1)
     if missing is None:
         missing = torch.zeros(x.shape, dtype=torch.bool)
     return pc.check_data(x.to(pc.device), torch.as_tensor(missing).to(pc.device))
@@ -119,6 +122,9 @@ def sample(pc, num_samples: int, x=None, missing=None) -> torch.Tensor:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if x is not None:
         x = torch.as_tensor(x)
+        if x.dim() == 1:
+            x = x[None]
+            missing = None if missing is None else torch.as_tensor(missing).reshape(1, -1)
         if x.dim() == 2 and x.shape[0] == 1:
             x = x.expand(num_samples, -1)
             missing = None if missing is None else torch.as_tensor(missing).expand(num_samples, -1)
