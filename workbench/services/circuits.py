@@ -1,0 +1,281 @@
+"""Turning plain circuit descriptions into engine roots, with readable errors instead of tracebacks.
+
+Three ways in, each a plain dict so it can be stored as JSON and sent to a worker process:
+
+    {"source": "template", "template": "hclt", "num_latents": 16, ...}   # see TEMPLATE_DEFAULTS
+    {"source": "graph", "nodes": [...], "edges": [...]}                   # see build_graph
+    {"source": "file", "path": "uploads/abc.cwpc"}                        # engine.load
+
+`build(spec, dataset)` never raises for a bad circuit: it returns a `BuildResult` whose `error` says
+what is wrong ("circuit is not smooth: ...", "circuit is not decomposable: ...").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from engine import dists
+from engine.nodes import CircuitError, NodeVector, inputs, multiply, summate
+
+TEMPLATES = ("hclt", "pd", "rat_spn", "hmm")
+DIST_NAMES = ("auto", "categorical", "bernoulli", "gaussian")
+MAX_CIRCUIT_FILE_BYTES = int(os.environ.get("CW_MAX_CIRCUIT_MB", "256")) * 2**20
+
+# Every template key the builders read, with its default (CircuitSpec mirrors these as params).
+TEMPLATE_DEFAULTS: dict = {
+    "template": "hclt",
+    "num_latents": 16,
+    "input_dist": "auto",
+    "num_cats": 2,  # categorical inputs when no dataset decides it
+    "num_vars": 16,  # rat_spn without a dataset
+    "data_shape": [8, 8],  # pd; product must equal the dataset's num_vars
+    "split_intervals": 4,  # pd
+    "max_split_depth": None,  # pd
+    "depth": 2,  # rat_spn
+    "num_repetitions": 2,  # rat_spn
+    "num_pieces": 2,  # rat_spn
+    "seq_length": 8,  # hmm without a dataset
+    "num_emits": 4,  # hmm without a dataset
+    "chow_liu_samples": 20000,  # hclt
+    "seed": 0,
+}
+
+
+@dataclass
+class BuildResult:
+    """Outcome of a build: `root` on success, otherwise `error` (one readable line)."""
+
+    root: NodeVector | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)  # num_vectors, num_nodes, num_vars, ...
+
+    @property
+    def ok(self) -> bool:
+        return self.root is not None and self.error is None
+
+
+def describe(root: NodeVector) -> dict:
+    """Counts for a status line: vectors and nodes by kind, variables, block edges."""
+    order = root.topological()
+    counts = {"input": 0, "product": 0, "sum": 0}
+    nodes = dict(counts)
+    vars_: set[int] = set()
+    for v in order:
+        counts[v.kind] += 1
+        nodes[v.kind] += v.num_nodes
+        if v.kind == "input":
+            vars_.add(v.var)
+    return {
+        "num_vectors": len(order),
+        "num_nodes": sum(nodes.values()),
+        "vectors_by_kind": counts,
+        "nodes_by_kind": nodes,
+        "num_vars": len(vars_),
+    }
+
+
+def make_dist(name: str, num_cats: int = 2, dataset=None) -> dists.Distribution:
+    """Input distribution by name; "auto" follows the dataset's kind (Bernoulli/Categorical/Gaussian)."""
+    if name == "auto":
+        if dataset is None:
+            return dists.Categorical(int(num_cats))
+        if dataset.kind == "continuous":
+            return dists.Gaussian()
+        return dists.Categorical(int(dataset.num_cats))
+    if name == "categorical":
+        return dists.Categorical(
+            int(dataset.num_cats if dataset is not None and dataset.num_cats else num_cats)
+        )
+    if name == "bernoulli":
+        return dists.Bernoulli()
+    if name == "gaussian":
+        return dists.Gaussian()
+    raise CircuitError(f"unknown input distribution {name!r}; choose one of {', '.join(DIST_NAMES[1:])}")
+
+
+def build(spec: dict, dataset=None) -> BuildResult:
+    """Build the circuit `spec` describes (see module docstring); `dataset` feeds data-driven templates."""
+    t0 = time.perf_counter()
+    try:
+        source = spec.get("source", "template")
+        if source == "template":
+            root = build_template(spec, dataset)
+        elif source == "graph":
+            root = build_graph(spec)
+        elif source == "file":
+            root = load_circuit_file(spec["path"])
+        else:
+            raise CircuitError(f"unknown circuit source {source!r} (template, graph or file)")
+        return BuildResult(root=root, seconds=time.perf_counter() - t0, info=describe(root))
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as err:
+        return BuildResult(error=error_message(err), seconds=time.perf_counter() - t0)
+
+
+def error_message(err: BaseException) -> str:
+    """One readable line for the UI: the exception's message, prefixed with its kind when unclear."""
+    msg = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError):
+        return f"missing field {msg}"
+    if isinstance(err, (CircuitError, ValueError)):
+        return msg
+    return f"{type(err).__name__}: {msg}"
+
+
+# ----------------------------------------------------------------------------------------- templates
+
+
+def build_template(spec: dict, dataset=None) -> NodeVector:
+    """HCLT, PD, RAT-SPN or HMM from `spec` (keys of TEMPLATE_DEFAULTS). Raises ValueError."""
+    from engine import structures
+
+    s = {**TEMPLATE_DEFAULTS, **spec}
+    name = s["template"]
+    dist = make_dist(s["input_dist"], s["num_cats"], dataset)
+    k = int(s["num_latents"])
+    if name == "hclt":
+        if dataset is None:
+            raise CircuitError("HCLT learns its tree from data: choose a dataset first")
+        return structures.hclt(
+            dataset.train,
+            k,
+            input_dist=dist,
+            chow_liu_samples=int(s["chow_liu_samples"]),
+            seed=int(s["seed"]),
+        )
+    if name == "pd":
+        shape = [int(d) for d in s["data_shape"]]
+        n = 1
+        for d in shape:
+            n *= d
+        if dataset is not None and n != dataset.num_vars:
+            raise CircuitError(
+                f"PD data_shape {shape} covers {n} variables but the dataset has {dataset.num_vars}"
+            )
+        depth = s["max_split_depth"]
+        return structures.pd(
+            shape,
+            k,
+            s["split_intervals"],
+            input_dist=dist,
+            seed=int(s["seed"]),
+            max_split_depth=None if depth is None else int(depth),
+        )
+    if name == "rat_spn":
+        nv = dataset.num_vars if dataset is not None else int(s["num_vars"])
+        return structures.rat_spn(
+            nv,
+            k,
+            int(s["depth"]),
+            int(s["num_repetitions"]),
+            input_dist=dist,
+            num_pieces=int(s["num_pieces"]),
+            seed=int(s["seed"]),
+        )
+    if name == "hmm":
+        if dataset is not None:
+            if dataset.kind == "continuous":
+                raise CircuitError("HMM needs discrete observations; this dataset is continuous")
+            return structures.hmm(dataset.num_vars, k, int(dataset.num_cats))
+        return structures.hmm(int(s["seq_length"]), k, int(s["num_emits"]))
+    raise CircuitError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+# ----------------------------------------------------------------------------------------- graphs
+
+
+def build_graph(spec: dict) -> NodeVector:
+    """Node vectors from a drawn graph; raises CircuitError naming the node at fault.
+
+    `spec["nodes"]`: [{"id": str, "kind": "input"|"product"|"sum", "num_nodes": int,
+    "block_size": int|None, "var": int (inputs), "dist": "categorical"|"bernoulli"|"gaussian",
+    "num_cats": int}]; `spec["edges"]`: [{"parent": id, "child": id}] (children keep list order).
+    The root is the one node without parents. Smoothness and decomposability are checked here.
+    """
+    nodes = {str(n["id"]): n for n in spec.get("nodes", [])}
+    if not nodes:
+        raise CircuitError("the graph is empty: add at least one input and one sum node")
+    children: dict[str, list[str]] = {nid: [] for nid in nodes}
+    has_parent: set[str] = set()
+    for e in spec.get("edges", []):
+        p, c = str(e["parent"]), str(e["child"])
+        for end in (p, c):
+            if end not in nodes:
+                raise CircuitError(f"edge {p} -> {c} refers to unknown node {end!r}")
+        children[p].append(c)
+        has_parent.add(c)
+    roots = [nid for nid in nodes if nid not in has_parent]
+    if len(roots) != 1:
+        what = (
+            "no node without parents (is there a cycle?)" if not roots else f"several: {', '.join(roots[:5])}"
+        )
+        raise CircuitError(f"the graph needs exactly one root node; found {what}")
+    built = _build_nodes(nodes, children, roots[0])
+    root = built[roots[0]]
+    from engine.compiler.ir import build_ir
+
+    build_ir(root)  # raises "circuit is not smooth/decomposable: ..." and root-size errors
+    return root
+
+
+def _build_nodes(nodes: dict, children: dict, root: str) -> dict[str, NodeVector]:
+    built: dict[str, NodeVector] = {}
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = built
+    stack = [(root, False)]
+    while stack:
+        nid, expanded = stack.pop()
+        if expanded:
+            built[nid] = _make_vector(nodes[nid], [built[c] for c in children[nid]])
+            state[nid] = 2
+            continue
+        if state.get(nid) == 2:
+            continue
+        if state.get(nid) == 1:
+            raise CircuitError(f"the graph has a cycle through node {nid!r}")
+        state[nid] = 1
+        stack.append((nid, True))
+        for c in children[nid]:
+            if state.get(c) == 1:
+                raise CircuitError(f"the graph has a cycle through node {c!r}")
+            if state.get(c) != 2:
+                stack.append((c, False))
+    return built
+
+
+def _make_vector(n: dict, kids: list[NodeVector]) -> NodeVector:
+    nid, kind = n["id"], n.get("kind")
+    bs = n.get("block_size") or None
+    try:
+        if kind == "input":
+            if kids:
+                raise CircuitError("an input node cannot have children")
+            dist = make_dist(n.get("dist", "categorical"), n.get("num_cats", 2))
+            return inputs(int(n["var"]), int(n["num_nodes"]), dist, block_size=bs)
+        if not kids:
+            raise CircuitError(f"a {kind} node needs at least one child")
+        if kind == "product":
+            return multiply(*kids, block_size=bs)
+        if kind == "sum":
+            return summate(*kids, num_nodes=int(n["num_nodes"]), block_size=bs)
+        raise CircuitError(f"unknown kind {kind!r} (input, product or sum)")
+    except (ValueError, KeyError, TypeError) as err:
+        raise CircuitError(f"node {nid!r}: {error_message(err)}") from err
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def load_circuit_file(path, max_bytes: int | None = None) -> NodeVector:
+    """Root of a native (`engine.save`) or `.psdd` file; FileFormatError/CircuitError with a reason."""
+    import engine
+    from engine.io import FileFormatError
+
+    limit = MAX_CIRCUIT_FILE_BYTES if max_bytes is None else max_bytes
+    if os.path.isfile(path) and os.path.getsize(path) > limit:
+        raise FileFormatError(f"{os.path.basename(path)}: file is too large (limit {limit // 2**20} MiB)")
+    obj = engine.load(path)
+    if isinstance(obj, NodeVector):
+        return obj
+    return obj.sync_to_nodes() if hasattr(obj, "sync_to_nodes") else obj.root

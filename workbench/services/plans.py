@@ -1,0 +1,201 @@
+"""Plan what-ifs: compile the layer plan only (no tensors), block-sparse occupancy, layer schedule.
+
+All outputs are plain data (dicts, lists, numpy arrays) for views to draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.compiler import compile_plan
+from engine.compiler.plan import PAD_ROWS, Layer, LayerPlan
+
+# Roofline defaults: a single CPU core-ish machine; views let the user set an H100 (~50e12, 3.35e12).
+DEFAULT_PEAK_FLOPS = 1e11  # FLOP/s
+DEFAULT_BANDWIDTH = 2e10  # bytes/s
+DEFAULT_LAUNCH_US = 5.0  # fixed cost per partition (kernel launch / op dispatch), microseconds
+
+
+def make_plan(root, block_size: int | None, tolerance: float) -> LayerPlan:
+    """The layer plan of `root` at these options (raises ValueError/CircuitError)."""
+    plan, _, _ = compile_plan(root, block_size, tolerance)
+    return plan
+
+
+def sum_layer_summaries(plan: LayerPlan, batch_size: int) -> list[dict]:
+    """Per sum layer: index, depth, nodes, edges, partitions (with padding), FLOPs and bytes per batch."""
+    out = []
+    for layer in plan.sum_layers:
+        d = layer.to_dict()
+        parts = d["partitions"]
+        real = sum(p["num_edges"] for p in parts)
+        padded = sum(p["padded_edges"] for p in parts)
+        out.append(
+            {
+                "layer": layer.index,
+                "depth": layer.depth,
+                "num_nodes": layer.num_nodes,
+                "num_edges": layer.num_edges,
+                "num_partitions": len(parts),
+                "partitions": parts,
+                "padding_ratio": 0.0 if padded == 0 else 1.0 - real / padded,
+                "flops": layer.flops * batch_size,
+                "bytes": layer.bytes * batch_size + layer.param_bytes,
+                "param_bytes": layer.param_bytes,
+            }
+        )
+    return out
+
+
+def padding_ratio(plan: LayerPlan) -> float:
+    """Fraction of padded sum edges over the whole plan."""
+    real = padded = 0
+    for layer in plan.sum_layers:
+        for p in layer.partitions:
+            s = p.summary("sum")
+            real, padded = real + s["num_edges"], padded + s["padded_edges"]
+    return 0.0 if padded == 0 else 1.0 - real / padded
+
+
+# ----------------------------------------------------------------------------------------- block matrix
+
+
+@dataclass
+class BlockMatrix:
+    """Occupancy of one sum layer's block-sparse edge matrix, ready for a heat map.
+
+    `values: [rows, cols]` float32 in [0, 1]: the fraction of each cell that holds real edges.
+    A cell covers `row_unit` node rows by `col_unit` element rows (1 cell = 1 node block x 1 child
+    block of the smallest block size when not downsampled). `partition: [rows]` int, the partition
+    index of each row's first node block (-1 where no block starts).
+    """
+
+    values: np.ndarray
+    partition: np.ndarray
+    row_unit: float
+    col_unit: float
+    node_rows: tuple[int, int]  # node_mars row range of the layer
+    child_rows: tuple[int, int]  # element_mars row range its children occupy
+    downsampled: bool
+    num_blocks: int  # real node-block x child-block pairs
+
+
+def block_matrix(layer: Layer, max_cells: int = 256) -> BlockMatrix:
+    """Node block x child block occupancy of sum `layer`, aggregated to at most `max_cells` per side."""
+    if layer.kind != "sum":
+        raise ValueError(f"layer {layer.index} is a {layer.kind} layer; block matrices exist for sum layers")
+    unit = min(p.block_size for p in layer.partitions)
+    r0, r1 = layer.writes[1], layer.writes[2]
+    rows, cols, sizes, pids = [], [], [], []
+    for k, p in enumerate(layer.partitions):
+        ch = p.child_rows
+        real = ch >= PAD_ROWS
+        nr = np.broadcast_to(p.node_rows[:, None], ch.shape)[real]
+        rows.append(nr)
+        cols.append(ch[real])
+        sizes.append(np.full(nr.size, p.block_size, dtype=np.int64))
+        pids.append(np.full(p.node_rows.size, k))
+    rows, cols, sizes = np.concatenate(rows), np.concatenate(cols), np.concatenate(sizes)
+    c0 = int(cols.min()) if cols.size else PAD_ROWS
+    c1 = int((cols + sizes).max()) if cols.size else PAD_ROWS + unit
+    h, w = max(1, -(-(r1 - r0) // unit)), max(1, -(-(c1 - c0) // unit))
+    nh, nw = min(h, max_cells), min(w, max_cells)
+    ru, cu = (r1 - r0) / nh, (c1 - c0) / nw
+    # each (node block, child block) pair covers bs x bs rows; spread its area over the cells it hits
+    # (a pair lands in one cell when downsampled, since bins are >= unit and pairs are aligned)
+    vals = np.zeros((nh, nw), dtype=np.float64)
+    ri = np.minimum(((rows - r0) / ru).astype(np.int64), nh - 1)
+    ci = np.minimum(((cols - c0) / cu).astype(np.int64), nw - 1)
+    span_r = np.maximum(1, np.round(sizes / ru).astype(np.int64))
+    span_c = np.maximum(1, np.round(sizes / cu).astype(np.int64))
+    area = sizes.astype(np.float64) ** 2 / (span_r * span_c)
+    if (span_r == 1).all() and (span_c == 1).all():
+        np.add.at(vals, (ri, ci), area)
+    else:
+        for a in range(int(span_r.max())):
+            for b in range(int(span_c.max())):
+                m = (a < span_r) & (b < span_c)
+                np.add.at(vals, (np.minimum(ri[m] + a, nh - 1), np.minimum(ci[m] + b, nw - 1)), area[m])
+    vals /= ru * cu
+    part = np.full(nh, -1, dtype=np.int64)
+    all_rows = np.concatenate([p.node_rows for p in layer.partitions])
+    pi = np.concatenate(pids)
+    part[np.minimum(((all_rows - r0) / ru).astype(np.int64), nh - 1)] = pi
+    return BlockMatrix(
+        np.clip(vals, 0, 1).astype(np.float32),
+        part,
+        ru,
+        cu,
+        (r0, r1),
+        (c0, c1),
+        nh < h or nw < w,
+        int(rows.size),
+    )
+
+
+# ----------------------------------------------------------------------------------------- schedule
+
+
+def _pass_cost(layer: Layer, pass_name: str, batch_size: int) -> tuple[int, int]:
+    """(FLOPs, bytes) of one layer in one pass for a batch; backward of a sum layer ~ 2 matmuls."""
+    flops, bytes_ = layer.flops * batch_size, layer.bytes * batch_size + layer.param_bytes
+    if pass_name == "backward" and layer.kind in ("sum", "input"):
+        # sum: element flows and parameter flows (two matmuls) and writes param flows
+        return 2 * flops, 2 * bytes_ + layer.param_bytes
+    return flops, bytes_
+
+
+def pass_order(plan: LayerPlan) -> list[tuple[Layer, str]]:
+    """Execution order of a training step, as the executor runs it.
+
+    Forward: every layer bottom-up. Backward: sum layers top-down, each preceded by "recompute" of
+    the product layer below it (into the scratch buffer) and followed by that product layer's
+    backward; then the input layers (their EM statistics).
+    """
+    layers = plan.layers
+    order = [(layer, "forward") for layer in layers]
+    for li in range(len(layers) - 1, -1, -1):
+        if layers[li].kind != "sum":
+            continue
+        below = layers[li - 1]
+        order += [(below, "recompute"), (layers[li], "backward"), (below, "backward")]
+    order += [(layer, "backward") for layer in layers if layer.kind == "input"]
+    return order
+
+
+def schedule(
+    plan: LayerPlan,
+    batch_size: int = 512,
+    peak_flops: float = DEFAULT_PEAK_FLOPS,
+    bandwidth: float = DEFAULT_BANDWIDTH,
+    launch_us: float = DEFAULT_LAUNCH_US,
+    measured: dict[tuple[int, str], float] | None = None,
+) -> list[dict]:
+    """Ordered records of one training step (forward then backward).
+
+    Each record: {"step", "layer", "kind", "pass", "flops", "bytes", "predicted_ms", "bound"
+    ("compute"|"memory"), "measured_ms" (mean ms from profiling, or None)}. predicted_ms =
+    max(flops / peak_flops, bytes / bandwidth) + launch_us per partition (roofline).
+    """
+    measured = measured or {}
+    out = []
+    for step, (layer, pass_name) in enumerate(pass_order(plan)):
+        flops, bytes_ = _pass_cost(layer, pass_name, batch_size)
+        t_c, t_m = flops / peak_flops, bytes_ / bandwidth
+        launches = max(1, len(layer.partitions))
+        out.append(
+            {
+                "step": step,
+                "layer": layer.index,
+                "kind": layer.kind,
+                "pass": pass_name,
+                "flops": int(flops),
+                "bytes": int(bytes_),
+                "predicted_ms": 1e3 * max(t_c, t_m) + launches * launch_us * 1e-3,
+                "bound": "compute" if t_c >= t_m else "memory",
+                "measured_ms": measured.get((layer.index, pass_name)),
+            }
+        )
+    return out

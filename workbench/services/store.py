@@ -1,0 +1,176 @@
+"""The run store: one directory per training run, kept after the browser closes.
+
+    $CW_RUNS_DIR (default ./runs)/
+        <run_id>/spec.json       the job spec (JSON)
+        <run_id>/status.json     {"status": "queued"|"running"|"paused"|"done"|"stopped"|"failed",
+                                  "message": str, "created": unix s, "updated": unix s, ...}
+        <run_id>/metrics.jsonl   one streamed event per line (epoch, batch, layer_times, memory, ...)
+        <run_id>/model.cwpc      the trained circuit (engine.save), written by the worker
+        <run_id>/plan.json       the compiled plan summary (plan.to_dict), written by the worker
+
+Writes are append-only (metrics) or atomic renames (status, spec), so a crash leaves readable files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+TERMINAL = ("done", "stopped", "failed")
+MODEL_FILE = "model.cwpc"
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("CW_RUNS_DIR", "runs")).resolve()
+
+
+@dataclass
+class RunRecord:
+    """One stored run, for listings."""
+
+    run_id: str
+    name: str
+    status: str
+    message: str
+    created: float
+    updated: float
+    has_model: bool
+    spec: dict
+
+
+class RunStore:
+    """File-backed run store; safe to share between sessions (one lock per store)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).resolve() if root is not None else default_runs_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- paths
+    def path(self, run_id: str) -> Path:
+        """Directory of `run_id` (validated: no path tricks)."""
+        if not _RUN_ID.match(run_id or ""):
+            raise ValueError(f"invalid run id {run_id!r}")
+        return self.root / run_id
+
+    def model_path(self, run_id: str) -> Path:
+        return self.path(run_id) / MODEL_FILE
+
+    # ----------------------------------------------------------------- writing
+    def create(self, spec: dict, name: str | None = None) -> str:
+        """New run directory holding `spec`; returns its run id (time-sortable)."""
+        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        d = self.path(run_id)
+        d.mkdir(parents=True)
+        _write_json(d / "spec.json", {**spec, "name": name or spec.get("name") or run_id})
+        (d / "metrics.jsonl").touch()
+        now = time.time()
+        _write_json(d / "status.json", {"status": "queued", "message": "", "created": now, "updated": now})
+        return run_id
+
+    def set_status(self, run_id: str, status: str, message: str = "", **extra) -> None:
+        """Update status.json atomically (keeps `created` and earlier extra keys)."""
+        with self._lock:
+            cur = self.status(run_id)
+            cur.update(extra, status=status, message=message, updated=time.time())
+            _write_json(self.path(run_id) / "status.json", cur)
+
+    def append_events(self, run_id: str, events: list[dict]) -> None:
+        """Append events to metrics.jsonl (one JSON object per line)."""
+        if not events:
+            return
+        lines = "".join(json.dumps(e, default=_jsonable) + "\n" for e in events)
+        with self._lock, open(self.path(run_id) / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(lines)
+
+    def write_json(self, run_id: str, name: str, obj: dict) -> None:
+        """Any extra JSON file of the run (e.g. plan.json)."""
+        _write_json(self.path(run_id) / name, obj)
+
+    def delete(self, run_id: str) -> None:
+        shutil.rmtree(self.path(run_id), ignore_errors=True)
+
+    # ----------------------------------------------------------------- reading
+    def spec(self, run_id: str) -> dict:
+        return _read_json(self.path(run_id) / "spec.json", {})
+
+    def status(self, run_id: str) -> dict:
+        return _read_json(self.path(run_id) / "status.json", {"status": "unknown", "message": ""})
+
+    def events(self, run_id: str, types: tuple[str, ...] | None = None) -> list[dict]:
+        """All stored events, optionally only those whose "type" is in `types` (skips torn lines)."""
+        out = []
+        p = self.path(run_id) / "metrics.jsonl"
+        if not p.exists():
+            return out
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if types is None or e.get("type") in types:
+                    out.append(e)
+        return out
+
+    def list_runs(self) -> list[RunRecord]:
+        """All runs, newest first."""
+        out = []
+        for d in sorted(self.root.iterdir(), reverse=True):
+            if not d.is_dir() or not _RUN_ID.match(d.name) or not (d / "spec.json").exists():
+                continue
+            st, spec = self.status(d.name), self.spec(d.name)
+            out.append(
+                RunRecord(
+                    d.name,
+                    spec.get("name", d.name),
+                    st.get("status", "unknown"),
+                    st.get("message", ""),
+                    st.get("created", 0.0),
+                    st.get("updated", 0.0),
+                    (d / MODEL_FILE).exists(),
+                    spec,
+                )
+            )
+        return out
+
+    def archive(self, run_id: str) -> bytes:
+        """The run directory as zip bytes, for download."""
+        d = self.path(run_id)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(d.iterdir()):
+                if p.is_file():
+                    zf.write(p, f"{run_id}/{p.name}")
+        return buf.getvalue()
+
+
+def _jsonable(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, default: dict) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return dict(default)

@@ -1,0 +1,107 @@
+"""Uploaded files: data (.npy/.npz/.csv) and circuits (native zip, .psdd), saved and validated.
+
+Uploads arrive as bytes (a FileInput's value). They are size-checked before anything is written,
+stored under a random name in the upload directory ($CW_UPLOAD_DIR, default <runs>/uploads) and
+then read by the engine's own validating readers, which never unpickle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.services.circuits import describe, error_message, load_circuit_file
+from workbench.services.store import default_runs_dir
+
+DATA_SUFFIXES = (".npy", ".npz", ".csv")
+CIRCUIT_SUFFIXES = (".cwpc", ".zip", ".psdd")
+MAX_UPLOAD_BYTES = int(os.environ.get("CW_MAX_UPLOAD_MB", "200")) * 2**20
+
+
+@dataclass
+class UploadResult:
+    """Outcome of an upload: `path` of the stored file and a summary, or a readable `error`."""
+
+    path: str | None = None
+    error: str | None = None
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.path is not None
+
+
+def upload_dir() -> Path:
+    d = Path(os.environ.get("CW_UPLOAD_DIR", default_runs_dir() / "uploads")).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _save(filename: str, data: bytes, suffixes: tuple[str, ...], max_bytes: int | None) -> Path:
+    limit = MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
+    suffix = Path(filename or "").suffix.lower()
+    if suffix not in suffixes:
+        raise ValueError(f"unsupported file type {suffix or '(none)'!r}; use {', '.join(suffixes)}")
+    if data is None or len(data) == 0:
+        raise ValueError("the uploaded file is empty")
+    if len(data) > limit:
+        raise ValueError(
+            f"file is too large ({len(data) / 2**20:.1f} MiB; the limit is {limit / 2**20:.0f} MiB)"
+        )
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(filename).stem)[:40] or "upload"
+    path = upload_dir() / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+    path.write_bytes(data)
+    return path
+
+
+def save_data_upload(filename: str, data: bytes, max_bytes: int | None = None) -> UploadResult:
+    """Store and validate an uploaded data file; the stored file is removed again if invalid."""
+    try:
+        path = _save(filename, data, DATA_SUFFIXES, max_bytes)
+    except ValueError as err:
+        return UploadResult(error=error_message(err))
+    ds, err = load_data(str(path))
+    if ds is None:
+        path.unlink(missing_ok=True)
+        return UploadResult(error=err)
+    return UploadResult(path=str(path), summary=dataset_summary(ds))
+
+
+def save_circuit_upload(filename: str, data: bytes, max_bytes: int | None = None) -> UploadResult:
+    """Store and load an uploaded circuit file (engine.load); summary = services.circuits.describe."""
+    try:
+        path = _save(filename, data, CIRCUIT_SUFFIXES, max_bytes)
+    except ValueError as err:
+        return UploadResult(error=error_message(err))
+    try:
+        root = load_circuit_file(path)
+    except (ValueError, OSError, KeyError) as err:
+        path.unlink(missing_ok=True)
+        return UploadResult(error=error_message(err))
+    return UploadResult(path=str(path), summary=describe(root))
+
+
+def load_data(name_or_path: str):
+    """(Dataset, None) or (None, readable error) via engine.data.load_dataset."""
+    from engine.data import load_dataset
+
+    try:
+        return load_dataset(name_or_path), None
+    except (ValueError, OSError) as err:
+        return None, error_message(err)
+
+
+def dataset_summary(ds) -> dict:
+    """Plain description of an engine Dataset."""
+    return {
+        "name": ds.name,
+        "kind": ds.kind,
+        "num_vars": ds.num_vars,
+        "num_cats": ds.num_cats,
+        "num_train": int(ds.train.shape[0]),
+        "num_valid": int(ds.valid.shape[0]),
+        "num_test": int(ds.test.shape[0]),
+    }

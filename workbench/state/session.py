@@ -1,0 +1,122 @@
+"""One browser session's state: circuit, plan what-if, training settings, the live run and comparisons.
+
+Shared services (the JobRunner and RunStore) are passed in, never created per session.
+"""
+
+from __future__ import annotations
+
+import param
+
+from engine.optim import EMSchedule
+from workbench.services.jobs import JobSpec
+from workbench.state.circuit import BuildState
+from workbench.state.plan import PlanState
+from workbench.state.runs import CompareState, RunState
+
+
+class TrainingSettings(param.Parameterized):
+    """EM settings of the next training job (block size and tolerance come from PlanState)."""
+
+    epochs = param.Integer(default=5, bounds=(1, 10_000), doc="Mini-batch EM epochs")
+    batch_size = param.Integer(default=512, bounds=(1, 1 << 20), doc="Examples per mini-batch")
+    step_size = param.Number(
+        default=EMSchedule.step_size, bounds=(1e-6, 1.0), doc="EM step size at the first epoch"
+    )
+    final_step_size = param.Number(
+        default=EMSchedule.final_step_size, bounds=(1e-6, 1.0), doc="EM step size at the last epoch"
+    )
+    pseudocount = param.Number(default=0.1, bounds=(0.0, None), doc="Pseudocount added to the flows")
+    full_batch_epochs = param.Integer(
+        default=EMSchedule.full_batch_epochs, bounds=(0, 1000), doc="Full-batch EM epochs at the end"
+    )
+    device = param.Selector(
+        default="auto",
+        objects=["auto", "cpu", "cuda"],
+        doc="Training device; 'auto': the worker uses CUDA if it has it",
+    )
+    profile = param.Boolean(default=True, doc="Stream per-layer times (small overhead)")
+    name = param.String(default="", doc="Run name ('' = the run id)")
+
+
+class SessionState(param.Parameterized):
+    """Everything one browser session holds; `services` is the per-server Services object."""
+
+    build = param.ClassSelector(class_=BuildState, doc="Circuit source and last build")
+    plan = param.ClassSelector(class_=PlanState, doc="Partition what-if of the built circuit")
+    training = param.ClassSelector(class_=TrainingSettings, doc="Settings for the next job")
+    run = param.ClassSelector(
+        class_=RunState,
+        default=None,
+        allow_None=True,
+        doc="The run this session started or opened (None before)",
+    )
+    compare = param.ClassSelector(class_=CompareState, doc="Runs compared side by side")
+    error = param.String(default="", doc="Last error of a session action ('' if none)")
+
+    def __init__(self, services, **params):
+        params.setdefault("build", BuildState())
+        params.setdefault("plan", PlanState())
+        params.setdefault("training", TrainingSettings())
+        params.setdefault("compare", CompareState())
+        super().__init__(**params)
+        self.services = services
+        self.build.param.watch(lambda e: setattr(self.plan, "root", self.build.root), "result")
+        self.training.param.watch(lambda e: setattr(self.plan, "batch_size", e.new), "batch_size")
+
+    def job_spec(self) -> JobSpec:
+        """The job the current settings describe."""
+        t = self.training
+        return JobSpec(
+            circuit=self.build.spec(),
+            dataset=self.build.data.dataset,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            step_size=t.step_size,
+            final_step_size=t.final_step_size,
+            pseudocount=t.pseudocount,
+            full_batch_epochs=t.full_batch_epochs,
+            block_size=self.plan.block_size,
+            tolerance=self.plan.tolerance,
+            device=t.device,
+            profile=t.profile,
+            name=t.name,
+        )
+
+    def start_training(self) -> RunState | None:
+        """Start a job with the current settings; the new live run becomes `run` (None + `error` on failure)."""
+        try:
+            job = self.services.runner.start(self.job_spec())
+        except (ValueError, OSError) as err:
+            self.error = str(err)
+            return None
+        self.error = ""
+        self.run = RunState.for_job(job)
+        self.compare.add(self.run)
+        return self.run
+
+    def open_run(self, run_id: str) -> RunState:
+        """Open a stored run (live if this server is still running it)."""
+        job = self.services.runner.get(run_id)
+        run = RunState.from_store(self.services.store, run_id)
+        if job is not None and not job.finished:
+            run._job, run._since = job, job.drain(0)[1]
+        self.run = run
+        return run
+
+    def pause(self) -> None:
+        if self.run is not None:
+            self.services.runner.pause(self.run.run_id)
+
+    def resume(self) -> None:
+        if self.run is not None:
+            self.services.runner.resume(self.run.run_id)
+
+    def stop(self) -> None:
+        if self.run is not None:
+            self.services.runner.stop(self.run.run_id)
+
+    def poll(self) -> bool:
+        """Periodic-callback body: pull new events into the live run (and compared live runs)."""
+        changed = self.run.poll() if self.run is not None else False
+        others = [r for r in self.compare.runs if r is not self.run]
+        return any([changed, *[r.poll() for r in others]])
