@@ -28,13 +28,15 @@ TORCH_BACKEND = SimpleNamespace(
     sum_backward=torch_ops.sum_backward,
     prod_forward=torch_ops.prod_forward,
     prod_backward=torch_ops.prod_backward,
+    sum_em_update=torch_ops.sum_em_update,
 )
 
 
 class CompiledCircuit(torch.nn.Module):
     """A compiled PC. `pc(x, missing)` -> log p(x) `[B]` in nats."""
 
-    def __init__(self, root: NodeVector, block_size=None, tolerance=DEFAULT_TOLERANCE, device="cpu"):
+    def __init__(self, root: NodeVector, block_size=None, tolerance=DEFAULT_TOLERANCE, device="cpu",
+                 backend: str | None = None, kernel_options=None):
         super().__init__()
         plan, ir, lay = compile_plan(root, block_size, tolerance)
         self.root, self.plan, self._ir, self._layout = root, plan, ir, lay
@@ -60,6 +62,20 @@ class CompiledCircuit(torch.nn.Module):
         self._mars: tuple[torch.Tensor, torch.Tensor] | None = None
         self.num_vars = plan.num_vars
         self.to(device)
+        self.set_backend(backend, kernel_options)
+
+    def set_backend(self, backend: str | None = None, kernel_options=None) -> None:
+        """Pick the executor: "torch", "triton" (engine.kernels), or None (Triton on CUDA, else torch)."""
+        if backend is None:
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend == "torch":
+            self.backend = TORCH_BACKEND
+        elif backend == "triton":
+            from engine.kernels.backend import attach
+
+            self.backend = attach(self, kernel_options)
+        else:
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
     # ----------------------------------------------------------------- tensors and devices
     def _apply(self, fn, *args, **kwargs):
@@ -107,6 +123,9 @@ class CompiledCircuit(torch.nn.Module):
     def _input_forward(self, i, layer, x, missing, node_mars):
         g, dist = layer.input_group, self.input_dists[i]
         vars_ = getattr(self, f"input_vars_{i}")
+        if hasattr(self.backend, "input_forward"):  # kernels read x directly (no [nodes, B] gather)
+            rows = node_mars[g.row_start : g.row_start + g.num_nodes]
+            return self.backend.input_forward(dist, self.input_params(i), vars_, x, missing, rows)
         xv, miss = x[:, vars_].T, missing[:, vars_].T
         if dist.discrete:
             xv = xv.long()
@@ -177,8 +196,13 @@ class CompiledCircuit(torch.nn.Module):
             for i, layer in enumerate(self.input_layers):
                 with self._span(layer, "backward"):
                     g = layer.input_group
-                    xv, miss = self._inputs_cache[i]
                     flows = node_flows[g.row_start : g.row_start + g.num_nodes]
+                    if hasattr(self.backend, "input_stats"):
+                        self.backend.input_stats(self.input_dists[i], getattr(self, f"input_stats_{i}"),
+                                                 self.input_params(i), getattr(self, f"input_vars_{i}"),
+                                                 self._inputs_cache[i], flows)
+                        continue
+                    xv, miss = self._inputs_cache[i]
                     self.input_dists[i].accumulate_stats(
                         getattr(self, f"input_stats_{i}"), self.input_params(i), xv, miss, flows
                     )
@@ -206,7 +230,7 @@ class CompiledCircuit(torch.nn.Module):
             raise ValueError(f"pseudocount must be >= 0, got {pseudocount}")
         for layer in self.plan.sum_layers:
             for pt in self.parts[layer.index]:
-                torch_ops.sum_em_update(pt, self.params, self.param_flows, self.param_mask, step_size, pseudocount)
+                self.backend.sum_em_update(pt, self.params, self.param_flows, self.param_mask, step_size, pseudocount)
         for i, dist in enumerate(self.input_dists):
             new = dist.em_update(self.input_params(i), getattr(self, f"input_stats_{i}"), step_size, pseudocount)
             self._set_input_params(i, new)
@@ -241,9 +265,15 @@ def _apply_dataclass(obj, fn):
     return obj
 
 
-def compile(root: NodeVector, block_size=None, device="cpu", tolerance: float = DEFAULT_TOLERANCE) -> CompiledCircuit:
-    """Compile the circuit under `root` into an executable `CompiledCircuit` on `device`."""
-    return CompiledCircuit(root, block_size=block_size, tolerance=tolerance, device=device)
+def compile(root: NodeVector, block_size=None, device="cpu", tolerance: float = DEFAULT_TOLERANCE,
+            backend: str | None = None, kernel_options=None) -> CompiledCircuit:
+    """Compile the circuit under `root` into an executable `CompiledCircuit` on `device`.
+
+    `backend`: "torch", "triton", or None (Triton kernels on CUDA, PyTorch otherwise);
+    `kernel_options`: an `engine.kernels.KernelOptions` (precision, block sizes) for Triton.
+    """
+    return CompiledCircuit(root, block_size=block_size, tolerance=tolerance, device=device, backend=backend,
+                           kernel_options=kernel_options)
 
 
 __all__ = ["CompiledCircuit", "compile", "LayerPlan", "PAD_ROWS", "_dists"]

@@ -41,18 +41,28 @@ class LayerProfiler:
             yield
             self._pending.append((layer, kind, pass_name, (time.perf_counter() - t0) * 1e3, None))
 
-    def collect(self) -> list[dict]:
-        """Resolve pending spans into events (synchronises the device once on CUDA)."""
-        if self.cuda and self._pending:
+    def collect(self, block: bool = False) -> list[dict]:
+        """Resolve finished spans into events, oldest first.
+
+        On CUDA, without `block`, spans whose end event has not completed stay pending for a later
+        call, so collecting once per batch never serialises the run (the GPU may lag the CPU by a
+        batch); `block=True` waits for everything recorded so far.
+        """
+        if self.cuda and self._pending and block:
             self._pending[-1][4].synchronize()
+        done = len(self._pending)
+        if self.cuda and not block:
+            done = 0
+            while done < len(self._pending) and self._pending[done][4].query():
+                done += 1
+        ready, self._pending = self._pending[:done], self._pending[done:]
         events = []
-        for layer, kind, pass_name, a, b in self._pending:
+        for layer, kind, pass_name, a, b in ready:
             ms = a.elapsed_time(b) if self.cuda else a
             key = (layer, pass_name)
             self.totals[key] = self.totals.get(key, 0.0) + ms
             self.counts[key] = self.counts.get(key, 0) + 1
             events.append({"type": "layer_time", "layer": layer, "kind": kind, "pass": pass_name, "ms": ms})
-        self._pending.clear()
         events.append(memory_event(self.device))
         if self.callback is not None:
             for e in events:

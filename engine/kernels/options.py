@@ -1,0 +1,37 @@
+"""Kernel options (a frozen, hashable dataclass: the cache key of a compiled variant) and thresholds.
+
+`precision` selects how the tile matmuls run on the tensor cores:
+- "tf32x3" (default): each float32 operand split into a high and a low tf32 part, three MMAs;
+  float32-level accuracy (measured relative error ~1e-6 to 1e-7, see benchmarks/README.md).
+- "ieee": plain float32 FMA, no tensor cores; the slowest, the exact float32 reference.
+- "tf32" / "bf16": opt-in, faster, less accurate (errors reported by benchmarks/check_kernels_gpu.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
+
+# tl.dot needs every dimension >= 16: smaller node blocks run the sparse (per-node) kernels.
+MIN_DOT_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Variant selection for all kernels of one compiled circuit (hashable: a cache key)."""
+
+    precision: str = "tf32x3"
+    block_b: int = 64  # batch columns per program (sum kernels); 64 on H100 for bs 32/64 tiles
+    num_warps: int = 4
+    prod_rows: int = 32  # product rows per program
+    sparse_children: int = 32  # children per step in the sparse sum kernel
+    input_nodes: int = 32  # input nodes per program
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("block_b", "prod_rows", "sparse_children", "input_nodes"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")

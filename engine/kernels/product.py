@@ -1,0 +1,88 @@
+"""Product-layer kernels: forward (also the recompute into scratch during backward) and flows.
+
+- forward: `element_mars[elem_rows[r]] = sum_k node_mars[child_rows[r, k]]`; one program per
+  (PR rows, batch tile): reads width * PR * BB values, writes PR * BB.
+- flows: child-major (padded table of the product rows each child feeds, built from the plan), so
+  each child row of node_flows is owned by one program: `node_flows[c] += sum element_flows[p]`;
+  reads deg * PR * BB flows, read-modify-writes PR * BB. No atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.options import KernelOptions
+
+
+@triton.jit
+def _prod_fwd_kernel(nmars, emars, elem_rows, child_rows, N, B, W, num_bt, PR: tl.constexpr, BB: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid // num_bt) * PR + tl.arange(0, PR)
+    offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
+    rm = rows < N
+    m2 = rm[:, None] & (offs_b < B)[None, :]
+    acc = tl.zeros([PR, BB], dtype=tl.float32)
+    for k in range(W):
+        c = tl.load(child_rows + rows.to(tl.int64) * W + k, mask=rm, other=0)
+        acc += tl.load(nmars + c[:, None] * B + offs_b[None, :], mask=m2, other=0.0)
+    e = tl.load(elem_rows + rows, mask=rm, other=0)
+    tl.store(emars + e[:, None] * B + offs_b[None, :], acc, mask=m2)
+
+
+@triton.jit
+def _prod_bwd_kernel(eflows, nflows, crows, table, N, B, D, num_bt, PR: tl.constexpr, BB: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid // num_bt) * PR + tl.arange(0, PR)
+    offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
+    rm = rows < N
+    m2 = rm[:, None] & (offs_b < B)[None, :]
+    acc = tl.zeros([PR, BB], dtype=tl.float32)
+    for k in range(D):
+        p = tl.load(table + rows.to(tl.int64) * D + k, mask=rm, other=-1)
+        acc += tl.load(eflows + p[:, None] * B + offs_b[None, :], mask=m2 & (p >= 0)[:, None], other=0.0)
+    c = tl.load(crows + rows, mask=rm, other=0)
+    ptr = nflows + c[:, None] * B + offs_b[None, :]
+    tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + acc, mask=m2)
+
+
+def prod_forward(pt, node_mars, element_mars, opts: KernelOptions) -> None:
+    N, W = pt.child_rows.shape
+    B = node_mars.shape[1]
+    nbt = triton.cdiv(B, opts.block_b)
+    _prod_fwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
+        node_mars, element_mars, pt.elem_rows, pt.child_rows, N, B, W, nbt,
+        PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
+    )
+
+
+def prod_backward(pt, element_flows, node_flows, opts: KernelOptions) -> None:
+    N, D = pt.parent_table.shape
+    if N == 0:
+        return
+    B = node_flows.shape[1]
+    nbt = triton.cdiv(B, opts.block_b)
+    _prod_bwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
+        element_flows, node_flows, pt.flow_rows, pt.parent_table, N, B, D, nbt,
+        PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
+    )
+
+
+def child_major_products(elem_rows: torch.Tensor, child_rows: torch.Tensor):
+    """(child node rows [nc], table [nc, max parents] of element rows, -1 padded); row 0 dropped."""
+    n, w = child_rows.shape
+    child = child_rows.cpu().reshape(-1)
+    elem = elem_rows.cpu()[:, None].expand(n, w).reshape(-1)
+    keep = child > 0  # row 0 is the constant log 1 that padded product slots point at
+    child, elem = child[keep], elem[keep]
+    order = torch.argsort(child * (elem.max().item() + 1 if elem.numel() else 1) + elem)
+    child, elem = child[order], elem[order]
+    crows, counts = torch.unique_consecutive(child, return_counts=True)
+    D = int(counts.max()) if counts.numel() else 1
+    starts = torch.zeros_like(counts)
+    starts[1:] = torch.cumsum(counts, 0)[:-1]
+    table = torch.full((crows.numel(), D), -1, dtype=torch.long)
+    col = torch.arange(child.numel()) - torch.repeat_interleave(starts, counts)
+    table[torch.repeat_interleave(torch.arange(crows.numel()), counts), col] = elem
+    return crows, table
