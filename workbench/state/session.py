@@ -35,7 +35,7 @@ class TrainingSettings(param.Parameterized):
         doc="Training device; 'auto': the worker uses CUDA if it has it",
     )
     profile = param.Boolean(default=True, doc="Stream per-layer times (small overhead)")
-    name = param.String(default="", doc="Run name ('' = the run id)")
+    run_name = param.String(default="", doc="Run name ('' = the run id)")
 
 
 class SessionState(param.Parameterized):
@@ -79,7 +79,7 @@ class SessionState(param.Parameterized):
             tolerance=self.plan.tolerance,
             device=t.device,
             profile=t.profile,
-            name=t.name,
+            name=t.run_name,
         )
 
     def start_training(self) -> RunState | None:

@@ -1,0 +1,1 @@
+"""Workbench views: `pn.viewable.Viewer`s drawing per-session state; none of them imports torch."""

@@ -1,0 +1,44 @@
+"""Small shared pieces of the views: the "learn" blurb, number formatting, status alerts."""
+
+from __future__ import annotations
+
+import panel as pn
+
+KIND_COLORS = {"input": "#4c78a8", "product": "#f58518", "sum": "#54a24b", "recompute": "#e45756"}
+PASS_COLORS = {"forward": "#4c78a8", "recompute": "#e45756", "backward": "#b279a2"}
+
+
+def learn(text: str) -> pn.pane.Markdown:
+    """A short 'what this shows and why it matters' blurb shown at the top of a view."""
+    return pn.pane.Markdown(text, css_classes=["cw-learn"], styles={"font-size": "0.95em"}, margin=(0, 10))
+
+
+def status(message: str = "", kind: str = "info") -> pn.pane.Alert:
+    """An alert pane (hidden while `message` is empty)."""
+    return pn.pane.Alert(message, alert_type=kind, visible=bool(message), margin=(5, 10))
+
+
+def set_status(alert: pn.pane.Alert, message: str, kind: str = "info") -> None:
+    alert.param.update(object=message, alert_type=kind, visible=bool(message))
+
+
+def fmt_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{_num(n / scale)}{unit}"
+    return f"{n:.4g}"
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in binary units: 1536 -> '1.5 KiB'."""
+    n = float(n)
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{_num(n / scale)} {unit}"
+    return f"{n:.0f} B"
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"

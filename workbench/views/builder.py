@@ -1,0 +1,308 @@
+"""Build a circuit: a template with its parameters, a composed graph of node vectors, or a file.
+
+The view only edits `BuildState` (template spec, graph spec, file path, dataset) and calls its
+`build()`; the build service turns any invalid circuit into one readable line, shown in an alert.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import panel as pn
+import param
+
+from workbench.state.circuit import BuildState
+from workbench.views._common import learn, set_status, status
+
+LEARN = """**Build a circuit.** A PC here is a DAG of *node vectors*: input vectors (leaves over one
+variable), product vectors (factorisations) and sum vectors (mixtures), each cut into *node blocks*.
+Templates (HCLT, PD, RAT-SPN, HMM) generate thousands of vectors with regular block structure, which is
+what lets a compiler batch them into a few dense layers. A circuit must be *smooth* (a sum's children
+share a scope) and *decomposable* (a product's children have disjoint scopes) to be a valid PC."""
+
+TEMPLATE_FIELDS = {
+    "hclt": ["num_latents", "input_dist", "chow_liu_samples", "seed"],
+    "pd": ["num_latents", "input_dist", "data_shape", "split_intervals", "max_split_depth", "seed"],
+    "rat_spn": ["num_latents", "input_dist", "depth", "num_repetitions", "num_pieces", "num_vars", "seed"],
+    "hmm": ["num_latents", "seq_length", "num_emits"],
+}
+TEMPLATE_LABELS = {"HCLT": "hclt", "PD": "pd", "RAT-SPN": "rat_spn", "HMM": "hmm"}
+NODE_COLUMNS = ["id", "kind", "num_nodes", "block_size", "var", "dist", "num_cats"]
+EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "assets" / "circuits"
+
+
+class DataPicker(pn.viewable.Viewer):
+    """Bundled dataset selector plus an .npy/.csv upload."""
+
+    build = param.ClassSelector(class_=BuildState)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        data = self.build.data
+        self.select = pn.widgets.Select(name="Dataset", options=data.choices(), value=data.dataset, width=180)
+        self.upload = pn.widgets.FileInput(accept=".npy,.npz,.csv", name="Upload data", width=220)
+        self.info = pn.pane.Markdown("", margin=(5, 10))
+        self.alert = status()
+        self.select.param.watch(self._on_select, "value")
+        self.upload.param.watch(self._on_upload, "value")
+        self._describe()
+
+    def _on_select(self, event) -> None:
+        self.build.data.dataset = event.new
+        self._describe()
+
+    def _on_upload(self, event) -> None:
+        if not event.new:
+            return
+        from workbench.services import uploads
+
+        res = uploads.save_data_upload(self.upload.filename, event.new)
+        if not res.ok:
+            set_status(self.alert, f"Upload rejected: {res.error}", "danger")
+            return
+        name = str(res.path)
+        self.select.options = (
+            [*self.select.options, name] if name not in self.select.options else self.select.options
+        )
+        self.select.value = name
+
+    def _describe(self) -> None:
+        ds = self.build.data.load()
+        if ds is None:
+            set_status(self.alert, f"Dataset: {self.build.data.error}", "danger")
+            self.info.object = ""
+            return
+        set_status(self.alert, "")
+        s = self.build.data.summary
+        self.info.object = (
+            f"`{s.get('name')}`: {s.get('kind')}, **{s.get('num_vars')}** variables, "
+            f"{s.get('num_train')} / {s.get('num_valid')} / {s.get('num_test')} train/valid/test rows"
+        )
+
+    def __panel__(self):
+        return pn.Column(pn.Row(self.select, self.upload), self.info, self.alert)
+
+
+class GraphComposer(pn.viewable.Viewer):
+    """Compose a circuit from node vectors and edges with tables and small forms."""
+
+    build = param.ClassSelector(class_=BuildState)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        g = self.build.graph
+        self.nodes_table = pn.widgets.Tabulator(
+            self._nodes_df(),
+            show_index=False,
+            height=220,
+            sizing_mode="stretch_width",
+            selectable=1,
+            editors={
+                "id": None,
+                "kind": None,
+                "dist": {"type": "list", "values": ["categorical", "bernoulli", "gaussian"]},
+            },
+        )
+        self.edges_table = pn.widgets.Tabulator(
+            self._edges_df(),
+            show_index=False,
+            height=160,
+            selectable=1,
+            editors={"parent": None, "child": None},
+            width=260,
+        )
+        self.kind = pn.widgets.RadioButtonGroup(options=["input", "product", "sum"], value="input", width=220)
+        self.num_nodes = pn.widgets.IntInput(name="num_nodes", value=4, start=1, width=100)
+        self.var = pn.widgets.IntInput(name="var (input)", value=0, start=0, width=100)
+        self.add = pn.widgets.Button(name="Add node vector", button_type="primary", width=150)
+        self.parent = pn.widgets.Select(name="parent", width=110)
+        self.child = pn.widgets.Select(name="child", width=110)
+        self.connect = pn.widgets.Button(name="Connect", width=90)
+        self.remove_node = pn.widgets.Button(name="Remove selected node", button_type="light", width=170)
+        self.remove_edge = pn.widgets.Button(name="Remove selected edge", button_type="light", width=170)
+        self.example = pn.widgets.Button(name="Load example", button_type="light", width=120)
+        self.clear = pn.widgets.Button(name="Clear", button_type="light", width=80)
+        self.add.on_click(self._on_add)
+        self.connect.on_click(lambda e: self._connect())
+        self.remove_node.on_click(self._on_remove_node)
+        self.remove_edge.on_click(self._on_remove_edge)
+        self.example.on_click(lambda e: self._load_example())
+        self.clear.on_click(lambda e: self.build.graph.clear())
+        self.nodes_table.on_edit(self._on_edit)
+        g.param.watch(self._refresh, ["nodes", "edges"])
+        self._refresh()
+
+    def _nodes_df(self) -> pd.DataFrame:
+        rows = [{c: n.get(c) for c in NODE_COLUMNS} for n in self.build.graph.nodes]
+        df = pd.DataFrame(rows, columns=NODE_COLUMNS, dtype=object)  # object: ints stay ints beside blanks
+        return df.where(df.notna(), None)
+
+    def _edges_df(self) -> pd.DataFrame:
+        return pd.DataFrame(self.build.graph.edges, columns=["parent", "child"])
+
+    def _refresh(self, *events) -> None:
+        self.nodes_table.value = self._nodes_df()
+        self.edges_table.value = self._edges_df()
+        ids = [n["id"] for n in self.build.graph.nodes]
+        self.parent.options = [i for i, n in zip(ids, self.build.graph.nodes) if n["kind"] != "input"]
+        self.child.options = ids
+
+    def _on_add(self, event) -> None:
+        fields = {"var": self.var.value} if self.kind.value == "input" else {}
+        nid = self.build.graph.add_node(self.kind.value, self.num_nodes.value, **fields)
+        if self.kind.value != "input":
+            self.parent.value = nid
+
+    def _connect(self) -> None:
+        if self.parent.value and self.child.value and self.parent.value != self.child.value:
+            self.build.graph.connect(self.parent.value, self.child.value)
+
+    def _on_edit(self, event) -> None:
+        row = self.nodes_table.value.iloc[event.row]
+        value = event.value
+        if event.column in ("num_nodes", "var", "num_cats"):
+            value = int(value)
+        if event.column == "block_size":
+            value = int(value) if value not in (None, "", 0) and value == value else None
+        self.build.graph.update_node(row["id"], **{event.column: value})
+
+    def _on_remove_node(self, event) -> None:
+        for i in self.nodes_table.selection:
+            self.build.graph.remove_node(self.nodes_table.value.iloc[i]["id"])
+
+    def _on_remove_edge(self, event) -> None:
+        for i in self.edges_table.selection:
+            e = self.edges_table.value.iloc[i]
+            self.build.graph.disconnect(e["parent"], e["child"])
+
+    def _load_example(self) -> None:
+        ex = type(self.build.graph).example()
+        self.build.graph.param.update(nodes=ex.nodes, edges=ex.edges)
+
+    def __panel__(self):
+        add_row = pn.Row(self.kind, self.num_nodes, self.var, self.add, align="end")
+        edge_row = pn.Row(self.parent, self.child, self.connect, align="end")
+        return pn.Column(
+            pn.pane.Markdown(
+                "Node vectors (edit sizes, block sizes, variables in the table). "
+                "The root is the one vector without parents.",
+                margin=(0, 10),
+            ),
+            add_row,
+            self.nodes_table,
+            pn.Row(self.remove_node, self.example, self.clear),
+            pn.Row(pn.Column(edge_row, self.remove_edge), self.edges_table),
+        )
+
+
+class FileImport(pn.viewable.Viewer):
+    """Import an engine circuit file or a .psdd (upload, or one of the bundled examples)."""
+
+    build = param.ClassSelector(class_=BuildState)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        examples = sorted(p.name for p in EXAMPLE_DIR.glob("*.psdd")) if EXAMPLE_DIR.exists() else []
+        self.example = pn.widgets.Select(name="Bundled example", options=["", *examples], width=220)
+        self.upload = pn.widgets.FileInput(accept=".cwpc,.zip,.psdd", width=240)
+        self.alert = status()
+        self.example.param.watch(self._on_example, "value")
+        self.upload.param.watch(self._on_upload, "value")
+
+    def _on_example(self, event) -> None:
+        if event.new:
+            self.build.file_path = str(EXAMPLE_DIR / event.new)
+            set_status(self.alert, f"Selected `{event.new}`; press **Build**.", "info")
+
+    def _on_upload(self, event) -> None:
+        if not event.new:
+            return
+        from workbench.services import uploads
+
+        res = uploads.save_circuit_upload(self.upload.filename, event.new)
+        if not res.ok:
+            set_status(self.alert, f"Upload rejected: {res.error}", "danger")
+            return
+        self.build.file_path = str(res.path)
+        set_status(self.alert, f"Uploaded `{self.upload.filename}`; press **Build**.", "info")
+
+    def __panel__(self):
+        return pn.Column(
+            pn.pane.Markdown("Native circuit files (`engine.save`) or PSDDs (`.psdd`).", margin=(0, 10)),
+            pn.Row(self.example, self.upload),
+            self.alert,
+        )
+
+
+class BuilderView(pn.viewable.Viewer):
+    """Template / compose / import, a Build button and the build's outcome."""
+
+    build = param.ClassSelector(class_=BuildState)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        spec = self.build.template
+        self.data = DataPicker(build=self.build)
+        label = {v: k for k, v in TEMPLATE_LABELS.items()}[spec.template]
+        self.template = pn.widgets.RadioButtonGroup(
+            name="Template", options=list(TEMPLATE_LABELS), value=label
+        )
+        self.template.param.watch(lambda e: setattr(spec, "template", TEMPLATE_LABELS[e.new]), "value")
+        self.template_params = pn.Column()
+        spec.param.watch(lambda e: self._show_template_params(), "template")
+        self._show_template_params()
+        self.composer = GraphComposer(build=self.build)
+        self.importer = FileImport(build=self.build)
+        self.sources = pn.Tabs(
+            ("Template", pn.Column(self.template, self.template_params)),
+            ("Compose", self.composer),
+            ("Import", self.importer),
+            dynamic=False,
+        )
+        self.button = pn.widgets.Button(name="Build circuit", button_type="success", width=160)
+        self.button.on_click(self._on_build)
+        self.outcome = status()
+
+    def _show_template_params(self) -> None:
+        spec = self.build.template
+        widgets = {"num_latents": pn.widgets.IntInput, "seed": pn.widgets.IntInput}
+        self.template_params[:] = [
+            pn.Param(
+                spec,
+                parameters=TEMPLATE_FIELDS[spec.template],
+                widgets=widgets,
+                show_name=False,
+                default_layout=pn.Row,
+            )
+        ]
+
+    def _on_build(self, event) -> None:
+        self.build.source = ("template", "graph", "file")[self.sources.active]
+        self.button.loading = True
+        try:
+            res = self.build.build()
+        finally:
+            self.button.loading = False
+        if res.ok:
+            i = res.info
+            kinds = ", ".join(f"{v} {k}" for k, v in i.get("vectors_by_kind", {}).items())
+            set_status(
+                self.outcome,
+                f"Built a valid circuit in {res.seconds:.2f} s: **{i.get('num_nodes')}** "
+                f"nodes in {i.get('num_vectors')} node vectors ({kinds}) over {i.get('num_vars')} "
+                "variables.",
+                "success",
+            )
+        else:
+            set_status(self.outcome, f"**Invalid circuit:** {res.error}", "danger")
+
+    def __panel__(self):
+        return pn.Column(
+            learn(LEARN),
+            self.data,
+            self.sources,
+            pn.Row(self.button),
+            self.outcome,
+            sizing_mode="stretch_width",
+        )

@@ -1,0 +1,174 @@
+"""Compare runs side by side: pick stored runs (any session's, kept across restarts) and overlay them.
+
+Uses `CompareState` (runs read back from the store; live ones are polled) and draws the chosen
+per-epoch metric, seconds per epoch and mean per-layer time of each run on shared plots.
+"""
+
+from __future__ import annotations
+
+import holoviews as hv
+import pandas as pd
+import panel as pn
+import param
+
+from workbench.services.jobs import JobRunner
+from workbench.services.store import RunStore
+from workbench.state.runs import CompareState, RunState
+from workbench.views._common import learn
+
+LEARN = """**Profile and compare.** Two runs of the same circuit with different block sizes show the
+trade-off of the Partitions tab in real milliseconds: larger tiles amortise per-partition overhead
+but compute padding; two structures (say HCLT vs RAT-SPN) show how the shape of the DAG, not just its
+size, sets the number and width of layers. Runs are kept in the run store, so earlier sessions'
+runs can be compared too."""
+
+POLL_MS = 1000
+
+
+def _label(r: RunState) -> str:
+    return f"{r.name} ({r.run_id[-6:]})"
+
+
+class CompareView(pn.viewable.Viewer):
+    """Run picker, overlaid curves, per-layer time comparison and a summary table."""
+
+    store = param.ClassSelector(class_=RunStore)
+    jobs = param.ClassSelector(class_=JobRunner, default=None, allow_None=True)
+    compare = param.ClassSelector(class_=CompareState)
+
+    def __init__(self, **params):
+        params.setdefault("compare", CompareState())
+        super().__init__(**params)
+        self.picker = pn.widgets.MultiSelect(name="Stored runs", size=6, sizing_mode="stretch_width")
+        self.refresh_btn = pn.widgets.Button(name="Refresh list", width=120)
+        self.add_btn = pn.widgets.Button(name="Compare selected", button_type="primary", width=160)
+        self.clear_btn = pn.widgets.Button(name="Clear", width=80)
+        self.metric = pn.widgets.Select.from_param(self.compare.param.metric, name="Metric", width=160)
+        self.refresh_btn.on_click(lambda e: self.refresh_list())
+        self.add_btn.on_click(lambda e: self.add_selected())
+        self.clear_btn.on_click(lambda e: setattr(self.compare, "runs", []))
+        self.curves = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
+        self.timing = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
+        self.layers = pn.pane.HoloViews(sizing_mode="stretch_width", height=320)
+        self.table = pn.widgets.Tabulator(
+            pd.DataFrame(),
+            show_index=False,
+            disabled=True,
+            height=180,
+            sizing_mode="stretch_width",
+            css_classes=["cw-compare-table"],
+        )
+        self.info = pn.pane.Markdown("", margin=(0, 10))
+        self.compare.param.watch(lambda *e: self.redraw(), ["runs", "metric"])
+        self._callback = None
+        self._drawn: tuple = ()
+        self._idle_ticks = 0
+        self.refresh_list()
+        self.redraw()
+
+    def refresh_list(self) -> None:
+        records = self.store.list_runs()
+        self.picker.options = {f"{r.name} · {r.status} · {r.run_id}": r.run_id for r in records}
+
+    def add_selected(self) -> None:
+        for run_id in self.picker.value:
+            job = self.jobs.get(run_id) if self.jobs is not None else None
+            if job is not None and not job.finished:
+                run = RunState.for_job(job)
+                run.apply(self.store.events(run_id))
+                run._since = job.drain(0)[1]  # events so far came from the store
+                self.compare.add(run)
+            else:
+                self.compare.add_from_store(self.store, run_id)
+
+    def _signature(self) -> tuple:
+        return tuple((r.run_id, r.version, r.status) for r in self.compare.runs)
+
+    def _follow_live_runs(self) -> None:
+        """Redraw about once a second while any compared run is still training."""
+        if any(r.live for r in self.compare.runs) and self._callback is None:
+            self._idle_ticks = 0
+            self._callback = pn.state.add_periodic_callback(self._poll, period=POLL_MS)
+
+    def _poll(self) -> None:
+        self.compare.poll()
+        if self._signature() != self._drawn:
+            self.redraw()
+        # stop one tick after the last live run finished (its final events may land just after)
+        self._idle_ticks = 0 if any(r.live for r in self.compare.runs) else self._idle_ticks + 1
+        if self._idle_ticks >= 2 and self._callback is not None:
+            self._callback.stop()
+            self._callback = None
+
+    def redraw(self) -> None:
+        runs = self.compare.runs
+        self._drawn = self._signature()
+        self._follow_live_runs()
+        if not runs:
+            self.info.object = "Pick two or more runs above (train some in the Train tab first)."
+            self.table.value = pd.DataFrame()
+            return
+        self.info.object = f"Comparing **{len(runs)}** runs."
+        with pn.io.hold():
+            self.curves.object = self._curves()
+            self.timing.object = self._epoch_seconds()
+            self.layers.object = self._layer_times()
+            self.table.value = pd.DataFrame(self.compare.table()).round(4)
+
+    def _curves(self):
+        m = self.compare.metric
+        items = [
+            hv.Curve((ep, vals), "epoch", m, label=label) * hv.Scatter((ep, vals), "epoch", m, label=label)
+            for label, (ep, vals) in self.compare.series().items()
+            if ep
+        ]
+        if not items:
+            return hv.Curve([]).opts(title="No epochs yet")
+        return hv.Overlay(items).opts(
+            title=f"{m} per epoch", responsive=True, height=290, legend_position="bottom_right"
+        )
+
+    def _epoch_seconds(self):
+        rows = [
+            (_label(r), "total", sum(s for s in r.epochs["seconds"] if s) / max(len(r.epochs["seconds"]), 1))
+            for r in self.compare.runs
+        ]
+        return hv.Bars(rows, ["run", "what"], "seconds per epoch").opts(
+            title="Seconds per epoch",
+            responsive=True,
+            height=290,
+            tools=["hover"],
+            xrotation=10,
+            color="#4c78a8",
+        )
+
+    def _layer_times(self):
+        rows = []
+        for r in self.compare.runs:
+            by_pass: dict[str, float] = {}
+            for (layer, p), ms in r.layer_means.items():
+                by_pass[p] = by_pass.get(p, 0.0) + ms
+            rows += [(_label(r), p, ms) for p, ms in sorted(by_pass.items())]
+        if not rows:
+            return hv.Bars([], ["run", "pass"], "ms").opts(title="No layer times recorded")
+        return hv.Bars(rows, ["run", "pass"], "ms per step").opts(
+            title="Time per training step by pass (sum of mean per-layer ms)",
+            responsive=True,
+            height=310,
+            tools=["hover"],
+            multi_level=True,
+            color="pass",
+            cmap="Category10",
+        )
+
+    def __panel__(self):
+        controls = pn.Column(self.picker, pn.Row(self.refresh_btn, self.add_btn, self.clear_btn, self.metric))
+        return pn.Column(
+            learn(LEARN),
+            controls,
+            self.info,
+            pn.Row(self.curves, self.timing),
+            self.layers,
+            self.table,
+            sizing_mode="stretch_width",
+        )

@@ -1,0 +1,234 @@
+"""Block partitioning of every sum layer, and a live what-if over block size and partition tolerance.
+
+Reads `PlanState` (which recompiles the plan, without tensors, when its options change) and draws:
+a heat map of the selected layer's block-sparse edge matrix, real vs padded slots per partition,
+padding and partitions per sum layer, predicted FLOPs / bytes / memory and a history of the what-ifs.
+"""
+
+from __future__ import annotations
+
+import holoviews as hv
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+
+from workbench.state.plan import BLOCK_SIZES, PlanState
+from workbench.views._common import fmt_bytes, fmt_count, learn
+
+LEARN = """**Block partitioning.** A sum layer runs as a few dense *block tiles*: node blocks with a
+similar number of child blocks are grouped into a *partition* and padded to the same width, so one
+batched matmul computes the whole partition. Bigger blocks mean fewer, larger tiles (better GPU
+utilisation) but may force padding; a larger *tolerance* merges more node blocks into one partition
+(fewer kernel launches) at the price of more padded, wasted slots. Move the controls and watch
+padding, predicted FLOPs, bytes and memory change."""
+
+BLOCK_LABELS = {"auto (per vector)": None, **{str(b): b for b in BLOCK_SIZES if b is not None}}
+PART_COLUMNS = [
+    "partition",
+    "block_size",
+    "num_node_blocks",
+    "width",
+    "num_edges",
+    "padded_edges",
+    "padding_ratio",
+]
+
+
+def layer_label(s: dict) -> str:
+    return f"layer {s['layer']} (depth {s['depth']}, {s['num_partitions']} partitions)"
+
+
+class PartitionView(pn.viewable.Viewer):
+    """What-if controls, plan totals, per-layer heat map and partition table, and a what-if history."""
+
+    plan = param.ClassSelector(class_=PlanState)
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        ps = self.plan
+        current = {v: k for k, v in BLOCK_LABELS.items()}[ps.block_size]
+        self.block = pn.widgets.Select(
+            name="Block size", options=list(BLOCK_LABELS), value=current, width=150
+        )
+        self.tol = pn.widgets.FloatSlider(
+            name="Partition tolerance", start=0.0, end=2.0, step=0.05, value=ps.tolerance, width=240
+        )
+        self.batch = pn.widgets.IntInput(name="Batch size", value=ps.batch_size, start=1, width=110)
+        self.layer = pn.widgets.Select(name="Sum layer", options={}, width=320)
+        self.block.param.watch(lambda e: setattr(ps, "block_size", BLOCK_LABELS[e.new]), "value")
+        self.tol.param.watch(lambda e: setattr(ps, "tolerance", e.new), "value_throttled")
+        self.batch.param.watch(lambda e: setattr(ps, "batch_size", e.new), "value")
+        self.layer.param.watch(lambda e: self._draw_layer(), "value")
+        self.totals = pn.pane.Markdown("", margin=(0, 10))
+        self.alert = pn.pane.Alert("", alert_type="danger", visible=False)
+        self.heat = pn.pane.HoloViews(sizing_mode="stretch_width", height=380)
+        self.slots = pn.pane.HoloViews(sizing_mode="stretch_width", height=380)
+        self.table = pn.widgets.Tabulator(
+            pd.DataFrame(columns=PART_COLUMNS),
+            show_index=False,
+            disabled=True,
+            height=180,
+            sizing_mode="stretch_width",
+        )
+        self.per_layer = pn.pane.HoloViews(sizing_mode="stretch_width", height=260)
+        self.history = pn.widgets.Tabulator(
+            pd.DataFrame(), show_index=False, disabled=True, height=200, sizing_mode="stretch_width"
+        )
+        self._history: list[dict] = []
+        ps.param.watch(lambda *e: self.refresh(), ["plan", "error"])
+        self.refresh()
+
+    # ------------------------------------------------------------------ whole-plan summaries
+    def refresh(self) -> None:
+        ps = self.plan
+        self.alert.param.update(object=f"**Cannot plan this circuit:** {ps.error}", visible=bool(ps.error))
+        if ps.plan is None:
+            self.totals.object = "Build a circuit to see its partitions." if not ps.error else ""
+            return
+        s = ps.summary
+        flops = sum(x["flops"] for x in ps.sum_layers)
+        bytes_ = sum(x["bytes"] for x in ps.sum_layers)
+        parts = sum(x["num_partitions"] for x in ps.sum_layers)
+        mem = s["memory_bytes"]["total"]
+        self.totals.object = (
+            f"**{len(ps.sum_layers)}** sum layers, **{parts}** partitions, padding "
+            f"**{100 * ps.padding_ratio:.1f}%** of sum edges · predicted per batch of {ps.batch_size}: "
+            f"**{fmt_count(flops)}FLOP**, **{fmt_bytes(bytes_)}** moved (sum layers, forward) · "
+            f"training memory **{fmt_bytes(mem)}** · {s['num_params']:,} sum params · "
+            f"planned in {1e3 * ps.seconds:.0f} ms"
+        )
+        self._record(parts, flops, bytes_, mem)
+        options = {layer_label(x): x["layer"] for x in ps.sum_layers}
+        keep = self.layer.value if self.layer.value in options.values() else None
+        self.layer.options = options
+        self.layer.value = (
+            keep if keep is not None else max(ps.sum_layers, key=lambda x: x["num_edges"])["layer"]
+        )
+        self.per_layer.object = self._per_layer_plot()
+        self._draw_layer()
+
+    def _record(self, parts: int, flops: float, bytes_: float, mem: float) -> None:
+        ps = self.plan
+        row = {
+            "block_size": "auto" if ps.block_size is None else ps.block_size,
+            "tolerance": ps.tolerance,
+            "batch": ps.batch_size,
+            "partitions": parts,
+            "padding_%": round(100 * ps.padding_ratio, 2),
+            "GFLOP/batch": round(flops / 1e9, 4),
+            "MiB moved": round(bytes_ / 2**20, 3),
+            "memory MiB": round(mem / 2**20, 2),
+        }
+        if not self._history or self._history[-1] != row:
+            self._history = (self._history + [row])[-12:]
+            self.history.value = pd.DataFrame(self._history[::-1])
+
+    def _per_layer_plot(self):
+        df = pd.DataFrame(
+            [
+                {
+                    "layer": str(x["layer"]),
+                    "padding %": 100 * x["padding_ratio"],
+                    "partitions": x["num_partitions"],
+                }
+                for x in self.plan.sum_layers
+            ]
+        )
+        pad = hv.Bars(df, "layer", "padding %").opts(
+            color="#e45756",
+            title="Padding per sum layer",
+            tools=["hover"],
+            responsive=True,
+            height=250,
+            ylim=(0, 100),
+        )
+        npart = hv.Bars(df, "layer", "partitions").opts(
+            color="#54a24b", title="Partitions per sum layer", tools=["hover"], responsive=True, height=250
+        )
+        return (pad + npart).opts(shared_axes=False)
+
+    # ------------------------------------------------------------------ one layer
+    def _layer_summary(self) -> dict | None:
+        return next((x for x in self.plan.sum_layers if x["layer"] == self.layer.value), None)
+
+    def _draw_layer(self) -> None:
+        s = self._layer_summary()
+        if s is None:
+            return
+        rows = [
+            {"partition": k, **{c: p[c] for c in PART_COLUMNS[1:]}} for k, p in enumerate(s["partitions"])
+        ]
+        self.table.value = pd.DataFrame(rows, columns=PART_COLUMNS)
+        self.heat.object = self._heat_map(s)
+        self.slots.object = self._slots_plot(rows)
+
+    def _heat_map(self, s: dict):
+        """Occupancy image of the layer's block matrix, with a strip of partition colours on its left."""
+        bm = self.plan.block_matrix(s["layer"], max_cells=200)
+        h, w = bm.values.shape
+        (r0, r1), (c0, c1) = bm.node_rows, bm.child_rows
+        img = hv.Image(
+            np.flipud(bm.values),
+            bounds=(c0, r0, c1, r1),
+            kdims=["child row", "node row"],
+            vdims=["occupancy"],
+        )
+        title = f"Block-sparse edge matrix of layer {s['layer']}" + (
+            f" ({h}x{w} cells)" if bm.downsampled else ""
+        )
+        img = img.opts(
+            cmap="Blues", clim=(0, 1), colorbar=True, tools=["hover"], clipping_colors={"min": "white"}
+        )
+        strip_w = max((c1 - c0) * 0.06, 1.0)
+        part = bm.partition.copy()
+        for i in range(1, len(part)):  # rows where no block starts belong to the block above
+            if part[i] < 0:
+                part[i] = part[i - 1]
+        rects = [
+            (c0 - strip_w, r0 + i * bm.row_unit, c0, r0 + (i + 1) * bm.row_unit, int(p))
+            for i, p in enumerate(part)
+            if p >= 0
+        ]
+        strip = hv.Rectangles(rects, vdims=["partition"]).opts(
+            color="partition", cmap="Category10", line_color=None, tools=["hover"]
+        )
+        return (img * strip).opts(
+            responsive=True,
+            height=370,
+            title=title,
+            xlabel="child (element) row",
+            ylabel="node row (left strip: partition)",
+            invert_yaxis=True,
+        )
+
+    def _slots_plot(self, rows: list[dict]):
+        data = []
+        for r in rows:
+            data.append((str(r["partition"]), "real", r["num_edges"]))
+            data.append((str(r["partition"]), "padding", r["padded_edges"] - r["num_edges"]))
+        bars = hv.Bars(data, ["partition", "slot"], "edges").opts(
+            stacked=True,
+            cmap={"real": "#4c78a8", "padding": "#e45756"},
+            responsive=True,
+            height=370,
+            tools=["hover"],
+            title="Real vs padded edge slots per partition",
+            legend_position="top_right",
+        )
+        return bars
+
+    def __panel__(self):
+        controls = pn.Row(self.block, self.tol, self.batch, self.layer, align="end")
+        return pn.Column(
+            learn(LEARN),
+            controls,
+            self.alert,
+            self.totals,
+            pn.Row(pn.Column(self.heat, sizing_mode="stretch_width"), pn.Column(self.slots, width=420)),
+            self.table,
+            self.per_layer,
+            pn.pane.Markdown("**What-if history** (latest first)", margin=(0, 10)),
+            self.history,
+            sizing_mode="stretch_width",
+        )

@@ -1,0 +1,172 @@
+"""The layer schedule of one training step: forward, then backward with product-layer recomputation.
+
+Draws `PlanState.schedule(measured)` as a timeline (x: predicted or measured time, one lane per pass,
+coloured by layer kind), a compute-vs-IO scatter per layer and a table with predicted and measured
+milliseconds. `measured` ({(layer, pass): mean ms}) is set by the app from the training run.
+"""
+
+from __future__ import annotations
+
+import holoviews as hv
+import pandas as pd
+import panel as pn
+import param
+
+from workbench.state.plan import PlanState
+from workbench.views._common import KIND_COLORS, fmt_count, learn
+
+LEARN = """**Layer schedule.** The compiled circuit runs layer by layer: the forward pass bottom-up,
+then the backward (flows) pass top-down. Product layers are cheap elementwise work but would need a
+buffer each, so the engine keeps one *scratch* buffer and **recomputes** each product layer just before
+the backward of the sum layer above it: a little extra compute buys a lot of memory. The bars show each
+layer's predicted time (a roofline: the larger of FLOPs / peak and bytes / bandwidth, plus a launch cost
+per partition), and once a run has been profiled, its measured time. Sum layers are usually
+compute-heavy matmuls; input and product layers are bound by memory traffic (IO)."""
+
+LANES = ["forward", "recompute", "backward"]
+TABLE_COLUMNS = ["step", "layer", "kind", "pass", "flops", "bytes", "bound", "predicted_ms", "measured_ms"]
+
+
+def timeline(records: list[dict], key: str, title: str):
+    """Rectangles laid end to end along x by `key` (ms), one lane per pass."""
+    t, rects = 0.0, []
+    for r in records:
+        ms = r.get(key)
+        if ms is None:
+            continue
+        lane = LANES.index(r["pass"])
+        rects.append((t, lane - 0.4, t + ms, lane + 0.4, r["kind"], r["layer"], r["pass"], ms))
+        t += ms
+    vdims = ["kind", "layer", "pass", "ms"]
+    el = hv.Rectangles(rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=vdims)
+    return el.opts(
+        color="kind",
+        cmap=KIND_COLORS,
+        line_color=None,
+        responsive=True,
+        height=200,
+        tools=["hover"],
+        title=f"{title}: {t:.3g} ms per step",
+        xlabel="ms (cumulative)",
+        ylabel="",
+        yticks=[(i, p) for i, p in enumerate(LANES)],
+        ylim=(-0.6, 2.6),
+        show_legend=False,
+    )
+
+
+class ScheduleView(pn.viewable.Viewer):
+    """Predicted / measured timelines of a training step and a per-layer cost table."""
+
+    plan = param.ClassSelector(class_=PlanState)
+    measured = param.Dict(default={}, doc="Mean measured ms per (layer, pass) from profiling")
+    measured_source = param.String(default="", doc="Which run the measured times come from")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.peak = pn.widgets.Select(
+            name="Device model",
+            width=220,
+            options={
+                "this CPU (1e11 FLOP/s, 20 GB/s)": (1e11, 2e10, 5.0),
+                "H100 (5e13 FLOP/s, 3.35 TB/s)": (5e13, 3.35e12, 5.0),
+                "laptop GPU (1e13 FLOP/s, 400 GB/s)": (1e13, 4e11, 8.0),
+            },
+        )
+        self.peak.param.watch(self._on_device, "value")
+        self.predicted = pn.pane.HoloViews(sizing_mode="stretch_width", height=210)
+        self.measured_plot = pn.pane.HoloViews(sizing_mode="stretch_width", height=210, visible=False)
+        self.scatter = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
+        self.legend = pn.pane.HTML(
+            " ".join(
+                f'<span style="background:{c};color:white;padding:2px 8px;border-radius:3px">{k}</span>'
+                for k, c in KIND_COLORS.items()
+                if k != "recompute"
+            ),
+            margin=(0, 10),
+        )
+        self.info = pn.pane.Markdown("", margin=(0, 10))
+        self.table = pn.widgets.Tabulator(
+            pd.DataFrame(columns=TABLE_COLUMNS),
+            show_index=False,
+            disabled=True,
+            height=300,
+            sizing_mode="stretch_width",
+            pagination=None,
+        )
+        self.plan.param.watch(lambda *e: self.refresh(), ["plan", "peak_flops", "bandwidth", "launch_us"])
+        self.param.watch(lambda *e: self.refresh(), ["measured"])
+        self.refresh()
+
+    def _on_device(self, event) -> None:
+        flops, bw, launch = event.new
+        self.plan.param.update(peak_flops=flops, bandwidth=bw, launch_us=launch)
+
+    def refresh(self) -> None:
+        if self.plan.plan is None:
+            self.info.object = "Build a circuit to see its layer schedule."
+            return
+        records = self.plan.schedule(self.measured or None)
+        df = pd.DataFrame(records, columns=TABLE_COLUMNS)
+        df["predicted_ms"] = df["predicted_ms"].round(4)
+        df["measured_ms"] = pd.to_numeric(df["measured_ms"]).round(4)
+        self.table.value = df
+        self.predicted.object = timeline(records, "predicted_ms", "Predicted")
+        has_measured = any(r["measured_ms"] is not None for r in records)
+        self.measured_plot.visible = has_measured
+        if has_measured:
+            self.measured_plot.object = timeline(records, "measured_ms", f"Measured ({self.measured_source})")
+        self.scatter.object = self._io_vs_compute(records)
+        n_re = sum(r["pass"] == "recompute" for r in records)
+        total_flops = sum(r["flops"] for r in records)
+        recompute = sum(r["flops"] for r in records if r["pass"] == "recompute")
+        self.info.object = (
+            f"**{len(records)}** steps per training step ({len(self.plan.layers)} layers forward, "
+            f"{n_re} product-layer recomputations), {fmt_count(total_flops)}FLOP per batch of "
+            f"{self.plan.batch_size}; recomputation adds {100 * recompute / max(total_flops, 1):.2f}% FLOPs."
+            + (
+                self._measured_line(records)
+                if has_measured
+                else " *Measured times appear once a run is profiled (Train tab).*"
+            )
+        )
+
+    def _measured_line(self, records: list[dict]) -> str:
+        measured = sum(r["measured_ms"] or 0.0 for r in records)
+        predicted = sum(r["predicted_ms"] for r in records)
+        return (
+            f" Measured ({self.measured_source}): **{measured:.3g} ms per step**, predicted "
+            f"{predicted:.3g} ms."
+        )
+
+    def _io_vs_compute(self, records: list[dict]):
+        fwd = pd.DataFrame([r for r in records if r["pass"] == "forward"])
+        fwd["flops"] = fwd["flops"].clip(lower=1)
+        fwd["bytes"] = fwd["bytes"].clip(lower=1)
+        pts = hv.Points(fwd, ["bytes", "flops"], ["kind", "layer", "predicted_ms", "bound"])
+        return pts.opts(
+            color="kind",
+            cmap=KIND_COLORS,
+            size=9,
+            logx=True,
+            logy=True,
+            tools=["hover"],
+            responsive=True,
+            height=290,
+            legend_position="bottom_right",
+            title="Compute vs IO per layer (forward, per batch)",
+            xlabel="bytes moved",
+            ylabel="FLOPs",
+        )
+
+    def __panel__(self):
+        return pn.Column(
+            learn(LEARN),
+            pn.Row(self.peak, self.legend, align="end"),
+            self.info,
+            self.predicted,
+            self.measured_plot,
+            self.scatter,
+            self.table,
+            sizing_mode="stretch_width",
+        )
