@@ -70,7 +70,6 @@ def conditional(pc, x, missing) -> torch.Tensor:
 
 def _top_down(pc, node_mars, element_mars, choose) -> torch.Tensor:
     """Select one child per active sum node (`choose(logits) -> index`); returns node selection [R, B]."""
-    bsz = node_mars.shape[1]
     sel = torch.zeros(node_mars.shape, dtype=torch.bool, device=pc.device)
     sel[pc.plan.root_row] = True
     layers = pc.plan.layers

@@ -132,8 +132,8 @@ def test_mixed_distributions_with_gaussian():
 
 
 def test_random_inputs_never_nan_on_deeper_circuit():
-    from engine.structures import rat_spn
     from engine.dists import Categorical
+    from engine.structures import rat_spn
 
     pc = engine.compile(rat_spn(12, 8, 3, 2, input_dist=Categorical(4)))
     x = torch.randint(0, 4, (32, 12))

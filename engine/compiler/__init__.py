@@ -12,7 +12,7 @@ from typing import Callable
 from engine.compiler import cost
 from engine.compiler.ir import CircuitIR, build_ir
 from engine.compiler.layout import Layout, build_layout
-from engine.compiler.plan import LayerPlan, Layer, Partition
+from engine.compiler.plan import Layer, LayerPlan, Partition
 from engine.nodes import NodeVector
 
 __all__ = ["compile_plan", "LayerPlan", "Layer", "Partition", "CircuitIR", "Layout"]
