@@ -272,7 +272,13 @@ def compile(root: NodeVector, block_size=None, device="cpu", tolerance: float = 
     `backend`: "torch", "triton", or None (Triton kernels on CUDA, PyTorch otherwise);
     `kernel_options`: an `engine.kernels.KernelOptions` (precision, block sizes) for Triton.
     """
-    return CompiledCircuit(root, block_size=block_size, tolerance=tolerance, device=device, backend=backend,
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available (use device='cpu')")
+    return CompiledCircuit(root, block_size=block_size, tolerance=tolerance, device=dev, backend=backend,
                            kernel_options=kernel_options)
 
 

@@ -79,3 +79,13 @@ def test_em_arguments():
         pc.em_step(0.0)
     with pytest.raises(ValueError, match="pseudocount"):
         pc.em_step(1.0, -1.0)
+
+
+def test_unavailable_or_unknown_device():
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            engine.compile(tiny_tree(), device="cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        engine.compile(tiny_tree(), device="gpu0")
+    with pytest.raises(ValueError, match="backend"):
+        engine.compile(tiny_tree(), backend="jax")
