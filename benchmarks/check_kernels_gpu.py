@@ -88,6 +88,24 @@ def graph_matches(root, x) -> float:
     return max(rel(eager, g), rel(f_eager, pc.param_flows))
 
 
+def profiled_training(root, data, steps=10, B=512):
+    """Graph-captured EM steps with a sampled profiler (eager on sampled batches) and without."""
+    out = []
+    for every in (3, 0):
+        pc = engine.compile(copy.deepcopy(root), device="cuda")
+        prof = pc.profile(True, every=every) if every else None
+        step = CapturedStep(pc, B, em=(0.1, 0.1))
+        for i in range(steps):
+            step(data[(i * B) % 2560 : (i * B) % 2560 + B].cuda())
+            if prof is not None:
+                prof.collect()
+        nev = 0 if prof is None else sum(e["type"] == "layer_time" for e in prof.collect(block=True))
+        nev += 0 if prof is None else sum(prof.counts.values())
+        pc.profile(False)
+        out.append((pc(data[:1024].cuda(), validate=False).double().mean().item(), nev))
+    return out[0][0], out[1][0], out[0][1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -127,6 +145,9 @@ def main() -> int:
     g = graph_matches(cases["hclt64_mnist"][0], data[:512].cuda())
     print(f"cuda graph replay vs eager: rel err {g:.1e}")
     bad = bad or not g < 1e-6
+    lp, lo, nev = profiled_training(cases["hclt64_mnist"][0], data)
+    print(f"sampled profiler (every 3) during graph training: LL {lp:.4f} vs {lo:.4f} without, {nev} layer events")
+    bad = bad or not abs(lp - lo) < 1e-4 * abs(lo) or nev == 0
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "graph_rel_err": g}, f, indent=1)

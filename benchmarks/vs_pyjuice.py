@@ -6,11 +6,14 @@
 Per configuration both systems build the same structure family (HCLT or PD 28x28, split (4, 4),
 Categorical(256) inputs) on the same 60,000 MNIST-shaped samples (engine.data.mnist_like), then run
 epochs of forward + flows + mini-batch EM at batch size 512 (step 0.1, pseudocount 0.1); the two
-systems alternate which one runs first. Reported: seconds per epoch (median of the timed epochs,
-the first epoch excluded as warm-up), peak GPU memory allocated during the run (above the data),
+systems alternate which one runs first. Each system first runs one full warm-up epoch (every batch,
+the 96-sample tail included, so all kernel JIT and graph capture happen there), then the timed
+epochs. Reported: seconds per epoch (median of the timed epochs), peak GPU memory allocated during the run (above the data),
 compile time (engine.compile / juice.compile + .to(device)), and the final mean log-likelihood of each
 on the first 10,000 samples (nats), which must agree for equal work. PyJuice runs as a user would
-(its defaults: bf16 forward tiles). `--extra-precision bf16` adds our opt-in bf16 column.
+(its defaults: bf16 forward tiles). `--extra-precision bf16` adds our opt-in bf16 column;
+`--extra-options block_b=128,num_warps=8 --extra-configs hclt:256` adds a column of ours with other
+kernel options on the named configurations.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from engine.data import mnist_like  # noqa: E402
 from engine.dists import Categorical  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.graph import CapturedStep  # noqa: E402
+from engine.profiler import DEFAULT_EVERY  # noqa: E402
 
 BATCH, STEP, PSEUDO = 512, 0.1, 0.1
 
@@ -125,7 +129,7 @@ def pj_ll(pc, data_u8, n=10000):
 
 
 # ----------------------------------------------------------------------------- driver
-def run_system(name, kind, nl, data_u8, data_gpu, epochs, batches, juice=None, opts=None, profile=False, warmup=8):
+def run_system(name, kind, nl, data_u8, data_gpu, epochs, batches, juice=None, opts=None, profile=False, warmup=0):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
@@ -172,23 +176,25 @@ def run_system(name, kind, nl, data_u8, data_gpu, epochs, batches, juice=None, o
     return res
 
 
-def profile_overhead(pc, sub, n=40):
-    """Eager epochs-worth of batches with the profiler off and on; largest sum layer's achieved rates."""
+def profile_overhead(pc, sub, n=60):
+    """Graph-captured training with the profiler off and on (sampled), the eager cost of a sampled batch,
+    and the per-pass breakdown and largest sum layer's achieved rates from eager profiled batches."""
     perm = torch.arange(n * BATCH, device="cuda") % sub.shape[0]
-    def eager(prof):
-        pc.profile(prof)
+    step = CapturedStep(pc, BATCH, em=(STEP, PSEUDO))
+
+    def run(prof, every=None):
+        pc.profile(prof, every=every or DEFAULT_EVERY) if prof else pc.profile(False)
         t0 = sync_time()
         for i in range(n):
-            pc.zero_flows()
-            pc.accumulate_flows(sub[perm[i * BATCH : (i + 1) * BATCH]].long(), validate=False)
-            pc.em_step(STEP, PSEUDO)
+            step(sub[perm[i * BATCH : (i + 1) * BATCH]].long())
             if prof:
                 pc.profiler.collect()  # non-blocking: resolves finished spans only
         return sync_time() - t0
-    eager(False)
-    off = min(eager(False), eager(False))
-    on = min(eager(True), eager(True))
-    prof = pc.profile(True)
+    run(False)
+    off = min(run(False), run(False))
+    on = min(run(True), run(True))  # the default sampling (every DEFAULT_EVERY-th batch eager, timed)
+    every1 = run(True, every=1)  # every batch eager and timed: the old behaviour
+    prof = pc.profile(True, every=1)
     for _ in range(5):
         pc.accumulate_flows(sub[:BATCH].long(), validate=False)
     prof.collect(block=True)
@@ -202,9 +208,12 @@ def profile_overhead(pc, sub, n=40):
     fwd_ms = summ.get((big.index, "forward"))
     bwd_ms = summ.get((big.index, "backward"))
     flops_f = big.flops * BATCH
-    bytes_f = big.bytes * BATCH + big.param_bytes * max(1, BATCH // 64)  # params re-read per 64-col tile
-    return {"eager_off_s_per_batch": off / n, "eager_on_s_per_batch": on / n,
-            "overhead_pct": 100 * (on - off) / off, "ms_per_batch_by_kind_pass": by_kind,
+    bb = pc.backend.options.block_b
+    bytes_f = big.bytes * BATCH + big.param_bytes * max(1, BATCH // bb)  # params re-read per batch tile
+    return {"graph_off_s_per_batch": off / n, "graph_profiled_s_per_batch": on / n,
+            "overhead_pct": 100 * (on - off) / off, "profile_every": DEFAULT_EVERY,
+            "every1_s_per_batch": every1 / n, "every1_overhead_pct": 100 * (every1 - off) / off,
+            "ms_per_batch_by_kind_pass": by_kind,
             "largest_sum_layer": big.index,
             "largest_fwd_ms": fwd_ms, "largest_bwd_ms": bwd_ms,
             "largest_fwd_TFLOPs": flops_f / (fwd_ms / 1e3) / 1e12 if fwd_ms else None,
@@ -219,7 +228,9 @@ def main():
     ap.add_argument("--batches", type=int, default=0, help="limit each epoch to this many batches (quick runs)")
     ap.add_argument("--extra-precision", default=None, help="also run ours with this precision (e.g. bf16)")
     ap.add_argument("--no-pyjuice", action="store_true")
-    ap.add_argument("--warmup-batches", type=int, default=8)
+    ap.add_argument("--warmup-batches", type=int, default=0, help="0: a full warm-up epoch (default)")
+    ap.add_argument("--extra-options", default=None, help="also run ours with these KernelOptions, e.g. block_b=128")
+    ap.add_argument("--extra-configs", nargs="*", default=["hclt:256", "pd:128"])
     ap.add_argument("--profile-config", default="hclt:256")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -257,6 +268,17 @@ def main():
                                args.batches, opts=KernelOptions(precision=args.extra_precision))
                 row["ours_" + args.extra_precision] = r
                 print(f"  {row['config']} ours_{args.extra_precision}: epoch_s={r['epoch_s']:.3f} ll={r['ll']:.3f}")
+            if args.extra_options and f"{kind}:{nl}" in args.extra_configs:
+                kw = {a: int(v) for a, v in (p.split("=") for p in args.extra_options.split(","))}
+                try:
+                    r = run_system("ours_opts", kind, nl, data_u8, data_gpu, args.epochs, args.batches,
+                                   opts=KernelOptions(**kw), warmup=args.warmup_batches)
+                    r["options"] = kw
+                except Exception as err:  # noqa: BLE001 - a variant that fails must not lose the run
+                    r = {"error": f"{type(err).__name__}: {err}", "options": kw}
+                row["ours_opts"] = r
+                print(f"  {row['config']} ours {kw}: " + ", ".join(
+                    f"{a}={v:.3f}" for a, v in r.items() if isinstance(v, float)), flush=True)
             results.append(row)
             k += 1
             if args.out:

@@ -20,7 +20,7 @@ from engine.compiler.plan import PAD_ROWS, LayerPlan
 from engine.executor import torch_ops
 from engine.executor.tensors import gather_sum_params, partition_tensors, scatter_sum_params
 from engine.nodes import NodeVector
-from engine.profiler import LayerProfiler
+from engine.profiler import DEFAULT_EVERY, LayerProfiler
 
 TORCH_BACKEND = SimpleNamespace(
     name="torch",
@@ -141,6 +141,8 @@ class CompiledCircuit(torch.nn.Module):
             missing = torch.zeros(x.shape, dtype=torch.bool, device=self.device)
         missing = missing.to(self.device)
         bsz = x.shape[0]
+        if self.profiler is not None:
+            self.profiler.start_batch()
         node_mars = torch.zeros(self.plan.num_node_rows, bsz, device=self.device, dtype=self.params.dtype)
         element_mars = torch.full(
             (self.plan.num_element_rows, bsz), -torch.inf, device=self.device, dtype=self.params.dtype
@@ -232,13 +234,17 @@ class CompiledCircuit(torch.nn.Module):
             for pt in self.parts[layer.index]:
                 self.backend.sum_em_update(pt, self.params, self.param_flows, self.param_mask, step_size, pseudocount)
         for i, dist in enumerate(self.input_dists):
+            if getattr(self.backend, "input_em_update", None) is not None and self.backend.input_em_update(
+                    dist, self.input_params(i), getattr(self, f"input_stats_{i}"), step_size, pseudocount):
+                continue  # updated in place by a kernel
             new = dist.em_update(self.input_params(i), getattr(self, f"input_stats_{i}"), step_size, pseudocount)
             self._set_input_params(i, new)
 
     # ----------------------------------------------------------------- profiling and export
-    def profile(self, enabled: bool = True, callback: Callable[[dict], None] | None = None) -> LayerProfiler | None:
-        """Turn per-layer profiling on (returns the profiler) or off."""
-        self.profiler = LayerProfiler(self.device, callback) if enabled else None
+    def profile(self, enabled: bool = True, callback: Callable[[dict], None] | None = None,
+                every: int = DEFAULT_EVERY) -> LayerProfiler | None:
+        """Turn per-layer profiling on (returns the profiler) or off; spans of every `every`-th batch."""
+        self.profiler = LayerProfiler(self.device, callback, every) if enabled else None
         return self.profiler
 
     @torch.no_grad()

@@ -151,3 +151,28 @@ def test_captured_step_falls_back_and_matches_eager():
     ll2 = step(x).clone()  # second call: zero_flows inside the step, same flows
     assert torch.allclose(ll1, ll2) and torch.allclose(flows1, pc.param_flows)
     assert step.captured == (DEVICE == "cuda")
+
+
+def test_product_layer_of_several_partitions_runs_as_one_launch():
+    """Products of 2 and 3 children in one layer: one merged launch (narrower rows padded with row 0)."""
+    x0 = [inputs(v, 16, Categorical(5)) for v in range(5)]
+    s = summate(multiply(x0[0], x0[1]), num_nodes=16, block_size=16)
+    t = summate(multiply(x0[2], x0[3], x0[4]), num_nodes=16, block_size=16)
+    root = summate(multiply(s, t), num_nodes=1)
+    x, m = _data([Categorical(5)] * 5, 20)
+    pc = _compare(root, x.long(), m)
+    merged = [pt for layer in pc.parts for pt in layer if getattr(pt, "merged_into_first", False)]
+    assert merged, "expected a product layer with several partitions"
+
+
+def test_profiler_samples_every_kth_batch():
+    pc = engine.compile(_hclt(), backend="torch")
+    prof = pc.profile(True, every=3)
+    x, _ = _data([Categorical(7)] * 5, 8, 0.0)
+    for _ in range(7):  # batches 0, 3 and 6 are sampled
+        pc.accumulate_flows(x.long())
+    events = [e for e in prof.collect(block=True) if e["type"] == "layer_time"]
+    per_batch = {(e["layer"], e["pass"]) for e in events}
+    assert len(events) == 3 * len(per_batch) and prof.batches == 7
+    with pytest.raises(ValueError):
+        pc.profile(True, every=0)

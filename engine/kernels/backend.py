@@ -80,6 +80,10 @@ class _InputKernels:
         inputs.input_stats(dist, stats, params, vars_, a, b, flows, self._segments[key], self.opts)
 
 
+def _input_em_update(dist, params, stats, step_size, pseudocount, *, opts):
+    return inputs.input_em_update(dist, params, stats, step_size, pseudocount, opts)
+
+
 def make_backend(opts: KernelOptions = KernelOptions()) -> SimpleNamespace:
     ins = _InputKernels(opts)
     return SimpleNamespace(
@@ -92,6 +96,7 @@ def make_backend(opts: KernelOptions = KernelOptions()) -> SimpleNamespace:
         sum_em_update=partial(_sum_em_update, opts=opts),
         input_forward=ins.forward,
         input_stats=ins.stats,
+        input_em_update=partial(_input_em_update, opts=opts),
     )
 
 
@@ -102,11 +107,12 @@ def prepare_partitions(plan, parts, device) -> None:
     """Attach kernel names and kernel tables to the partition tensors of `parts` (in place)."""
     long = partial(torch.as_tensor, dtype=torch.long, device=device)
     for layer in plan.layers:
+        if layer.kind == "product" and parts[layer.index]:
+            _prepare_product_layer(parts[layer.index], long)
         for p, pt in zip(layer.partitions, parts[layer.index]):
             pt.kernel = p.kernel
             if layer.kind == "product":
-                crows, table = product.child_major_products(pt.elem_rows, pt.child_rows)
-                pt.flow_rows, pt.parent_table = long(crows), long(table)
+                continue
             elif p.kernel == "sum_block":
                 pt.node_rows, pt.child_rows = long(p.node_rows), long(p.child_rows)
                 cb, ptr, pi, pk = sum_block.child_major_blocks(pt.child_rows, PAD_ROWS)
@@ -114,6 +120,17 @@ def prepare_partitions(plan, parts, device) -> None:
             elif p.kernel == "sum_sparse":
                 for k, v in sum_sparse.sparse_edges(pt, PAD_ROWS).items():
                     setattr(pt, k, long(v))
+
+
+def _prepare_product_layer(pts, long) -> None:
+    """One launch per product layer: the first partition carries the merged tables, the rest skip."""
+    elem_rows, child_rows = product.merge_layer(pts)
+    crows, table = product.child_major_products(elem_rows, child_rows)
+    first = pts[0]
+    first.layer_elem_rows, first.layer_child_rows = long(elem_rows), long(child_rows)
+    first.flow_rows, first.parent_table = long(crows), long(table)
+    for i, pt in enumerate(pts):
+        pt.merged_into_first = i > 0
 
 
 def attach(pc, opts: KernelOptions | None = None) -> SimpleNamespace:

@@ -2,8 +2,9 @@
 
 Hundreds of small launches per batch (one or more per partition and pass) cost more CPU time than
 the GPU needs for a small circuit; replaying them as one CUDA graph removes that. Shapes must be
-fixed: one batch size per `CapturedStep`. Anything else falls back to eager execution, as does
-profiling (the profiler's events need eager launches):
+fixed: one batch size per `CapturedStep`. Anything else falls back to eager execution, as do the
+batches that a sampled profiler times (its events need eager launches); the profiler's other
+batches replay the graph, which is captured with the profiler detached and so holds no events:
 
     step = CapturedStep(pc, batch_size=512, em=(step_size, pseudocount))
     for xb in batches:
@@ -41,8 +42,7 @@ class CapturedStep:
         return ll
 
     def _usable(self, x) -> bool:
-        return (self.pc.device.type == "cuda" and x.shape[0] == self.batch_size and self.failed is None
-                and self.pc.profiler is None)
+        return self.pc.device.type == "cuda" and x.shape[0] == self.batch_size and self.failed is None
 
     def _capture(self, x, missing) -> None:
         pc = self.pc
@@ -52,12 +52,15 @@ class CapturedStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
+        prof, pc.profiler = pc.profiler, None  # no profiler events inside the graph
         try:
             with torch.cuda.graph(graph):
                 self.static_ll = self._eager(self.static_x, self.static_m)
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
             self.failed = f"{type(err).__name__}: {err}"
             return
+        finally:
+            pc.profiler = prof
         self.graph = graph
 
     @torch.no_grad()
@@ -66,12 +69,16 @@ class CapturedStep:
         x = x.to(self.pc.device, non_blocking=True)
         if missing is not None:
             missing = missing.to(self.pc.device, non_blocking=True)
-        if not self._usable(x) or (self.graph is None and self.calls == 1):
+        prof = self.pc.profiler
+        sampled = prof is not None and prof.next_is_sampled()
+        if not self._usable(x) or sampled or (self.graph is None and self.calls == 1):
             return self._eager(x, missing)
         if self.graph is None:
             self._capture(x, missing)
             if self.graph is None:
                 return self._eager(x, missing)
+        if prof is not None:
+            prof.start_batch()  # a batch the profiler does not sample: count it, replay
         self.static_x.copy_(x, non_blocking=True)
         if missing is None:
             self.static_m.zero_()

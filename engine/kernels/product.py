@@ -5,6 +5,10 @@
 - flows: child-major (padded table of the product rows each child feeds, built from the plan), so
   each child row of node_flows is owned by one program: `node_flows[c] += sum element_flows[p]`;
   reads deg * PR * BB flows, read-modify-writes PR * BB. No atomics.
+
+All partitions of one product layer run as one launch per pass (`merge_layer`: their rows
+concatenated, narrower ones padded with row 0, the constant log 1): HCLT-256 has 40 product layers
+of 1-3 partitions, each a few-microsecond launch.
 """
 
 from __future__ import annotations
@@ -48,16 +52,21 @@ def _prod_bwd_kernel(eflows, nflows, crows, table, N, B, D, num_bt, PR: tl.const
 
 
 def prod_forward(pt, node_mars, element_mars, opts: KernelOptions) -> None:
-    N, W = pt.child_rows.shape
+    if getattr(pt, "merged_into_first", False):
+        return  # the layer's first partition runs this one's rows
+    elem_rows, child_rows = getattr(pt, "layer_elem_rows", pt.elem_rows), getattr(pt, "layer_child_rows", pt.child_rows)
+    N, W = child_rows.shape
     B = node_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     _prod_fwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
-        node_mars, element_mars, pt.elem_rows, pt.child_rows, N, B, W, nbt,
+        node_mars, element_mars, elem_rows, child_rows, N, B, W, nbt,
         PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
     )
 
 
 def prod_backward(pt, element_flows, node_flows, opts: KernelOptions) -> None:
+    if getattr(pt, "merged_into_first", False):
+        return
     N, D = pt.parent_table.shape
     if N == 0:
         return
@@ -67,6 +76,13 @@ def prod_backward(pt, element_flows, node_flows, opts: KernelOptions) -> None:
         element_flows, node_flows, pt.flow_rows, pt.parent_table, N, B, D, nbt,
         PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
     )
+
+
+def merge_layer(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(elem_rows [n], child_rows [n, max width]) of all partitions of one product layer."""
+    width = max(pt.child_rows.shape[1] for pt in parts)
+    rows = [torch.nn.functional.pad(pt.child_rows, (0, width - pt.child_rows.shape[1]), value=0) for pt in parts]
+    return torch.cat([pt.elem_rows for pt in parts]), torch.cat(rows)
 
 
 def child_major_products(elem_rows: torch.Tensor, child_rows: torch.Tensor):
