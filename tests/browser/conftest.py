@@ -55,13 +55,18 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.fixture(scope="session")
-def workbench_url(tmp_path_factory):
+def runs_dir(tmp_path_factory) -> Path:
+    """The run store of the served workbench ($CW_RUNS_DIR of the server), for checks on disk."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def workbench_url(tmp_path_factory, runs_dir):
     """Serve apps/workbench.py on a free port; yields the app URL."""
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium not installed at /usr/bin/chromium")
     port = free_port()
-    runs = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "CW_RUNS_DIR": str(runs), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "CW_RUNS_DIR": str(runs_dir), "PYTHONPATH": str(REPO)}
     log = open(tmp_path_factory.mktemp("log") / "panel.log", "w+")
     cmd = [
         sys.executable,

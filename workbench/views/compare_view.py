@@ -6,6 +6,8 @@ per-epoch metric, seconds per epoch and mean per-layer time of each run on share
 
 from __future__ import annotations
 
+import time
+
 import holoviews as hv
 import pandas as pd
 import panel as pn
@@ -23,6 +25,9 @@ size, sets the number and width of layers. Runs are kept in the run store, so ea
 runs can be compared too."""
 
 POLL_MS = 1000
+# While runs train, redraw at most this often: a redraw renders three new figures (~1-5 s of server
+# time on a busy 2-core CPU, measured), which would otherwise starve the session's other callbacks.
+LIVE_REDRAW_S = 5.0
 
 
 def _label(r: RunState) -> str:
@@ -62,6 +67,7 @@ class CompareView(pn.viewable.Viewer):
         self.compare.param.watch(lambda *e: self.redraw(), ["runs", "metric"])
         self._callback = None
         self._drawn: tuple = ()
+        self._drawn_at = 0.0
         self._idle_ticks = 0
         self.refresh_list()
         self.redraw()
@@ -82,34 +88,37 @@ class CompareView(pn.viewable.Viewer):
                 self.compare.add_from_store(self.store, run_id)
 
     def _signature(self) -> tuple:
-        return tuple((r.run_id, r.version, r.status) for r in self.compare.runs)
+        """What the plots show changes per epoch (and status), not per streamed batch."""
+        return tuple((r.run_id, len(r.epochs["epoch"]), r.status) for r in self.compare.runs)
 
     def _follow_live_runs(self) -> None:
-        """Redraw about once a second while any compared run is still training."""
+        """Poll once a second while any compared run trains; redraw per new epoch, at most every LIVE_REDRAW_S."""
         if any(r.live for r in self.compare.runs) and self._callback is None:
             self._idle_ticks = 0
             self._callback = pn.state.add_periodic_callback(self._poll, period=POLL_MS)
 
     def _poll(self) -> None:
         self.compare.poll()
-        if self._signature() != self._drawn:
+        live = any(r.live for r in self.compare.runs)
+        due = not live or time.monotonic() - self._drawn_at >= LIVE_REDRAW_S
+        if self._signature() != self._drawn and due:
             self.redraw()
         # stop one tick after the last live run finished (its final events may land just after)
-        self._idle_ticks = 0 if any(r.live for r in self.compare.runs) else self._idle_ticks + 1
+        self._idle_ticks = 0 if live else self._idle_ticks + 1
         if self._idle_ticks >= 2 and self._callback is not None:
             self._callback.stop()
             self._callback = None
 
     def redraw(self) -> None:
         runs = self.compare.runs
-        self._drawn = self._signature()
+        self._drawn, self._drawn_at = self._signature(), time.monotonic()
         self._follow_live_runs()
         if not runs:
             self.info.object = "Pick two or more runs above (train some in the Train tab first)."
             self.table.value = pd.DataFrame()
             return
         self.info.object = f"Comparing **{len(runs)}** runs."
-        with pn.io.hold():
+        with pn.io.hold(freeze=True):  # one document model recompute for all four panes
             self.curves.object = self._curves()
             self.timing.object = self._epoch_seconds()
             self.layers.object = self._layer_times()
