@@ -200,12 +200,12 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/workbench_ui_metrics_cpu.json")
     args = p.parse_args()
 
-    import torch
     from playwright.sync_api import sync_playwright
 
-    # the worker leaves torch's default thread count (JobSpec.threads is None from the UI);
-    # a fresh process's default is what this process has before anything changes it
-    threads = torch.get_num_threads()
+    # the UI starts jobs without JobSpec.threads, so the worker uses its default; headless gets the same
+    from workbench.services.worker import default_threads
+
+    threads = default_threads()
     results: dict = {"args": vars(args), "env": environment(), "worker_threads": threads, "repeats": []}
     results["env"]["loadavg_start"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as d:

@@ -138,6 +138,15 @@ def run_job(spec: dict, model_path: str, queue, run_event, stop_event) -> None:
         queue.join_thread()
 
 
+def default_threads() -> int:
+    """CPU threads for training: all cores but one, which stays free for the server and the browser.
+
+    Measured with benchmarks/workbench_ui_metrics.py on a 2-core machine: with every core training,
+    the UI's redraws took the worker's time and UI-attached throughput fell to a third of headless.
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
     import torch
 
@@ -146,8 +155,7 @@ def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
     from engine.optim import EMSchedule, fit
     from workbench.services.circuits import build
 
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
+    torch.set_num_threads(int(spec.get("threads") or default_threads()))
     torch.manual_seed(int(spec.get("seed", 0)))
     device = spec.get("device", "auto")
     if device == "auto":

@@ -7,6 +7,8 @@ the plots' `Pipe` streams inside one held document update. Results stay in the r
 
 from __future__ import annotations
 
+import time
+
 import holoviews as hv
 import pandas as pd
 import panel as pn
@@ -24,6 +26,7 @@ device memory a few times per second: watch which layers dominate a step, and ho
 training and validation data improves per epoch."""
 
 POLL_MS = 300
+PLOT_MIN_S = 2.0  # seconds between plot redraws of a live run (measured: benchmarks/workbench_ui_metrics.py)
 DEVICES = {"auto (GPU if present, else CPU)": "auto", "CPU": "cpu", "GPU (cuda)": "cuda"}
 LAYER_COLUMNS = ["layer", "kind", "pass", "ms", "calls"]
 
@@ -167,6 +170,7 @@ class TrainingView(pn.viewable.Viewer):
         )
         self._callback = None
         self._seen_version = -1
+        self._last_redraw = 0.0
         self._finished_ticks = 0
 
     # ------------------------------------------------------------------ controls
@@ -239,10 +243,17 @@ class TrainingView(pn.viewable.Viewer):
         if run is None:
             return
         self.session.poll()
+        now = time.monotonic()
         if run.version != self._seen_version:
-            self._seen_version = run.version
-            with pn.io.hold():
-                self.redraw()
+            # the progress line is cheap and follows every poll; plots and tables cost the server
+            # 0.4-4 s a redraw on a 2-core machine, time the worker's training loses: at most one
+            # redraw per PLOT_MIN_S while the run is live, and at once when it ends
+            if run.live and now - self._last_redraw < PLOT_MIN_S:
+                self._progress_text()
+            else:
+                self._seen_version, self._last_redraw = run.version, now
+                with pn.io.hold():
+                    self.redraw()
         self._finished_ticks = 0 if run.live else self._finished_ticks + 1
         if self._finished_ticks >= 2 and self._callback is not None:
             self._callback.stop()
