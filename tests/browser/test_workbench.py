@@ -1,7 +1,7 @@
 """End-to-end: load the workbench, build an HCLT, inspect partitions and schedule, train, compare.
 
 Run serially: `PYTHONPATH=. .venv/bin/python -m pytest tests/browser -q -p no:randomly`.
-Screenshots of each view land in docs/screenshots/ (used by the README).
+Screenshots of each view land in docs/screenshots/ (used by the README) when CW_SCREENSHOTS=1.
 """
 
 from __future__ import annotations
