@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from engine import dists as _dists
 from engine.compiler import DEFAULT_TOLERANCE, compile_plan
 from engine.compiler.plan import PAD_ROWS, LayerPlan
 from engine.executor import torch_ops
@@ -288,4 +287,4 @@ def compile(root: NodeVector, block_size=None, device="cpu", tolerance: float = 
                            kernel_options=kernel_options)
 
 
-__all__ = ["CompiledCircuit", "compile", "LayerPlan", "PAD_ROWS", "_dists"]
+__all__ = ["CompiledCircuit", "compile", "LayerPlan", "PAD_ROWS"]

@@ -42,7 +42,7 @@ class EMSchedule:
         return self.final_step_size + 0.5 * (self.step_size - self.final_step_size) * (1 + math.cos(math.pi * t))
 
 
-def _batches(n: int, batch_size: int, shuffle: bool, device) -> list[torch.Tensor]:
+def _batches(n: int, batch_size: int, shuffle: bool) -> list[torch.Tensor]:
     idx = torch.randperm(n) if shuffle else torch.arange(n)
     return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
 
@@ -71,7 +71,7 @@ def evaluate(pc, data: torch.Tensor, batch_size: int = 512, missing=None) -> flo
 def minibatch_em_epoch(pc, data, batch_size=512, step_size=0.1, pseudocount=0.1, epoch=0, callback=None,
                        should_stop: Callable[[], bool] | None = None) -> float:
     """One pass of mini-batch EM; returns the mean training log-likelihood seen during the pass."""
-    batches = _batches(data.shape[0], batch_size, True, pc.device)
+    batches = _batches(data.shape[0], batch_size, True)
     total, seen = 0.0, 0
     for b, idx in enumerate(batches):
         if should_stop is not None and should_stop():
@@ -93,7 +93,7 @@ def full_batch_em_epoch(pc, data, batch_size=512, pseudocount=0.1, epoch=0, call
     """Accumulate flows over all of `data`, then one EM step of size 1; returns the pre-step mean LL."""
     pc.zero_flows()
     total = 0.0
-    batches = _batches(data.shape[0], batch_size, False, pc.device)
+    batches = _batches(data.shape[0], batch_size, False)
     for b, idx in enumerate(batches):
         total += pc.accumulate_flows(data[idx].to(pc.device), validate=False).double().sum().item()
         _emit(callback, pc, {"type": "batch", "epoch": epoch, "batch": b + 1, "num_batches": len(batches),
