@@ -186,7 +186,9 @@ class CompiledCircuit(torch.nn.Module):
                 for pt in self.parts[below.index]:
                     self.backend.prod_forward(pt, node_mars, element_mars)
             _, lo, hi = below.writes
-            element_flows[lo:hi].zero_()
+            overwrites = getattr(self.backend, "overwrites_element_flows", None)
+            if overwrites is None or not overwrites(self.parts[layer.index]):
+                element_flows[lo:hi].zero_()
             with self._span(layer, "backward"):
                 for pt in self.parts[layer.index]:
                     self.backend.sum_backward(pt, self.params, element_mars, node_mars, node_flows, element_flows, param_flows)

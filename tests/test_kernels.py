@@ -107,6 +107,23 @@ def test_bernoulli_gaussian_sparse_and_edges():
     assert "sum_sparse" in kernels and "sum_block" in kernels
 
 
+@pytest.mark.parametrize("group_cols", [16, 32, 64])
+def test_grouped_child_tiles_match_torch(group_cols):
+    """Child tiles taken G at a time (width 3 and 2, G of 1, 2 and 4: masked tails), children shared by
+    parents of different partitions and layers, parent groups in the element-flow kernel."""
+    xs = [inputs(v, 16, Categorical(5)) for v in range(4)]
+    ys = [inputs(v, 16, Categorical(5)) for v in range(2)]
+    p1, p2, p3 = multiply(xs[0], xs[1]), multiply(ys[0], ys[1]), multiply(xs[0], ys[1])
+    s = summate(p1, p2, p3, num_nodes=32, block_size=16)  # width 3
+    s2 = summate(p1, p2, num_nodes=16, block_size=16)  # width 2, same children as s
+    t = summate(multiply(xs[2], xs[3]), num_nodes=32, block_size=16)
+    t2 = summate(multiply(xs[2], xs[3]), num_nodes=16, block_size=16)
+    root = summate(multiply(s, t), multiply(s2, t2), num_nodes=1)
+    x, m = _data([Categorical(5)] * 4, 20)
+    _compare(root, x.long(), m, opts=KernelOptions(block_b=16, prod_rows=16, sparse_children=16,
+                                                   input_nodes=16, group_cols=group_cols))
+
+
 @pytest.mark.parametrize("precision,tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 3e-3), ("bf16", 2e-2)])
 def test_sum_forward_precisions(precision, tol):
     """One tiled partition on random log-values (with -inf padding rows) against float64 PyTorch."""

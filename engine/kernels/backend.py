@@ -84,6 +84,11 @@ def _input_em_update(dist, params, stats, step_size, pseudocount, *, opts):
     return inputs.input_em_update(dist, params, stats, step_size, pseudocount, opts)
 
 
+def _overwrites_element_flows(pts) -> bool:
+    """True when the layer's one partition writes every element-flow row below it (no zeroing needed)."""
+    return len(pts) == 1 and getattr(pts[0], "sole_writer", False)
+
+
 def make_backend(opts: KernelOptions = KernelOptions()) -> SimpleNamespace:
     ins = _InputKernels(opts)
     return SimpleNamespace(
@@ -97,10 +102,23 @@ def make_backend(opts: KernelOptions = KernelOptions()) -> SimpleNamespace:
         input_forward=ins.forward,
         input_stats=ins.stats,
         input_em_update=partial(_input_em_update, opts=opts),
+        overwrites_element_flows=_overwrites_element_flows,
     )
 
 
 TRITON_BACKEND = make_backend()
+
+
+def _mark_sole_writer(layer, below, pts) -> None:
+    """A sum layer of one tiled partition whose child blocks tile the product layer's rows exactly."""
+    if len(pts) != 1 or pts[0].kernel != "sum_block" or below.kind != "product":
+        return
+    pt = pts[0]
+    _, lo, hi = below.writes
+    cb = pt.cblocks.cpu()
+    starts = torch.arange(lo, hi, pt.block_size)
+    pt.sole_writer = bool((hi - lo) % pt.block_size == 0 and cb.numel() == starts.numel()
+                          and torch.equal(torch.sort(cb).values, starts))
 
 
 def prepare_partitions(plan, parts, device) -> None:
@@ -117,9 +135,12 @@ def prepare_partitions(plan, parts, device) -> None:
                 pt.node_rows, pt.child_rows = long(p.node_rows), long(p.child_rows)
                 cb, ptr, pi, pk = sum_block.child_major_blocks(pt.child_rows, PAD_ROWS)
                 pt.cblocks, pt.cptr, pt.par_i, pt.par_k = long(cb), long(ptr), long(pi), long(pk)
+                pt.max_parents = int((ptr[1:] - ptr[:-1]).max()) if len(cb) else 1
             elif p.kernel == "sum_sparse":
                 for k, v in sum_sparse.sparse_edges(pt, PAD_ROWS).items():
                     setattr(pt, k, long(v))
+        if layer.kind == "sum" and layer.index > 0:
+            _mark_sole_writer(layer, plan.layers[layer.index - 1], parts[layer.index])
 
 
 def _prepare_product_layer(pts, long) -> None:

@@ -190,13 +190,13 @@ def input_stats(dist, stats, params, vars_, xt, mt, flows, segs, opts: KernelOpt
     N, B = flows.shape
     if isinstance(dist, Categorical):
         C = dist.num_cats
-        CC = max(16, min(128, triton.next_power_of_2(C)))
+        CC = max(16, min(opts.stats_cats, triton.next_power_of_2(C)))
         nct = triton.cdiv(C, CC)
         starts, lens, svars = segs
         prec = "ieee" if opts.precision == "ieee" else "tf32x3"
         _categorical_stats_kernel[(starts.numel() * nct,)](
             stats, params, xt, mt, flows, starts, lens, svars, B, C, nct,
-            BN=opts.input_nodes, CC=CC, BB=32, PREC=prec, num_warps=opts.num_warps,
+            BN=opts.input_nodes, CC=CC, BB=opts.stats_block_b, PREC=prec, num_warps=opts.num_warps,
         )
     else:
         _small_stats_kernel[(triton.cdiv(N, opts.input_nodes),)](

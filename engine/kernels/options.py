@@ -27,11 +27,15 @@ class KernelOptions:
     prod_rows: int = 32  # product rows per program
     sparse_children: int = 32  # children per step in the sparse sum kernel
     input_nodes: int = 32  # input nodes per program
+    group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
+    stats_block_b: int = 32  # batch columns per step of the categorical statistics kernel
+    stats_cats: int = 128  # categories per program of the categorical statistics kernel
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("block_b", "prod_rows", "sparse_children", "input_nodes"):
+        for name in ("block_b", "prod_rows", "sparse_children", "input_nodes", "group_cols", "stats_block_b",
+                     "stats_cats"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")

@@ -5,14 +5,23 @@ a partition's params `W: [nb, bs, width * bs]` at `param_offset` of the flat vec
 [nb, width]` first element row of each child block (padding -> row 0, which is -inf), `node_rows:
 [nb]` first node row of each node block.
 
-Three kernels, one launcher each, and the reference they are tested against is the same-named
-function in torch_ops:
-- forward: log-sum-exp as an *online* max-shift over the width child blocks (one read of each child
-  tile), exp, matmul with the weight tile, log.
+A node block's `width` child tiles are taken G at a time (G = group_cols // bs, see `group_size`):
+one `[bs, G*bs]` weight slab against `[G*bs, BB]` gathered child rows is one larger, better-fed
+tl.dot instead of G small ones, and the loop runs G times fewer steps.
+
+Four kernels, and the reference they are tested against is the same-named function in torch_ops:
+- forward: log-sum-exp as an *online* max-shift over the child groups (one read of each child
+  tile), exp, matmul with the weight slab, log.
+- node scale (backward, once per partition): `a = exp(log f - v - mu)` with `mu` the per-column max
+  over the node block, written to a scratch `[nb * bs, B]` (+ `mu: [nb, B]`): both flow kernels read
+  it instead of re-deriving it from values and flows for every child tile (one read, no log/exp).
 - element flows: *child-major* (a CSR of (node block, k) parents per child block built from the plan),
-  so every child tile is written by exactly one program: no atomics, deterministic.
-- parameter flows: one program per (node block, child block) tile reduces over the whole batch with
-  tl.dot, then adds `W * acc` into the parameter flows.
+  so every child tile is written by exactly one program: no atomics, deterministic. G parents at a
+  time, rescaled to an online common max. A partition that is the only reader of every row of the product
+  layer below (`sole_writer`, see backend.prepare_partitions) stores its flows outright: the layer's
+  rows need no zeroing and no read-back.
+- parameter flows: one program per (node block, group of G child blocks) reduces over the whole
+  batch with tl.dot, then adds `W * acc` into the parameter flows.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ NEG_INF = float("-inf")
 
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
+
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
     """a @ b in float32 accumulation; PREC picks tf32x3 / ieee / tf32 / bf16 operands."""
@@ -37,40 +47,28 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _node_scale(nmars, nflows, n0, B, offs_b, bmask, BS: tl.constexpr):
-    """For node block rows n0..n0+BS: a = exp(u - mu), u = log f - v, mu = max_n u (finite or 0).
-
-    Reads 2 * BS * BB floats (values and flows of the node block)."""
-    r = tl.arange(0, BS)
-    ptr = (n0 + r)[:, None] * B + offs_b[None, :]
-    v = tl.load(nmars + ptr, mask=bmask[None, :], other=0.0)
-    f = tl.load(nflows + ptr, mask=bmask[None, :], other=0.0)
-    ninf = tl.full(f.shape, float("-inf"), tl.float32)  # a python -inf in where() becomes fp64 on 3.6
-    u = tl.where(f > 0, tl.log(tl.maximum(f, TINY)) - v, ninf)
-    mu = tl.max(u, 0)
-    mu = tl.where(mu == float("-inf"), 0.0, mu)
-    return tl.exp(u - mu[None, :]), mu
-
-
-@triton.jit
 def _sum_fwd_block_kernel(prm, emars, nmars, node_rows, child_rows, B, W, param_off, num_bt,
-                          BS: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr):
+                          BS: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     i = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
     bmask = offs_b < B
     r = tl.arange(0, BS)
+    q = tl.arange(0, G * BS)  # column of the weight slab = (child block k0 + q // BS, child q % BS)
     wbase = prm + param_off + i.to(tl.int64) * BS * W * BS
     m = tl.full([BB], float("-inf"), tl.float32)
     acc = tl.zeros([BS, BB], dtype=tl.float32)
-    for k in range(W):
-        c0 = tl.load(child_rows + i * W + k)
-        # read BS * BB child values, once
-        el = tl.load(emars + (c0 + r)[:, None] * B + offs_b[None, :], mask=bmask[None, :], other=float("-inf"))
+    for k0 in range(0, W, G):
+        kk = k0 + q // BS
+        kmask = kk < W
+        c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
+        # read G * BS * BB child values, once
+        el = tl.load(emars + (c0 + q % BS)[:, None] * B + offs_b[None, :],
+                     mask=kmask[:, None] & bmask[None, :], other=float("-inf"))
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # read the BS x BS weight tile (L2-resident across the batch tiles of this node block)
-        w = tl.load(wbase + r[:, None] * (W * BS) + k * BS + r[None, :])
+        # the BS x G*BS weight slab (L2-resident across the batch tiles of this node block)
+        w = tl.load(wbase + r[:, None] * (W * BS) + (k0 * BS + q)[None, :], mask=kmask[None, :], other=0.0)
         acc = acc * tl.exp(m - m_safe)[None, :] + _mm(w, tl.exp(el - m_safe[None, :]), PREC)
         m = m_new
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -80,61 +78,110 @@ def _sum_fwd_block_kernel(prm, emars, nmars, node_rows, child_rows, B, W, param_
 
 
 @triton.jit
-def _sum_bwd_elem_block_kernel(prm, emars, nmars, nflows, eflows, node_rows, cblocks, ptr, par_i, par_k,
+def _node_scale_kernel(nmars, nflows, node_rows, scale, mus, B, num_bt, BS: tl.constexpr, BB: tl.constexpr):
+    """scale[i*BS + n] = exp(u - mu), u = log f - v, mu = max_n u (finite or 0); mus[i] = mu."""
+    pid = tl.program_id(0)
+    i = pid // num_bt
+    offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
+    bmask = offs_b < B
+    r = tl.arange(0, BS)
+    n0 = tl.load(node_rows + i)
+    ptr = (n0 + r)[:, None] * B + offs_b[None, :]
+    v = tl.load(nmars + ptr, mask=bmask[None, :], other=0.0)
+    f = tl.load(nflows + ptr, mask=bmask[None, :], other=0.0)
+    ninf = tl.full(f.shape, float("-inf"), tl.float32)  # a python -inf in where() becomes fp64 on 3.6
+    u = tl.where(f > 0, tl.log(tl.maximum(f, TINY)) - v, ninf)
+    mu = tl.max(u, 0)
+    mu = tl.where(mu == float("-inf"), 0.0, mu)
+    tl.store(scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :], tl.exp(u - mu[None, :]),
+             mask=bmask[None, :])
+    tl.store(mus + i.to(tl.int64) * B + offs_b, mu, mask=bmask)
+
+
+@triton.jit
+def _sum_bwd_elem_block_kernel(prm, emars, scale, mus, eflows, cblocks, ptr, par_i, par_k,
                                B, W, param_off, num_bt,
-                               BS: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr):
+                               BS: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr,
+                               ACCUM: tl.constexpr):
     pid = tl.program_id(0)
     c = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
     bmask = offs_b < B
     r = tl.arange(0, BS)
+    q = tl.arange(0, G * BS)  # (parent slot q // BS, its node q % BS)
     c0 = tl.load(cblocks + c)
     start = tl.load(ptr + c)
     end = tl.load(ptr + c + 1)
+    g = tl.arange(0, G)
     big_m = tl.full([BB], float("-inf"), tl.float32)
     acc = tl.zeros([BS, BB], dtype=tl.float32)
-    for e in range(start, end):  # every parent (node block i, slot k) of this child block
-        i = tl.load(par_i + e)
-        k = tl.load(par_k + e)
-        a, mu = _node_scale(nmars, nflows, tl.load(node_rows + i), B, offs_b, bmask, BS)
-        w = tl.load(prm + param_off + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + k * BS + r[None, :])
-        s = _mm(tl.trans(w), a, PREC)  # [child j, batch]
-        m_new = tl.maximum(big_m, mu)
-        acc = acc * tl.exp(big_m - m_new)[None, :] + s * tl.exp(mu - m_new)[None, :]
+    for e0 in range(start, end, G):  # G parents (node block i, slot k) of this child block at a time
+        # their node-block maxima [G, BB], folded into an online common max (as the forward pass)
+        gmask = (e0 + g) < end
+        ig = tl.load(par_i + e0 + g, mask=gmask, other=0)
+        mu = tl.load(mus + ig[:, None] * B + offs_b[None, :], mask=gmask[:, None] & bmask[None, :],
+                     other=float("-inf"))
+        m_new = tl.maximum(big_m, tl.max(mu, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.reshape(tl.broadcast_to(tl.exp(mu - m_safe[None, :])[:, None, :], (G, BS, BB)), (G * BS, BB))
+        eq = e0 + q // BS
+        emask = eq < end
+        iq = tl.load(par_i + eq, mask=emask, other=0)
+        kq = tl.load(par_k + eq, mask=emask, other=0)
+        a = tl.load(scale + (iq * BS + q % BS)[:, None] * B + offs_b[None, :],
+                    mask=emask[:, None] & bmask[None, :], other=0.0) * rescale
+        # W^T slab [child j, parent node q]: W_i[q % BS, k * BS + j]
+        wt = tl.load(prm + param_off + (iq * BS * W * BS + (q % BS) * (W * BS) + kq * BS)[None, :] + r[:, None],
+                     mask=emask[None, :], other=0.0)
+        acc = acc * tl.exp(big_m - m_safe)[None, :] + _mm(wt, a, PREC)  # [child j, batch]
         big_m = m_new
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
     optr = (c0 + r)[:, None] * B + offs_b[None, :]
     el = tl.load(emars + optr, mask=bmask[None, :], other=float("-inf"))
     contrib = tl.exp(tl.log(acc) + el + big_m[None, :])
-    # read-modify-write BS * BB flows: partitions of one layer may share children (run in sequence)
-    old = tl.load(eflows + optr, mask=bmask[None, :], other=0.0)
-    tl.store(eflows + optr, old + contrib, mask=bmask[None, :])
+    if ACCUM:  # read-modify-write: partitions of one layer may share children (run in sequence)
+        contrib += tl.load(eflows + optr, mask=bmask[None, :], other=0.0)
+    tl.store(eflows + optr, contrib, mask=bmask[None, :])
 
 
 @triton.jit
-def _sum_bwd_param_block_kernel(prm, pflows, emars, nmars, nflows, node_rows, child_rows, B, W, param_off,
-                                BS: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr, EXP_CLAMP: tl.constexpr):
+def _sum_bwd_param_block_kernel(prm, pflows, emars, scale, mus, child_rows, B, W, param_off, num_kg,
+                                BS: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr,
+                                EXP_CLAMP: tl.constexpr):
     pid = tl.program_id(0)
-    i = pid // W
-    k = pid % W
-    c0 = tl.load(child_rows + i * W + k)
-    if c0 > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
+    i = pid // num_kg
+    k0 = (pid % num_kg) * G
+    q = tl.arange(0, G * BS)
+    kk = k0 + q // BS
+    kmask = kk < W
+    c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
+    if tl.max(c0, 0) > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
         r = tl.arange(0, BS)
-        n0 = tl.load(node_rows + i)
-        acc = tl.zeros([BS, BS], dtype=tl.float32)
+        crow = (c0 + q % BS)[:, None] * B
+        srow = (i * BS + r).to(tl.int64)[:, None] * B
+        acc = tl.zeros([BS, G * BS], dtype=tl.float32)
         for b0 in range(0, B, BB):
             offs_b = b0 + tl.arange(0, BB)
             bmask = offs_b < B
-            a, mu = _node_scale(nmars, nflows, n0, B, offs_b, bmask, BS)
-            el = tl.load(emars + (c0 + r)[:, None] * B + offs_b[None, :], mask=bmask[None, :], other=float("-inf"))
+            a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
+            mu = tl.load(mus + i.to(tl.int64) * B + offs_b, mask=bmask, other=0.0)
+            el = tl.load(emars + crow + offs_b[None, :], mask=kmask[:, None] & bmask[None, :], other=float("-inf"))
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
-            acc += _mm(a, tl.trans(e), PREC)  # [node n, child j], reduced over the batch
-        wptr = param_off + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + k * BS + r[None, :]
-        w = tl.load(prm + wptr)
-        # read-modify-write one BS x BS tile of parameter flows
-        tl.store(pflows + wptr, tl.load(pflows + wptr) + w * acc)
+            acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
+        wptr = param_off + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
+        w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
+        # read-modify-write one BS x G*BS slab of parameter flows
+        tl.store(pflows + wptr, tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
+                 mask=kmask[None, :])
 
 
 # ----------------------------------------------------------------------------------- launchers
+def group_size(block_size: int, width: int, group_cols: int) -> int:
+    """Child blocks per step: group_cols // bs, a power of two, at most width rounded up, at least 1."""
+    g = max(1, group_cols // block_size)
+    return min(g, triton.next_power_of_2(max(1, width)))
+
+
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
     """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition."""
     B = element_mars.shape[1]
@@ -142,25 +189,35 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
     grid = (pt.num_node_blocks * nbt,)
     _sum_fwd_block_kernel[grid](
         params, element_mars, node_mars, pt.node_rows, pt.child_rows, B, pt.width, pt.param_offset, nbt,
-        BS=pt.block_size, BB=opts.block_b, PREC=opts.precision, num_warps=opts.num_warps,
+        BS=pt.block_size, BB=opts.block_b, G=group_size(pt.block_size, pt.width, opts.group_cols),
+        PREC=opts.precision, num_warps=opts.num_warps,
     )
 
 
 def sum_backward_block(pt, params, element_mars, node_mars, node_flows, element_flows, param_flows,
                        opts: KernelOptions, exp_clamp: float) -> None:
-    """Element flows (child-major, no atomics) then parameter flows (tile reduction over the batch)."""
+    """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch)."""
     B = element_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
+    bs, nb = pt.block_size, pt.num_node_blocks
+    scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
+    mus = torch.empty(nb, B, device=element_mars.device, dtype=element_mars.dtype)
+    _node_scale_kernel[(nb * nbt,)](node_mars, node_flows, pt.node_rows, scale, mus, B, nbt,
+                                    BS=bs, BB=opts.block_b, num_warps=opts.num_warps)
     nc = pt.cblocks.shape[0]
     if nc:
+        max_par = getattr(pt, "max_parents", pt.width)
         _sum_bwd_elem_block_kernel[(nc * nbt,)](
-            params, element_mars, node_mars, node_flows, element_flows, pt.node_rows, pt.cblocks, pt.cptr,
+            params, element_mars, scale, mus, element_flows, pt.cblocks, pt.cptr,
             pt.par_i, pt.par_k, B, pt.width, pt.param_offset, nbt,
-            BS=pt.block_size, BB=opts.block_b, PREC=opts.precision, num_warps=opts.num_warps,
+            BS=bs, BB=opts.block_b, G=group_size(bs, max_par, opts.group_cols), PREC=opts.precision,
+            ACCUM=not getattr(pt, "sole_writer", False), num_warps=opts.num_warps,
         )
-    _sum_bwd_param_block_kernel[(pt.num_node_blocks * pt.width,)](
-        params, param_flows, element_mars, node_mars, node_flows, pt.node_rows, pt.child_rows, B, pt.width,
-        pt.param_offset, BS=pt.block_size, BB=opts.block_b, PREC=opts.precision, EXP_CLAMP=exp_clamp,
+    g = group_size(bs, pt.width, opts.group_cols)
+    nkg = triton.cdiv(pt.width, g)
+    _sum_bwd_param_block_kernel[(nb * nkg,)](
+        params, param_flows, element_mars, scale, mus, pt.child_rows, B, pt.width,
+        pt.param_offset, nkg, BS=bs, BB=opts.block_b, G=g, PREC=opts.precision, EXP_CLAMP=exp_clamp,
         num_warps=opts.num_warps,
     )
 

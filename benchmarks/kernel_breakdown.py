@@ -1,0 +1,134 @@
+"""Where one training step's GPU time goes, per kernel, for kernel-option variants (no PyJuice).
+
+    python benchmarks/kernel_breakdown.py --configs pd:128 hclt:512 \
+        --variants default num_warps=8 --out $OUT/breakdown.json
+
+Per configuration and variant: the graph-captured step (forward + flows + mini-batch EM, batch 512,
+60,000 MNIST-shaped samples as in vs_pyjuice.py) in ms a batch (median of 3 runs of 20 batches),
+and one eager step under `torch.profiler`, its CUDA kernel time summed by kernel name. A variant is
+`default` or comma-separated `KernelOptions` fields (`num_warps=8,block_b=32`). Used to pick what to
+optimise and to A/B a kernel change before the side-by-side run; prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+import engine  # noqa: E402
+from engine.data import mnist_like  # noqa: E402
+from engine.dists import Categorical  # noqa: E402
+from engine.kernels import KernelOptions  # noqa: E402
+from engine.kernels.graph import CapturedStep  # noqa: E402
+
+BATCH, STEP, PSEUDO = 512, 0.1, 0.1
+
+
+def parse_variant(text: str) -> KernelOptions:
+    if text == "default":
+        return KernelOptions()
+    kw = {}
+    for part in text.split(","):
+        key, val = part.split("=")
+        kw[key] = val if key == "precision" else int(val)
+    return KernelOptions(**kw)
+
+
+def build(kind: str, nl: int, data):
+    if kind == "hclt":
+        return engine.structures.hclt(data[:20000].long(), nl, input_dist=Categorical(256), device="cuda")
+    return engine.structures.pd((28, 28), nl, (4, 4), input_dist=Categorical(256))
+
+
+def time_graph(step, data, n=20, repeats=3) -> float:
+    xs = [data[i * BATCH : (i + 1) * BATCH].long() for i in range(n)]
+    for x in xs[:3]:
+        step(x)
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for x in xs:
+            step(x)
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / n)
+    return statistics.median(out)
+
+
+def kernel_table(pc, data) -> dict[str, dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = data[:BATCH].long()
+    for _ in range(2):
+        pc.zero_flows()
+        pc.accumulate_flows(x, validate=False)
+        pc.em_step(STEP, PSEUDO)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pc.zero_flows()
+        pc.accumulate_flows(x, validate=False)
+        pc.em_step(STEP, PSEUDO)
+        torch.cuda.synchronize()
+    rows: dict[str, dict] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if us <= 0:
+            continue
+        name = ev.key if len(ev.key) < 60 else ev.key[:57] + "..."
+        rows[name] = {"ms": us / 1e3, "calls": ev.count}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="+", default=["pd:128", "hclt:512"])
+    ap.add_argument("--variants", nargs="+", default=["default"])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    data = mnist_like(60000).to(torch.uint8).cuda()
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "batch_size": BATCH, "results": []}
+    print({k: v for k, v in info.items() if k != "results"}, flush=True)
+    for spec in args.configs:
+        kind, nl = spec.split(":")
+        root = build(kind, int(nl), data)
+        for variant in args.variants:
+            opts = parse_variant(variant)
+            row = {"config": spec, "variant": variant}
+            try:
+                pc = engine.compile(root, device="cuda", kernel_options=opts)
+                step = CapturedStep(pc, BATCH, em=(STEP, PSEUDO))
+                row["graph_ms_per_batch"] = time_graph(step, data)
+                row["graph_captured"] = step.captured
+                del step
+                row["kernels"] = kernel_table(pc, data)
+                row["eager_kernel_ms"] = sum(r["ms"] for r in row["kernels"].values())
+            except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
+                row["error"] = f"{type(err).__name__}: {err}"
+            info["results"].append(row)
+            print(f"\n{spec} [{variant}]: " + (row.get("error") or
+                  f"graph {row['graph_ms_per_batch']:.2f} ms/batch, eager kernels {row['eager_kernel_ms']:.2f} ms"),
+                  flush=True)
+            for name, r in list(row.get("kernels", {}).items())[:12]:
+                print(f"  {r['ms']:8.3f} ms {r['calls']:5d}x  {name}")
+            pc = step = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(info, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
