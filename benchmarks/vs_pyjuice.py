@@ -156,6 +156,7 @@ def run_system(name, kind, nl, data_u8, data_gpu, epochs, batches, juice=None, o
         t = pj_epoch(pc, sub, perm) if juice else ours_epoch(pc, step, sub, perm)
         if e == 0:
             res["warmup_s"] = t
+            res["ll_after_warmup"] = pj_ll(pc, data_u8) if juice else ours_ll(pc, data_u8)
         else:
             times.append(t)
     scale = data_u8.shape[0] / sub.shape[0]

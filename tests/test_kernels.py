@@ -107,6 +107,33 @@ def test_bernoulli_gaussian_sparse_and_edges():
     assert "sum_sparse" in kernels and "sum_block" in kernels
 
 
+def test_input_segments_follow_the_tensor_not_its_address():
+    """Regression: segments were cached by vars_.data_ptr(), so a later circuit whose vars_ landed at
+    a recycled address got the earlier circuit's variable segments (wrong statistics, bad EM)."""
+    from engine.kernels.backend import make_backend
+
+    be, dist = make_backend(OPTS), Categorical(5)
+    n, bsz = 8, 6
+    params = torch.rand(n, 5)
+    params /= params.sum(1, keepdim=True)
+    x, miss = torch.randint(0, 5, (bsz, 2)), torch.zeros(bsz, 2, dtype=torch.bool)
+    flows = torch.rand(n, bsz)
+
+    def stats(vars_):
+        cache = be.input_forward(dist, params, vars_, x, miss, torch.empty(n, bsz))
+        out = torch.zeros(n, 5)
+        be.input_stats(dist, out, params, vars_, cache, flows)
+        return out
+
+    buf = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    stats(buf)
+    buf.copy_(torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]))
+    again = buf.view(-1)  # a new tensor at the same address, as after the allocator recycles it
+    ref = torch.zeros(n, 5)
+    dist.accumulate_stats(ref, params, x[:, again].T, miss[:, again].T, flows)
+    assert torch.allclose(stats(again), ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("group_cols", [16, 32, 64])
 def test_grouped_child_tiles_match_torch(group_cols):
     """Child tiles taken G at a time (width 3 and 2, G of 1, 2 and 4: masked tails), children shared by

@@ -12,6 +12,7 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from engine.compiler.plan import PAD_ROWS
 from engine.executor import torch_ops
@@ -56,7 +57,9 @@ class _InputKernels:
 
     def __init__(self, opts: KernelOptions):
         self.opts = opts
-        self._segments: dict[int, tuple] = {}
+        # per vars_ tensor object, dropped with it: a data_ptr key was reused by the next circuit's
+        # tensor at the same address (the allocator recycles it) and gave it another circuit's segments
+        self._segments = WeakTensorKeyDictionary()
 
     def forward(self, dist, params, vars_, x, missing, out):
         """Writes `out: [N, B]`; returns the cache that `stats` needs."""
@@ -73,11 +76,11 @@ class _InputKernels:
         if how == "torch":
             dist.accumulate_stats(stats, params, a.long() if dist.discrete else a, b, flows)
             return
-        key = vars_.data_ptr()
-        if key not in self._segments:
-            segs = inputs.segments(vars_, self.opts.input_nodes)
-            self._segments[key] = tuple(t.to(vars_.device) for t in segs)
-        inputs.input_stats(dist, stats, params, vars_, a, b, flows, self._segments[key], self.opts)
+        segs = self._segments.get(vars_)
+        if segs is None:
+            segs = tuple(t.to(vars_.device) for t in inputs.segments(vars_, self.opts.input_nodes))
+            self._segments[vars_] = segs
+        inputs.input_stats(dist, stats, params, vars_, a, b, flows, segs, self.opts)
 
 
 def _input_em_update(dist, params, stats, step_size, pseudocount, *, opts):
