@@ -35,6 +35,7 @@ from engine.data import mnist_like  # noqa: E402
 from engine.dists import Categorical  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.graph import CapturedStep  # noqa: E402
+from engine.kernels.sum_block import forward_batch_tile  # noqa: E402
 from engine.profiler import DEFAULT_EVERY  # noqa: E402
 
 BATCH, STEP, PSEUDO = 512, 0.1, 0.1
@@ -209,7 +210,8 @@ def profile_overhead(pc, sub, n=60):
     fwd_ms = summ.get((big.index, "forward"))
     bwd_ms = summ.get((big.index, "backward"))
     flops_f = big.flops * BATCH
-    bb = pc.backend.options.block_b
+    nb = sum(p.num_node_blocks for p in big.partitions)
+    bb = forward_batch_tile(nb, BATCH, pc.backend.options.fwd_block_b, pc.device)  # the forward's batch tile
     bytes_f = big.bytes * BATCH + big.param_bytes * max(1, BATCH // bb)  # params re-read per batch tile
     return {"graph_off_s_per_batch": off / n, "graph_profiled_s_per_batch": on / n,
             "overhead_pct": 100 * (on - off) / off, "profile_every": DEFAULT_EVERY,

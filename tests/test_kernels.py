@@ -24,7 +24,7 @@ from engine.nodes import inputs, multiply, summate  # noqa: E402
 from engine.structures import hclt_from_tree, pd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-OPTS = KernelOptions(block_b=16, prod_rows=16, sparse_children=16, input_nodes=16)
+OPTS = KernelOptions(block_b=16, fwd_block_b=16, elem_block_b=16, prod_rows=16, sparse_children=16, input_nodes=16)
 
 
 def _data(dists, n, missing_rate=0.2):
@@ -134,6 +134,16 @@ def test_input_segments_follow_the_tensor_not_its_address():
     assert torch.allclose(stats(again), ref, atol=1e-5)
 
 
+def test_forward_batch_tile_shrinks_for_small_partitions():
+    from engine.kernels.sum_block import forward_batch_tile
+
+    cpu = torch.device("cpu")  # counted as 132 SMs: a partition wants >= 264 programs
+    assert forward_batch_tile(464, 512, 128, cpu) == 128  # PD-128's large layers: wide tiles
+    assert forward_batch_tile(40, 512, 128, cpu) == 64
+    assert forward_batch_tile(16, 512, 128, cpu) == 32  # HCLT-512's layers: never below 32
+    assert forward_batch_tile(16, 20, 16, cpu) == 16  # never above the option
+
+
 @pytest.mark.parametrize("group_cols", [16, 32, 64])
 def test_grouped_child_tiles_match_torch(group_cols):
     """Child tiles taken G at a time (width 3 and 2, G of 1, 2 and 4: masked tails), children shared by
@@ -148,7 +158,8 @@ def test_grouped_child_tiles_match_torch(group_cols):
     root = summate(multiply(s, t), multiply(s2, t2), num_nodes=1)
     x, m = _data([Categorical(5)] * 4, 20)
     _compare(root, x.long(), m, opts=KernelOptions(block_b=16, prod_rows=16, sparse_children=16,
-                                                   input_nodes=16, group_cols=group_cols))
+                                                   input_nodes=16, group_cols=group_cols,
+                                                   fwd_block_b=32, elem_block_b=16, stats_cats=16))
 
 
 @pytest.mark.parametrize("precision,tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 3e-3), ("bf16", 2e-2)])
@@ -172,7 +183,7 @@ def test_sum_forward_precisions(precision, tol):
     torch_ops.sum_forward(pt, params.double(), em.double(), ref)
     got = torch.full((1 + nb * bs, B), float("nan"))  # poisoned: every real row must be written
     got[0] = 0
-    sum_forward_block(pt, params, em, got, KernelOptions(precision=precision, block_b=16))
+    sum_forward_block(pt, params, em, got, KernelOptions(precision=precision, fwd_block_b=16))
     err = ((got.double() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(got).all() and err < tol, err
 

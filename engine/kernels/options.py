@@ -28,14 +28,16 @@ class KernelOptions:
     sparse_children: int = 32  # children per step in the sparse sum kernel
     input_nodes: int = 32  # input nodes per program
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
+    fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
+    elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     stats_block_b: int = 32  # batch columns per step of the categorical statistics kernel
-    stats_cats: int = 128  # categories per program of the categorical statistics kernel
+    stats_cats: int = 256  # categories per program of the categorical statistics kernel
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("block_b", "prod_rows", "sparse_children", "input_nodes", "group_cols", "stats_block_b",
-                     "stats_cats"):
+        for name in ("block_b", "prod_rows", "sparse_children", "input_nodes", "group_cols", "fwd_block_b", "elem_block_b",
+                     "stats_block_b", "stats_cats"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")

@@ -26,6 +26,8 @@ Four kernels, and the reference they are tested against is the same-named functi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -182,14 +184,33 @@ def group_size(block_size: int, width: int, group_cols: int) -> int:
     return min(g, triton.next_power_of_2(max(1, width)))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any fixed number
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch.device) -> int:
+    """Batch columns per forward program: `largest`, halved (not below 32) until the partition has
+    at least two programs per SM. Wide tiles re-read each weight slab fewer times (PD-128/256 on
+    H100: 128 beats 64), but a partition of few node blocks (HCLT-512: 16 a layer) then leaves most
+    SMs idle (there 32 beats 64 beats 128; benchmarks/kernel_breakdown.py)."""
+    target, bb = 2 * _sm_count(device), largest
+    while bb > 32 and num_node_blocks * triton.cdiv(B, bb) < target:
+        bb //= 2
+    return bb
+
+
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
     """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition."""
     B = element_mars.shape[1]
-    nbt = triton.cdiv(B, opts.block_b)
+    bb = forward_batch_tile(pt.num_node_blocks, B, opts.fwd_block_b, element_mars.device)
+    nbt = triton.cdiv(B, bb)
     grid = (pt.num_node_blocks * nbt,)
     _sum_fwd_block_kernel[grid](
         params, element_mars, node_mars, pt.node_rows, pt.child_rows, B, pt.width, pt.param_offset, nbt,
-        BS=pt.block_size, BB=opts.block_b, G=group_size(pt.block_size, pt.width, opts.group_cols),
+        BS=pt.block_size, BB=bb, G=group_size(pt.block_size, pt.width, opts.group_cols),
         PREC=opts.precision, num_warps=opts.num_warps,
     )
 
@@ -207,10 +228,11 @@ def sum_backward_block(pt, params, element_mars, node_mars, node_flows, element_
     nc = pt.cblocks.shape[0]
     if nc:
         max_par = getattr(pt, "max_parents", pt.width)
-        _sum_bwd_elem_block_kernel[(nc * nbt,)](
+        ebt = triton.cdiv(B, opts.elem_block_b)
+        _sum_bwd_elem_block_kernel[(nc * ebt,)](
             params, element_mars, scale, mus, element_flows, pt.cblocks, pt.cptr,
-            pt.par_i, pt.par_k, B, pt.width, pt.param_offset, nbt,
-            BS=bs, BB=opts.block_b, G=group_size(bs, max_par, opts.group_cols), PREC=opts.precision,
+            pt.par_i, pt.par_k, B, pt.width, pt.param_offset, ebt,
+            BS=bs, BB=opts.elem_block_b, G=group_size(bs, max_par, opts.group_cols), PREC=opts.precision,
             ACCUM=not getattr(pt, "sole_writer", False), num_warps=opts.num_warps,
         )
     g = group_size(bs, pt.width, opts.group_cols)
