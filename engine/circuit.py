@@ -31,6 +31,23 @@ TORCH_BACKEND = SimpleNamespace(
 )
 
 
+# Step buffers whose every read row is written first are allocated uninitialised (a memset of node
+# values, element values and element flows was ~0.7 GB a batch at PD-128). Tests set this to True:
+# such buffers are then filled with NaN, so a read of a row nobody wrote shows up as NaN.
+POISON_SCRATCH = False
+
+
+def _rows_written_by_layers(plan: LayerPlan) -> bool:
+    """True when input and sum layers write every node row except row 0 (the constant log 1)."""
+    covered = torch.zeros(plan.num_node_rows, dtype=torch.bool)
+    covered[0] = True
+    for layer in plan.layers:
+        buf, lo, hi = layer.writes
+        if buf == "node_mars":
+            covered[lo:hi] = True
+    return bool(covered.all())
+
+
 class CompiledCircuit(torch.nn.Module):
     """A compiled PC. `pc(x, missing)` -> log p(x) `[B]` in nats."""
 
@@ -59,6 +76,7 @@ class CompiledCircuit(torch.nn.Module):
         self.backend = TORCH_BACKEND
         self.profiler: LayerProfiler | None = None
         self._mars: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
         self.set_backend(backend, kernel_options)
@@ -85,6 +103,11 @@ class CompiledCircuit(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return self.params.device
+
+    def _scratch(self, rows: int, bsz: int) -> torch.Tensor:
+        """An uninitialised `[rows, bsz]` step buffer (NaN-filled under POISON_SCRATCH)."""
+        out = torch.empty(rows, bsz, device=self.device, dtype=self.params.dtype)
+        return out.fill_(float("nan")) if POISON_SCRATCH else out
 
     def input_params(self, i: int) -> torch.Tensor:
         return getattr(self, f"input_params_{i}")
@@ -142,10 +165,14 @@ class CompiledCircuit(torch.nn.Module):
         bsz = x.shape[0]
         if self.profiler is not None:
             self.profiler.start_batch()
-        node_mars = torch.zeros(self.plan.num_node_rows, bsz, device=self.device, dtype=self.params.dtype)
-        element_mars = torch.full(
-            (self.plan.num_element_rows, bsz), -torch.inf, device=self.device, dtype=self.params.dtype
-        )
+        if self._all_node_rows_written:
+            node_mars = self._scratch(self.plan.num_node_rows, bsz)
+            node_mars[0] = 0.0  # the constant log 1 that padded product slots read
+        else:
+            node_mars = torch.zeros(self.plan.num_node_rows, bsz, device=self.device, dtype=self.params.dtype)
+        # each sum layer reads only rows its product layer wrote, and the -inf padding rows
+        element_mars = self._scratch(self.plan.num_element_rows, bsz)
+        element_mars[:PAD_ROWS] = -torch.inf
         self._inputs_cache = []
         for layer in self.plan.layers:
             with self._span(layer, "forward"):
@@ -172,9 +199,13 @@ class CompiledCircuit(torch.nn.Module):
         if self._mars is None:
             raise RuntimeError("call forward (or accumulate_flows) before backward_flows")
         node_mars, element_mars = self._mars
-        node_flows = torch.zeros_like(node_mars)
+        if getattr(self.backend, "first_writes_node_flows", False):  # each row's first product layer stores
+            node_flows = self._scratch(*node_mars.shape)
+            node_flows[0] = 0.0
+        else:
+            node_flows = torch.zeros_like(node_mars)
         node_flows[self.plan.root_row] = 1.0
-        element_flows = torch.zeros_like(element_mars)
+        element_flows = self._scratch(*element_mars.shape)  # each layer's rows are zeroed or overwritten
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
         layers = self.plan.layers
         for li in range(len(layers) - 1, -1, -1):

@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _poison_step_buffers(monkeypatch) -> None:
+    """Uninitialised step buffers filled with NaN: a kernel or op reading a row nobody wrote fails."""
+    import engine.circuit
+
+    monkeypatch.setattr(engine.circuit, "POISON_SCRATCH", True)
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     """Seed Python, NumPy and torch before each test so any failure reproduces on its own."""
     random.seed(0)

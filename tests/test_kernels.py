@@ -134,6 +134,23 @@ def test_input_segments_follow_the_tensor_not_its_address():
     assert torch.allclose(stats(again), ref, atol=1e-5)
 
 
+def test_node_vector_under_products_of_two_layers_gets_both_flows():
+    """A sum vector that is a child of products in two product layers: the flows pass stores its
+    flows at the first (upper) layer and adds at the second; node_flows starts uninitialised."""
+    x = [inputs(v, 16, Categorical(5)) for v in range(4)]
+    s01 = summate(multiply(x[0], x[1]), num_nodes=16, block_size=16)
+    s2 = summate(multiply(x[2]), num_nodes=16, block_size=16)
+    s012 = summate(multiply(s01, s2), num_nodes=16, block_size=16)  # s01 under a lower product layer
+    s3 = summate(multiply(x[3]), num_nodes=16, block_size=16)
+    s23 = summate(multiply(s2, s3), num_nodes=16, block_size=16)
+    top = summate(multiply(s012, s3), multiply(s01, s23), num_nodes=16, block_size=16)  # and a higher one
+    root = summate(multiply(top), num_nodes=1)
+    xd, m = _data([Categorical(5)] * 4, 20)
+    pc = _compare(root, xd.long(), m)
+    firsts = [pt.flow_first for layer in pc.parts for pt in layer[:1] if hasattr(pt, "flow_first")]
+    assert any(bool((f == 0).any()) for f in firsts), "expected a node row reached by two product layers"
+
+
 def test_forward_batch_tile_shrinks_for_small_partitions():
     from engine.kernels.sum_block import forward_batch_tile
 

@@ -106,6 +106,7 @@ def make_backend(opts: KernelOptions = KernelOptions()) -> SimpleNamespace:
         input_stats=ins.stats,
         input_em_update=partial(_input_em_update, opts=opts),
         overwrites_element_flows=_overwrites_element_flows,
+        first_writes_node_flows=True,
     )
 
 
@@ -122,6 +123,19 @@ def _mark_sole_writer(layer, below, pts) -> None:
     starts = torch.arange(lo, hi, pt.block_size)
     pt.sole_writer = bool((hi - lo) % pt.block_size == 0 and cb.numel() == starts.numel()
                           and torch.equal(torch.sort(cb).values, starts))
+
+
+def mark_first_flow_writers(plan, parts, device) -> None:
+    """Flag, per child-major row of each product layer, whether it is the first layer of the top-down
+    flows pass to reach that node row (it stores; later layers add). Every node row except row 0 and
+    the root is some product's child, so node_flows can start uninitialised."""
+    seen = torch.zeros(plan.num_node_rows, dtype=torch.bool)
+    for layer in sorted((lay for lay in plan.layers if lay.kind == "product" and parts[lay.index]),
+                        key=lambda lay: -lay.index):
+        first = parts[layer.index][0]
+        rows = first.flow_rows.cpu()
+        first.flow_first = (~seen[rows]).to(torch.uint8).to(device)
+        seen[rows] = True
 
 
 def prepare_partitions(plan, parts, device) -> None:
@@ -144,6 +158,7 @@ def prepare_partitions(plan, parts, device) -> None:
                     setattr(pt, k, long(v))
         if layer.kind == "sum" and layer.index > 0:
             _mark_sole_writer(layer, plan.layers[layer.index - 1], parts[layer.index])
+    mark_first_flow_writers(plan, parts, device)
 
 
 def _prepare_product_layer(pts, long) -> None:

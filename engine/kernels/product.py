@@ -4,7 +4,9 @@
   (PR rows, batch tile): reads width * PR * BB values, writes PR * BB.
 - flows: child-major (padded table of the product rows each child feeds, built from the plan), so
   each child row of node_flows is owned by one program: `node_flows[c] += sum element_flows[p]`;
-  reads deg * PR * BB flows, read-modify-writes PR * BB. No atomics.
+  reads deg * PR * BB flows, read-modify-writes PR * BB. No atomics. The first product layer (in
+  the top-down flows pass) that reaches a row stores instead (`flow_first`, see
+  backend.mark_first_flow_writers), so node_flows needs no zero-filled allocation.
 
 All partitions of one product layer run as one launch per pass (`merge_layer`: their rows
 concatenated, narrower ones padded with row 0, the constant log 1): HCLT-256 has 40 product layers
@@ -36,7 +38,7 @@ def _prod_fwd_kernel(nmars, emars, elem_rows, child_rows, N, B, W, num_bt, PR: t
 
 
 @triton.jit
-def _prod_bwd_kernel(eflows, nflows, crows, table, N, B, D, num_bt, PR: tl.constexpr, BB: tl.constexpr):
+def _prod_bwd_kernel(eflows, nflows, crows, table, first, N, B, D, num_bt, PR: tl.constexpr, BB: tl.constexpr):
     pid = tl.program_id(0)
     rows = (pid // num_bt) * PR + tl.arange(0, PR)
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -48,7 +50,9 @@ def _prod_bwd_kernel(eflows, nflows, crows, table, N, B, D, num_bt, PR: tl.const
         acc += tl.load(eflows + p[:, None] * B + offs_b[None, :], mask=m2 & (p >= 0)[:, None], other=0.0)
     c = tl.load(crows + rows, mask=rm, other=0)
     ptr = nflows + c[:, None] * B + offs_b[None, :]
-    tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + acc, mask=m2)
+    # a row's first product layer in the flows pass stores (node_flows starts uninitialised), later ones add
+    again = tl.load(first + rows, mask=rm, other=1) == 0
+    tl.store(ptr, tl.load(ptr, mask=m2 & again[:, None], other=0.0) + acc, mask=m2)
 
 
 def prod_forward(pt, node_mars, element_mars, opts: KernelOptions) -> None:
@@ -73,7 +77,7 @@ def prod_backward(pt, element_flows, node_flows, opts: KernelOptions) -> None:
     B = node_flows.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     _prod_bwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
-        element_flows, node_flows, pt.flow_rows, pt.parent_table, N, B, D, nbt,
+        element_flows, node_flows, pt.flow_rows, pt.parent_table, pt.flow_first, N, B, D, nbt,
         PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
     )
 
