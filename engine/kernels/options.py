@@ -4,7 +4,8 @@
 - "tf32x3" (default): each float32 operand split into a high and a low tf32 part, three MMAs;
   float32-level accuracy (measured relative error ~1e-6 to 1e-7, see benchmarks/README.md).
 - "ieee": plain float32 FMA, no tensor cores; the slowest, the exact float32 reference.
-- "tf32" / "bf16": opt-in, faster, less accurate (errors reported by benchmarks/check_kernels_gpu.py).
+- "tf32" / "bf16": opt-in, one MMA per product instead of three, less accurate (errors reported by
+  benchmarks/check_kernels_gpu.py; their epoch times are not yet measured: vs_pyjuice.py --extra-precision).
 """
 
 from __future__ import annotations
