@@ -13,6 +13,7 @@ import panel as pn
 
 from workbench.services import Services, get_services
 from workbench.state.session import SessionState
+from workbench.views._common import collapsing_tabs
 
 TITLE = "Circuit Workbench"
 INTRO = """Build a probabilistic circuit, see how it is compiled into block-sparse layers, train it
@@ -50,12 +51,25 @@ def create_views(session: SessionState) -> dict:
     }
 
 
+def follow_tabs(tabs: pn.Tabs, views: dict) -> None:
+    """Tell views with a `shown` parameter whether their tab is open, so hidden ones defer redraws."""
+
+    def show(active: int) -> None:
+        for i, view in enumerate(views.values()):
+            if "shown" in view.param:
+                view.shown = i == active
+
+    show(tabs.active)
+    tabs.param.watch(lambda e: show(e.new), "active")
+
+
 def create_app(services: Services | None = None) -> pn.template.BootstrapTemplate:
     """The whole workbench for one session."""
     configure_panel()
     session = SessionState(services or get_services())
     views = create_views(session)
-    tabs = pn.Tabs(*views.items(), dynamic=False, sizing_mode="stretch_width")
+    tabs = collapsing_tabs(*views.items(), sizing_mode="stretch_width")
+    follow_tabs(tabs, views)
     template = pn.template.BootstrapTemplate(
         title=TITLE,
         main=[tabs],

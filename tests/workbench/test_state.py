@@ -203,6 +203,32 @@ def test_data_upload_validates_without_unpickling(tmp_path):
     assert b.data.load() is None and b.data.error
 
 
+@pytest.mark.parametrize(
+    "save, filename, data",
+    [
+        (uploads.save_data_upload, "my data.csv", b"a,b\n0,nan\n1,0\n"),
+        (uploads.save_data_upload, "scores.npz", b"not a zip"),
+        (uploads.save_data_upload, "objects.npy", None),  # a pickled object array
+        (uploads.save_circuit_upload, "model.cwpc", b"junk"),
+        (uploads.save_circuit_upload, "model.zip", b"PK\x03\x04junk"),
+    ],
+    ids=["csv-nan", "npz-not-zip", "npy-pickle", "cwpc-junk", "zip-truncated"],
+)
+def test_upload_errors_name_the_uploaded_file(tmp_path, save, filename, data):
+    """Errors name the file as the user uploaded it, never the server's stored copy."""
+    import io
+
+    if data is None:
+        buf = io.BytesIO()
+        np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        data = buf.getvalue()
+    res = save(filename, data)
+    assert not res.ok
+    assert filename in res.error, res.error
+    assert str(uploads.upload_dir()) not in res.error and "uploads" not in res.error, res.error
+    assert list(uploads.upload_dir().iterdir()) == []  # the rejected file is not kept
+
+
 def test_run_state_folds_events_and_compare(tmp_path):
     store = RunStore(tmp_path / "s")
     rid = store.create({"circuit": {"source": "template", "template": "hclt"}, "dataset": "nltcs"}, name="a")

@@ -57,6 +57,14 @@ def _save(filename: str, data: bytes, suffixes: tuple[str, ...], max_bytes: int 
     return path
 
 
+def _as_uploaded(message: str, path: Path, filename: str) -> str:
+    """An error of the engine's readers, which name the stored file, with the name the user uploaded."""
+    shown = Path(filename).name or "the uploaded file"
+    for stored in dict.fromkeys((str(path), str(path.resolve()), path.name)):  # longest first
+        message = message.replace(stored, shown)
+    return message
+
+
 def save_data_upload(filename: str, data: bytes, max_bytes: int | None = None) -> UploadResult:
     """Store and validate an uploaded data file; the stored file is removed again if invalid."""
     try:
@@ -66,7 +74,7 @@ def save_data_upload(filename: str, data: bytes, max_bytes: int | None = None) -
     ds, err = load_data(str(path))
     if ds is None:
         path.unlink(missing_ok=True)
-        return UploadResult(error=err)
+        return UploadResult(error=_as_uploaded(err, path, filename))
     return UploadResult(path=str(path), summary=dataset_summary(ds))
 
 
@@ -80,7 +88,7 @@ def save_circuit_upload(filename: str, data: bytes, max_bytes: int | None = None
         root = load_circuit_file(path)
     except (ValueError, OSError, KeyError) as err:
         path.unlink(missing_ok=True)
-        return UploadResult(error=error_message(err))
+        return UploadResult(error=_as_uploaded(error_message(err), path, filename))
     return UploadResult(path=str(path), summary=describe(root))
 
 

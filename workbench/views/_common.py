@@ -8,6 +8,17 @@ KIND_COLORS = {"input": "#4c78a8", "product": "#f58518", "sum": "#54a24b", "reco
 PASS_COLORS = {"forward": "#4c78a8", "recompute": "#e45756", "backward": "#b279a2"}
 
 
+# Panel hides inactive tabs with `visibility: hidden`: each still takes room (a Tabs is as tall as its
+# tallest tab, which left a gap under the Build tab's short forms) and is styled and laid out again on
+# every update of the page (most of the browser's time while a run streams). Take them out of layout.
+COLLAPSE_HIDDEN_TABS = ':host > [aria-hidden="true"] { display: none; }'
+
+
+def collapsing_tabs(*items, **params) -> pn.Tabs:
+    """`pn.Tabs` whose hidden tabs take no room and no layout work (all rendered up front)."""
+    return pn.Tabs(*items, dynamic=False, stylesheets=[COLLAPSE_HIDDEN_TABS], **params)
+
+
 def learn(text: str) -> pn.pane.Markdown:
     """A short 'what this shows and why it matters' blurb shown at the top of a view."""
     return pn.pane.Markdown(text, css_classes=["cw-learn"], styles={"font-size": "0.95em"}, margin=(0, 10))

@@ -13,7 +13,7 @@ import panel as pn
 import param
 
 from workbench.state.circuit import BuildState
-from workbench.views._common import learn, set_status, status
+from workbench.views._common import collapsing_tabs, learn, set_status, status
 
 LEARN = """**Build a circuit.** A PC here is a DAG of *node vectors*: input vectors (leaves over one
 variable), product vectors (factorisations) and sum vectors (mixtures), each cut into *node blocks*.
@@ -41,7 +41,7 @@ class DataPicker(pn.viewable.Viewer):
         super().__init__(**params)
         data = self.build.data
         self.select = pn.widgets.Select(name="Dataset", options=data.choices(), value=data.dataset, width=180)
-        self.upload = pn.widgets.FileInput(accept=".npy,.npz,.csv", name="Upload data", width=220)
+        self.upload = pn.widgets.FileInput(accept=".npy,.npz,.csv", name="Upload data", width=280)
         self.info = pn.pane.Markdown("", margin=(5, 10))
         self.alert = status()
         self.select.param.watch(self._on_select, "value")
@@ -254,11 +254,10 @@ class BuilderView(pn.viewable.Viewer):
         self._show_template_params()
         self.composer = GraphComposer(build=self.build)
         self.importer = FileImport(build=self.build)
-        self.sources = pn.Tabs(
+        self.sources = collapsing_tabs(
             ("Template", pn.Column(self.template, self.template_params)),
             ("Compose", self.composer),
             ("Import", self.importer),
-            dynamic=False,
         )
         self.button = pn.widgets.Button(name="Build circuit", button_type="success", width=160)
         self.button.on_click(self._on_build)

@@ -7,10 +7,13 @@ milliseconds. `measured` ({(layer, pass): mean ms}) is set by the app from the t
 
 from __future__ import annotations
 
+import math
+
 import holoviews as hv
 import pandas as pd
 import panel as pn
 import param
+from bokeh.models import NumeralTickFormatter
 
 from workbench.state.plan import PlanState
 from workbench.views._common import KIND_COLORS, fmt_count, learn
@@ -55,6 +58,21 @@ def timeline(records: list[dict], key: str, title: str):
     )
 
 
+def log_ticks(lo: float, hi: float, max_ticks: int = 5) -> list[float]:
+    """At most `max_ticks` round tick positions (1, 2, 5 x 10^k) for a log axis over [lo, hi].
+
+    When the data spans less than a decade, Bokeh's log ticker falls back to ticks at every
+    1..9 x 10^k with long scientific labels ("4.000e+5") that run into each other.
+    """
+    lo, hi = max(float(lo), 1.0), max(float(hi), 1.0)
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for mantissas in ((1, 2, 5), (1, 3), (1,)):
+        ticks = [m * 10.0**k for k in decades for m in mantissas if lo / 2 <= m * 10.0**k <= hi * 2]
+        if len(ticks) <= max_ticks:
+            return ticks
+    return ticks[:: math.ceil(len(ticks) / max_ticks)]
+
+
 class ScheduleView(pn.viewable.Viewer):
     """Predicted / measured timelines of a training step and a per-layer cost table."""
 
@@ -66,7 +84,7 @@ class ScheduleView(pn.viewable.Viewer):
         super().__init__(**params)
         self.peak = pn.widgets.Select(
             name="Device model",
-            width=220,
+            width=300,
             options={
                 "this CPU (1e11 FLOP/s, 20 GB/s)": (1e11, 2e10, 5.0),
                 "H100 (5e13 FLOP/s, 3.35 TB/s)": (5e13, 3.35e12, 5.0),
@@ -140,6 +158,9 @@ class ScheduleView(pn.viewable.Viewer):
         )
 
     def _io_vs_compute(self, records: list[dict]):
+        """Forward layers by bytes moved and FLOPs (log-log). Short tick labels ("200k", "1.5m"), a
+        few per axis, so they do not run into each other when the data spans less than a decade;
+        the numbers of each layer are in its hover tooltip."""
         fwd = pd.DataFrame([r for r in records if r["pass"] == "forward"])
         fwd["flops"] = fwd["flops"].clip(lower=1)
         fwd["bytes"] = fwd["bytes"].clip(lower=1)
@@ -150,10 +171,14 @@ class ScheduleView(pn.viewable.Viewer):
             size=9,
             logx=True,
             logy=True,
+            xticks=log_ticks(fwd["bytes"].min(), fwd["bytes"].max()),
+            yticks=log_ticks(fwd["flops"].min(), fwd["flops"].max()),
+            xformatter=NumeralTickFormatter(format="0.[0]a"),
+            yformatter=NumeralTickFormatter(format="0.[0]a"),
             tools=["hover"],
             responsive=True,
             height=290,
-            legend_position="bottom_right",
+            legend_position="right",
             title="Compute vs IO per layer (forward, per batch)",
             xlabel="bytes moved",
             ylabel="FLOPs",

@@ -1,23 +1,25 @@
 """Train the built circuit in a worker process and watch it live.
 
 Start / pause / stop go to the shared `JobRunner`; a periodic callback pulls the job's new events into
-a `RunState` (one `param.update` per pull) and, only when something changed, pushes the new series to
-the plots' `Pipe` streams inside one held document update. Results stay in the run store.
+a `RunState` (one `param.update` per pull) and brings the progress line, the live plots (`LivePlots`:
+new points streamed, no figure rebuilt) and the tables up to date, each at its own pace (`PACE`),
+in one held document update. While the Train tab is hidden nothing is redrawn. Results stay in the
+run store.
 """
 
 from __future__ import annotations
 
 import time
+from html import escape
 
-import holoviews as hv
 import pandas as pd
 import panel as pn
 import param
-from holoviews.streams import Pipe
 
 from workbench.state.runs import RunState
 from workbench.state.session import SessionState
-from workbench.views._common import PASS_COLORS, fmt_bytes, learn, set_status, status
+from workbench.views._common import fmt_bytes, learn, set_status, status
+from workbench.views.live_plots import LivePlots
 
 LEARN = """**Train with EM.** Each mini-batch runs the forward pass (log-likelihoods), then the flows
 pass, whose accumulated *flows* give the EM update of every sum weight and input parameter. Training
@@ -25,70 +27,29 @@ runs in its own worker process (on the GPU when one is present), streaming per-l
 device memory a few times per second: watch which layers dominate a step, and how the likelihood on
 training and validation data improves per epoch."""
 
-POLL_MS = 300
-PLOT_MIN_S = 2.0  # seconds between plot redraws of a live run (measured: benchmarks/workbench_ui_metrics.py)
+POLL_MS = 500  # the progress line follows every poll: two updates a second
+# Seconds between redraws of each part while a run is live. Every redraw costs the browser style
+# and layout work that takes CPU from the worker on a small machine, and tables (Tabulator redraws
+# all rows on any change) cost the most (measured: benchmarks/workbench_ui_metrics.py).
+PACE = {"progress": 0.0, "plots": 2.0, "tables": 6.0}
 DEVICES = {"auto (GPU if present, else CPU)": "auto", "CPU": "cpu", "GPU (cuda)": "cuda"}
-LAYER_COLUMNS = ["layer", "kind", "pass", "ms", "calls"]
+# Table columns with their dtypes: the empty tables start with them, because a change of columns or
+# dtypes makes Tabulator rebuild itself and the browser lay out the whole page again
+LAYER_COLUMNS = {"layer": "int64", "kind": "object", "pass": "object", "ms": "float64", "calls": "int64"}
+EPOCH_COLUMNS = {
+    "epoch": "int64",
+    "train_ll": "float64",
+    "valid_ll": "float64",
+    "test_ll": "float64",
+    "seconds": "float64",
+}
 
 
-def _ll_plot(data: dict):
-    curves = [
-        hv.Curve((data["epoch"], data[k]), "epoch", "log-likelihood (nats)", label=label).opts(framewise=True)
-        for k, label in (("train_ll", "train"), ("valid_ll", "valid"))
-    ]
-    pts = [
-        hv.Scatter((data["epoch"], data[k]), "epoch", "log-likelihood (nats)", label=label).opts(
-            size=7, framewise=True
-        )
-        for k, label in (("train_ll", "train"), ("valid_ll", "valid"))
-    ]
-    return hv.Overlay(curves + pts).opts(
-        title="Log-likelihood per epoch",
-        responsive=True,
-        height=260,
-        legend_position="bottom_right",
-        framewise=True,
-    )
-
-
-def _batch_plot(data: dict):
-    return hv.Curve((data["step"], data["ll"]), "mini-batch", "batch log-likelihood").opts(
-        title="Mini-batch log-likelihood", responsive=True, height=260, color="#888", framewise=True
-    )
-
-
-def _layer_plot(data: list):
-    df = pd.DataFrame(data, columns=LAYER_COLUMNS)
-    df["layer"] = df["layer"].astype(str)
-    return hv.Bars(df, ["layer", "pass"], "ms").opts(
-        title="Per-layer time (ms per call, latest window)",
-        responsive=True,
-        height=260,
-        color="pass",
-        cmap=PASS_COLORS,
-        tools=["hover"],
-        framewise=True,
-        legend_position="top_left",
-        xrotation=90,
-        multi_level=False,
-    )
-
-
-def _memory_plot(data: dict):
-    t0 = data["t"][0] if data["t"] else 0
-    t = [x - t0 for x in data["t"]]
-    mib = {k: [v / 2**20 for v in data[k]] for k in ("allocated", "peak_allocated")}
-    return hv.Overlay(
-        [
-            hv.Curve((t, mib["allocated"]), "s", "MiB", label="in use").opts(framewise=True),
-            hv.Curve((t, mib["peak_allocated"]), "s", "MiB", label="peak").opts(framewise=True),
-        ]
-    ).opts(
-        title="Device memory (GPU; 0 on CPU)",
-        responsive=True,
-        height=260,
-        framewise=True,
-        legend_position="top_left",
+def _frame(records: list[dict], columns: dict) -> pd.DataFrame:
+    """Records as a DataFrame with exactly `columns` ({name: dtype}); missing numbers become NaN."""
+    df = pd.DataFrame([{c: r.get(c) for c in columns} for r in records], columns=list(columns))
+    return df.astype(
+        {c: ("float64" if t == "int64" and df[c].isna().any() else t) for c, t in columns.items()}
     )
 
 
@@ -97,6 +58,7 @@ class TrainingView(pn.viewable.Viewer):
 
     session = param.ClassSelector(class_=SessionState)
     schedule = param.Parameter(default=None, doc="ScheduleView that receives measured layer times")
+    shown = param.Boolean(default=True, doc="Whether the Train tab is on screen; hidden, it defers redraws")
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -121,25 +83,17 @@ class TrainingView(pn.viewable.Viewer):
         self.pause_btn.on_click(lambda e: self.toggle_pause())
         self.stop_btn.on_click(lambda e: self.stop())
         self.progress = pn.indicators.Progress(value=0, max=1000, bar_color="success", width=300)
-        self.progress_text = pn.pane.Markdown("No run yet.", margin=(0, 10))
+        self.progress_text = pn.pane.HTML("<p>No run yet.</p>", margin=(0, 10))
         self.alert = status()
         self.compile_info = pn.pane.Markdown("", margin=(0, 10))
         self.session.plan.param.watch(lambda *e: self._describe_compile(), ["block_size", "tolerance"])
         self._describe_compile()
-        self._pipes = {
-            "ll": Pipe(data=self._empty_epochs()),
-            "batch": Pipe(data={"step": [], "ll": []}),
-            "layers": Pipe(data=[]),
-            "memory": Pipe(data={"t": [], "allocated": [], "peak_allocated": []}),
-        }
+        self.live = LivePlots()
         self.plots = {
-            "ll": pn.pane.HoloViews(hv.DynamicMap(_ll_plot, streams=[self._pipes["ll"]])),
-            "batch": pn.pane.HoloViews(hv.DynamicMap(_batch_plot, streams=[self._pipes["batch"]])),
-            "layers": pn.pane.HoloViews(hv.DynamicMap(_layer_plot, streams=[self._pipes["layers"]])),
-            "memory": pn.pane.HoloViews(hv.DynamicMap(_memory_plot, streams=[self._pipes["memory"]])),
+            k: pn.pane.Bokeh(fig, sizing_mode="stretch_width") for k, fig in self.live.figures.items()
         }
         self.layer_table = pn.widgets.Tabulator(
-            pd.DataFrame(columns=LAYER_COLUMNS),
+            _frame([], LAYER_COLUMNS),
             show_index=False,
             css_classes=["cw-layer-table"],
             disabled=True,
@@ -147,7 +101,7 @@ class TrainingView(pn.viewable.Viewer):
             sizing_mode="stretch_width",
         )
         self.epoch_table = pn.widgets.Tabulator(
-            pd.DataFrame(),
+            _frame([], EPOCH_COLUMNS),
             show_index=False,
             disabled=True,
             height=160,
@@ -169,15 +123,13 @@ class TrainingView(pn.viewable.Viewer):
             width=220,
         )
         self._callback = None
-        self._seen_version = -1
-        self._last_redraw = 0.0
+        self._draw = {"progress": self._progress_text, "plots": self._draw_plots, "tables": self._draw_tables}
+        self._drawn = dict.fromkeys(PACE, (-1, 0.0))  # part -> (run version, monotonic s) last drawn
+        self._tables = {"layers": None, "epochs": None}  # what the tables show
         self._finished_ticks = 0
+        self.param.watch(lambda e: self._catch_up(), "shown")
 
     # ------------------------------------------------------------------ controls
-    @staticmethod
-    def _empty_epochs() -> dict:
-        return {"epoch": [], "train_ll": [], "valid_ll": []}
-
     def _describe_compile(self) -> None:
         plan = self.session.plan
         bs = "each vector's own" if plan.block_size is None else plan.block_size
@@ -206,7 +158,7 @@ class TrainingView(pn.viewable.Viewer):
             set_status(self.alert, f"Cannot start: {ses.error}", "danger")
             return
         set_status(self.alert, "")
-        self._seen_version = -1
+        self._drawn = dict.fromkeys(PACE, (-1, 0.0))
         self._finished_ticks = 0
         self._set_running(True)
         if self._callback is None:
@@ -234,7 +186,7 @@ class TrainingView(pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ streaming
     def poll(self) -> None:
-        """Periodic callback: pull events, redraw once if anything changed, stop when finished.
+        """Periodic callback: pull events, bring the shown parts up to date, stop when finished.
 
         Stops one tick after the job is seen finished: the job's status can turn terminal just
         before its last events are appended, so the extra tick picks those up.
@@ -243,17 +195,8 @@ class TrainingView(pn.viewable.Viewer):
         if run is None:
             return
         self.session.poll()
-        now = time.monotonic()
-        if run.version != self._seen_version:
-            # the progress line is cheap and follows every poll; plots and tables cost the server
-            # 0.4-4 s a redraw on a 2-core machine, time the worker's training loses: at most one
-            # redraw per PLOT_MIN_S while the run is live, and at once when it ends
-            if run.live and now - self._last_redraw < PLOT_MIN_S:
-                self._progress_text()
-            else:
-                self._seen_version, self._last_redraw = run.version, now
-                with pn.io.hold():
-                    self.redraw()
+        if self.shown:
+            self._refresh()
         self._finished_ticks = 0 if run.live else self._finished_ticks + 1
         if self._finished_ticks >= 2 and self._callback is not None:
             self._callback.stop()
@@ -261,26 +204,39 @@ class TrainingView(pn.viewable.Viewer):
             self._set_running(False)
             self._finished()
 
-    def redraw(self) -> None:
+    def _catch_up(self) -> None:
+        """Show what changed while the tab was hidden."""
+        if self.shown and self.run is not None:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Redraw each part (progress line, plots, tables) that is behind the run, at most once per
+        its PACE while the run is live and at once when it ends; all in one document update."""
+        run, now = self.run, time.monotonic()
+        with pn.io.hold():
+            for part, pace in PACE.items():
+                version, at = self._drawn[part]
+                if run.version != version and (not run.live or now - at >= pace):
+                    self._drawn[part] = (run.version, now)
+                    self._draw[part]()
+
+    def _draw_plots(self) -> None:
+        self.live.update(self.run)
+
+    def _draw_tables(self) -> None:
+        """Per-layer table (latest window) and epoch table, each only when its rows changed."""
         run = self.run
-        self._pipes["ll"].send({k: list(run.epochs[k]) for k in ("epoch", "train_ll", "valid_ll")})
-        self._pipes["batch"].send({"step": list(run.batches["step"]), "ll": list(run.batches["ll"])})
-        records = [{c: r.get(c) for c in LAYER_COLUMNS} for r in run.layer_times]
-        if records:
-            self._pipes["layers"].send(records)
-            df = pd.DataFrame(records, columns=LAYER_COLUMNS)
-            df["ms"] = df["ms"].round(4)
-            self.layer_table.value = df
-        if run.memory_series["t"]:
-            self._pipes["memory"].send(
-                {k: list(run.memory_series[k]) for k in ("t", "allocated", "peak_allocated")}
-            )
-        ep = pd.DataFrame(run.epochs)
-        if len(ep):
-            self.epoch_table.value = ep.round(4)
-        self._progress_text()
+        if run.layer_times and run.layer_times is not self._tables["layers"]:
+            self._tables["layers"] = run.layer_times
+            self.layer_table.value = _frame(run.layer_times, LAYER_COLUMNS).round({"ms": 4})
+        epochs = (run.run_id, len(run.epochs["epoch"]))
+        if epochs[1] and epochs != self._tables["epochs"]:
+            self._tables["epochs"] = epochs
+            rows = [dict(zip(EPOCH_COLUMNS, r)) for r in zip(*(run.epochs[k] for k in EPOCH_COLUMNS))]
+            self.epoch_table.value = _frame(rows, EPOCH_COLUMNS).round(4)
 
     def _progress_text(self) -> None:
+        """The progress bar and line (HTML: no markdown parse on the server per update)."""
         run, p = self.run, self.run.progress
         total_epochs = int(run.spec.get("epochs", 0)) + int(run.spec.get("full_batch_epochs", 0))
         done = len(run.epochs["epoch"])
@@ -289,7 +245,7 @@ class TrainingView(pn.viewable.Viewer):
             self.progress.value = int(1000 * min(1.0, max(frac, done / max(total_epochs, 1))))
         last = run.epochs
         ll = (
-            f" · train LL **{last['train_ll'][-1]:.4f}**, valid LL **{last['valid_ll'][-1]:.4f}** nats"
+            f" · train LL <b>{last['train_ll'][-1]:.4f}</b>, valid LL <b>{last['valid_ll'][-1]:.4f}</b> nats"
             if done and last["valid_ll"][-1] is not None
             else ""
         )
@@ -300,9 +256,10 @@ class TrainingView(pn.viewable.Viewer):
             else ""
         )
         batch = f" · batch {p.get('batch')}/{p.get('num_batches')}" if p else ""
+        device, status = escape(run.device or "…"), escape(run.status)
         self.progress_text.object = (
-            f"Run `{run.run_id}` on **{run.device or '…'}**: **{run.status}** · "
-            f"Epoch {done}/{total_epochs}{batch}{ll}{mem_txt}"
+            f"<p>Run <code>{escape(run.run_id)}</code> on <b>{device}</b>: <b>{status}</b> · "
+            f"Epoch {done}/{total_epochs}{batch}{ll}{mem_txt}</p>"
         )
         if run.message and run.status == "failed":
             set_status(self.alert, f"Training failed: {run.message}", "danger")
