@@ -31,7 +31,7 @@ POLL_MS = 500  # the progress line follows every poll: two updates a second
 # Seconds between redraws of each part while a run is live. Every redraw costs the browser style
 # and layout work that takes CPU from the worker on a small machine, and tables (Tabulator redraws
 # all rows on any change) cost the most (measured: benchmarks/workbench_ui_metrics.py).
-PACE = {"progress": 0.0, "plots": 2.0, "tables": 6.0}
+PACE = {"progress": 0.0, "plots": 0.5, "tables": 6.0}  # plots: two updates a second
 DEVICES = {"auto (GPU if present, else CPU)": "auto", "CPU": "cpu", "GPU (cuda)": "cuda"}
 # Table columns with their dtypes: the empty tables start with them, because a change of columns or
 # dtypes makes Tabulator rebuild itself and the browser lay out the whole page again
