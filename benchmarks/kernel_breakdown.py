@@ -22,13 +22,12 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
+from vs_pyjuice import BATCH, PSEUDO, STEP, ours_build  # noqa: E402  (same structures and schedule)
+
 import engine  # noqa: E402
 from engine.data import mnist_like  # noqa: E402
-from engine.dists import Categorical  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.graph import CapturedStep  # noqa: E402
-
-BATCH, STEP, PSEUDO = 512, 0.1, 0.1
 
 
 def parse_variant(text: str) -> KernelOptions:
@@ -39,12 +38,6 @@ def parse_variant(text: str) -> KernelOptions:
         key, val = part.split("=")
         kw[key] = val if key == "precision" else int(val)
     return KernelOptions(**kw)
-
-
-def build(kind: str, nl: int, data):
-    if kind == "hclt":
-        return engine.structures.hclt(data[:20000].long(), nl, input_dist=Categorical(256), device="cuda")
-    return engine.structures.pd((28, 28), nl, (4, 4), input_dist=Categorical(256))
 
 
 def time_graph(step, data, n=20, repeats=3) -> float:
@@ -101,7 +94,7 @@ def main() -> int:
     print({k: v for k, v in info.items() if k != "results"}, flush=True)
     for spec in args.configs:
         kind, nl = spec.split(":")
-        root = build(kind, int(nl), data)
+        root = ours_build(kind, int(nl), data[:20000].long())  # the tree data of vs_pyjuice.py
         for variant in args.variants:
             opts = parse_variant(variant)
             row = {"config": spec, "variant": variant}
@@ -110,7 +103,7 @@ def main() -> int:
                 step = CapturedStep(pc, BATCH, em=(STEP, PSEUDO))
                 row["graph_ms_per_batch"] = time_graph(step, data)
                 row["graph_captured"] = step.captured
-                del step
+                step = None  # free the graph's pool before the eager profile
                 row["kernels"] = kernel_table(pc, data)
                 row["eager_kernel_ms"] = sum(r["ms"] for r in row["kernels"].values())
             except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
@@ -121,7 +114,7 @@ def main() -> int:
                   flush=True)
             for name, r in list(row.get("kernels", {}).items())[:12]:
                 print(f"  {r['ms']:8.3f} ms {r['calls']:5d}x  {name}")
-            pc = step = None
+            pc = step = None  # noqa: F841 - drop both before the next variant compiles
             gc.collect()
             torch.cuda.empty_cache()
             if args.out:

@@ -113,7 +113,7 @@ def make_backend(opts: KernelOptions = KernelOptions()) -> SimpleNamespace:
 TRITON_BACKEND = make_backend()
 
 
-def _mark_sole_writer(layer, below, pts) -> None:
+def _mark_sole_writer(below, pts) -> None:
     """A sum layer of one tiled partition whose child blocks tile the product layer's rows exactly."""
     if len(pts) != 1 or pts[0].kernel != "sum_block" or below.kind != "product":
         return
@@ -157,7 +157,7 @@ def prepare_partitions(plan, parts, device) -> None:
                 for k, v in sum_sparse.sparse_edges(pt, PAD_ROWS).items():
                     setattr(pt, k, long(v))
         if layer.kind == "sum" and layer.index > 0:
-            _mark_sole_writer(layer, plan.layers[layer.index - 1], parts[layer.index])
+            _mark_sole_writer(plan.layers[layer.index - 1], parts[layer.index])
     mark_first_flow_writers(plan, parts, device)
 
 

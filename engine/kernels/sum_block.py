@@ -34,8 +34,6 @@ import triton.language as tl
 
 from engine.kernels.options import KernelOptions
 
-NEG_INF = float("-inf")
-
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
 

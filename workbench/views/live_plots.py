@@ -45,6 +45,10 @@ def _number(v) -> float:
     return math.nan if v is None else float(v)
 
 
+def _mib(v) -> float:
+    return v / 2**20
+
+
 class LivePlots:
     """Log-likelihood per epoch, mini-batch log-likelihood, per-layer ms and device memory of one run.
 
@@ -116,25 +120,26 @@ class LivePlots:
         mem = run.memory_series
         if self._t0 is None and mem["t"]:
             self._t0 = mem["t"][0]
-        rows = {
-            "ll": {k: [_number(v) for v in run.epochs[k]] for k in SERIES["ll"]},
-            "batch": {k: [_number(v) for v in run.batches[k]] for k in SERIES["batch"]},
+        t0 = self._t0 or 0.0
+        series = {  # source key -> {column: (values, conversion)}: only unsent values are converted
+            "ll": {k: (run.epochs[k], _number) for k in SERIES["ll"]},
+            "batch": {k: (run.batches[k], _number) for k in SERIES["batch"]},
             "memory": {
-                "t": [t - (self._t0 or 0.0) for t in mem["t"]],
-                "allocated": [v / 2**20 for v in mem["allocated"]],
-                "peak_allocated": [v / 2**20 for v in mem["peak_allocated"]],
+                "t": (mem["t"], lambda t: t - t0),
+                "allocated": (mem["allocated"], _mib),
+                "peak_allocated": (mem["peak_allocated"], _mib),
             },
         }
-        for key, cols in rows.items():
+        for key, cols in series.items():
             self._stream(key, cols)
         self._update_layers(run.layer_times)
 
     def _stream(self, key: str, cols: dict) -> None:
-        n, sent, src = len(next(iter(cols.values()))), self._sent[key], self.sources[key]
+        n, sent, src = len(next(iter(cols.values()))[0]), self._sent[key], self.sources[key]
         if n < sent or (sent == 0 and len(src.data[next(iter(cols))])):
             src.data, sent = {k: [] for k in cols}, 0  # another run, or a restarted series
         if n > sent:
-            src.stream({k: v[sent:] for k, v in cols.items()})
+            src.stream({k: [conv(v) for v in values[sent:]] for k, (values, conv) in cols.items()})
         self._sent[key] = n
 
     def _update_layers(self, records: list[dict]) -> None:
