@@ -40,7 +40,9 @@ TEMPLATE_DEFAULTS: dict = {
     "num_emits": 4,  # hmm without a dataset
     "chow_liu_samples": 20000,  # hclt
     "seed": 0,
+    "sum_density": 1.0,  # share of sum block edges kept (< 1: block-sparse, see engine.structures.sparse)
 }
+SPARSE_BLOCK_SIZE = 4  # sum vectors of a sparse template are cut into blocks of at most 4 nodes
 
 
 @dataclass
@@ -128,7 +130,16 @@ def error_message(err: BaseException) -> str:
 
 
 def build_template(spec: dict, dataset=None) -> NodeVector:
-    """HCLT, PD, RAT-SPN or HMM from `spec` (keys of TEMPLATE_DEFAULTS). Raises ValueError."""
+    """HCLT, PD, RAT-SPN or HMM from `spec` (keys of TEMPLATE_DEFAULTS), block-sparse when
+    `sum_density` < 1. Raises ValueError."""
+    from engine.structures.sparse import block_sparse
+
+    s = {**TEMPLATE_DEFAULTS, **spec}
+    root = _dense_template(s, dataset)
+    return block_sparse(root, float(s["sum_density"]), SPARSE_BLOCK_SIZE, int(s["seed"]))
+
+
+def _dense_template(spec: dict, dataset=None) -> NodeVector:
     from engine import structures
 
     s = {**TEMPLATE_DEFAULTS, **spec}

@@ -77,6 +77,12 @@ class CircuitSpec(param.Parameterized):
     num_emits = param.Integer(default=4, bounds=(2, None), doc="HMM: emission symbols when no dataset")
     chow_liu_samples = param.Integer(default=20000, bounds=(2, None), doc="HCLT: rows used for the tree")
     seed = param.Integer(default=0, doc="Random seed of the structure")
+    sum_density = param.Number(
+        default=1.0,
+        bounds=(0.05, 1.0),
+        doc="Share of sum block edges kept; below 1 node blocks get different numbers of child blocks, "
+        "so sum layers split into several partitions with padding (engine.structures.sparse)",
+    )
 
     def to_dict(self) -> dict:
         """Plain JSON spec for `services.circuits.build` and the job spec."""
