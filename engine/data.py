@@ -3,6 +3,8 @@
 Every way in ends in `_make_dataset`, which checks the values once (finite, non-negative when
 discrete, 2-D, non-empty) and decides the data kind, so the engine can trust what it is given.
 User files are read without unpickling: `.npy`/`.npz` with `allow_pickle=False`, `.csv` as text.
+Before a user file is decoded, its declared shapes are checked against the memory budget
+(`engine.budget`), so a small file that declares a huge array is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ from typing import Literal
 import numpy as np
 import torch
 
+from engine import budget
+
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEBD_DIR = ASSETS_DIR / "data" / "debd"
 DEBD_NAMES = ("nltcs", "plants", "baudio", "jester", "bnetflix", "accidents", "pumsb_star", "dna", "bbc")
 FILE_SUFFIXES = (".npy", ".npz", ".csv")
 MAX_FILE_BYTES = 1 << 30  # 1 GiB: larger files are refused before reading
 MAX_NUM_CATS = 1 << 16  # a larger category count is almost surely an ID column, not a variable
+# Continuous data feeds float32 Gaussians, whose EM sums squares over up to ~2^31 rows: |x| <= 1e14
+# keeps N * x^2 below float32's 3.4e38 (at |x| ~ 1.8e19 a single square overflows and training NaNs).
+MAX_ABS_CONTINUOUS = 1e14
+CSV_CELL_BYTES = 8 * 4  # peak bytes per CSV cell: float64 parse (grown by doubling), copies, int64
 SPLIT_KEYS = ("train", "valid", "test")
 _CHUNK = 1024  # mnist_like rows per chunk: ~25 MB of float32 scratch at 784 variables
 
@@ -179,7 +187,10 @@ def _read_file(path: Path) -> np.ndarray | dict[str, np.ndarray]:
         return _read_csv(path)
     _check_magic(path, b"\x93NUMPY", ".npy")
     try:
+        _check_npy_header(path)
         return np.load(path, allow_pickle=False)
+    except DataError:
+        raise
     except ValueError as err:
         if "allow_pickle" in str(err):
             raise DataError(
@@ -196,8 +207,11 @@ def _read_npz(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             _check_unpacked_size(path, z.zip.infolist())
+            _check_npz_headers(path, z.zip)
             arrays = {key: z[key] for key in z.files}
-    except ValueError as err:
+    except DataError:
+        raise
+    except (ValueError, zipfile.BadZipFile) as err:
         if "allow_pickle" in str(err):
             raise DataError(f"{path} holds Python objects (pickle), which are never loaded") from err
         raise DataError(f"{path} is not a valid .npz file: {err}") from err
@@ -223,6 +237,47 @@ def _check_unpacked_size(path: Path, members: list[zipfile.ZipInfo]) -> None:
         raise DataError(
             f"{path} decompresses to {size / 2**30:.2f} GiB; the limit is {MAX_FILE_BYTES / 2**30:.2f} GiB"
         )
+
+
+def _check_npy_header(path: Path) -> None:
+    """Refuse a `.npy` whose declared array is pickled, larger than its file, or over the memory budget."""
+    with open(path, "rb") as f:
+        shape, dtype, offset = budget.read_npy_header(f)
+    _check_declared(path, "", shape, dtype, path.stat().st_size - offset, split=True)
+
+
+def _check_npz_headers(path: Path, zf: zipfile.ZipFile) -> None:
+    """Read only the header of every member and refuse before NumPy allocates the declared arrays."""
+    infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+    packed = any(i.filename == "num_vars.npy" for i in infos)
+    split = len(infos) - packed == 1
+    total = 0
+    for info in infos:
+        with zf.open(info) as f:
+            shape, dtype, offset = budget.read_npy_header(f)
+        expand = 8 if packed and dtype == np.uint8 else 1
+        member = f" member {info.filename[:-4]!r}"
+        total += _check_declared(path, member, shape, dtype, info.file_size - offset, expand, split)
+    if budget.exceeds(total):
+        raise DataError(f"{path}: its arrays {budget.describe(total)}")
+
+
+def _check_declared(
+    path: Path, where: str, shape: tuple, dtype: np.dtype, data_bytes: int, expand: int = 1, split: bool = False
+) -> int:
+    """The estimated peak of one declared array, after checking it against the bytes stored and the budget."""
+    if dtype.hasobject:
+        raise DataError(f"{path}{where} holds Python objects (pickle), which are never loaded")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > data_bytes:
+        raise DataError(
+            f"{path}{where} is truncated or corrupt: its header declares shape {shape} ({declared} bytes) "
+            f"but only {max(data_bytes, 0)} bytes of data follow"
+        )
+    peak = budget.array_peak(shape, dtype, expand, split)
+    if budget.exceeds(peak):
+        raise DataError(f"{path}{where}: an array of shape {shape} and dtype {dtype} {budget.describe(peak)}")
+    return peak
 
 
 def _check_magic(path: Path, magic: bytes, suffix: str) -> None:
@@ -253,7 +308,8 @@ def _unpack_splits(path: Path, splits: dict[str, np.ndarray], num_vars: np.ndarr
 
 def _read_csv(path: Path) -> np.ndarray:
     """Numeric comma-separated values; a first line that is not numeric is taken as a header."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    _check_csv_cells(path)
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a leading BOM is not data
         first = f.readline()
     if not first.strip():
         raise DataError(f"{path} is empty")
@@ -265,9 +321,22 @@ def _read_csv(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked later
-            return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+            return np.loadtxt(
+                path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64, encoding="utf-8-sig"
+            )
     except ValueError as err:
         raise DataError(f"{path}: every cell must be a number (no missing values): {err}") from err
+
+
+def _check_csv_cells(path: Path) -> None:
+    """Count cells (separators) in 1 MiB chunks and refuse a CSV whose parse would pass the memory budget."""
+    cells = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            cells += chunk.count(b",") + chunk.count(b"\n")
+    peak = (cells + 1) * CSV_CELL_BYTES
+    if budget.exceeds(peak):
+        raise DataError(f"{path}: about {cells:,} cells {budget.describe(peak)}")
 
 
 def _split(data: np.ndarray, valid_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -296,12 +365,35 @@ def _make_dataset(name: str, splits: dict[str, np.ndarray], source: str) -> Data
     if splits["train"].shape[0] == 0:
         raise DataError(f"{source}: no training examples")
     (num_vars,) = widths
-    if all(_is_integral(splits[key]) for key in SPLIT_KEYS):
+    if all(_is_integral(splits[key]) for key in SPLIT_KEYS) and not _too_many_levels(splits):
         return _discrete_dataset(name, splits, num_vars, source)
     tensors = [torch.from_numpy(np.ascontiguousarray(splits[key], dtype=np.float32)) for key in SPLIT_KEYS]
-    if not all(torch.isfinite(t).all() for t in tensors):
-        raise DataError(f"{source}: values overflow float32")
+    for key, t in zip(SPLIT_KEYS, tensors):
+        _check_continuous_range(t, f"{source} [{key}]")
     return Dataset(name, *tensors, num_vars=num_vars, num_cats=None, kind="continuous")
+
+
+def _too_many_levels(splits: dict[str, np.ndarray]) -> bool:
+    """Whole numbers stored as floats past MAX_NUM_CATS are measurements (continuous), not categories.
+
+    Integer-typed arrays keep the category-count error: there a huge value is most likely an ID column.
+    """
+    floats = [splits[key] for key in SPLIT_KEYS if splits[key].size and splits[key].dtype.kind == "f"]
+    return bool(floats) and max(float(np.abs(a).max()) for a in floats) >= MAX_NUM_CATS
+
+
+def _check_continuous_range(t: torch.Tensor, where: str) -> None:
+    """Refuse values a float32 Gaussian cannot fit (their squares overflow, and training turns to NaN)."""
+    if not t.numel():
+        return
+    if not torch.isfinite(t).all():
+        raise DataError(f"{where}: values overflow float32 (largest is about 3.4e38)")
+    top = float(t.abs().max())
+    if top > MAX_ABS_CONTINUOUS:
+        raise DataError(
+            f"{where}: continuous values must lie within +-{MAX_ABS_CONTINUOUS:.0e} (float32 Gaussians "
+            f"square them); found {top:.3g}: rescale the data"
+        )
 
 
 def _discrete_dataset(name: str, splits: dict[str, np.ndarray], num_vars: int, source: str) -> Dataset:

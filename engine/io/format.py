@@ -153,11 +153,13 @@ def _check_members(zf: zipfile.ZipFile, path: str) -> None:
 
 
 def _read_json(zf: zipfile.ZipFile, path: str) -> dict:
-    raw = limits.read_member(zf, JSON_MEMBER, limits.MAX_JSON_BYTES, path)
+    raw = limits.read_member(zf, JSON_MEMBER, limits.json_limit(), path)
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"{path}: {JSON_MEMBER} is not valid JSON ({e})") from e
+    except RecursionError:
+        raise FileFormatError(f"{path}: {JSON_MEMBER} is nested too deeply to be a circuit description") from None
     if not isinstance(doc, dict):
         raise FileFormatError(f"{path}: {JSON_MEMBER} must hold a JSON object")
     if doc.get("format") != FORMAT_NAME:
@@ -173,8 +175,8 @@ def _read_json(zf: zipfile.ZipFile, path: str) -> dict:
         raise FileFormatError(f"{path}: kind must be 'circuit' or 'compiled', got {doc['kind']!r}")
     if doc.get("block_size") is not None:
         _field(doc, "block_size", int, path, JSON_MEMBER)
-    if "tolerance" in doc:
-        _field(doc, "tolerance", float, path, JSON_MEMBER)
+    if "tolerance" in doc and not 0 <= _field(doc, "tolerance", float, path, JSON_MEMBER) < float("inf"):
+        raise FileFormatError(f"{path}: tolerance must be a finite number >= 0, got {doc['tolerance']!r}")
     _field(doc, "root", int, path, JSON_MEMBER)
     if not _field(doc, "vectors", list, path, JSON_MEMBER):
         raise FileFormatError(f"{path}: {JSON_MEMBER} lists no vectors")
@@ -182,7 +184,7 @@ def _read_json(zf: zipfile.ZipFile, path: str) -> dict:
 
 
 def _read_arrays(zf: zipfile.ZipFile, path: str) -> dict[str, np.ndarray]:
-    raw = limits.read_member(zf, ARRAYS_MEMBER, limits.MAX_MEMBER_BYTES, path)
+    raw = limits.read_safetensors_member(zf, ARRAYS_MEMBER, limits.arrays_limit(), path)
     try:
         return safetensors.numpy.load(raw)
     except Exception as e:  # SafetensorError is not exported under a stable name
