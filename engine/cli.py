@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,16 +131,16 @@ def make_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name)
         s.add_argument("--structure", choices=STRUCTURES, default="hclt")
         s.add_argument("--data", required=True, help="dataset name (nltcs, plants, digits, ...) or a .npy/.npz/.csv file")
-        s.add_argument("--latents", type=int, default=32)
-        s.add_argument("--block-size", type=int, default=None)
-        s.add_argument("--tolerance", type=float, default=0.25, help="partition padding tolerance")
-        s.add_argument("--batch-size", type=int, default=512)
+        s.add_argument("--latents", type=POSITIVE_INT, default=32)
+        s.add_argument("--block-size", type=POSITIVE_INT, default=None)
+        s.add_argument("--tolerance", type=NON_NEGATIVE, default=0.25, help="partition padding tolerance")
+        s.add_argument("--batch-size", type=POSITIVE_INT, default=512)
     t = sub.choices["train"]
-    t.add_argument("--epochs", type=int, default=10, help="mini-batch EM epochs")
-    t.add_argument("--full-batch-epochs", type=int, default=10, help="full-batch EM epochs after mini-batch EM")
-    t.add_argument("--step-size", type=float, default=1.0, help="mini-batch EM step at epoch 1 (cosine decay)")
-    t.add_argument("--final-step-size", type=float, default=0.1)
-    t.add_argument("--pseudocount", type=float, default=0.1)
+    t.add_argument("--epochs", type=COUNT, default=10, help="mini-batch EM epochs")
+    t.add_argument("--full-batch-epochs", type=COUNT, default=10, help="full-batch EM epochs after mini-batch EM")
+    t.add_argument("--step-size", type=UNIT_STEP, default=1.0, help="mini-batch EM step at epoch 1 (cosine decay)")
+    t.add_argument("--final-step-size", type=UNIT_STEP, default=0.1)
+    t.add_argument("--pseudocount", type=NON_NEGATIVE, default=0.1)
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--metrics", help="JSON-lines metrics file (one object per epoch)")
@@ -149,9 +151,78 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a command; every failure a user can cause is one `error:` line on stderr and exit code 2."""
     args = make_parser().parse_args(argv)
     try:
+        if args.command == "train":
+            for path in (args.metrics, args.out):
+                check_output_path(path)  # before training, so a bad path never costs the model
         return {"train": cmd_train, "plan": cmd_plan}[args.command](args)
-    except ValueError as e:  # bad data, bad circuit, bad file: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, OverflowError, RecursionError) as e:  # bad data, circuit, file, path
+        return _fail(str(e) or type(e).__name__)
+    except MemoryError:
+        return _fail("out of memory: use a smaller circuit (--latents) or less data")
+    except RuntimeError as e:  # torch reports a failed allocation as a RuntimeError
+        if "allocate" not in str(e) and "out of memory" not in str(e):
+            raise
+        return _fail("out of memory: use a smaller circuit (--latents) or less data")
+
+
+def _fail(message: str) -> int:
+    lines = message.strip().splitlines() or ["failed"]
+    print(f"error: {lines[0]}", file=sys.stderr)
+    return 2
+
+
+def check_output_path(path: str | None) -> None:
+    """Raise OSError unless `path` can be written: not a folder, its folder created and writable.
+
+    A device (e.g. /dev/full) gets one test byte, since only a write shows whether it takes data.
+    """
+    if not path:
+        return
+    try:
+        _probe_write(Path(path))
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _probe_write(p: Path) -> None:
+    if p.is_dir():
+        raise IsADirectoryError(0, "it is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        with open(p, "wb") as f:  # raises for a device that refuses data
+            f.write(b"\n")
+            f.flush()
+        return
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".cw-write-test-", dir=p.parent)  # raises if not writable
+    os.close(fd)
+    os.unlink(probe)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise PermissionError(0, "permission denied")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """argparse `type=`: a finite `kind` number within [low, high] ((low, high] with `low_open`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+UNIT_STEP = _number(float, 0.0, 1.0, low_open=True)
+NON_NEGATIVE = _number(float, 0.0)
