@@ -274,9 +274,10 @@ class CompiledCircuit(torch.nn.Module):
 
     # ----------------------------------------------------------------- profiling and export
     def profile(self, enabled: bool = True, callback: Callable[[dict], None] | None = None,
-                every: int = DEFAULT_EVERY) -> LayerProfiler | None:
-        """Turn per-layer profiling on (returns the profiler) or off; spans of every `every`-th batch."""
-        self.profiler = LayerProfiler(self.device, callback, every) if enabled else None
+                every: int = DEFAULT_EVERY, interval_s: float | None = None) -> LayerProfiler | None:
+        """Turn per-layer profiling on (returns the profiler) or off; spans of every `every`-th batch,
+        or of one batch per `interval_s` seconds when that is given."""
+        self.profiler = LayerProfiler(self.device, callback, every, interval_s) if enabled else None
         return self.profiler
 
     @torch.no_grad()

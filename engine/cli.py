@@ -49,67 +49,56 @@ def build_structure(name: str, ds, latents: int, seed: int):
     raise ValueError(f"unknown structure {name!r}; choose one of {', '.join(STRUCTURES)}")
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA GPU is available")
-    return name
-
-
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
 def cmd_train(args) -> int:
-    from engine import optim
-    from engine.circuit import compile as compile_circuit
     from engine.data import load_dataset
+    from engine.optim import EMSchedule
+    from engine.training import TrainConfig, json_line, run_training
 
-    torch.manual_seed(args.seed)
-    ds = load_dataset(args.data)
-    device = pick_device(args.device)
-    t0 = time.perf_counter()
-    root = build_structure(args.structure, ds, args.latents, args.seed)
-    pc = compile_circuit(root, block_size=args.block_size, device=device, tolerance=args.tolerance)
-    print(f"{args.structure} on {ds.name}: {ds.num_vars} vars, {ds.train.shape[0]} train rows; "
-          f"{pc.plan.to_dict()['num_edges']:,} edges, {len(pc.plan.layers)} layers, built in "
-          f"{time.perf_counter() - t0:.2f}s on {device}", file=sys.stderr)
-    schedule = optim.EMSchedule(
+    schedule = EMSchedule(
         batch_size=args.batch_size, step_size=args.step_size, final_step_size=args.final_step_size,
         pseudocount=args.pseudocount, full_batch_epochs=args.full_batch_epochs,
     )
+    cfg = TrainConfig(epochs=args.epochs, schedule=schedule, device=args.device, block_size=args.block_size,
+                      tolerance=args.tolerance, profile=args.profile)
+    cfg.check()  # bad settings fail before the data are read
+    torch.manual_seed(args.seed)
+    ds = load_dataset(args.data)
+    t0 = time.perf_counter()
+    root = build_structure(args.structure, ds, args.latents, args.seed)
     metrics_file = None
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(args.metrics, "w")
-    if args.profile:
-        pc.profile(True)
+
+    def on_compiled(pc) -> None:
+        print(f"{args.structure} on {ds.name}: {ds.num_vars} vars, {ds.train.shape[0]} train rows; "
+              f"{pc.plan.to_dict()['num_edges']:,} edges, {len(pc.plan.layers)} layers, built in "
+              f"{time.perf_counter() - t0:.2f}s on {pc.device.type}", file=sys.stderr)
 
     def on_event(e: dict) -> None:
         if e["type"] == "epoch":
             print(f"epoch {e['epoch']:3d}  train {_fmt(e['train_ll'])}  valid {_fmt(e['valid_ll'])}  "
                   f"test {_fmt(e['test_ll'])}  ({e['seconds']:.2f}s)", file=sys.stderr)
         if metrics_file is not None and (e["type"] == "epoch" or (args.profile and e["type"] != "batch")):
-            metrics_file.write(json.dumps(e) + "\n")
+            metrics_file.write(json_line(e) + "\n")
             metrics_file.flush()
 
     try:
-        history = optim.fit(pc, ds.train, ds.valid, ds.test, epochs=args.epochs, schedule=schedule,
-                            callback=on_event, progress=not args.quiet)
+        result = run_training(root, ds, cfg, on_event, out=args.out, progress=not args.quiet,
+                              on_compiled=on_compiled)
     finally:
         if metrics_file is not None:
             metrics_file.close()
     if args.out:
-        from engine.io import save
-
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save(pc, args.out)
         print(f"saved {args.out}", file=sys.stderr)
-    if history:
-        last = history[-1]
-        print(json.dumps({"test_ll": last["test_ll"], "valid_ll": last["valid_ll"], "train_ll": last["train_ll"],
-                          "seconds": round(sum(h["seconds"] for h in history), 3)}))
+    if result.history:
+        last = result.history[-1]
+        print(json_line({"test_ll": last["test_ll"], "valid_ll": last["valid_ll"], "train_ll": last["train_ll"],
+                         "seconds": round(sum(h["seconds"] for h in result.history), 3)}))
     return 0
 
 

@@ -1,8 +1,9 @@
 """Per-layer profiling: time of every layer in every pass, and device memory.
 
 Off by default; `CompiledCircuit.profile()` turns it on. Profiling is *sampled*: only every
-`every`-th batch (the first included) records spans; the batches between run as if profiling were
-off, so `CapturedStep` replays its CUDA graph for them. On CUDA a sampled batch records one CUDA
+`every`-th batch (the first included), or with `interval_s` the first batch after each `interval_s`
+seconds (one clock, not both), records spans; the batches between run as if profiling were off, so
+`CapturedStep` replays its CUDA graph for them. On CUDA a sampled batch records one CUDA
 event per span boundary (a span starts where the previous one of the batch ended) and nothing
 synchronises until `collect()`; on CPU spans use wall time (`perf_counter`). `collect()` returns
 plain dicts:
@@ -23,16 +24,25 @@ DEFAULT_EVERY = 20  # measured cost of a sampled eager batch on H100: +40%; / 20
 
 
 class LayerProfiler:
-    """Collects layer spans of every `every`-th batch; `callback(event)` is called for every collected event."""
+    """Collects layer spans of sampled batches; `callback(event)` is called for every collected event.
+
+    Sampling: every `every`-th batch, or, when `interval_s` is given, time-based: the first batch
+    and then the first one after each `interval_s` seconds (what a live view wants: a steady rate
+    of samples whatever the batch time).
+    """
 
     def __init__(self, device: torch.device, callback: Callable[[dict], None] | None = None,
-                 every: int = DEFAULT_EVERY):
+                 every: int = DEFAULT_EVERY, interval_s: float | None = None):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if interval_s is not None and not (interval_s >= 0 and interval_s < float("inf")):
+            raise ValueError(f"interval_s must be a finite number >= 0, got {interval_s}")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.callback = callback
         self.every = int(every)
+        self.interval_s = interval_s
+        self._last_sampled: float | None = None  # perf_counter of the last sampled batch (interval mode)
         self.batches = 0
         self.active = False
         self._last = None  # the CUDA event that ended the previous span of this batch
@@ -42,11 +52,15 @@ class LayerProfiler:
 
     def next_is_sampled(self) -> bool:
         """Whether the next batch (the next `start_batch`) records spans."""
+        if self.interval_s is not None:
+            return self._last_sampled is None or time.perf_counter() - self._last_sampled >= self.interval_s
         return self.batches % self.every == 0
 
     def start_batch(self) -> bool:
         """Called at the start of every forward pass; returns whether this batch is sampled."""
         self.active = self.next_is_sampled()
+        if self.active and self.interval_s is not None:
+            self._last_sampled = time.perf_counter()
         self.batches += 1
         self._last = None
         return self.active

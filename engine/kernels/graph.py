@@ -1,4 +1,5 @@
-"""CUDA-graph capture of one training step: zero flows, forward, flows pass, optional EM update.
+"""CUDA-graph capture of one step: a training step (zero flows, forward, flows, optional EM update)
+or a forward-only evaluation step.
 
 Hundreds of small launches per batch (one or more per partition and pass) cost more CPU time than
 the GPU needs for a small circuit; replaying them as one CUDA graph removes that. Shapes must be
@@ -9,9 +10,13 @@ batches replay the graph, which is captured with the profiler detached and so ho
     step = CapturedStep(pc, batch_size=512, em=(step_size, pseudocount))
     for xb in batches:
         lls = step(xb)      # [B] log-likelihoods (a view into the graph's static output)
+    mean = step.ll_sum.item() / n   # the step adds sum(lls) into `ll_sum` on the device, no sync
 
-The first call runs eagerly (it compiles the Triton kernels and does real work); the second captures
-the graph and replays it; later calls only copy the batch into the static input and replay.
+The first call runs eagerly (it compiles the Triton kernels and does real work) unless
+`capture_first` says the kernels are compiled already; the next call captures the graph and
+replays it; later calls only copy the batch into the static input and replay. All graphs of one
+circuit share one memory pool: each writes its step buffers before reading them, so a training
+graph and an evaluation graph of the same circuit cost the step memory once, not twice.
 """
 
 from __future__ import annotations
@@ -19,14 +24,29 @@ from __future__ import annotations
 import torch
 
 
-class CapturedStep:
-    """Graph-replayed `zero_flows(); accumulate_flows(x); em_step(*em)` for batches of `batch_size`."""
+def _graph_pool(pc):
+    """The circuit's one CUDA-graph memory pool, made on first use."""
+    pool = getattr(pc, "_graph_pool", None)
+    if pool is None:
+        pool = pc._graph_pool = torch.cuda.graph_pool_handle()
+    return pool
 
-    def __init__(self, pc, batch_size: int, em: tuple[float, float] | None = None, zero_flows: bool = True):
+
+class CapturedStep:
+    """Graph-replayed `zero_flows(); accumulate_flows(x); em_step(*em)` for batches of `batch_size`,
+    or `pc(x)` alone with `forward_only=True`. Every call adds `sum(log p(x))` into `ll_sum`
+    (float64, on the circuit's device) so a caller reads the running total only when it wants it."""
+
+    def __init__(self, pc, batch_size: int, em: tuple[float, float] | None = None, zero_flows: bool = True,
+                 forward_only: bool = False, capture_first: bool = False, enabled: bool = True):
         self.pc, self.batch_size, self.em, self.zero = pc, int(batch_size), em, zero_flows
+        self.forward_only = forward_only
+        self.capture_first = capture_first
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
-        self.failed: str | None = None
+        self.eager_calls = 0
+        self.failed: str | None = None if enabled else "graphs disabled"
+        self.ll_sum = torch.zeros((), dtype=torch.float64, device=pc.device)
 
     @property
     def captured(self) -> bool:
@@ -34,11 +54,16 @@ class CapturedStep:
 
     def _eager(self, x, missing):
         pc = self.pc
-        if self.zero:
-            pc.zero_flows()
-        ll = pc.accumulate_flows(x, missing, validate=False)
-        if self.em is not None:
-            pc.em_step(*self.em)
+        if self.forward_only:
+            ll = pc(x, missing, validate=False)
+        else:
+            if self.zero:
+                pc.zero_flows()
+            ll = pc.accumulate_flows(x, missing, validate=False)
+            if self.em is not None:
+                pc.em_step(*self.em)
+            pc._mars, pc._inputs_cache = None, []  # the step buffers are not needed after the flows
+        self.ll_sum += ll.sum(dtype=torch.float64)
         return ll
 
     def _usable(self, x) -> bool:
@@ -54,14 +79,19 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         prof, pc.profiler = pc.profiler, None  # no profiler events inside the graph
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=_graph_pool(pc)):
                 self.static_ll = self._eager(self.static_x, self.static_m)
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
             self.failed = f"{type(err).__name__}: {err}"
             return
         finally:
             pc.profiler = prof
+            pc._mars, pc._inputs_cache = None, []  # the graph's buffers go back to the shared pool
         self.graph = graph
+
+    def release(self) -> None:
+        """Drop the graph (its memory returns to the circuit's pool); the next call captures anew."""
+        self.graph = None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, missing: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,18 +101,25 @@ class CapturedStep:
             missing = missing.to(self.pc.device, non_blocking=True)
         prof = self.pc.profiler
         sampled = prof is not None and prof.next_is_sampled()
-        if not self._usable(x) or sampled or (self.graph is None and self.calls == 1):
+        warm = self.capture_first or self.eager_calls > 0
+        if not self._usable(x) or sampled or (self.graph is None and not warm):
+            self.eager_calls += 1
             return self._eager(x, missing)
         if self.graph is None:
             self._capture(x, missing)
             if self.graph is None:
+                self.eager_calls += 1
                 return self._eager(x, missing)
         if prof is not None:
             prof.start_batch()  # a batch the profiler does not sample: count it, replay
+        if x.dtype != self.static_x.dtype:
+            raise ValueError(f"batch dtype {x.dtype} differs from the captured {self.static_x.dtype}")
         self.static_x.copy_(x, non_blocking=True)
-        if missing is None:
-            self.static_m.zero_()
-        else:
+        if missing is not None:
             self.static_m.copy_(missing, non_blocking=True)
+            self._missing_set = True
+        elif getattr(self, "_missing_set", False):
+            self.static_m.zero_()
+            self._missing_set = False
         self.graph.replay()
         return self.static_ll

@@ -1,17 +1,19 @@
 """The training worker: runs in its own (spawned) process, the only place that may touch CUDA.
 
-`run_job` builds the circuit, compiles it, trains with `engine.optim.fit` and sends events over a
-multiprocessing queue. Layer times are aggregated in the worker and sent a few times per second,
-batch progress at most every `batch_interval_s`, so streaming costs the training loop very little.
+`run_job` builds the circuit and trains it with `engine.training.run_training`, the same call the
+CLI makes (so the workbench trains at the CLI's speed, CUDA graphs included), sending events over
+a multiprocessing queue. The training driver emits batch progress every `batch_interval_s` (each
+event is one device sync); layer times are aggregated here and sent a few times per second.
 
 Events (all dicts with "type" and "t", the worker's unix time):
     {"type": "status", "status": "starting"|"running"|"paused"|"stopping", "message": str, ...}
     {"type": "plan", "plan": plan.to_dict(batch_size)}                                (once)
-    {"type": "batch", "epoch", "batch", "num_batches", "ll", "examples_per_s"}        (throttled)
+    {"type": "batch", "epoch", "batch", "num_batches", "ll", "examples_per_s"}        (periodic)
     {"type": "layer_times", "epoch", "batch", "records": [{"layer", "kind", "pass", "ms", "calls"}]}
         ms = mean milliseconds per call over the window since the last layer_times event
     {"type": "memory", "allocated", "reserved", "peak_allocated", "peak_reserved"}    (bytes)
-    {"type": "epoch", "epoch", "train_ll", "valid_ll", "test_ll", "seconds"}          (nats/example)
+    {"type": "epoch", "epoch", "phase", "epochs", "train_ll", "valid_ll", "test_ll", "seconds", ...}
+        the driver's epoch event (engine.optim): nats/example; seconds exclude pauses
     {"type": "done", "status": "done"|"stopped", "model": path, "seconds": float}     (last)
     {"type": "error", "message": str, "traceback": str}                               (last)
 """
@@ -24,31 +26,18 @@ import traceback
 
 
 class EventStreamer:
-    """Callback for `engine.optim.fit`: aggregates layer_time events, throttles batch events.
+    """Callback for the training driver: sums layer_time events into per-(layer, pass) means and
+    sends them, with the latest memory reading, at most every `interval_s`; other events pass on.
 
-    With profiling on, it also *samples* which batches are profiled: the profiler is attached for
-    the next batch only when `profile_interval_s` has passed since the last profiled one (0: every
-    batch). Per-layer spans cost a few microseconds each, about 9% of a 13 ms CPU batch of a small
-    HCLT when every batch is profiled (benchmarks/workbench_metrics.py); sampling keeps the
-    layer-time series while bringing that cost near zero.
+    Which batches are profiled is the profiler's business (`pc.profile(interval_s=...)`: one batch
+    per interval, the rest replay the CUDA graph); batch events already come at the driver's pace.
     """
 
-    def __init__(
-        self,
-        send,
-        pc=None,
-        interval_s: float = 0.5,
-        batch_interval_s: float = 0.1,
-        profile_interval_s: float = 0.0,
-    ):
-        self.send, self.pc = send, pc
-        self.interval_s, self.batch_interval_s = interval_s, batch_interval_s
-        self.profile_interval_s = profile_interval_s
-        self._profiler = pc.profiler if pc is not None else None
-        self._last_profiled = time.perf_counter()
+    def __init__(self, send, interval_s: float = 0.5):
+        self.send, self.interval_s = send, interval_s
         self._sums: dict[tuple[int, str], list] = {}  # (layer, pass) -> [kind, total ms, calls]
         self._memory: dict | None = None
-        self._last_flush = self._last_batch = 0.0
+        self._last_flush = 0.0
         self._where = (0, 0)
 
     def __call__(self, event: dict) -> None:
@@ -61,30 +50,14 @@ class EventStreamer:
             self._memory = event
         elif kind == "batch":
             self._where = (event["epoch"], event["batch"])
-            now = time.time()
-            last = event["batch"] == event["num_batches"]
-            if last or now - self._last_batch >= self.batch_interval_s:
-                self._last_batch = now
-                self.send(event)
-            if now - self._last_flush >= self.interval_s:
+            self.send(event)
+            if time.time() - self._last_flush >= self.interval_s:
                 self.flush()
-            self._sample_next_batch()
         elif kind == "epoch":
             self.flush()
-            if self._profiler is not None:
-                self._profiler.collect()  # drop the evaluation passes' spans: not training steps
             self.send(event)
         else:
             self.send(event)
-
-    def _sample_next_batch(self) -> None:
-        if self._profiler is None or self.profile_interval_s <= 0:
-            return
-        now = time.perf_counter()
-        on = now - self._last_profiled >= self.profile_interval_s
-        if on:
-            self._last_profiled = now
-        self.pc.profiler = self._profiler if on else None
 
     def flush(self) -> None:
         """Send the aggregated layer times and latest memory reading, then reset the window."""
@@ -150,73 +123,52 @@ def default_threads() -> int:
 def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
     import torch
 
-    import engine
     from engine.data import load_dataset
-    from engine.optim import EMSchedule, fit
+    from engine.optim import EMSchedule
+    from engine.training import TrainConfig, pick_device, run_training
     from workbench.services.circuits import build
 
     torch.set_num_threads(int(spec.get("threads") or default_threads()))
     torch.manual_seed(int(spec.get("seed", 0)))
-    device = spec.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    ds = load_dataset(spec["dataset"])
-    send({"type": "status", "status": "starting", "message": "building circuit", "device": device})
-    res = build(spec["circuit"], ds)
-    if not res.ok:
-        raise ValueError(res.error)
-    pc = engine.compile(
-        res.root,
-        block_size=spec.get("block_size"),
-        device=device,
-        tolerance=float(spec.get("tolerance", 0.25)),
-    )
-    send({"type": "plan", "plan": pc.plan.to_dict(int(spec["batch_size"]))})
-    if spec.get("profile", True):
-        pc.profile(True)
-    streamer = EventStreamer(
-        send,
-        pc,
-        float(spec.get("update_interval_s", 0.5)),
-        float(spec.get("batch_interval_s", 0.1)),
-        float(spec.get("profile_interval_s", 0.1)),
-    )
+    device = pick_device(spec.get("device", "auto"))
+    batch_size = int(spec["batch_size"])
     schedule = EMSchedule(
-        int(spec["batch_size"]),
+        batch_size,
         float(spec["step_size"]),
         float(spec["final_step_size"]),
         float(spec["pseudocount"]),
         int(spec["full_batch_epochs"]),
     )
-    should_stop = _gate(send, run_event, stop_event)
-    send(
-        {
-            "type": "status",
-            "status": "running",
-            "message": "",
-            "device": device,
-            "setup_seconds": time.time() - t0,
-        }
+    cfg = TrainConfig(
+        epochs=int(spec["epochs"]),
+        schedule=schedule,
+        device=device,
+        block_size=spec.get("block_size"),
+        tolerance=float(spec.get("tolerance", 0.25)),
+        profile=bool(spec.get("profile", True)),
+        profile_interval_s=float(spec.get("profile_interval_s", 0.1)),
+        event_interval_s=float(spec.get("batch_interval_s", 0.1)),
     )
-    fit(
-        pc,
-        ds.train.to(device),
-        ds.valid.to(device),
-        ds.test.to(device),
-        int(spec["epochs"]),
-        schedule,
-        callback=streamer,
-        should_stop=should_stop,
-    )
+    cfg.check()
+    ds = load_dataset(spec["dataset"])
+    send({"type": "status", "status": "starting", "message": "building circuit", "device": device})
+    res = build(spec["circuit"], ds)
+    if not res.ok:
+        raise ValueError(res.error)
+    streamer = EventStreamer(send, float(spec.get("update_interval_s", 0.5)))
+
+    def on_compiled(pc) -> None:
+        send({"type": "plan", "plan": pc.plan.to_dict(batch_size)})
+        send({"type": "status", "status": "running", "message": "", "device": device,
+              "setup_seconds": time.time() - t0})
+
+    result = run_training(res.root, ds, cfg, streamer, _gate(send, run_event, stop_event), out=model_path,
+                          on_compiled=on_compiled)
     streamer.flush()
-    stopped = stop_event.is_set()
-    pc.profile(False)
-    pc.sync_to_nodes()
-    engine.save(pc, model_path)
     send(
         {
             "type": "done",
-            "status": "stopped" if stopped else "done",
+            "status": "stopped" if result.stopped or stop_event.is_set() else "done",
             "model": model_path,
             "seconds": time.time() - t0,
         }
