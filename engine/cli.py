@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -142,6 +140,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run a command; every failure a user can cause is one `error:` line on stderr and exit code 2."""
     args = make_parser().parse_args(argv)
+    from engine.training import check_output_path
+
     try:
         if args.command == "train":
             for path in (args.metrics, args.out):
@@ -161,35 +161,6 @@ def _fail(message: str) -> int:
     lines = message.strip().splitlines() or ["failed"]
     print(f"error: {lines[0]}", file=sys.stderr)
     return 2
-
-
-def check_output_path(path: str | None) -> None:
-    """Raise OSError unless `path` can be written: not a folder, its folder created and writable.
-
-    A device (e.g. /dev/full) gets one test byte, since only a write shows whether it takes data.
-    """
-    if not path:
-        return
-    try:
-        _probe_write(Path(path))
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-def _probe_write(p: Path) -> None:
-    if p.is_dir():
-        raise IsADirectoryError(0, "it is a folder; give a file name")
-    if p.exists() and not p.is_file():
-        with open(p, "wb") as f:  # raises for a device that refuses data
-            f.write(b"\n")
-            f.flush()
-        return
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".cw-write-test-", dir=p.parent)  # raises if not writable
-    os.close(fd)
-    os.unlink(probe)
-    if p.exists() and not os.access(p, os.W_OK):
-        raise PermissionError(0, "permission denied")
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):

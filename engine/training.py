@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -69,16 +71,32 @@ def pick_device(name: str) -> str:
 
 
 def check_output_path(path) -> None:
-    """Fail before training, not after it, when the model cannot be written to `path`."""
-    if path is None:
+    """Raise OSError unless `path` can be written: not a folder, its folder created and writable.
+
+    A device (e.g. /dev/full) gets one test byte, since only a write shows whether it takes data.
+    """
+    if path is None or path == "":
         return
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"output path {path} is a directory; give a file name such as model.cw")
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write the model to {path}: folder {folder} is not writable")
+    try:
+        _probe_write(Path(path))
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _probe_write(p: Path) -> None:
+    if p.is_dir():
+        raise IsADirectoryError(0, "it is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        with open(p, "wb") as f:  # raises for a device that refuses data
+            f.write(b"\n")
+            f.flush()
+        return
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".cw-write-test-", dir=p.parent)  # raises if not writable
+    os.close(fd)
+    os.unlink(probe)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise PermissionError(0, "permission denied")
 
 
 def json_line(event: dict) -> str:

@@ -177,10 +177,10 @@ def test_run_training_checks_the_output_path_before_training(tmp_path):
     ds = load_dataset("nltcs")
     root = engine.structures.hclt(ds.train[:200], num_latents=2, input_dist=engine.dists.Categorical(2))
     trained = []
-    with pytest.raises(ValueError, match="directory"):
+    with pytest.raises(OSError, match="folder"):
         run_training(root, ds, TrainConfig(epochs=1), callback=trained.append, out=tmp_path)
     assert trained == []  # refused before the first batch
-    with pytest.raises(ValueError, match="directory"):
+    with pytest.raises(OSError, match="folder"):
         check_output_path(tmp_path)
 
 
