@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
 from dataclasses import dataclass
 
@@ -33,4 +34,5 @@ def get_services(runs_dir=None) -> Services:
 
             store = RunStore(runs_dir)
             _services = Services(store, JobRunner(store))
+            atexit.register(_services.shutdown)  # panel serve exits normally on SIGTERM
         return _services

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import sys
 import threading
@@ -135,6 +136,7 @@ class JobRunner:
         self.store = store if store is not None else RunStore()
         self.poll_s, self.stop_timeout, self.max_events = poll_s, stop_timeout, max_events
         self._ctx = mp.get_context("spawn")
+        self.recovered = self.store.recover()  # runs a previous server left unfinished: "interrupted"
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -171,7 +173,7 @@ class JobRunner:
         with self._lock, _main_module_hidden():
             job.process.start()
             self._jobs[run_id] = job
-        self.store.set_status(run_id, "starting", pid=job.process.pid)
+        self.store.set_status(run_id, "starting", pid=job.process.pid, server_pid=os.getpid())
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -211,7 +213,14 @@ class JobRunner:
         return job.finished
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop all jobs and the reader thread."""
+        """Stop all jobs (each worker saves its model so far) and the reader thread.
+
+        Called at interpreter exit (`get_services` registers it), which `panel serve` reaches on
+        SIGTERM. A worker that has not finished within `timeout` is killed and its run marked
+        "interrupted", keeping its metrics and last checkpoint.
+        """
+        if self._closed.is_set():
+            return
         for job in self.jobs():
             self.stop(job.job_id, timeout)
         end = time.time() + timeout
@@ -221,8 +230,11 @@ class JobRunner:
         self._thread.join(timeout=2.0)
         for job in self.jobs():
             if job.process is not None and job.process.is_alive():
-                job.process.terminate()
+                job.process.kill()
                 job.process.join(1.0)
+            if not job.finished:
+                self.store.set_status(job.job_id, "interrupted", "the server shut down before this run finished")
+                job.status = "interrupted"
 
     def _require(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -236,6 +248,7 @@ class JobRunner:
             busy = False
             for job in self.jobs():
                 if job.finished:
+                    _reap(job)
                     continue
                 try:
                     busy |= self._poll(job)
@@ -253,7 +266,7 @@ class JobRunner:
             return bool(events)
         proc = job.process
         if job.stop_deadline is not None and time.time() > job.stop_deadline and proc.is_alive():
-            proc.terminate()
+            proc.kill()  # SIGTERM only asks the worker to stop, which it was already asked
             proc.join(1.0)
             self._finish(job, "stopped", "worker terminated after the stop timeout")
         elif not proc.is_alive():
@@ -313,6 +326,13 @@ def _main_module_hidden():
             main.__file__ = saved
         if main is not None and spec is not None:
             main.__spec__ = spec
+
+
+def _reap(job: Job) -> None:
+    """Collect a finished worker's exit status, so it does not linger as a <defunct> process."""
+    proc = job.process
+    if proc is not None and proc.exitcode is None:
+        proc.is_alive()  # polls waitpid(WNOHANG): reaps the process once it has exited
 
 
 def _drain_queue(q, limit: int = 10_000) -> list[dict]:

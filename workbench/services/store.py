@@ -2,13 +2,15 @@
 
     $CW_RUNS_DIR (default ./runs)/
         <run_id>/spec.json       the job spec (JSON)
-        <run_id>/status.json     {"status": "queued"|"running"|"paused"|"done"|"stopped"|"failed",
-                                  "message": str, "created": unix s, "updated": unix s, ...}
+        <run_id>/status.json     {"status": "queued"|"running"|"paused"|"done"|"stopped"|"failed"|
+                                  "interrupted", "message": str, "created": unix s, "updated": unix s,
+                                  "server_pid": int, "pid": worker pid, ...}
         <run_id>/metrics.jsonl   one streamed event per line (epoch, batch, layer_times, memory, ...)
         <run_id>/model.cwpc      the trained circuit (engine.save), written by the worker
         <run_id>/plan.json       the compiled plan summary (plan.to_dict), written by the worker
 
 Writes are append-only (metrics) or atomic renames (status, spec), so a crash leaves readable files.
+A run whose server died before it finished is marked "interrupted" by `recover()` at the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -25,7 +28,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-TERMINAL = ("done", "stopped", "failed")
+TERMINAL = ("done", "stopped", "failed", "interrupted")
 MODEL_FILE = "model.cwpc"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -75,8 +78,30 @@ class RunStore:
         _write_json(d / "spec.json", {**spec, "name": name or spec.get("name") or run_id})
         (d / "metrics.jsonl").touch()
         now = time.time()
-        _write_json(d / "status.json", {"status": "queued", "message": "", "created": now, "updated": now})
+        status = {"status": "queued", "message": "", "created": now, "updated": now, "server_pid": os.getpid()}
+        _write_json(d / "status.json", status)
         return run_id
+
+    def recover(self) -> list[str]:
+        """Mark unfinished runs whose server process is gone as "interrupted"; returns their ids.
+
+        Their metrics and last checkpoint (model.cwpc) are kept; a worker still alive (its server was
+        killed before it noticed) is sent SIGTERM, which makes it save and exit. Runs of a live
+        server (another process sharing the folder) are left alone.
+        """
+        out = []
+        for run in self.list_runs():
+            st = self.status(run.run_id)
+            if run.status in TERMINAL or _pid_alive(st.get("server_pid")):
+                continue
+            worker = st.get("pid")
+            if _pid_alive(worker) and _is_worker(worker):
+                os.kill(worker, signal.SIGTERM)
+            kept = "; the last checkpoint is kept" if run.has_model else ""
+            message = f"the server stopped while this run was {run.status}; its metrics so far are kept{kept}"
+            self.set_status(run.run_id, "interrupted", message)
+            out.append(run.run_id)
+        return out
 
     def set_status(self, run_id: str, status: str, message: str = "", **extra) -> None:
         """Update status.json atomically (keeps `created` and earlier extra keys)."""
@@ -153,6 +178,31 @@ class RunStore:
                 if p.is_file():
                     zf.write(p, f"{run_id}/{p.name}")
         return buf.getvalue()
+
+
+def _pid_alive(pid) -> bool:
+    """True when process `pid` exists and is not a zombie (a killed server not yet reaped is dead)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _is_worker(pid: int) -> bool:
+    """True when `pid` is a multiprocessing child (a recycled pid of another program is left alone)."""
+    try:
+        return b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _jsonable(obj):

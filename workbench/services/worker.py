@@ -20,9 +20,16 @@ Events (all dicts with "type" and "t", the worker's unix time):
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import threading
 import time
 import traceback
+
+PARENT_POLL_S = 0.5  # how often a worker checks that its server is still alive
+EXIT_GRACE_S = 30.0  # after the server died or SIGTERM: time to save the model before a hard exit
+CHECKPOINT_INTERVAL_S = 10.0  # at most one epoch-end checkpoint per this many seconds
 
 
 class EventStreamer:
@@ -99,6 +106,8 @@ def run_job(spec: dict, model_path: str, queue, run_event, stop_event) -> None:
         queue.put({**event, "t": time.time()})
 
     t0 = time.time()
+    if multiprocessing.parent_process() is not None:  # a spawned worker, not a test calling us in-process
+        _watch_lifecycle(queue, run_event, stop_event)
     send({"type": "status", "status": "starting", "message": "loading data", "pid": os.getpid()})
     try:
         _train(spec, model_path, send, run_event, stop_event, t0)
@@ -109,6 +118,52 @@ def run_job(spec: dict, model_path: str, queue, run_event, stop_event) -> None:
     finally:
         queue.close()
         queue.join_thread()
+
+
+def _watch_lifecycle(queue, run_event, stop_event) -> None:
+    """Stop cooperatively (the model so far is saved) when the server dies or sends SIGTERM, then exit.
+
+    A daemon thread polls the parent pid: a worker whose server was SIGKILLed is re-parented and would
+    otherwise train on unobserved. The SIGTERM handler only sets a flag, since taking the
+    multiprocessing events' locks inside a signal handler could deadlock against the training thread.
+    """
+    parent = os.getppid()
+    asked = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: asked.set())
+
+    def watch() -> None:
+        while os.getppid() == parent and not asked.wait(PARENT_POLL_S):
+            pass
+        if os.getppid() != parent:
+            queue.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it
+        stop_event.set()
+        run_event.set()
+        time.sleep(EXIT_GRACE_S)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="cw-lifecycle", daemon=True).start()
+
+
+class Checkpointer:
+    """Training callback wrapper: saves the model at epoch ends, so a crash keeps the last epoch's model.
+
+    Saves at most every `interval_s` seconds (a large model takes a while to write); the file is
+    written atomically by `engine.save`. `pc` is set once the circuit is compiled.
+    """
+
+    def __init__(self, callback, model_path: str, interval_s: float = CHECKPOINT_INTERVAL_S):
+        self.callback, self.model_path, self.interval_s = callback, model_path, interval_s
+        self.pc = None
+        self._last = float("-inf")
+
+    def __call__(self, event: dict) -> None:
+        self.callback(event)
+        if event.get("type") == "epoch" and self.pc is not None and time.monotonic() - self._last >= self.interval_s:
+            import engine
+
+            self.pc.sync_to_nodes()
+            engine.save(self.pc, self.model_path)
+            self._last = time.monotonic()
 
 
 def default_threads() -> int:
@@ -156,13 +211,15 @@ def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
     if not res.ok:
         raise ValueError(res.error)
     streamer = EventStreamer(send, float(spec.get("update_interval_s", 0.5)))
+    saver = Checkpointer(streamer, model_path)
 
     def on_compiled(pc) -> None:
+        saver.pc = pc
         send({"type": "plan", "plan": pc.plan.to_dict(batch_size)})
         send({"type": "status", "status": "running", "message": "", "device": device,
               "setup_seconds": time.time() - t0})
 
-    result = run_training(res.root, ds, cfg, streamer, _gate(send, run_event, stop_event), out=model_path,
+    result = run_training(res.root, ds, cfg, saver, _gate(send, run_event, stop_event), out=model_path,
                           on_compiled=on_compiled)
     streamer.flush()
     send(

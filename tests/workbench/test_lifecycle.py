@@ -1,0 +1,136 @@
+"""A served workbench stopped with SIGTERM or killed with SIGKILL leaves no stale runs or orphan workers.
+
+The server is a real `panel serve` process serving a tiny app (written here) that starts one long
+training job through the shared services, as the workbench's Train tab does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workbench.services.jobs import JobRunner
+from workbench.services.store import RunStore, _pid_alive
+
+REPO = Path(__file__).resolve().parents[2]
+APP = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import panel as pn
+from workbench.services import get_services
+from workbench.services.jobs import JobSpec
+
+services = get_services()
+if not services.runner.jobs():
+    spec = JobSpec(circuit={{"source": "template", "template": "hclt", "num_latents": 8}}, dataset="nltcs",
+                   epochs=10000, full_batch_epochs=0, batch_size=64, threads=1)
+    services.runner.start(spec)
+pn.pane.Markdown("started").servable()
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(pred, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _serve_training(tmp_path: Path) -> tuple[subprocess.Popen, Path, str]:
+    """A panel server whose one session started a training job; returns (server, runs dir, run id)."""
+    runs = tmp_path / "runs"
+    app = tmp_path / "trainapp.py"
+    app.write_text(APP)
+    port = _free_port()
+    env = {**os.environ, "CW_RUNS_DIR": str(runs)}
+    server = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "panel"), "serve", str(app), "--port", str(port), "--address", "127.0.0.1"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/trainapp"
+
+    def page() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.status == 200
+        except OSError:
+            return server.poll() is not None
+
+    _wait(page, 120, "the server to answer")
+    assert server.poll() is None
+    run_dir = _wait(lambda: next((d for d in runs.glob("2*") if d.is_dir()), None), 60, "a run directory")
+
+    def epochs() -> bool:
+        text = (run_dir / "metrics.jsonl").read_text()
+        return '"type": "epoch"' in text and (run_dir / "model.cwpc").exists()
+
+    _wait(epochs, 180, "a first epoch and its checkpoint")
+    return server, runs, run_dir.name
+
+
+def _status(runs: Path, run_id: str) -> dict:
+    return json.loads((runs / run_id / "status.json").read_text())
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_worker_and_saves_the_run(tmp_path):
+    server, runs, run_id = _serve_training(tmp_path)
+    worker = _status(runs, run_id)["pid"]
+    assert _pid_alive(worker)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    status = _status(runs, run_id)
+    assert status["status"] == "stopped", status  # the worker saved its model and said so
+    assert not _pid_alive(worker)
+    assert (runs / run_id / "model.cwpc").exists()
+    import engine
+
+    engine.load(runs / run_id / "model.cwpc")  # a complete, loadable model
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_orphan_and_restart_marks_the_run_interrupted(tmp_path):
+    server, runs, run_id = _serve_training(tmp_path)
+    worker = _status(runs, run_id)["pid"]
+    epochs_before = (runs / run_id / "metrics.jsonl").read_text().count('"type": "epoch"')
+    server.kill()
+    server.wait(30)
+    _wait(lambda: not _pid_alive(worker), 30, "the orphaned worker to exit")
+    assert _status(runs, run_id)["status"] == "running"  # nobody was left to record the end
+    runner = JobRunner(RunStore(runs))  # the next server start
+    try:
+        assert runner.recovered == [run_id]
+        status = _status(runs, run_id)
+        assert status["status"] == "interrupted" and "checkpoint" in status["message"], status
+        kept = RunStore(runs).events(run_id, ("epoch",))
+        assert len(kept) >= epochs_before >= 1
+        assert JobRunner(RunStore(runs)).recovered == []  # recovery happens once
+    finally:
+        runner.shutdown()
+
+
+def test_recover_leaves_runs_of_a_live_server_alone(tmp_path):
+    store = RunStore(tmp_path)
+    mine = store.create({"circuit": {}})  # created by this (live) process
+    other = store.create({"circuit": {}})
+    store.set_status(other, "running", server_pid=2**22 + 12345)  # no such process
+    assert store.recover() == [other]
+    assert store.status(mine)["status"] == "queued" and store.status(other)["status"] == "interrupted"
