@@ -46,8 +46,11 @@ def test_sparse_templates_have_several_partitions_and_padding():
     assert max(counts) >= 3
     merged, plan = _partitions(sparse, 1.0)
     assert sum(merged) < sum(counts)
-    padded = sum(p.summary("sum")["padded_edges"] - p.summary("sum")["num_edges"]
-                 for layer in plan.sum_layers for p in layer.partitions)
+    padded = sum(
+        p.summary("sum")["padded_edges"] - p.summary("sum")["num_edges"]
+        for layer in plan.sum_layers
+        for p in layer.partitions
+    )
     assert padded > 0
 
 

@@ -6,11 +6,40 @@ Plain `param.Parameterized` classes, no widgets: views bind to these parameters 
 from __future__ import annotations
 
 import itertools
+import time
+from pathlib import Path
 
+import numpy as np
 import param
 
 from workbench.services import circuits
 from workbench.services.circuits import DIST_NAMES, TEMPLATE_DEFAULTS, TEMPLATES, BuildResult
+
+# The demo every session opens on: small enough to build in well under a second, block-sparse so the
+# Partitions tab has several partitions (and padding at a larger tolerance) to show.
+DEMO = {"template": "hclt", "num_latents": 16, "sum_density": 0.5, "seed": 0}
+LATENTS = {"hclt": 16, "pd": 8, "rat_spn": 8, "hmm": 16}  # per-template default num_latents
+
+
+def grid_shape(num_vars: int) -> list[int]:
+    """The most square [H, W] with H * W = num_vars (PD's image grid): 16 -> [4, 4], 69 -> [3, 23]."""
+    h = max(d for d in range(1, int(num_vars**0.5) + 1) if num_vars % d == 0)
+    return [h, num_vars // h]
+
+
+def variable_mismatch(res: BuildResult, dataset, name: str) -> str:
+    """Why a built circuit cannot be trained on `dataset` ('' if its variables are the dataset's)."""
+    if dataset is None or not res.ok:
+        return ""
+    n = res.info.get("num_vars", 0)
+    top = max((v.var for v in res.root.topological() if v.kind == "input"), default=-1)
+    if n == dataset.num_vars and top == dataset.num_vars - 1:
+        return ""
+    label = Path(name).name
+    return (
+        f"the circuit covers {n} variables (ids up to {top}) but dataset {label} has {dataset.num_vars}: "
+        "it cannot be trained on it; choose a dataset with as many variables"
+    )
 
 
 class DataState(param.Parameterized):
@@ -83,6 +112,16 @@ class CircuitSpec(param.Parameterized):
         doc="Share of sum block edges kept; below 1 node blocks get different numbers of child blocks, "
         "so sum layers split into several partitions with padding (engine.structures.sparse)",
     )
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._latents = dict(LATENTS)
+        self.param.watch(self._swap_latents, "template")
+
+    def _swap_latents(self, event) -> None:
+        """Each template keeps its own num_latents (HMM's 16 states are not PD's 8 per region)."""
+        self._latents[event.old] = self.num_latents
+        self.num_latents = self._latents.get(event.new, self.num_latents)
 
     def to_dict(self) -> dict:
         """Plain JSON spec for `services.circuits.build` and the job spec."""
@@ -185,11 +224,37 @@ class BuildState(param.Parameterized):
     )
     error = param.String(default="", doc="Readable error of the last build ('' if it succeeded)")
 
+    mismatch = param.String(
+        default="",
+        doc="Why the built circuit cannot train on the chosen dataset (variable counts differ), or ''",
+    )
+    seconds = param.Number(
+        default=0.0, doc="Wall time of the last build, including the plan and view updates it triggered, s"
+    )
+
     def __init__(self, **params):
         params.setdefault("template", CircuitSpec())
         params.setdefault("graph", GraphSpec.example())
         params.setdefault("data", DataState())
         super().__init__(**params)
+        self.data.param.watch(lambda e: self.fit_template_to_data(), "dataset")
+        self.fit_template_to_data()
+
+    def fit_template_to_data(self) -> None:
+        """Give PD a grid that covers the dataset's variables (8x8 cannot model nltcs's 16)."""
+        ds = self.data.load()
+        if ds is None:
+            return
+        shape = grid_shape(ds.num_vars)
+        if int(np.prod(self.template.data_shape)) != ds.num_vars:
+            self.template.param.update(data_shape=shape, split_intervals=max(1, min(shape) // 2))
+
+    def build_demo(self) -> BuildResult:
+        """The circuit every session opens on: a block-sparse HCLT-16 on nltcs (several partitions)."""
+        self.data.dataset = "nltcs"
+        self.template.param.update(**DEMO)
+        self.source = "template"
+        return self.build()
 
     def spec(self) -> dict:
         """The plain circuit spec of the current source (goes into job specs)."""
@@ -200,16 +265,17 @@ class BuildState(param.Parameterized):
         return {"source": "file", "path": self.file_path}
 
     def build(self) -> BuildResult:
-        """Build the current spec; sets `result` and `error`. Never raises for a bad circuit."""
-        dataset = None
-        if self.source == "template":
-            dataset = self.data.load()
-            if dataset is None and self.template.template == "hclt":
-                res = BuildResult(error=f"dataset: {self.data.error}")
-                self.param.update(result=res, error=res.error)
-                return res
-        res = circuits.build(self.spec(), dataset)
-        self.param.update(result=res, error=res.error or "")
+        """Build the current spec; sets `result`, `error`, `mismatch` and `seconds` (the whole wait,
+        including what watchers of `result` recompute). Never raises for a bad circuit."""
+        t0 = time.perf_counter()
+        dataset = self.data.load()
+        if dataset is None and self.source == "template" and self.template.template == "hclt":
+            res = BuildResult(error=f"dataset: {self.data.error}")
+        else:
+            res = circuits.build(self.spec(), dataset if self.source == "template" else None)
+        mismatch = variable_mismatch(res, dataset, self.data.dataset) if res.ok else ""
+        self.param.update(result=res, error=res.error or "", mismatch=mismatch)
+        self.seconds = time.perf_counter() - t0
         return res
 
     @property

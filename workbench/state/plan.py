@@ -24,9 +24,10 @@ class PlanState(param.Parameterized):
         default=None, objects=BLOCK_SIZES, doc="Compile block size (None: each vector's own block size)"
     )
     tolerance = param.Number(
-        default=0.25,
+        default=0.5,
         bounds=(0.0, 4.0),
-        doc="Partition tolerance: max degree / min degree - 1 within a partition",
+        doc="Partition tolerance: max degree / min degree - 1 within a partition (0.5: the demo's "
+        "node blocks of 2 and 3 child blocks share a padded partition, so padding shows at once)",
     )
     batch_size = param.Integer(default=512, bounds=(1, None), doc="Batch size for predicted cost and memory")
     peak_flops = param.Number(
@@ -55,6 +56,10 @@ class PlanState(param.Parameterized):
     )
     padding_ratio = param.Number(default=0.0, constant=True, doc="Padded fraction of all sum edges")
     error = param.String(default="", constant=True, doc="Why planning failed ('' if it succeeded)")
+    absent = param.String(
+        default="No circuit yet: build one in the Build tab.",
+        doc="What views say while there is no plan (no build yet, or the last build failed)",
+    )
     seconds = param.Number(default=0.0, constant=True, doc="Wall time of the last recompute, s")
 
     def __init__(self, **params):

@@ -60,8 +60,14 @@ class SessionState(param.Parameterized):
         params.setdefault("compare", CompareState())
         super().__init__(**params)
         self.services = services
-        self.build.param.watch(lambda e: setattr(self.plan, "root", self.build.root), "result")
+        self.build.param.watch(lambda e: self._follow_build(), "result")
         self.training.param.watch(lambda e: setattr(self.plan, "batch_size", e.new), "batch_size")
+
+    def _follow_build(self) -> None:
+        """Plan the new circuit; after a failed build drop the old plan, so no view shows a stale one."""
+        b = self.build
+        absent = f"The last build failed ({b.error}); nothing to show until a build succeeds."
+        self.plan.param.update(absent=absent if b.error else self.plan.param.absent.default, root=b.root)
 
     def job_spec(self) -> JobSpec:
         """The job the current settings describe."""
@@ -84,6 +90,9 @@ class SessionState(param.Parameterized):
 
     def start_training(self) -> RunState | None:
         """Start a job with the current settings; the new live run becomes `run` (None + `error` on failure)."""
+        if self.build.mismatch:
+            self.error = self.build.mismatch
+            return None
         try:
             job = self.services.runner.start(self.job_spec())
         except (ValueError, OSError) as err:

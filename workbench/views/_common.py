@@ -33,10 +33,49 @@ def set_status(alert: pn.pane.Alert, message: str, kind: str = "info") -> None:
     alert.param.update(object=message, alert_type=kind, visible=bool(message))
 
 
+def plural(n: float, word: str) -> str:
+    """`word` in the number `n` asks for: plural(1, 'node') -> 'node', plural(2, 'node') -> 'nodes'."""
+    return word if n == 1 else word + "s"
+
+
+def plural_n(n: float, word: str) -> str:
+    """'1 node', '3 nodes', '12,345 nodes'."""
+    return f"{n:,} {plural(n, word)}"
+
+
+# Bokeh tick labels with SI prefixes (k, M, G, T; never "m" for millions as Numeral.js's "a" does)
+SI_TICKS_JS = """
+const a = Math.abs(tick);
+for (const [u, s] of [["T", 1e12], ["G", 1e9], ["M", 1e6], ["k", 1e3]]) {
+  if (a >= s) { const v = tick / s; return (Math.abs(v) >= 100 ? v.toFixed(0) : +v.toPrecision(3)) + u; }
+}
+return a >= 1 || a === 0 ? String(+tick.toPrecision(3)) : tick.toPrecision(2);
+"""
+
+
+def si_ticks():
+    """A Bokeh tick formatter writing 1500 as '1.5k' and 2e6 as '2M'."""
+    from bokeh.models import CustomJSTickFormatter
+
+    return CustomJSTickFormatter(code=SI_TICKS_JS)
+
+
+def integer_ticks():
+    """A Bokeh ticker for integer axes (epochs, partitions, layers): no 0.5 ticks."""
+    from bokeh.models import BasicTicker
+
+    return BasicTicker(min_interval=1, desired_num_ticks=8)
+
+
+# Plots sit on long scrolling pages: the mouse wheel scrolls the page, it does not zoom the plot
+# (zoom stays one click away in the toolbar).
+NO_WHEEL = {"active_tools": ["pan"], "default_tools": ["pan", "wheel_zoom", "box_zoom", "reset", "save"]}
+
+
 def fmt_count(n: float) -> str:
-    """1234567 -> '1.23M'."""
+    """1234567 -> '1.23M' (SI prefixes: k, M, G)."""
     n = float(n)
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{_num(n / scale)}{unit}"
     return f"{n:.4g}"

@@ -13,7 +13,7 @@ import panel as pn
 import param
 
 from workbench.state.circuit import BuildState
-from workbench.views._common import collapsing_tabs, learn, set_status, status
+from workbench.views._common import collapsing_tabs, learn, plural, plural_n, set_status, status
 
 LEARN = """**Build a circuit.** A PC here is a DAG of *node vectors*: input vectors (leaves over one
 variable), product vectors (factorisations) and sum vectors (mixtures), each cut into *node blocks*.
@@ -21,11 +21,21 @@ Templates (HCLT, PD, RAT-SPN, HMM) generate thousands of vectors with regular bl
 what lets a compiler batch them into a few dense layers. A circuit must be *smooth* (a sum's children
 share a scope) and *decomposable* (a product's children have disjoint scopes) to be a valid PC."""
 
+# Only the fields a template reads with a dataset chosen (the workbench always has one): RAT-SPN's
+# num_vars and HMM's seq_length / num_emits / input_dist come from the data, so they are not shown.
 TEMPLATE_FIELDS = {
-    "hclt": ["num_latents", "input_dist", "chow_liu_samples", "seed"],
-    "pd": ["num_latents", "input_dist", "data_shape", "split_intervals", "max_split_depth", "seed"],
-    "rat_spn": ["num_latents", "input_dist", "depth", "num_repetitions", "num_pieces", "num_vars", "seed"],
-    "hmm": ["num_latents", "seq_length", "num_emits"],
+    "hclt": ["num_latents", "sum_density", "input_dist", "chow_liu_samples", "seed"],
+    "pd": [
+        "num_latents",
+        "sum_density",
+        "input_dist",
+        "data_shape",
+        "split_intervals",
+        "max_split_depth",
+        "seed",
+    ],
+    "rat_spn": ["num_latents", "sum_density", "input_dist", "depth", "num_repetitions", "num_pieces", "seed"],
+    "hmm": ["num_latents", "sum_density", "seed"],
 }
 TEMPLATE_LABELS = {"HCLT": "hclt", "PD": "pd", "RAT-SPN": "rat_spn", "HMM": "hmm"}
 NODE_COLUMNS = ["id", "kind", "num_nodes", "block_size", "var", "dist", "num_cats"]
@@ -262,6 +272,11 @@ class BuilderView(pn.viewable.Viewer):
         self.button = pn.widgets.Button(name="Build circuit", button_type="success", width=160)
         self.button.on_click(self._on_build)
         self.outcome = status()
+        if self.build.result is None:
+            if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+                pn.state.onload(self.build_demo)  # after the page is shown: the wait is visible
+            else:
+                self.build_demo()
 
     def _show_template_params(self) -> None:
         spec = self.build.template
@@ -277,24 +292,60 @@ class BuilderView(pn.viewable.Viewer):
         ]
 
     def _on_build(self, event) -> None:
+        """Say what is being built at once, then build on the next tick (so the message and the
+        button's spinner reach the browser first) and report the whole wait."""
         self.build.source = ("template", "graph", "file")[self.sources.active]
+        self._start_build(self.build.build)
+
+    def _start_build(self, fn) -> None:
         self.button.loading = True
+        set_status(self.outcome, f"Building {self._what()}: circuit, then plan, then views…", "info")
+        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+            pn.state.curdoc.add_next_tick_callback(lambda: self._finish_build(fn))
+        else:  # no browser session (tests): build now
+            self._finish_build(fn)
+
+    def _finish_build(self, fn) -> None:
         try:
-            res = self.build.build()
+            res = fn()
         finally:
             self.button.loading = False
-        if res.ok:
-            i = res.info
-            kinds = ", ".join(f"{v} {k}" for k, v in i.get("vectors_by_kind", {}).items())
-            set_status(
-                self.outcome,
-                f"Built a valid circuit in {res.seconds:.2f} s: **{i.get('num_nodes')}** "
-                f"nodes in {i.get('num_vectors')} node vectors ({kinds}) over {i.get('num_vars')} "
-                "variables.",
-                "success",
-            )
-        else:
+        self.report(res)
+
+    def _what(self) -> str:
+        b = self.build
+        if b.source == "template":
+            t = b.template
+            sparse = f", sum density {t.sum_density:g}" if t.sum_density < 1 else ""
+            label = {v: k for k, v in TEMPLATE_LABELS.items()}[t.template]
+            return f"{label}-{t.num_latents}{sparse} on {Path(b.data.dataset).name}"
+        return "the composed circuit" if b.source == "graph" else Path(b.file_path).name or "the file"
+
+    def report(self, res) -> None:
+        """The outcome line: counts and the time the user waited, or the reason the build failed;
+        alerts of earlier steps (a selected example, a rejected upload) are cleared on success."""
+        b = self.build
+        if not res.ok:
             set_status(self.outcome, f"**Invalid circuit:** {res.error}", "danger")
+            return
+        set_status(self.data.alert, "")
+        set_status(self.importer.alert, "")
+        i = res.info
+        kinds = ", ".join(f"{v} {k}" for k, v in i.get("vectors_by_kind", {}).items())
+        text = (
+            f"Built {self._what()} in **{b.seconds:.2f} s** (circuit {res.seconds:.2f} s, plan and views "
+            f"{max(b.seconds - res.seconds, 0):.2f} s): a valid circuit of **{i.get('num_nodes'):,}** "
+            f"{plural(i.get('num_nodes'), 'node')} in {plural_n(i.get('num_vectors'), 'node vector')} "
+            f"({kinds}) over {plural_n(i.get('num_vars'), 'variable')}."
+        )
+        if b.mismatch:
+            set_status(self.outcome, f"{text} **Cannot train:** {b.mismatch}.", "warning")
+        else:
+            set_status(self.outcome, text, "success")
+
+    def build_demo(self) -> None:
+        """Open on a built circuit, so every tab has something to show at once."""
+        self._start_build(self.build.build_demo)
 
     def __panel__(self):
         return pn.Column(

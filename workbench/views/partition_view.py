@@ -8,13 +8,14 @@ padding and partitions per sum layer, predicted FLOPs / bytes / memory and a his
 from __future__ import annotations
 
 import holoviews as hv
-import numpy as np
 import pandas as pd
 import panel as pn
 import param
 
+from workbench.services import tiles
 from workbench.state.plan import BLOCK_SIZES, PlanState
-from workbench.views._common import fmt_bytes, fmt_count, learn
+from workbench.views._common import NO_WHEEL, fmt_bytes, fmt_count, integer_ticks, learn, plural, si_ticks
+from workbench.views.tiles_plot import PAD_COLOR, REAL_COLOR, tiles_plot, title_for
 
 LEARN = """**Block partitioning.** A sum layer runs as a few dense *block tiles*: node blocks with a
 similar number of child blocks are grouped into a *partition* and padded to the same width, so one
@@ -32,11 +33,13 @@ PART_COLUMNS = [
     "num_edges",
     "padded_edges",
     "padding_ratio",
+    "kernel",
 ]
 
 
 def layer_label(s: dict) -> str:
-    return f"layer {s['layer']} (depth {s['depth']}, {s['num_partitions']} partitions)"
+    n = s["num_partitions"]
+    return f"layer {s['layer']} (depth {s['depth']}, {n} {plural(n, 'partition')})"
 
 
 class PartitionView(pn.viewable.Viewer):
@@ -68,6 +71,7 @@ class PartitionView(pn.viewable.Viewer):
             pd.DataFrame(columns=PART_COLUMNS),
             show_index=False,
             disabled=True,
+            selectable=1,
             height=180,
             sizing_mode="stretch_width",
         )
@@ -76,7 +80,8 @@ class PartitionView(pn.viewable.Viewer):
             pd.DataFrame(), show_index=False, disabled=True, height=200, sizing_mode="stretch_width"
         )
         self._history: list[dict] = []
-        ps.param.watch(lambda *e: self.refresh(), ["plan", "error"])
+        ps.param.watch(lambda *e: self.refresh(), ["plan", "error", "absent"])
+        self.table.param.watch(lambda e: self._redraw_tiles(), "selection")
         self.refresh()
 
     # ------------------------------------------------------------------ whole-plan summaries
@@ -84,7 +89,8 @@ class PartitionView(pn.viewable.Viewer):
         ps = self.plan
         self.alert.param.update(object=f"**Cannot plan this circuit:** {ps.error}", visible=bool(ps.error))
         if ps.plan is None:
-            self.totals.object = "Build a circuit to see its partitions." if not ps.error else ""
+            self.totals.object = ps.absent if not ps.error else ""
+            self._clear()
             return
         s = ps.summary
         flops = sum(x["flops"] for x in ps.sum_layers)
@@ -107,6 +113,13 @@ class PartitionView(pn.viewable.Viewer):
         )
         self.per_layer.object = self._per_layer_plot()
         self._draw_layer()
+
+    def _clear(self) -> None:
+        """No plan: no picture of an older one."""
+        self.layer.options = {}
+        for pane in (self.heat, self.slots, self.per_layer):
+            pane.object = None
+        self.table.value = pd.DataFrame(columns=PART_COLUMNS)
 
     def _record(self, parts: int, flops: float, bytes_: float, mem: float) -> None:
         ps = self.plan
@@ -136,19 +149,34 @@ class PartitionView(pn.viewable.Viewer):
             ]
         )
         pad = hv.Bars(df, "layer", "padding %").opts(
-            color="#e45756",
+            color=PAD_COLOR,
             title="Padding per sum layer",
             tools=["hover"],
             responsive=True,
             height=250,
             ylim=(0, 100),
+            xlabel="sum layer",
+            **NO_WHEEL,
         )
         npart = hv.Bars(df, "layer", "partitions").opts(
-            color="#54a24b", title="Partitions per sum layer", tools=["hover"], responsive=True, height=250
+            color="#3ca951",
+            title="Partitions per sum layer",
+            tools=["hover"],
+            responsive=True,
+            height=250,
+            xlabel="sum layer",
+            yticks=integer_ticks(),
+            **NO_WHEEL,
         )
         return (pad + npart).opts(shared_axes=False)
 
     # ------------------------------------------------------------------ one layer
+    def _redraw_tiles(self) -> None:
+        """A partition picked in the table: its band stays bright in the tiles, the others dim."""
+        s = self._layer_summary()
+        if s is not None:
+            self.heat.object = self._tiles(s)
+
     def _layer_summary(self) -> dict | None:
         return next((x for x in self.plan.sum_layers if x["layer"] == self.layer.value), None)
 
@@ -159,47 +187,23 @@ class PartitionView(pn.viewable.Viewer):
         rows = [
             {"partition": k, **{c: p[c] for c in PART_COLUMNS[1:]}} for k, p in enumerate(s["partitions"])
         ]
+        with param.parameterized.discard_events(self.table):
+            self.table.selection = []
         self.table.value = pd.DataFrame(rows, columns=PART_COLUMNS)
-        self.heat.object = self._heat_map(s)
+        self.heat.object = self._tiles(s)
         self.slots.object = self._slots_plot(rows)
 
-    def _heat_map(self, s: dict):
-        """Occupancy image of the layer's block matrix, with a strip of partition colours on its left."""
-        bm = self.plan.block_matrix(s["layer"], max_cells=200)
-        h, w = bm.values.shape
-        (r0, r1), (c0, c1) = bm.node_rows, bm.child_rows
-        img = hv.Image(
-            np.flipud(bm.values),
-            bounds=(c0, r0, c1, r1),
-            kdims=["child row", "node row"],
-            vdims=["occupancy"],
-        )
-        title = f"Block-sparse edge matrix of layer {s['layer']}" + (
-            f" ({h}x{w} cells)" if bm.downsampled else ""
-        )
-        img = img.opts(
-            cmap="Blues", clim=(0, 1), colorbar=True, tools=["hover"], clipping_colors={"min": "white"}
-        )
-        strip_w = max((c1 - c0) * 0.06, 1.0)
-        part = bm.partition.copy()
-        for i in range(1, len(part)):  # rows where no block starts belong to the block above
-            if part[i] < 0:
-                part[i] = part[i - 1]
-        rects = [
-            (c0 - strip_w, r0 + i * bm.row_unit, c0, r0 + (i + 1) * bm.row_unit, int(p))
-            for i, p in enumerate(part)
-            if p >= 0
-        ]
-        strip = hv.Rectangles(rects, vdims=["partition"]).opts(
-            color="partition", cmap="Category10", line_color=None, tools=["hover"]
-        )
-        return (img * strip).opts(
-            responsive=True,
-            height=370,
-            title=title,
-            xlabel="child (element) row",
-            ylabel="node row (left strip: partition)",
-            invert_yaxis=True,
+    def _tiles(self, s: dict):
+        """The layer's block tiles, rows grouped by partition, padded slots in red (see tiles_plot)."""
+        t = tiles.block_tiles(self.plan.plan.layers[s["layer"]])
+        return tiles_plot(t, title_for(s["layer"], t), self._selected_partition())
+
+    def _selected_partition(self) -> int | None:
+        sel = self.table.selection
+        return (
+            int(self.table.value.iloc[sel[0]]["partition"])
+            if sel and len(self.table.value) > sel[0]
+            else None
         )
 
     def _slots_plot(self, rows: list[dict]):
@@ -207,16 +211,17 @@ class PartitionView(pn.viewable.Viewer):
         for r in rows:
             data.append((str(r["partition"]), "real", r["num_edges"]))
             data.append((str(r["partition"]), "padding", r["padded_edges"] - r["num_edges"]))
-        bars = hv.Bars(data, ["partition", "slot"], "edges").opts(
+        return hv.Bars(data, ["partition", "slot"], "edges").opts(
             stacked=True,
-            cmap={"real": "#4c78a8", "padding": "#e45756"},
+            cmap={"real": REAL_COLOR, "padding": PAD_COLOR},
             responsive=True,
             height=370,
             tools=["hover"],
-            title="Real vs padded edge slots per partition",
+            title="Real vs padded edges per partition",
             legend_position="top_right",
+            yformatter=si_ticks(),
+            **NO_WHEEL,
         )
-        return bars
 
     def __panel__(self):
         controls = pn.Row(self.block, self.tol, self.batch, self.layer, align="end")
