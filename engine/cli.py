@@ -21,8 +21,8 @@ import torch
 STRUCTURES = ("hclt", "pd", "rat_spn", "hmm")
 
 
-def build_structure(name: str, ds, latents: int, seed: int):
-    """A root node vector of structure `name` fitted to dataset `ds`."""
+def build_structure(name: str, ds, latents: int, seed: int, device: str = "cpu"):
+    """A root node vector of structure `name` fitted to dataset `ds` (HCLT's tree learnt on `device`)."""
     from engine import structures
     from engine.dists import Bernoulli, Categorical, Gaussian
 
@@ -33,7 +33,7 @@ def build_structure(name: str, ds, latents: int, seed: int):
     else:
         dist = Categorical(ds.num_cats)
     if name == "hclt":
-        return structures.hclt(ds.train, latents, input_dist=dist)
+        return structures.hclt(ds.train, latents, input_dist=dist, device=device)
     if name == "pd":
         side = math.isqrt(ds.num_vars)
         if side * side != ds.num_vars:
@@ -54,7 +54,7 @@ def _fmt(v) -> str:
 def cmd_train(args) -> int:
     from engine.data import load_dataset
     from engine.optim import EMSchedule
-    from engine.training import TrainConfig, json_line, run_training
+    from engine.training import TrainConfig, json_line, pick_device, run_training
 
     schedule = EMSchedule(
         batch_size=args.batch_size, step_size=args.step_size, final_step_size=args.final_step_size,
@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     ds = load_dataset(args.data)
     t0 = time.perf_counter()
-    root = build_structure(args.structure, ds, args.latents, args.seed)
+    root = build_structure(args.structure, ds, args.latents, args.seed, pick_device(args.device))
     metrics_file = None
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)

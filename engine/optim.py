@@ -17,9 +17,10 @@ Events go to `callback(dict)`:
         log-likelihood (nats) of the batches since the previous batch event
     {"type": "epoch", "epoch": 1, "phase": "minibatch" | "full_batch", "epochs": 20,
      "minibatch_epochs": 10, "full_batch_epochs": 10, "seconds": ..., "paused_seconds": ...,
-     "eval_seconds": ..., "pass_ll": ..., "train_ll": ..., "valid_ll": ..., "test_ll": ...}
+     "eval_seconds": ..., "pass_ll": ..., "train_ll": ..., "valid_ll": ..., "test_ll": ..., "time": ...}
         seconds: the training pass alone (paused time and the evaluation excluded); pass_ll: the
-        mean log-likelihood seen during the pass; train/valid/test_ll: evaluated after the epoch
+        mean log-likelihood seen during the pass; train/valid/test_ll: evaluated after the epoch;
+        time: the wall clock (unix seconds) when the epoch and its evaluation ended
     plus the profiler's "layer_time" / "memory" events when `pc.profile()` is on, collected at
     batch events (without waiting) and at the end of each epoch.
 """
@@ -285,7 +286,8 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
             metrics = {"type": "epoch", "epoch": epoch, "phase": "minibatch" if epoch <= epochs else "full_batch",
                        "epochs": total, "minibatch_epochs": epochs, "full_batch_epochs": schedule.full_batch_epochs,
                        "seconds": res.seconds, "paused_seconds": res.paused_seconds,
-                       "eval_seconds": time.perf_counter() - t0, "pass_ll": res.ll, **lls}
+                       "eval_seconds": time.perf_counter() - t0, "pass_ll": res.ll, **lls,
+                       "time": time.time()}
             history.append(metrics)
             driver.emit(metrics, block=True)
             if bar is not None:
