@@ -16,6 +16,7 @@ Edge columns: source, target, weight (vector or block edges aggregated), x0, y0,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -250,16 +251,29 @@ def _vector_glyph(index: VectorIndex, members: np.ndarray, x: float, rank: int) 
 # ----------------------------------------------------------------------------------------- level 3
 
 
-def block_dag(index: VectorIndex, vector_id: str, max_blocks: int = 64) -> Drawing:
-    """Blocks of one vector (y=1) and of its children (y=0), with the block edges between them."""
+def tile_size(v, block_size: int | None) -> int:
+    """Node-block size of vector `v` in a plan compiled at `block_size` (the compiler's rule: a sum
+    vector is cut into gcd(own block size, block_size) tiles; other vectors keep their own)."""
+    if v.kind != "sum" or block_size is None:
+        return v.block_size
+    return math.gcd(v.block_size, int(block_size))
+
+
+def block_dag(
+    index: VectorIndex, vector_id: str, max_blocks: int = 64, block_size: int | None = None
+) -> Drawing:
+    """Blocks of one vector (y=1) and of its children (y=0), with the block edges between them, at
+    the plan's `block_size` (None: the vector's own)."""
     i = index.find(vector_id)
     v = index.vectors[i]
-    parent_bins = _bins(v.num_blocks, max_blocks)
-    child_sizes = [c.num_nodes // v.block_size for c in v.children]  # children cut into v's block size
+    b = tile_size(v, block_size)
+    num_blocks = v.num_nodes // b
+    parent_bins = _bins(num_blocks, max_blocks)
+    child_sizes = [c.num_nodes // b for c in v.children]  # children cut into the vector's block size
     child_start = np.concatenate([[0], np.cumsum(child_sizes)]).astype(np.int64)
     total_child = int(child_start[-1])
     child_bins = _bins(total_child, max_blocks) if total_child else np.zeros(0, np.int64)
-    nodes = _block_glyphs(parent_bins, v.num_blocks, 1.0, "p", v.kind, v.block_size, f"{vector_id} block")
+    nodes = _block_glyphs(parent_bins, num_blocks, 1.0, "p", v.kind, b, f"{vector_id} block")
     owner = np.searchsorted(child_start, np.arange(total_child), side="right") - 1
     nodes += _block_glyphs(
         child_bins,
@@ -267,12 +281,12 @@ def block_dag(index: VectorIndex, vector_id: str, max_blocks: int = 64) -> Drawi
         0.0,
         "c",
         None,
-        v.block_size,
+        b,
         "child block",
         kinds=[v.children[o].kind for o in owner] if total_child else [],
         child_of=owner,
     )
-    pe, ce = _block_edges(v, child_start)
+    pe, ce = _block_edges(v, child_start, b)
     edges = []
     if pe.size:
         pairs = np.stack([parent_bins[pe], child_bins[ce]], 1)
@@ -285,10 +299,11 @@ def block_dag(index: VectorIndex, vector_id: str, max_blocks: int = 64) -> Drawi
         {
             "vector": vector_id,
             "kind": v.kind,
-            "num_blocks": v.num_blocks,
+            "num_blocks": num_blocks,
             "num_child_blocks": total_child,
             "num_block_edges": int(pe.size),
-            "block_size": v.block_size,
+            "block_size": b,
+            "own_block_size": v.block_size,
         },
     )
 
@@ -325,10 +340,15 @@ def _block_glyphs(bins, n, y, prefix, kind, bs, what, kinds=None, child_of=None)
     return out
 
 
-def _block_edges(v, child_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(parent block, child block in the concatenation) of every block edge of vector `v`."""
+def _block_edges(v, child_start: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(parent block, child block in the concatenation) of every block edge of vector `v`, with sum
+    vectors cut into blocks of `b` nodes (each own-size edge becomes r x r edges, r = own / b)."""
     if v.kind == "sum":
-        return v.edge_ids[0], v.edge_ids[1]
+        r = v.block_size // b
+        sub = np.arange(r)
+        parent = (v.edge_ids[0][:, None, None] * r + sub[None, :, None]).repeat(r, 2).ravel()
+        child = (v.edge_ids[1][:, None, None] * r + sub[None, None, :]).repeat(r, 1).ravel()
+        return parent, child
     if v.kind == "product":
         nb, k = v.edge_ids.shape
         return np.repeat(np.arange(nb), k), (v.edge_ids + child_start[None, :k]).ravel()

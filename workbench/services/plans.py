@@ -24,6 +24,30 @@ def make_plan(root, block_size: int | None, tolerance: float) -> LayerPlan:
     return plan
 
 
+def make_plan_rows(root, block_size: int | None, tolerance: float) -> tuple[LayerPlan, dict[int, int]]:
+    """The layer plan and the first node_mars row of every vector (uid -> row), to find the
+    partition that holds a vector's node blocks."""
+    plan, _, lay = compile_plan(root, block_size, tolerance)
+    return plan, dict(lay.node_row)
+
+
+def block_partitions(plan: LayerPlan, first_row: int, num_blocks: int, b: int) -> list[tuple[int, int]]:
+    """(sum layer index, partition index) of each of a sum vector's `num_blocks` node blocks of `b`
+    nodes starting at node_mars row `first_row`; (-1, -1) where none is found."""
+    rows = first_row + b * np.arange(num_blocks)
+    out = [(-1, -1)] * num_blocks
+    for layer in plan.sum_layers:
+        lo, hi = layer.writes[1], layer.writes[2]
+        if not lo <= first_row < hi:
+            continue
+        for k, p in enumerate(layer.partitions):
+            hit = np.flatnonzero(np.isin(rows, p.node_rows))
+            for i in hit:
+                out[int(i)] = (layer.index, k)
+        break
+    return out
+
+
 def sum_layer_summaries(plan: LayerPlan, batch_size: int) -> list[dict]:
     """Per sum layer: index, depth, nodes, edges, partitions (with padding), FLOPs and bytes per batch."""
     out = []

@@ -64,6 +64,7 @@ class PlanState(param.Parameterized):
 
     def __init__(self, **params):
         super().__init__(**params)
+        self.node_rows: dict[int, int] = {}  # vector uid -> first node_mars row in `plan`
         if self.root is not None:
             self.recompute()
 
@@ -74,10 +75,17 @@ class PlanState(param.Parameterized):
         if self.root is None:
             return self._publish(None, "")
         try:
-            plan = plans.make_plan(self.root, self.block_size, self.tolerance)
+            plan, self.node_rows = plans.make_plan_rows(self.root, self.block_size, self.tolerance)
         except (ValueError, TypeError) as err:
+            self.node_rows = {}
             return self._publish(None, error_message(err), t0)
         return self._publish(plan, "", t0)
+
+    def partitions_of(self, vector, b: int) -> list[tuple[int, int]]:
+        """(sum layer, partition) of each node block of sum `vector` cut into `b`-node blocks."""
+        if self.plan is None or vector.uid not in self.node_rows:
+            return []
+        return plans.block_partitions(self.plan, self.node_rows[vector.uid], vector.num_nodes // b, b)
 
     def _publish(self, plan, error: str, t0: float | None = None) -> None:
         d = plan.to_dict(self.batch_size) if plan is not None else {"layers": []}

@@ -14,7 +14,8 @@ import param
 
 from workbench.services import layout
 from workbench.state.plan import PlanState
-from workbench.views._common import KIND_COLORS, fmt_count, learn
+from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_count, learn, plural_n
+from workbench.views.tiles_plot import partition_color
 
 LEARN = """**The circuit, layer by layer.** Nodes at the same depth do not depend on each other, so a
 compiler can evaluate each *layer* of inputs, products or sums in one parallel step; the number of
@@ -24,7 +25,31 @@ one vector, the unit a block-sparse kernel works on. Click a glyph to drill down
 
 LEVELS = ["Layers", "Node vectors", "Blocks"]
 COLORS = {**KIND_COLORS, "mixed": "#9d755d"}
-SCALAR_NODE_COLUMNS = ("id", "x", "y", "label", "kind", "size", "count")
+SCALAR_NODE_COLUMNS = ("id", "x", "y", "label", "kind", "size", "count", "partition", "outline")
+
+
+def _bin_firsts(d: layout.Drawing, prefix: str) -> list[int]:
+    """First block index of each drawn `prefix` glyph (labels read '... block 4' or '... blocks 4-7')."""
+    out = []
+    for gid, label in zip(d.nodes["id"], d.nodes["label"]):
+        if gid.startswith(prefix):
+            out.append(int(label.rsplit(" ", 1)[1].split("-")[0]))
+    return out
+
+
+def _widest_sum(idx: layout.VectorIndex) -> str:
+    """Id of the sum vector with the most block edges (the most to see at the block level)."""
+    sums = [i for i, k in enumerate(idx.kind) if k == "sum"]
+    best = max(sums, key=lambda i: idx.vectors[i].edge_ids.shape[1] * idx.vectors[i].block_size ** 2)
+    return idx.ids[best]
+
+
+def _yticks(d: layout.Drawing, nodes: pd.DataFrame) -> list:
+    """Integer ranks; at the block level the two rows are named."""
+    if d.level == "blocks":
+        return [(0, "child blocks"), (1, f"{d.info['vector']} blocks")]
+    ys = sorted({int(y) for y in nodes["y"]}) if len(nodes) else [0]
+    return ys if len(ys) <= 12 else ys[:: -(-len(ys) // 12)]
 
 
 def draw(d: layout.Drawing, title: str):
@@ -50,9 +75,24 @@ def draw(d: layout.Drawing, title: str):
         legend_position="right",
     )
     out = seg * pts
-    if len(nodes) <= 40:
-        short = [lab if len(lab) <= 42 else lab[:40] + "…" for lab in nodes["label"]]
-        labels = hv.Labels({"x": nodes["x"], "y": nodes["y"], "text": short}, ["x", "y"], "text")
+    if "outline" in nodes:  # node blocks ringed in the colour of the partition that computes them
+        ring = nodes[nodes["partition"] >= 0]
+        rings = hv.Points(ring, ["x", "y"], ["outline", "partition"]).opts(
+            marker="square",
+            size=20,
+            fill_alpha=0,
+            line_color="outline",
+            cmap={c: c for c in ring["outline"]} or None,
+            line_width=3,
+            show_legend=False,
+        )
+        out = out * rings
+    shown = nodes if len(nodes) <= 40 else nodes.iloc[:0]
+    if d.level == "blocks":  # label the vector's blocks; its children's are many and alike
+        shown = nodes[(nodes["y"] == 1) & (nodes.index < 24)]
+    if len(shown):
+        short = [lab if len(lab) <= 42 else lab[:40] + "…" for lab in shown["label"]]
+        labels = hv.Labels({"x": shown["x"], "y": shown["y"], "text": short}, ["x", "y"], "text")
         out = out * labels.opts(text_font_size="8pt", xoffset=0.08, text_align="left", text_color="#333")
     lo, hi = (min(d.nodes["x"]), max(d.nodes["x"])) if len(nodes) else (0.0, 0.0)
     xlim = (lo - 1.0, hi + 2.0) if hi - lo < 4 else (lo - 0.05 * (hi - lo), hi + 0.25 * (hi - lo))
@@ -62,9 +102,10 @@ def draw(d: layout.Drawing, title: str):
         height=560,
         title=title,
         xaxis=None,
-        ylabel="rank (0 = inputs)",
-        active_tools=["wheel_zoom"],
+        ylabel="rank (0 = inputs)" if d.level != "blocks" else "",
+        yticks=_yticks(d, nodes),
         show_grid=False,
+        **NO_WHEEL,
     )
 
 
@@ -95,7 +136,7 @@ class CircuitView(pn.viewable.Viewer):
         self._index: layout.VectorIndex | None = None
         self._index_root = None
         self._selection = None
-        self.plan.param.watch(lambda e: self._on_plan(), "plan")
+        self.plan.param.watch(lambda e: self._on_plan(), ["plan", "absent"])
         self.param.watch(lambda *e: self.redraw(), ["level", "ranks", "vector", "max_per_rank"])
         self._on_plan()
 
@@ -111,31 +152,61 @@ class CircuitView(pn.viewable.Viewer):
             d = layout.layer_overview(self.plan.plan)
             return d, f"{d.info['num_layers']} layers, {fmt_count(d.info['num_nodes'])} nodes"
         idx = self.index()
-        if self.level == "Node vectors" or not self.vector:
+        if self.level == "Node vectors":
             lo, hi = self.ranks
             d = layout.vector_dag(idx, (int(lo), int(min(hi, idx.max_rank))), self.max_per_rank)
-            agg = " (crowded ranks aggregated)" if d.info["aggregated"] else ""
-            return d, f"{d.info['num_vectors']} node vectors in ranks {lo}-{hi}{agg}"
-        d = layout.block_dag(idx, self.vector)
+            agg = (
+                " (crowded ranks aggregated: click a group to see its rank alone)"
+                if d.info["aggregated"]
+                else ""
+            )
+            n = d.info["num_vectors"]
+            return d, f"{plural_n(n, 'node vector')} in ranks {lo}-{hi}{agg}"
+        vector = self.vector or _widest_sum(idx)  # no id typed: the sum vector with most block edges
+        d = layout.block_dag(idx, vector, block_size=self.plan.block_size)
+        self._mark_partitions(d, idx.vectors[idx.find(vector)])
         i = d.info
+        at = "" if i["block_size"] == i["own_block_size"] else f" (cut from its own {i['own_block_size']})"
         return d, (
-            f"{i['kind']} vector `{i['vector']}`: {i['num_blocks']} blocks of {i['block_size']} nodes, "
-            f"{i['num_child_blocks']} child blocks, {i['num_block_edges']} block edges"
+            f"{i['kind']} vector {i['vector']}{'' if self.vector else ' (widest sum vector; type an id)'}: "
+            f"{plural_n(i['num_blocks'], 'block')} of {plural_n(i['block_size'], 'node')} at the plan's "
+            f"block size{at}, {plural_n(i['num_child_blocks'], 'child block')}, "
+            f"{plural_n(i['num_block_edges'], 'block edge')}"
         )
+
+    def _title(self, d: layout.Drawing) -> str:
+        """A short title; the counts are in the line above the drawing."""
+        if d.level == "blocks":
+            i = d.info
+            return f"Node blocks of {i['kind']} vector {i['vector']} ({i['block_size']} nodes each)"
+        if d.level == "vectors":
+            return f"Node vectors in ranks {d.info['ranks'][0]}-{d.info['ranks'][1]}"
+        return f"Layers: {d.info['num_layers']} layers, {fmt_count(d.info['num_nodes'])} nodes"
+
+    def _mark_partitions(self, d: layout.Drawing, vector) -> None:
+        """Outline each parent block in the colour of the plan partition that computes it."""
+        parts = self.plan.partitions_of(vector, d.info["block_size"]) if vector.kind == "sum" else []
+        first = {f"p{b}": k for b, k in enumerate(_bin_firsts(d, "p"))}
+        d.nodes["partition"] = [parts[first[i]][1] if i in first and parts else -1 for i in d.nodes["id"]]
+        d.nodes["outline"] = [partition_color(k) if k >= 0 else "white" for k in d.nodes["partition"]]
+        d.nodes["layer"] = [parts[first[i]][0] if i in first and parts else -1 for i in d.nodes["id"]]
 
     # ------------------------------------------------------------------ drawing
     def _on_plan(self) -> None:
-        self._index = None
-        if self.plan.plan is not None:
+        """A new circuit starts over at the layer level (widgets included); a new plan of the same
+        circuit (block size, tolerance) keeps the level and redraws."""
+        if self.plan.plan is not None and self.plan.root is not self._index_root:
+            self._index = None
             top = max(layout.layer_rank(la) for la in self.plan.plan.layers)
             self.ranks_w.param.update(end=max(top, 1), value=(0, min(top, 4)))
-            with param.parameterized.discard_events(self):
-                self.param.update(ranks=(0, min(top, 4)), vector="", level="Layers")
+            with param.parameterized.discard_events(self):  # one redraw below, not one per parameter
+                self.param.update(ranks=(0, min(top, 4)), vector="", level="Layers", max_per_rank=48)
+            self.level_w.value, self.vector_w.value, self.per_rank_w.value = "Layers", "", 48
         self.redraw()
 
     def redraw(self) -> None:
         if self.plan.plan is None:
-            self.info.object = "Build a circuit to see it here."
+            self.info.object = self.plan.absent
             self.pane.object = None
             return
         try:
@@ -145,7 +216,7 @@ class CircuitView(pn.viewable.Viewer):
                 f"**{err.args[0]}**: vector ids look like `v12` (hover a vector to see its id)."
             )
             return
-        el = draw(d, f"{self.level}: {text}")
+        el = draw(d, self._title(d))
         self._selection = hv.streams.Selection1D(source=el.get(1))
         self._selection.add_subscriber(lambda index: self._drill(d, index))
         self.pane.object = el
@@ -167,6 +238,11 @@ class CircuitView(pn.viewable.Viewer):
             self.param.update(ranks=(max(0, r - 1), r + 1), level="Node vectors")
         elif self.level == "Node vectors" and str(node["id"]).startswith("v"):
             self.param.update(vector=str(node["id"]), level="Blocks")
+        elif self.level == "Node vectors":  # a group: its rank alone, with room for every vector
+            r = int(node["y"])
+            crowd = int(sum(c for c, y in zip(d.nodes["count"], d.nodes["y"]) if int(y) == r))
+            self.ranks_w.value = (r, r)
+            self.param.update(ranks=(r, r), max_per_rank=min(512, max(self.max_per_rank, crowd)))
 
     def __panel__(self):
         controls = pn.Row(self.level_w, self.ranks_w, self.vector_w, self.per_rank_w, align="end")
