@@ -48,6 +48,20 @@ def block_partitions(plan: LayerPlan, first_row: int, num_blocks: int, b: int) -
     return out
 
 
+def plan_signature(layers: list[dict]) -> tuple:
+    """What makes two plans run the same kernels: per layer its kind, sizes and partition shapes
+    (`layers`: plan.to_dict()['layers']). Equal signatures: measured times of one apply to the other."""
+    return tuple(
+        (
+            la["kind"],
+            la["num_nodes"],
+            la["num_edges"],
+            tuple((p["block_size"], p["num_node_blocks"], p["width"]) for p in la.get("partitions", [])),
+        )
+        for la in layers
+    )
+
+
 def sum_layer_summaries(plan: LayerPlan, batch_size: int) -> list[dict]:
     """Per sum layer: index, depth, nodes, edges, partitions (with padding), FLOPs and bytes per batch."""
     out = []

@@ -13,10 +13,11 @@ import holoviews as hv
 import pandas as pd
 import panel as pn
 import param
-from bokeh.models import NumeralTickFormatter
 
+from workbench.services.plans import plan_signature
 from workbench.state.plan import PlanState
-from workbench.views._common import KIND_COLORS, fmt_count, learn
+from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_count, learn
+from workbench.views.roofline import roofline
 
 LEARN = """**Layer schedule.** The compiled circuit runs layer by layer: the forward pass bottom-up,
 then the backward (flows) pass top-down. Product layers are cheap elementwise work but would need a
@@ -30,8 +31,9 @@ LANES = ["forward", "recompute", "backward"]
 TABLE_COLUMNS = ["step", "layer", "kind", "pass", "flops", "bytes", "bound", "predicted_ms", "measured_ms"]
 
 
-def timeline(records: list[dict], key: str, title: str):
-    """Rectangles laid end to end along x by `key` (ms), one lane per pass."""
+def timeline(records: list[dict], key: str, title: str, x_end: float | None = None):
+    """Rectangles laid end to end along x by `key` (ms), one lane per pass; `x_end` (ms) fixes the
+    x range so predicted and measured timelines share one scale."""
     t, rects = 0.0, []
     for r in records:
         ms = r.get(key)
@@ -48,13 +50,15 @@ def timeline(records: list[dict], key: str, title: str):
         line_color=None,
         responsive=True,
         height=200,
-        tools=["hover"],
-        title=f"{title}: {t:.3g} ms per step",
-        xlabel="ms (cumulative)",
+        tools=["hover", "tap"],
+        title=f"{title}: {t:.3g} ms per training step",
+        xlabel="time in the step (ms)",
         ylabel="",
         yticks=[(i, p) for i, p in enumerate(LANES)],
         ylim=(-0.6, 2.6),
+        xlim=(0, max(x_end or t, 1e-6) * 1.02),
         show_legend=False,
+        **NO_WHEEL,
     )
 
 
@@ -79,6 +83,9 @@ class ScheduleView(pn.viewable.Viewer):
     plan = param.ClassSelector(class_=PlanState)
     measured = param.Dict(default={}, doc="Mean measured ms per (layer, pass) from profiling")
     measured_source = param.String(default="", doc="Which run the measured times come from")
+    measured_plan = param.List(
+        default=[], doc="plan.to_dict()['layers'] of the run the measured times come from"
+    )
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -113,76 +120,67 @@ class ScheduleView(pn.viewable.Viewer):
             pagination=None,
         )
         self.plan.param.watch(lambda *e: self.refresh(), ["plan", "peak_flops", "bandwidth", "launch_us"])
-        self.param.watch(lambda *e: self.refresh(), ["measured"])
+        self.param.watch(lambda *e: self.refresh(), ["measured", "measured_plan"])
+        self.plan.param.watch(lambda *e: self.refresh(), ["absent"])
         self.refresh()
 
     def _on_device(self, event) -> None:
         flops, bw, launch = event.new
         self.plan.param.update(peak_flops=flops, bandwidth=bw, launch_us=launch)
 
+    def matches(self) -> bool:
+        """Whether the measured times are of this very plan (same layers and partitions)."""
+        return bool(self.measured) and plan_signature(self.measured_plan) == plan_signature(self.plan.layers)
+
     def refresh(self) -> None:
         if self.plan.plan is None:
-            self.info.object = "Build a circuit to see its layer schedule."
+            self.info.object = self.plan.absent
+            for pane in (self.predicted, self.measured_plot, self.scatter):
+                pane.object = None
+            self.measured_plot.visible = False
+            self.table.value = pd.DataFrame(columns=TABLE_COLUMNS)
             return
-        records = self.plan.schedule(self.measured or None)
+        ok = self.matches()
+        records = self.plan.schedule(self.measured if ok else None)
         df = pd.DataFrame(records, columns=TABLE_COLUMNS)
         df["predicted_ms"] = df["predicted_ms"].round(4)
         df["measured_ms"] = pd.to_numeric(df["measured_ms"]).round(4)
         self.table.value = df
-        self.predicted.object = timeline(records, "predicted_ms", "Predicted")
-        has_measured = any(r["measured_ms"] is not None for r in records)
-        self.measured_plot.visible = has_measured
-        if has_measured:
-            self.measured_plot.object = timeline(records, "measured_ms", f"Measured ({self.measured_source})")
-        self.scatter.object = self._io_vs_compute(records)
+        predicted = sum(r["predicted_ms"] for r in records)
+        measured = sum(r["measured_ms"] or 0.0 for r in records) if ok else 0.0
+        x_end = max(predicted, measured)
+        self.predicted.object = timeline(records, "predicted_ms", "Predicted (roofline)", x_end)
+        self.measured_plot.visible = ok
+        if ok:
+            self.measured_plot.object = timeline(
+                records, "measured_ms", f"Measured ({self.measured_source})", x_end
+            )
+        self.scatter.object = roofline(records, self.plan.peak_flops, self.plan.bandwidth, ok)
+        self.info.object = self._summary(records) + self._measured_line(ok, predicted, measured)
+
+    def _summary(self, records: list[dict]) -> str:
         n_re = sum(r["pass"] == "recompute" for r in records)
         total_flops = sum(r["flops"] for r in records)
         recompute = sum(r["flops"] for r in records if r["pass"] == "recompute")
-        self.info.object = (
+        return (
             f"**{len(records)}** steps per training step ({len(self.plan.layers)} layers forward, "
             f"{n_re} product-layer recomputations), {fmt_count(total_flops)}FLOP per batch of "
             f"{self.plan.batch_size}; recomputation adds {100 * recompute / max(total_flops, 1):.2f}% FLOPs."
-            + (
-                self._measured_line(records)
-                if has_measured
-                else " *Measured times appear once a run is profiled (Train tab).*"
+        )
+
+    def _measured_line(self, ok: bool, predicted: float, measured: float) -> str:
+        if ok:
+            return (
+                f" Measured ({self.measured_source}): **{measured:.3g} ms per step**, predicted "
+                f"{predicted:.3g} ms ({measured / max(predicted, 1e-12):.3g}x): both timelines share one "
+                "time axis."
             )
-        )
-
-    def _measured_line(self, records: list[dict]) -> str:
-        measured = sum(r["measured_ms"] or 0.0 for r in records)
-        predicted = sum(r["predicted_ms"] for r in records)
-        return (
-            f" Measured ({self.measured_source}): **{measured:.3g} ms per step**, predicted "
-            f"{predicted:.3g} ms."
-        )
-
-    def _io_vs_compute(self, records: list[dict]):
-        """Forward layers by bytes moved and FLOPs (log-log). Short tick labels ("200k", "1.5m"), a
-        few per axis, so they do not run into each other when the data spans less than a decade;
-        the numbers of each layer are in its hover tooltip."""
-        fwd = pd.DataFrame([r for r in records if r["pass"] == "forward"])
-        fwd["flops"] = fwd["flops"].clip(lower=1)
-        fwd["bytes"] = fwd["bytes"].clip(lower=1)
-        pts = hv.Points(fwd, ["bytes", "flops"], ["kind", "layer", "predicted_ms", "bound"])
-        return pts.opts(
-            color="kind",
-            cmap=KIND_COLORS,
-            size=9,
-            logx=True,
-            logy=True,
-            xticks=log_ticks(fwd["bytes"].min(), fwd["bytes"].max()),
-            yticks=log_ticks(fwd["flops"].min(), fwd["flops"].max()),
-            xformatter=NumeralTickFormatter(format="0.[0]a"),
-            yformatter=NumeralTickFormatter(format="0.[0]a"),
-            tools=["hover"],
-            responsive=True,
-            height=290,
-            legend_position="right",
-            title="Compute vs IO per layer (forward, per batch)",
-            xlabel="bytes moved",
-            ylabel="FLOPs",
-        )
+        if self.measured:
+            return (
+                f" *The last profiled run ({self.measured_source}) ran a different plan (another circuit, "
+                "block size or tolerance), so its times are not drawn here: train this plan to measure it.*"
+            )
+        return " *Measured times appear once a run of this plan is profiled (Train tab).*"
 
     def __panel__(self):
         return pn.Column(

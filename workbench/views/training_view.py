@@ -18,7 +18,7 @@ import param
 
 from workbench.state.runs import RunState
 from workbench.state.session import SessionState
-from workbench.views._common import fmt_bytes, learn, set_status, status
+from workbench.views._common import fmt_bytes, learn, safe_text, set_status, status
 from workbench.views.live_plots import LivePlots
 
 LEARN = """**Train with EM.** Each mini-batch runs the forward pass (log-likelihoods), then the flows
@@ -155,7 +155,7 @@ class TrainingView(pn.viewable.Viewer):
         run = ses.start_training()
         ses.training.run_name = user_name
         if run is None:
-            set_status(self.alert, f"Cannot start: {ses.error}", "danger")
+            set_status(self.alert, f"Cannot start: {safe_text(ses.error)}", "danger")
             return
         set_status(self.alert, "")
         self._drawn = dict.fromkeys(PACE, (-1, 0.0))
@@ -262,15 +262,18 @@ class TrainingView(pn.viewable.Viewer):
             f"Epoch {done}/{total_epochs}{batch}{ll}{mem_txt}</p>"
         )
         if run.message and run.status == "failed":
-            set_status(self.alert, f"Training failed: {run.message}", "danger")
+            set_status(self.alert, f"Training failed: {safe_text(run.message)}", "danger")
 
     def _finished(self) -> None:
         run = self.run
         if run.status == "done":
             self.progress.value = 1000
         if self.schedule is not None and run.layer_means:
-            self.schedule.measured_source = run.name
-            self.schedule.measured = dict(run.layer_means)
+            self.schedule.param.update(
+                measured_source=run.name,
+                measured_plan=list(run.plan.get("layers", [])),
+                measured=dict(run.layer_means),
+            )
         self._progress_text()
 
     # ------------------------------------------------------------------ downloads
