@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import re
+
 import panel as pn
 
 KIND_COLORS = {"input": "#4c78a8", "product": "#f58518", "sum": "#54a24b", "recompute": "#e45756"}
@@ -27,6 +30,18 @@ def learn(text: str) -> pn.pane.Markdown:
 def status(message: str = "", kind: str = "info") -> pn.pane.Alert:
     """An alert pane (hidden while `message` is empty)."""
     return pn.pane.Alert(message, alert_type=kind, visible=bool(message), margin=(5, 10))
+
+
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+
+
+def safe_text(text) -> str:
+    """User text (file names, file contents, error messages) made inert for a Markdown/HTML pane.
+
+    HTML is escaped (a CSV cell `<img onerror=...>` must not run) and Markdown punctuation is
+    backslash-escaped (no links, images or emphasis from user text). Use outside code spans.
+    """
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", html.escape(str(text), quote=False))
 
 
 def set_status(alert: pn.pane.Alert, message: str, kind: str = "info") -> None:

@@ -13,7 +13,7 @@ import panel as pn
 import param
 
 from workbench.state.circuit import BuildState
-from workbench.views._common import collapsing_tabs, learn, plural, plural_n, set_status, status
+from workbench.views._common import collapsing_tabs, learn, plural, plural_n, safe_text, set_status, status
 
 LEARN = """**Build a circuit.** A PC here is a DAG of *node vectors*: input vectors (leaves over one
 variable), product vectors (factorisations) and sum vectors (mixtures), each cut into *node blocks*.
@@ -69,7 +69,7 @@ class DataPicker(pn.viewable.Viewer):
 
         res = uploads.save_data_upload(self.upload.filename, event.new)
         if not res.ok:
-            set_status(self.alert, f"Upload rejected: {res.error}", "danger")
+            set_status(self.alert, f"Upload rejected: {safe_text(res.error)}", "danger")
             return
         name = str(res.path)
         self.select.options = (
@@ -80,7 +80,7 @@ class DataPicker(pn.viewable.Viewer):
     def _describe(self) -> None:
         ds = self.build.data.load()
         if ds is None:
-            set_status(self.alert, f"Dataset: {self.build.data.error}", "danger")
+            set_status(self.alert, f"Dataset: {safe_text(self.build.data.error)}", "danger")
             self.info.object = ""
             return
         set_status(self.alert, "")
@@ -223,7 +223,7 @@ class FileImport(pn.viewable.Viewer):
     def _on_example(self, event) -> None:
         if event.new:
             self.build.file_path = str(EXAMPLE_DIR / event.new)
-            set_status(self.alert, f"Selected `{event.new}`; press **Build**.", "info")
+            set_status(self.alert, f"Selected {safe_text(event.new)}; press **Build**.", "info")
 
     def _on_upload(self, event) -> None:
         if not event.new:
@@ -232,10 +232,10 @@ class FileImport(pn.viewable.Viewer):
 
         res = uploads.save_circuit_upload(self.upload.filename, event.new)
         if not res.ok:
-            set_status(self.alert, f"Upload rejected: {res.error}", "danger")
+            set_status(self.alert, f"Upload rejected: {safe_text(res.error)}", "danger")
             return
         self.build.file_path = str(res.path)
-        set_status(self.alert, f"Uploaded `{self.upload.filename}`; press **Build**.", "info")
+        set_status(self.alert, f"Uploaded {safe_text(self.upload.filename)}; press **Build**.", "info")
 
     def __panel__(self):
         return pn.Column(
@@ -326,7 +326,7 @@ class BuilderView(pn.viewable.Viewer):
         alerts of earlier steps (a selected example, a rejected upload) are cleared on success."""
         b = self.build
         if not res.ok:
-            set_status(self.outcome, f"**Invalid circuit:** {res.error}", "danger")
+            set_status(self.outcome, f"**Invalid circuit:** {safe_text(res.error)}", "danger")
             return
         set_status(self.data.alert, "")
         set_status(self.importer.alert, "")
@@ -339,7 +339,7 @@ class BuilderView(pn.viewable.Viewer):
             f"({kinds}) over {plural_n(i.get('num_vars'), 'variable')}."
         )
         if b.mismatch:
-            set_status(self.outcome, f"{text} **Cannot train:** {b.mismatch}.", "warning")
+            set_status(self.outcome, f"{text} **Cannot train:** {safe_text(b.mismatch)}.", "warning")
         else:
             set_status(self.outcome, text, "success")
 

@@ -14,7 +14,16 @@ import param
 
 from workbench.services import tiles
 from workbench.state.plan import BLOCK_SIZES, PlanState
-from workbench.views._common import NO_WHEEL, fmt_bytes, fmt_count, integer_ticks, learn, plural, si_ticks
+from workbench.views._common import (
+    NO_WHEEL,
+    fmt_bytes,
+    fmt_count,
+    integer_ticks,
+    learn,
+    plural,
+    safe_text,
+    si_ticks,
+)
 from workbench.views.tiles_plot import PAD_COLOR, REAL_COLOR, tiles_plot, title_for
 
 LEARN = """**Block partitioning.** A sum layer runs as a few dense *block tiles*: node blocks with a
@@ -87,7 +96,7 @@ class PartitionView(pn.viewable.Viewer):
     # ------------------------------------------------------------------ whole-plan summaries
     def refresh(self) -> None:
         ps = self.plan
-        self.alert.param.update(object=f"**Cannot plan this circuit:** {ps.error}", visible=bool(ps.error))
+        self.alert.param.update(object=f"**Cannot plan this circuit:** {safe_text(ps.error)}", visible=bool(ps.error))
         if ps.plan is None:
             self.totals.object = ps.absent if not ps.error else ""
             self._clear()

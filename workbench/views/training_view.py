@@ -38,11 +38,21 @@ DEVICES = {"auto (GPU if present, else CPU)": "auto", "CPU": "cpu", "GPU (cuda)"
 LAYER_COLUMNS = {"layer": "int64", "kind": "object", "pass": "object", "ms": "float64", "calls": "int64"}
 EPOCH_COLUMNS = {
     "epoch": "int64",
+    "phase": "object",
     "train_ll": "float64",
     "valid_ll": "float64",
     "test_ll": "float64",
     "seconds": "float64",
 }
+
+
+def epoch_phase(spec: dict, epoch: int) -> str:
+    """Which EM phase `epoch` (1-based, over both phases) of a run with `spec` is in:
+    'mini-batch 3/5' or 'full-batch 2/10' (the run makes the mini-batch epochs first)."""
+    mini, full = int(spec.get("epochs", 0)), int(spec.get("full_batch_epochs", 0))
+    if epoch <= mini or not full:
+        return f"mini-batch {max(epoch, 0)}/{mini}"
+    return f"full-batch {epoch - mini}/{full}"
 
 
 def _frame(records: list[dict], columns: dict) -> pd.DataFrame:
@@ -64,7 +74,7 @@ class TrainingView(pn.viewable.Viewer):
         super().__init__(**params)
         t = self.session.training
         self.device = pn.widgets.Select.from_param(t.param.device, options=DEVICES, name="Device", width=230)
-        self.epochs = pn.widgets.IntInput.from_param(t.param.epochs, name="Epochs", width=90)
+        self.epochs = pn.widgets.IntInput.from_param(t.param.epochs, name="Mini-batch epochs", width=130)
         self.batch_size = pn.widgets.IntInput.from_param(t.param.batch_size, name="Batch size", width=100)
         self.step_size = pn.widgets.FloatInput.from_param(t.param.step_size, name="EM step size", width=110)
         self.final_step = pn.widgets.FloatInput.from_param(
@@ -76,6 +86,9 @@ class TrainingView(pn.viewable.Viewer):
         self.full_batch = pn.widgets.IntInput.from_param(
             t.param.full_batch_epochs, name="Full-batch epochs", width=120
         )
+        self.epoch_total = pn.pane.Markdown("", margin=(22, 5, 0, 5))
+        t.param.watch(lambda e: self._describe_epochs(), ["epochs", "full_batch_epochs"])
+        self._describe_epochs()
         self.start_btn = pn.widgets.Button(name="Start", button_type="success", width=90)
         self.pause_btn = pn.widgets.Button(name="Pause", button_type="warning", width=90, disabled=True)
         self.stop_btn = pn.widgets.Button(name="Stop", button_type="danger", width=90, disabled=True)
@@ -130,6 +143,14 @@ class TrainingView(pn.viewable.Viewer):
         self.param.watch(lambda e: self._catch_up(), "shown")
 
     # ------------------------------------------------------------------ controls
+    def _describe_epochs(self) -> None:
+        """Say how many epochs the run will make in all: mini-batch EM, then full-batch EM."""
+        t = self.session.training
+        self.epoch_total.object = (
+            f"= **{t.epochs + t.full_batch_epochs}** epochs: {t.epochs} mini-batch EM, "
+            f"then {t.full_batch_epochs} full-batch EM"
+        )
+
     def _describe_compile(self) -> None:
         plan = self.session.plan
         bs = "each vector's own" if plan.block_size is None else plan.block_size
@@ -232,7 +253,10 @@ class TrainingView(pn.viewable.Viewer):
         epochs = (run.run_id, len(run.epochs["epoch"]))
         if epochs[1] and epochs != self._tables["epochs"]:
             self._tables["epochs"] = epochs
-            rows = [dict(zip(EPOCH_COLUMNS, r)) for r in zip(*(run.epochs[k] for k in EPOCH_COLUMNS))]
+            keys = [k for k in EPOCH_COLUMNS if k != "phase"]
+            rows = [dict(zip(keys, r)) for r in zip(*(run.epochs[k] for k in keys))]
+            for r in rows:
+                r["phase"] = epoch_phase(run.spec, int(r["epoch"])).split(" ")[0]
             self.epoch_table.value = _frame(rows, EPOCH_COLUMNS).round(4)
 
     def _progress_text(self) -> None:
@@ -259,7 +283,8 @@ class TrainingView(pn.viewable.Viewer):
         device, status = escape(run.device or "…"), escape(run.status)
         self.progress_text.object = (
             f"<p>Run <code>{escape(run.run_id)}</code> on <b>{device}</b>: <b>{status}</b> · "
-            f"Epoch {done}/{total_epochs}{batch}{ll}{mem_txt}</p>"
+            f"Epoch {done}/{total_epochs} ({epoch_phase(run.spec, p.get('epoch') or done)}){batch}{ll}"
+            f"{mem_txt}</p>"
         )
         if run.message and run.status == "failed":
             set_status(self.alert, f"Training failed: {safe_text(run.message)}", "danger")
@@ -296,11 +321,12 @@ class TrainingView(pn.viewable.Viewer):
         settings = pn.Row(
             self.device,
             self.epochs,
+            self.full_batch,
+            self.epoch_total,
             self.batch_size,
             self.step_size,
             self.final_step,
             self.pseudocount,
-            self.full_batch,
         )
         controls = pn.Row(self.start_btn, self.pause_btn, self.stop_btn, self.progress, align="center")
         p = self.plots

@@ -1,0 +1,45 @@
+"""Script payloads in uploaded file contents and file names are shown as text, never run."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import REPO
+from tests.browser.test_workbench import open_tab
+
+pytestmark = pytest.mark.browser
+
+PAYLOAD = '<img src=q onerror="window.__pwned=1">'  # valid inline HTML for CommonMark
+
+
+def _assert_inert(page, alert) -> None:
+    """The payload is visible as literal text in `alert`, built no element, and ran nothing."""
+    expect(alert).to_contain_text(PAYLOAD, timeout=60_000)
+    assert alert.locator("img").count() == 0
+    page.wait_for_timeout(1000)  # a broken image fires onerror as soon as its request fails
+    assert page.evaluate("window.__pwned") is None
+
+
+def test_payload_in_a_csv_cell_is_text(page, tmp_path):
+    open_tab(page, "Build")
+    bad = tmp_path / "cells.csv"
+    bad.write_text(f"a,b\n0,1\n1,{PAYLOAD}\n")
+    page.locator("input[type=file][accept='.npy,.npz,.csv']").set_input_files(str(bad))
+    alert = page.locator(".alert-danger").filter(has_text="Upload rejected")
+    _assert_inert(page, alert)
+
+
+def test_payload_in_file_names_is_text(page):
+    open_tab(page, "Build")
+    data = page.locator("input[type=file][accept='.npy,.npz,.csv']")
+    data.set_input_files({"name": f"x{PAYLOAD}.csv", "mimeType": "text/csv", "buffer": b"1,2\nnan,3\n"})
+    _assert_inert(page, page.locator(".alert-danger").filter(has_text="Upload rejected"))
+
+    open_tab(page, "Import")
+    psdd = (REPO / "assets" / "circuits" / "little_4var.psdd").read_bytes()
+    circuits = page.locator("input[type=file][accept='.cwpc,.zip,.psdd']")
+    circuits.set_input_files({"name": f"y{PAYLOAD}.psdd", "mimeType": "text/plain", "buffer": psdd})
+    _assert_inert(page, page.locator(".alert").filter(has_text="Uploaded"))
+    circuits.set_input_files({"name": f"z{PAYLOAD}.psdd", "mimeType": "text/plain", "buffer": b"psdd 1\nX\n"})
+    _assert_inert(page, page.locator(".alert-danger").filter(has_text="Upload rejected"))
