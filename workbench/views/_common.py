@@ -8,7 +8,7 @@ import re
 import panel as pn
 
 KIND_COLORS = {"input": "#4c78a8", "product": "#f58518", "sum": "#54a24b", "recompute": "#e45756"}
-PASS_COLORS = {"forward": "#4c78a8", "recompute": "#e45756", "backward": "#b279a2"}
+PASS_COLORS = {"forward": "#72b7b2", "recompute": "#e45756", "backward": "#b279a2"}
 
 
 # Panel hides inactive tabs with `visibility: hidden`: each still takes room (a Tabs is as tall as its

@@ -16,7 +16,7 @@ import param
 from workbench.services.jobs import JobRunner
 from workbench.services.store import RunStore
 from workbench.state.runs import CompareState, RunState
-from workbench.views._common import learn
+from workbench.views._common import NO_WHEEL, PASS_COLORS, integer_ticks, learn, plural
 
 LEARN = """**Profile and compare.** Two runs of the same circuit with different block sizes show the
 trade-off of the Partitions tab in real milliseconds: larger tiles amortise per-partition overhead
@@ -28,6 +28,10 @@ POLL_MS = 1000
 # While runs train, redraw at most this often: a redraw renders three new figures (~1-5 s of server
 # time on a busy 2-core CPU, measured), which would otherwise starve the session's other callbacks.
 LIVE_REDRAW_S = 5.0
+
+
+# Run colours: a run keeps its colour for the whole session (assigned in order of first display)
+RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
 def _label(r: RunState) -> str:
@@ -72,8 +76,17 @@ class CompareView(pn.viewable.Viewer):
         self._drawn_at = 0.0
         self._stale = False  # runs or metric changed while hidden
         self._idle_ticks = 0
+        self._colors: dict[str, str] = {}
+        self.param.watch(lambda e: self.refresh_list() if e.new else None, "shown")
+        self.compare.param.watch(lambda e: self.refresh_list(), "runs")
         self.refresh_list()
         self.redraw()
+
+    def color(self, run: RunState) -> str:
+        """The run's colour, the same in every plot and redraw of this session."""
+        if run.run_id not in self._colors:
+            self._colors[run.run_id] = RUN_COLORS[len(self._colors) % len(RUN_COLORS)]
+        return self._colors[run.run_id]
 
     def refresh_list(self) -> None:
         records = self.store.list_runs()
@@ -140,7 +153,7 @@ class CompareView(pn.viewable.Viewer):
             self.info.object = "Pick two or more runs above (train some in the Train tab first)."
             self.table.value = pd.DataFrame()
             return
-        self.info.object = f"Comparing **{len(runs)}** runs."
+        self.info.object = f"Comparing **{len(runs)}** {plural(len(runs), 'run')}."
         with pn.io.hold(freeze=True):  # one document model recompute for all four panes
             self.curves.object = self._curves()
             self.timing.object = self._epoch_seconds()
@@ -149,29 +162,42 @@ class CompareView(pn.viewable.Viewer):
 
     def _curves(self):
         m = self.compare.metric
-        items = [
-            hv.Curve((ep, vals), "epoch", m, label=label) * hv.Scatter((ep, vals), "epoch", m, label=label)
-            for label, (ep, vals) in self.compare.series().items()
-            if ep
-        ]
+        items = []
+        for r in self.compare.runs:
+            ep, vals = list(r.epochs["epoch"]), list(r.epochs[m])
+            if not ep:
+                continue
+            c, label = self.color(r), _label(r)
+            items.append(hv.Curve((ep, vals), "epoch", m, label=label).opts(color=c))
+            items.append(hv.Scatter((ep, vals), "epoch", m, label=label).opts(color=c, size=6))
         if not items:
             return hv.Curve([]).opts(title="No epochs yet")
         return hv.Overlay(items).opts(
-            title=f"{m} per epoch", responsive=True, height=290, legend_position="bottom_right"
+            title=f"{m} per epoch",
+            responsive=True,
+            height=290,
+            legend_position="bottom_right",
+            xticks=integer_ticks(),
+            **NO_WHEEL,
         )
 
     def _epoch_seconds(self):
         rows = [
-            (_label(r), "total", sum(s for s in r.epochs["seconds"] if s) / max(len(r.epochs["seconds"]), 1))
+            (
+                _label(r),
+                sum(s for s in r.epochs["seconds"] if s) / max(len(r.epochs["seconds"]), 1),
+                self.color(r),
+            )
             for r in self.compare.runs
         ]
-        return hv.Bars(rows, ["run", "what"], "seconds per epoch").opts(
-            title="Seconds per epoch",
+        return hv.Bars(rows, "run", ["seconds per epoch", "color"]).opts(
+            title="Mean seconds per epoch",
             responsive=True,
             height=290,
             tools=["hover"],
             xrotation=10,
-            color="#4c78a8",
+            color="color",
+            **NO_WHEEL,
         )
 
     def _layer_times(self):
@@ -180,7 +206,7 @@ class CompareView(pn.viewable.Viewer):
             by_pass: dict[str, float] = {}
             for (layer, p), ms in r.layer_means.items():
                 by_pass[p] = by_pass.get(p, 0.0) + ms
-            rows += [(_label(r), p, ms) for p, ms in sorted(by_pass.items())]
+            rows += [(_label(r), p, by_pass[p]) for p in PASS_COLORS if p in by_pass]
         if not rows:
             return hv.Bars([], ["run", "pass"], "ms").opts(title="No layer times recorded")
         return hv.Bars(rows, ["run", "pass"], "ms per step").opts(
@@ -190,7 +216,9 @@ class CompareView(pn.viewable.Viewer):
             tools=["hover"],
             multi_level=True,
             color="pass",
-            cmap="Category10",
+            cmap=PASS_COLORS,
+            xlabel="run and pass",
+            **NO_WHEEL,
         )
 
     def __panel__(self):

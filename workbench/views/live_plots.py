@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 
-from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+from bokeh.models import BasicTicker, ColumnDataSource, FactorRange, HoverTool, Label
 from bokeh.plotting import figure
 from bokeh.transform import dodge
 
 from workbench.views._common import PASS_COLORS
 
-TOOLS = "pan,wheel_zoom,box_zoom,reset,save"
+TOOLS = "pan,wheel_zoom,box_zoom,reset,save"  # none active on scroll: the wheel scrolls the page
 SERIES = {  # source key -> columns, all streamed row by row
     "ll": ("epoch", "train_ll", "valid_ll"),
     "batch": ("step", "ll"),
@@ -38,6 +38,7 @@ def _figure(title: str, x_label: str, y_label: str, **kw):
         **kw,
     )
     fig.toolbar.logo = None
+    fig.toolbar.active_scroll = None  # the mouse wheel scrolls the page, it does not zoom
     return fig
 
 
@@ -79,11 +80,13 @@ class LivePlots:
             fig.line("epoch", col, source=src, color=color, line_width=2, legend_label=label)
             fig.scatter("epoch", col, source=src, color=color, size=7, legend_label=label)
         fig.legend.location = "bottom_right"
+        fig.xaxis.ticker = BasicTicker(min_interval=1, desired_num_ticks=8)  # whole epochs only
         return fig
 
     def _batch_figure(self):
-        fig = _figure("Mini-batch log-likelihood", "mini-batch", "batch log-likelihood")
+        fig = _figure("Mini-batch log-likelihood", "mini-batch", "batch log-likelihood (nats)")
         fig.line("step", "ll", source=self.sources["batch"], color="#888", line_width=1.5)
+        fig.xaxis.ticker = BasicTicker(min_interval=1, desired_num_ticks=8)
         return fig
 
     def _layer_figure(self):
@@ -103,7 +106,11 @@ class LivePlots:
         return fig
 
     def _memory_figure(self):
-        fig = _figure("Device memory (GPU; 0 on CPU)", "s", "MiB")
+        fig = _figure("Device memory", "time since the first sample (s)", "MiB")
+        self._cpu_note = Label(
+            x=40, y=110, x_units="screen", y_units="screen", text="", text_color="#666", text_font_size="13px"
+        )
+        fig.add_layout(self._cpu_note)
         src = self.sources["memory"]
         fig.line("t", "allocated", source=src, color="#4c78a8", line_width=2, legend_label="in use")
         fig.line("t", "peak_allocated", source=src, color="#e45756", line_width=2, legend_label="peak")
@@ -117,6 +124,7 @@ class LivePlots:
             self._run_id, self._t0 = run.run_id, None
             self._sent = dict.fromkeys(SERIES, 0)
             self._layer_records, self._layer_factors = None, []
+        self._device_note(run.device)
         mem = run.memory_series
         if self._t0 is None and mem["t"]:
             self._t0 = mem["t"][0]
@@ -133,6 +141,22 @@ class LivePlots:
         for key, cols in series.items():
             self._stream(key, cols)
         self._update_layers(run.layer_times)
+
+    def _device_note(self, device: str) -> None:
+        """On CPU there is no device memory to plot: say so instead of drawing a flat 0 line."""
+        cpu = device == "cpu"
+        fig = self.figures["memory"]
+        title = "Device memory: none on CPU" if cpu else "Device memory"
+        if fig.title.text != title:
+            fig.title.text = title
+            self._cpu_note.text = (
+                "Training runs on the CPU: tensors live in host RAM,\nso there is no device memory to track."
+                if cpu
+                else ""
+            )
+            for r in fig.renderers:
+                r.visible = not cpu
+            fig.legend.visible = not cpu
 
     def _stream(self, key: str, cols: dict) -> None:
         n, sent, src = len(next(iter(cols.values()))[0]), self._sent[key], self.sources[key]

@@ -96,7 +96,9 @@ class PartitionView(pn.viewable.Viewer):
     # ------------------------------------------------------------------ whole-plan summaries
     def refresh(self) -> None:
         ps = self.plan
-        self.alert.param.update(object=f"**Cannot plan this circuit:** {safe_text(ps.error)}", visible=bool(ps.error))
+        self.alert.param.update(
+            object=f"**Cannot plan this circuit:** {safe_text(ps.error)}", visible=bool(ps.error)
+        )
         if ps.plan is None:
             self.totals.object = ps.absent if not ps.error else ""
             self._clear()

@@ -86,7 +86,7 @@ class TrainingView(pn.viewable.Viewer):
         self.full_batch = pn.widgets.IntInput.from_param(
             t.param.full_batch_epochs, name="Full-batch epochs", width=120
         )
-        self.epoch_total = pn.pane.Markdown("", margin=(22, 5, 0, 5))
+        self.epoch_total = pn.pane.Markdown("", margin=(22, 5, 0, 5), width=230)
         t.param.watch(lambda e: self._describe_epochs(), ["epochs", "full_batch_epochs"])
         self._describe_epochs()
         self.start_btn = pn.widgets.Button(name="Start", button_type="success", width=90)
@@ -276,7 +276,7 @@ class TrainingView(pn.viewable.Viewer):
         mem = run.memory
         mem_txt = (
             f" · memory {fmt_bytes(mem.get('allocated', 0))} (peak {fmt_bytes(mem.get('peak_allocated', 0))})"
-            if mem
+            if mem and run.device != "cpu"  # no device memory on CPU: the memory plot says so
             else ""
         )
         batch = f" · batch {p.get('batch')}/{p.get('num_batches')}" if p else ""
