@@ -91,7 +91,7 @@ def test_hidden_compare_view_redraws_when_shown(tmp_path):
     view.compare.add(run)
     assert "Comparing" not in view.info.object  # hidden: not redrawn yet
     view.shown = True
-    assert "Comparing **1** runs" in view.info.object
+    assert "Comparing **1** run." in view.info.object  # singular
     assert list(view.table.value["run_id"]) == ["r1"]
 
 
@@ -101,3 +101,91 @@ def test_log_ticks_are_few_and_round(lo, hi):
     assert 1 <= len(ticks) <= 5 and ticks == sorted(ticks)
     assert all(lo / 2 <= t <= hi * 2 for t in ticks)
     assert all(f"{t:.0e}"[0] in "1235" for t in ticks)  # 1, 2, 3 or 5 x 10^k
+
+
+# ---- issue 9: nothing stale, measured times only of this plan, widgets reset on a new circuit
+
+
+class _Services:
+    runner = store = None
+
+
+def _session():
+    from workbench.state import SessionState
+
+    s = SessionState(_Services())
+    s.build.build_demo()
+    return s
+
+
+def test_failed_build_clears_partitions_schedule_and_circuit():
+    from workbench.views.circuit_view import CircuitView
+    from workbench.views.partition_view import PartitionView
+    from workbench.views.schedule_view import ScheduleView
+
+    s = _session()
+    views = PartitionView(plan=s.plan), ScheduleView(plan=s.plan), CircuitView(plan=s.plan)
+    part, sched, circ = views
+    assert part.heat.object is not None and len(part.table.value) and sched.predicted.object is not None
+    s.build.source, s.build.file_path = "file", "/nonexistent.cwpc"
+    assert not s.build.build().ok
+    assert part.heat.object is None and part.slots.object is None and len(part.table.value) == 0
+    assert sched.predicted.object is None and sched.scatter.object is None and len(sched.table.value) == 0
+    assert circ.pane.object is None
+    for text in (part.totals.object, sched.info.object, circ.info.object):
+        assert "last build failed" in text
+
+
+def test_schedule_draws_measured_times_only_of_this_plan():
+    from workbench.views.schedule_view import ScheduleView
+
+    s = _session()
+    view = ScheduleView(plan=s.plan)
+    means = {(r["layer"], r["pass"]): 1.0 for r in s.plan.schedule()}
+    other = _plan_of(s.build.root, block_size=2).layers
+    view.param.update(measured_source="run-a", measured_plan=other, measured=means)
+    assert not view.measured_plot.visible and "different plan" in view.info.object
+    view.measured_plan = list(s.plan.layers)
+    assert view.measured_plot.visible and "Measured (run-a)" in view.info.object
+    # one x scale: both timelines end at the longer of the two totals
+    assert (
+        view.predicted.object.opts.get().kwargs["xlim"] == view.measured_plot.object.opts.get().kwargs["xlim"]
+    )
+
+
+def _plan_of(root, **kw):
+    from workbench.state import PlanState
+
+    return PlanState(root=root, **kw)
+
+
+def test_circuit_widgets_reset_on_a_new_circuit():
+    from workbench.views.circuit_view import CircuitView
+
+    s = _session()
+    view = CircuitView(plan=s.plan)
+    view.level_w.value = "Blocks"
+    view.vector_w.value = "v20"
+    assert view.level == "Blocks" and view.vector == "v20"
+    s.build.template.num_latents = 8
+    assert s.build.build().ok
+    assert view.level == "Layers" and view.level_w.value == "Layers" and view.vector_w.value == ""
+
+
+def test_blocks_level_without_an_id_draws_blocks_at_the_plan_block_size():
+    from workbench.views.circuit_view import CircuitView
+
+    s = _session()
+    view = CircuitView(plan=s.plan)
+    s.plan.block_size = 2
+    view.level = "Blocks"
+    d, text = view.drawing()
+    assert d.level == "blocks" and d.info["block_size"] == 2
+    assert "blocks of 2 nodes" in text and "1 blocks" not in text
+
+
+def test_si_tick_labels_use_k_m_g():
+    from workbench.views._common import SI_TICKS_JS, fmt_count
+
+    assert fmt_count(1500) == "1.5k" and fmt_count(2e6) == "2M" and fmt_count(3e9) == "3G"
+    assert '"M", 1e6' in SI_TICKS_JS and '"m"' not in SI_TICKS_JS
