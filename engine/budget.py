@@ -27,7 +27,7 @@ def exceeds(estimate: int) -> bool:
 def describe(estimate: int) -> str:
     """'needs about 9.4 GiB; the memory budget is 1.0 GiB (CW_MEMORY_BUDGET_MB)'."""
     return (
-        f"needs about {_gib(estimate)} of memory once decoded; the memory budget is "
+        f"needs about {_gib(estimate)} of memory; the memory budget is "
         f"{_gib(MEMORY_BUDGET_BYTES)} (set CW_MEMORY_BUDGET_MB to change it)"
     )
 

@@ -62,8 +62,19 @@ def _serve_training(tmp_path: Path) -> tuple[subprocess.Popen, Path, str]:
     port = _free_port()
     env = {**os.environ, "CW_RUNS_DIR": str(runs)}
     server = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "panel"), "serve", str(app), "--port", str(port), "--address", "127.0.0.1"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(REPO / ".venv" / "bin" / "panel"),
+            "serve",
+            str(app),
+            "--port",
+            str(port),
+            "--address",
+            "127.0.0.1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/trainapp"
 

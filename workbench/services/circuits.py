@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from engine import dists
 from engine.nodes import CircuitError, NodeVector, inputs, multiply, summate
+from workbench.services import circuit_limits
 
 TEMPLATES = ("hclt", "pd", "rat_spn", "hmm")
 DIST_NAMES = ("auto", "categorical", "bernoulli", "gaussian")
@@ -104,16 +105,34 @@ def build(spec: dict, dataset=None) -> BuildResult:
     try:
         source = spec.get("source", "template")
         if source == "template":
+            circuit_limits.check_template({**TEMPLATE_DEFAULTS, **spec}, _template_vars(spec, dataset))
             root = build_template(spec, dataset)
         elif source == "graph":
+            circuit_limits.check_graph(spec)
             root = build_graph(spec)
         elif source == "file":
             root = load_circuit_file(spec["path"])
         else:
             raise CircuitError(f"unknown circuit source {source!r} (template, graph or file)")
+        circuit_limits.check_depth(root)
         return BuildResult(root=root, seconds=time.perf_counter() - t0, info=describe(root))
-    except (ValueError, KeyError, TypeError, IndexError, OSError) as err:
+    except (ValueError, KeyError, TypeError, IndexError, OSError, ArithmeticError, RecursionError) as err:
         return BuildResult(error=error_message(err), seconds=time.perf_counter() - t0)
+    except MemoryError:
+        return BuildResult(error="not enough memory to build this circuit", seconds=time.perf_counter() - t0)
+
+
+def _template_vars(spec: dict, dataset) -> int:
+    """Variables a template will cover: the dataset's, else what the spec says (pd: its data shape)."""
+    if dataset is not None:
+        return int(dataset.num_vars)
+    s = {**TEMPLATE_DEFAULTS, **spec}
+    if s["template"] == "pd":
+        n = 1
+        for d in s["data_shape"]:
+            n *= int(d)
+        return n
+    return int(s["seq_length"] if s["template"] == "hmm" else s["num_vars"])
 
 
 def error_message(err: BaseException) -> str:
@@ -271,7 +290,7 @@ def _make_vector(n: dict, kids: list[NodeVector]) -> NodeVector:
         if kind == "sum":
             return summate(*kids, num_nodes=int(n["num_nodes"]), block_size=bs)
         raise CircuitError(f"unknown kind {kind!r} (input, product or sum)")
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, OverflowError) as err:
         raise CircuitError(f"node {nid!r}: {error_message(err)}") from err
 
 

@@ -18,7 +18,9 @@ from workbench.services.store import default_runs_dir
 
 DATA_SUFFIXES = (".npy", ".npz", ".csv")
 CIRCUIT_SUFFIXES = (".cwpc", ".zip", ".psdd")
-MAX_UPLOAD_BYTES = int(os.environ.get("CW_MAX_UPLOAD_MB", "200")) * 2**20
+# Bokeh sends a FileInput's file as one base64 websocket message; its default cap (20 MiB) holds a
+# 12 MiB file. scripts/start raises the cap to match CW_MAX_UPLOAD_MB, so larger limits work there.
+MAX_UPLOAD_BYTES = int(float(os.environ.get("CW_MAX_UPLOAD_MB", "12")) * 2**20)
 
 
 @dataclass
@@ -71,9 +73,13 @@ def save_data_upload(filename: str, data: bytes, max_bytes: int | None = None) -
         path = _save(filename, data, DATA_SUFFIXES, max_bytes)
     except ValueError as err:
         return UploadResult(error=error_message(err))
-    ds, err = load_data(str(path))
+    ds = None
+    try:
+        ds, err = load_data(str(path))
+    finally:
+        if ds is None:  # invalid, or an error nobody expected: keep nothing
+            path.unlink(missing_ok=True)
     if ds is None:
-        path.unlink(missing_ok=True)
         return UploadResult(error=_as_uploaded(err, path, filename))
     return UploadResult(path=str(path), summary=dataset_summary(ds))
 
@@ -86,7 +92,7 @@ def save_circuit_upload(filename: str, data: bytes, max_bytes: int | None = None
         return UploadResult(error=error_message(err))
     try:
         root = load_circuit_file(path)
-    except (ValueError, OSError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure is a refusal with a message, and no leftover file
         path.unlink(missing_ok=True)
         return UploadResult(error=_as_uploaded(error_message(err), path, filename))
     return UploadResult(path=str(path), summary=describe(root))
@@ -98,8 +104,10 @@ def load_data(name_or_path: str):
 
     try:
         return load_dataset(name_or_path), None
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, OverflowError, RecursionError) as err:
         return None, error_message(err)
+    except MemoryError:
+        return None, "not enough memory to load this data; see CW_MEMORY_BUDGET_MB"
 
 
 def dataset_summary(ds) -> dict:
