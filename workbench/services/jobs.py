@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -57,10 +58,16 @@ class JobSpec:
             raise ValueError("train for at least one epoch")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("step_size", "final_step_size", "pseudocount", "tolerance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0 < self.step_size <= 1 or not 0 < self.final_step_size <= 1:
             raise ValueError("step sizes must be in (0, 1]")
         if self.pseudocount < 0:
             raise ValueError("pseudocount must be >= 0")
+        if self.tolerance < 0:
+            raise ValueError("tolerance must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):

@@ -1,0 +1,107 @@
+"""The served workbench listens on localhost only, shows no server paths, keeps no failed uploads,
+and refuses hyper-parameters that are not finite."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workbench.services import uploads
+from workbench.services.jobs import JobSpec
+from workbench.services.store import RunStore
+from workbench.views._common import safe_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) with a socket listening on `port`."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                out.append(address)
+    return out
+
+
+@pytest.mark.slow
+def test_scripts_start_listens_on_localhost_only():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(REPO / "scripts" / "start"), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "scripts/start exited"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/workbench", timeout=30) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the workbench did not answer")
+        assert _listening(port) == ["0100007F"]  # 127.0.0.1 only: no 0.0.0.0, no [::]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_safe_text_makes_html_and_markdown_inert():
+    text = safe_text('<img src=q onerror="x()"> [a](javascript:x()) **b** `c`')
+    assert "<" not in text and ">" not in text
+    assert "&lt;img" in text and "\\[a\\]\\(javascript:x\\(\\)\\)" in text and "\\*\\*b\\*\\*" in text
+    assert safe_text("nltcs.clt.psdd") == "nltcs.clt.psdd"
+
+
+def test_stored_specs_name_uploaded_files_without_their_server_path(tmp_path):
+    store = RunStore(tmp_path)
+    run_id = store.create({"dataset": "/srv/secret/uploads/mine-1a2b.npy",
+                           "circuit": {"source": "file", "path": "/srv/secret/uploads/c-9f.psdd"}})
+    spec = store.spec(run_id)
+    assert spec["dataset"] == "mine-1a2b.npy" and spec["circuit"]["path"] == "c-9f.psdd"
+    assert "/srv" not in (tmp_path / run_id / "spec.json").read_text()
+    assert store.spec(store.create({"dataset": "nltcs", "circuit": {}}))["dataset"] == "nltcs"
+
+
+def test_failed_uploads_leave_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("CW_UPLOAD_DIR", str(tmp_path))
+    res = uploads.save_data_upload("bad.csv", b"1,2\nnan,3\n")
+    assert not res.ok and "NaN" in res.error
+    res = uploads.save_circuit_upload("bad.psdd", b"psdd 1\nX 1\n")
+    assert not res.ok
+
+    def explode(path):
+        raise MemoryError
+
+    monkeypatch.setattr("engine.data.load_dataset", explode)
+    res = uploads.save_data_upload("big.csv", b"1,2\n3,4\n")
+    assert not res.ok and "memory" in res.error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_upload_limit_is_checked_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("CW_UPLOAD_DIR", str(tmp_path))
+    res = uploads.save_data_upload("big.csv", b"1,2\n" * 1000, max_bytes=1000)
+    assert not res.ok and "too large" in res.error and "limit" in res.error
+    assert uploads.MAX_UPLOAD_BYTES <= 12 * 2**20 or os.environ.get("CW_MAX_UPLOAD_MB")
+
+
+@pytest.mark.parametrize("field", ["pseudocount", "step_size", "final_step_size", "tolerance"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_job_spec_refuses_non_finite_hyper_parameters(field, value):
+    spec = JobSpec(circuit={"source": "template"}, **{field: value})
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        spec.validate()
+    JobSpec(circuit={"source": "template"}).validate()  # the defaults are fine
