@@ -145,3 +145,26 @@ def test_recover_leaves_runs_of_a_live_server_alone(tmp_path):
     store.set_status(other, "running", server_pid=2**22 + 12345)  # no such process
     assert store.recover() == [other]
     assert store.status(mine)["status"] == "queued" and store.status(other)["status"] == "interrupted"
+
+
+def test_jobs_past_the_worker_bound_wait_queued_then_run(tmp_path):
+    from workbench.services.jobs import JobSpec
+
+    runner = JobRunner(RunStore(tmp_path), max_workers=1)
+    spec = JobSpec(circuit={"source": "template", "template": "hclt", "num_latents": 4}, dataset="nltcs",
+                   epochs=1, full_batch_epochs=0, threads=1)
+    try:
+        first, second, third = runner.start(spec), runner.start(spec), runner.start(spec)
+        assert second.status == "queued" and "waiting for a free worker" in second.message
+        assert runner.store.status(second.job_id)["status"] == "queued"
+        runner.stop(third.job_id)
+        assert third.status == "stopped" and third.process.pid is None
+        assert runner.wait(first.job_id, 120) and first.status == "done", first.message
+        assert runner.wait(second.job_id, 120) and second.status == "done", second.message
+        assert second.process.pid is not None and third.process.pid is None  # the stopped one never ran
+        time.sleep(1.0)  # the reader thread polls finished workers every few ms
+        for job in (first, second):
+            stat = Path(f"/proc/{job.process.pid}/stat")
+            assert not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"  # reaped
+    finally:
+        runner.shutdown()

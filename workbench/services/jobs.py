@@ -139,9 +139,11 @@ class JobRunner:
         poll_s: float = 0.02,
         stop_timeout: float = 10.0,
         max_events: int = 200_000,
+        max_workers: int | None = None,
     ):
         self.store = store if store is not None else RunStore()
         self.poll_s, self.stop_timeout, self.max_events = poll_s, stop_timeout, max_events
+        self.max_workers = max_workers or default_max_workers()
         self._ctx = mp.get_context("spawn")
         self.recovered = self.store.recover()  # runs a previous server left unfinished: "interrupted"
         self._jobs: dict[str, Job] = {}
@@ -177,11 +179,35 @@ class JobRunner:
                 job.stop_event,
             ),
         )
-        with self._lock, _main_module_hidden():
-            job.process.start()
+        with self._lock:
             self._jobs[run_id] = job
-        self.store.set_status(run_id, "starting", pid=job.process.pid, server_pid=os.getpid())
+            if self._running() < self.max_workers:
+                self._launch(job)
+            else:  # the reader thread launches it when a worker slot frees
+                job.status = "queued"
+                waiting = f"waiting for a free worker ({self.max_workers} training at once, CW_MAX_WORKERS)"
+                self._handle(job, [{"type": "status", "status": "queued", "message": waiting, "t": time.time()}])
         return job
+
+    def _running(self) -> int:
+        """Workers started and not yet finished (call with the lock held)."""
+        return sum(1 for j in self._jobs.values() if j.process.pid is not None and not j.finished)
+
+    def _launch(self, job: Job) -> None:
+        """Start the job's worker process (call with the lock held)."""
+        with _main_module_hidden():
+            job.process.start()
+        job.status = "starting"
+        self.store.set_status(job.job_id, "starting", pid=job.process.pid, server_pid=os.getpid())
+
+    def _launch_queued(self) -> None:
+        """Start queued jobs, oldest first, while worker slots are free."""
+        with self._lock:
+            for job in self._jobs.values():
+                if self._running() >= self.max_workers:
+                    break
+                if job.status == "queued" and job.process.pid is None and not job.stop_event.is_set():
+                    self._launch(job)
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -209,6 +235,11 @@ class JobRunner:
             return
         job.stop_event.set()
         job.run_event.set()
+        with self._lock:
+            never_started = job.process.pid is None
+        if never_started:
+            self._finish(job, "stopped", "stopped before a worker was free")
+            return
         job.stop_deadline = time.time() + (self.stop_timeout if timeout is None else timeout)
         self._handle(job, [{"type": "status", "status": "stopping", "message": "", "t": time.time()}])
 
@@ -253,10 +284,13 @@ class JobRunner:
     def _read_loop(self) -> None:
         while not self._closed.is_set():
             busy = False
+            self._launch_queued()
             for job in self.jobs():
                 if job.finished:
                     _reap(job)
                     continue
+                if job.process.pid is None:
+                    continue  # queued: no worker yet
                 try:
                     busy |= self._poll(job)
                 except Exception as err:  # noqa: BLE001 - the reader must outlive any one job
@@ -333,6 +367,11 @@ def _main_module_hidden():
             main.__file__ = saved
         if main is not None and spec is not None:
             main.__spec__ = spec
+
+
+def default_max_workers() -> int:
+    """Training workers at once: CW_MAX_WORKERS, else one per two cores (at least 2); more wait queued."""
+    return int(os.environ.get("CW_MAX_WORKERS") or max(2, (os.cpu_count() or 2) // 2))
 
 
 def _reap(job: Job) -> None:
