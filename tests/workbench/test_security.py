@@ -105,3 +105,22 @@ def test_job_spec_refuses_non_finite_hyper_parameters(field, value):
     with pytest.raises(ValueError, match=f"{field} must be a finite number"):
         spec.validate()
     JobSpec(circuit={"source": "template"}).validate()  # the defaults are fine
+
+
+def test_live_jobs_and_their_errors_show_no_server_paths(tmp_path):
+    from workbench.services.jobs import JobRunner
+
+    bad = tmp_path / "secret-folder" / "data.csv"
+    bad.parent.mkdir()
+    bad.write_text("1,2\n3,4\n" * 20)
+    runner = JobRunner(RunStore(tmp_path / "runs"))
+    try:
+        spec = JobSpec(circuit={"source": "file", "path": str(tmp_path / "secret-folder" / "c.psdd")},
+                       dataset=str(bad), epochs=1, full_batch_epochs=0, threads=1)
+        job = runner.start(spec)
+        assert job.spec.dataset == "data.csv" and job.spec.circuit["path"] == "c.psdd"
+        assert runner.wait(job.job_id, 120) and job.status == "failed"
+        assert "c.psdd" in job.message and "secret-folder" not in job.message, job.message
+        assert "secret-folder" not in (tmp_path / "runs" / job.job_id / "status.json").read_text()
+    finally:
+        runner.shutdown()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine.optim import EMSchedule
 from workbench.services import worker
-from workbench.services.store import TERMINAL, RunStore
+from workbench.services.store import TERMINAL, RunStore, shareable_spec
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class JobRunner:
         run_id = self.store.create(spec.to_dict(), name=name or spec.name or None)
         job = Job(
             run_id,
-            spec,
+            JobSpec.from_dict(shareable_spec(spec.to_dict())),  # what sessions see: no server paths
             queue=self._ctx.Queue(),
             run_event=self._ctx.Event(),
             stop_event=self._ctx.Event(),

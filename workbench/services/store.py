@@ -75,7 +75,7 @@ class RunStore:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         d = self.path(run_id)
         d.mkdir(parents=True)
-        _write_json(d / "spec.json", _shareable({**spec, "name": name or spec.get("name") or run_id}))
+        _write_json(d / "spec.json", shareable_spec({**spec, "name": name or spec.get("name") or run_id}))
         (d / "metrics.jsonl").touch()
         now = time.time()
         status = {"status": "queued", "message": "", "created": now, "updated": now, "server_pid": os.getpid()}
@@ -180,7 +180,7 @@ class RunStore:
         return buf.getvalue()
 
 
-def _shareable(spec: dict) -> dict:
+def shareable_spec(spec: dict) -> dict:
     """The spec as every session may see it: an uploaded file by its name, not its server path.
 
     The worker gets the full spec from the JobRunner; spec.json is what run listings show.

@@ -114,10 +114,20 @@ def run_job(spec: dict, model_path: str, queue, run_event, stop_event) -> None:
     except BaseException as err:  # noqa: BLE001 - every failure must reach the server as an event
         from workbench.services.circuits import error_message
 
-        send({"type": "error", "message": error_message(err), "traceback": traceback.format_exc()})
+        message = _without_server_paths(error_message(err), spec, model_path)
+        send({"type": "error", "message": message, "traceback": traceback.format_exc()})
     finally:
         queue.close()
         queue.join_thread()
+
+
+def _without_server_paths(message: str, spec: dict, model_path: str) -> str:
+    """The message with the job's file paths cut to their names: errors are shown to every session."""
+    circuit = spec.get("circuit") if isinstance(spec.get("circuit"), dict) else {}
+    for path in (spec.get("dataset"), circuit.get("path"), model_path):
+        if isinstance(path, str) and os.path.dirname(path):
+            message = message.replace(path, os.path.basename(path))
+    return message
 
 
 def _watch_lifecycle(queue, run_event, stop_event) -> None:
