@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -138,9 +139,10 @@ def run_ours(root, data_cpu, data_u8, epochs, opts=None) -> dict:
         t_fit = time.time()
         hist = optim.fit(pc, data_cpu, epochs=epochs, schedule=SCHEDULE, callback=events.append,
                          generator=torch.Generator().manual_seed(SEED))
+        data_GB = data_cpu.numel() * data_cpu.element_size() / 1e9  # fit's resident copy (uint8)
     ends = [t_fit] + [h["time"] for h in hist]
     walls = [b - a for a, b in zip(ends, ends[1:])]
-    res = {"system": "ours (optim.fit)", "compile_s": compile_s, "peak_alloc_GB": m.peak_GB,
+    res = {"system": "ours (optim.fit)", "compile_s": compile_s, "peak_alloc_GB": m.peak_GB, "data_GB": data_GB,
            "warmup_s": hist[0]["seconds"], "epoch_s": statistics.median(h["seconds"] for h in hist[1:]),
            "wall_s": statistics.median(walls[1:]), "eval_s": statistics.median(h["eval_seconds"] for h in hist[1:]),
            "epoch_all_s": [h["seconds"] for h in hist], "pass_ll": [h["pass_ll"] for h in hist],
@@ -165,7 +167,8 @@ def run_ours_step(pc, data_u8) -> dict:
     return out
 
 
-def run_pyjuice(juice, bridge, root, data_u8, epochs) -> dict:
+def run_pyjuice(juice, bridge, root, data_u8, epochs, fp32=False) -> dict:
+    """PyJuice's tutorial loop; `fp32=True` (a diagnostic, not its default) runs its sum tiles in fp32."""
     orders = epoch_orders(data_u8.shape[0], epochs)
     nb = data_u8.shape[0] // BATCH
     with Measure() as m:
@@ -174,6 +177,8 @@ def run_pyjuice(juice, bridge, root, data_u8, epochs) -> dict:
         pc = juice.compile(ns, verbose=False)
         pc.to("cuda")
         compile_s = sync_time() - t0
+        if fp32:
+            pc.forward = functools.partial(pc.forward, force_use_fp32=True)
         init_ll = pj_ll(bridge, pc, data_u8)
         opt = bridge.make_optimizer(juice, pc, STEP, PSEUDO, keep_zero_params=True)
         first = orders[0][:BATCH].cuda()
@@ -185,7 +190,8 @@ def run_pyjuice(juice, bridge, root, data_u8, epochs) -> dict:
             t0 = sync_time()
             bridge.tutorial_epoch(pc, opt, batches)
             times.append(sync_time() - t0)
-    res = {"system": "pyjuice (tutorial: recorded CUDA graphs, MiniBatchEM)", "compile_s": compile_s,
+    res = {"system": "pyjuice (tutorial: recorded CUDA graphs, MiniBatchEM)" + (", fp32 tiles" if fp32 else ""),
+           "compile_s": compile_s,
            "peak_alloc_GB": m.peak_GB, "warmup_s": times[0], "epoch_s": statistics.median(times[1:]),
            "epoch_all_s": times, "init_ll": init_ll, "ll": pj_ll(bridge, pc, data_u8)}
     del pc, ns, opt
@@ -261,6 +267,8 @@ def main():
     ap.add_argument("--extra-precision", default=None, help="also run ours with this precision (e.g. bf16)")
     ap.add_argument("--no-pyjuice", action="store_true")
     ap.add_argument("--cli-config", default=None, help="e.g. hclt:128: also time the CLI end to end")
+    ap.add_argument("--pj-fp32-configs", nargs="*", default=[],
+                    help="e.g. pd:16: also run PyJuice's loop with fp32 sum tiles (is a LL gap bf16's?)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     juice = bridge = None
@@ -306,6 +314,9 @@ def main():
                 row["pyjuice_eager"] = run_pyjuice_eager(juice, bridge, root, data_u8, args.eager_batches)
             except Exception as err:  # noqa: BLE001
                 row["pyjuice_eager"] = {"error": f"{type(err).__name__}: {err}"}
+        if juice is not None and f"{kind}:{nl}" in args.pj_fp32_configs:
+            row["pyjuice_fp32"] = run_pyjuice(juice, bridge, root, data_u8, args.epochs, fp32=True)
+            print(f"  {row['config']} pyjuice fp32: {_short(row['pyjuice_fp32'])}", flush=True)
         if args.extra_precision:
             row["ours_" + args.extra_precision] = run_ours(root, data_cpu, data_u8, args.epochs,
                                                            KernelOptions(precision=args.extra_precision))
