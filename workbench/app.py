@@ -13,6 +13,7 @@ import panel as pn
 
 from workbench.services import Services, get_services
 from workbench.state.session import SessionState
+from workbench.upload_guard import UploadGuard
 from workbench.views._common import collapsing_tabs
 
 TITLE = "Circuit Workbench"
@@ -72,7 +73,7 @@ def create_app(services: Services | None = None) -> pn.template.BootstrapTemplat
     follow_tabs(tabs, views)
     template = pn.template.BootstrapTemplate(
         title=TITLE,
-        main=[tabs],
+        main=[UploadGuard(margin=(0, 10)), tabs],
         sidebar=[pn.pane.Markdown(INTRO)],
         sidebar_width=260,
         header_background="#2f4f6f",
