@@ -267,3 +267,29 @@ def test_safetensors_header_declaring_more_than_the_limit_is_refused_from_its_he
         zf.writestr("arrays.safetensors", len(header).to_bytes(8, "little") + header + bytes(16))
     with pytest.raises(FileFormatError, match="declares .* bytes of arrays; the limit"):
         engine.load(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"var": "1e400"}, "'var' must be int"),
+        ({"tolerance": "Infinity"}, "tolerance must be a finite number"),
+        ({"tolerance": "NaN"}, "tolerance must be a finite number"),
+    ],
+)
+def test_overflowing_numbers_in_circuit_json_are_file_format_errors(tmp_path, change, match):
+    import engine
+    from engine.io import FileFormatError
+
+    doc = json.dumps({**CIRCUIT_JSON, "kind": "compiled", "block_size": None, "tolerance": 0.25})
+    if "var" in change:
+        doc = doc.replace('"var": 0', f'"var": {change["var"]}')
+    else:
+        doc = doc.replace('"tolerance": 0.25', f'"tolerance": {change["tolerance"]}')
+    header = json.dumps({"v0.params": {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "c.cwpc"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("circuit.json", doc)
+        zf.writestr("arrays.safetensors", len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(FileFormatError, match=match):
+        engine.load(path)
