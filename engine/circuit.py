@@ -112,6 +112,10 @@ class CompiledCircuit(torch.nn.Module):
     def input_params(self, i: int) -> torch.Tensor:
         return getattr(self, f"input_params_{i}")
 
+    def input_stats(self, i: int) -> torch.Tensor:
+        """Input layer `i`'s accumulated EM statistics `[nodes, num_stats]`."""
+        return getattr(self, f"input_stats_{i}")
+
     def _set_input_params(self, i: int, value: torch.Tensor) -> None:
         getattr(self, f"input_params_{i}").copy_(value)
 

@@ -52,30 +52,39 @@ def _fmt(v) -> str:
 
 
 def cmd_train(args) -> int:
+    from engine import distributed
     from engine.data import load_dataset
     from engine.optim import EMSchedule
     from engine.training import TrainConfig, json_line, pick_device, run_training
 
     schedule = EMSchedule(
         batch_size=args.batch_size, step_size=args.step_size, final_step_size=args.final_step_size,
-        pseudocount=args.pseudocount, full_batch_epochs=args.full_batch_epochs,
+        pseudocount=args.pseudocount, full_batch_epochs=args.full_batch_epochs, drop_last=args.drop_last,
     )
-    cfg = TrainConfig(epochs=args.epochs, schedule=schedule, device=args.device, block_size=args.block_size,
-                      tolerance=args.tolerance, profile=args.profile)
+    device, main = args.device, True
+    if distributed.launched_by_torchrun():  # torchrun --nproc-per-node N -m engine train ...
+        ranks, device = distributed.join(args.device)
+        main = ranks.is_main
+    cfg = TrainConfig(epochs=args.epochs, schedule=schedule, device=device, block_size=args.block_size,
+                      tolerance=args.tolerance, profile=args.profile,
+                      distributed=distributed.launched_by_torchrun())
     cfg.check()  # bad settings fail before the data are read
     torch.manual_seed(args.seed)
     ds = load_dataset(args.data)
     t0 = time.perf_counter()
-    root = build_structure(args.structure, ds, args.latents, args.seed, pick_device(args.device))
+    root = build_structure(args.structure, ds, args.latents, args.seed, pick_device(device))
     metrics_file = None
-    if args.metrics:
+    if args.metrics and main:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(args.metrics, "w")
 
     def on_compiled(pc) -> None:
-        print(f"{args.structure} on {ds.name}: {ds.num_vars} vars, {ds.train.shape[0]} train rows; "
-              f"{pc.plan.to_dict()['num_edges']:,} edges, {len(pc.plan.layers)} layers, built in "
-              f"{time.perf_counter() - t0:.2f}s on {pc.device.type}", file=sys.stderr)
+        if main:
+            print(f"{args.structure} on {ds.name}: {ds.num_vars} vars, {ds.train.shape[0]} train rows; "
+                  f"{pc.plan.to_dict()['num_edges']:,} edges, {len(pc.plan.layers)} layers, built in "
+                  f"{time.perf_counter() - t0:.2f}s on {pc.device.type}"
+                  + (f" x {torch.distributed.get_world_size()} ranks" if cfg.distributed else ""),
+                  file=sys.stderr)
 
     def on_event(e: dict) -> None:
         if e["type"] == "epoch":
@@ -86,12 +95,14 @@ def cmd_train(args) -> int:
             metrics_file.flush()
 
     try:
-        result = run_training(root, ds, cfg, on_event, out=args.out, progress=not args.quiet,
-                              on_compiled=on_compiled)
+        result = run_training(root, ds, cfg, on_event, out=args.out if main else None,
+                              progress=not args.quiet, on_compiled=on_compiled)
     finally:
         if metrics_file is not None:
             metrics_file.close()
-    if args.out:
+        if cfg.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if args.out and main:
         print(f"saved {args.out}", file=sys.stderr)
     if result.history:
         last = result.history[-1]
@@ -134,12 +145,15 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="save the trained model here (engine file format)")
     t.add_argument("--profile", action="store_true", help="record per-layer times and memory into --metrics")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--drop-last", action="store_true",
+                   help="skip each mini-batch epoch's short tail batch (always, under torchrun)")
     return p
 
 
 def main(argv=None) -> int:
     """Run a command; every failure a user can cause is one `error:` line on stderr and exit code 2."""
     args = make_parser().parse_args(argv)
+    from engine.distributed import DistributedError
     from engine.training import check_output_path
 
     try:
@@ -149,6 +163,8 @@ def main(argv=None) -> int:
         return {"train": cmd_train, "plan": cmd_plan}[args.command](args)
     except (ValueError, OSError, OverflowError, RecursionError) as e:  # bad data, circuit, file, path
         return _fail(str(e) or type(e).__name__)
+    except DistributedError as e:  # another rank died or stopped answering: say so, don't hang
+        return _fail(str(e))
     except MemoryError:
         return _fail("out of memory: use a smaller circuit (--latents) or less data")
     except RuntimeError as e:  # torch reports a failed allocation as a RuntimeError

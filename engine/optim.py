@@ -97,12 +97,18 @@ class _Driver:
 
     def __init__(self, pc, batch_size: int, callback: Callback | None = None,
                  should_stop: Callable[[], bool] | None = None, event_interval_s: float = EVENT_INTERVAL_S,
-                 graphs: bool = True):
+                 graphs: bool = True, ranks=None):
         self.pc, self.batch_size = pc, int(batch_size)
         self.callback, self.should_stop = callback, should_stop
         self.event_interval_s, self.graphs = event_interval_s, graphs
         self.steps: dict[str, CapturedStep] = {}
         self.warm = False  # a full batch ran eagerly: every kernel is compiled, capture at once
+        self.ranks = ranks  # engine.distributed.Ranks when data-parallel, else None
+        self.reducer = None
+        if ranks is not None:
+            from engine import distributed
+
+            self.reducer = distributed.FlowReducer(pc)
 
     def step(self, kind: str, em: tuple[float, float] | None = None) -> CapturedStep:
         """The captured step of `kind` ("em", "accumulate", "forward"); remade when `em` changes,
@@ -113,7 +119,8 @@ class _Driver:
                 self.warm |= st.eager_calls > 0
                 st.release()
             st = CapturedStep(self.pc, self.batch_size, em=em, zero_flows=kind == "em",
-                              forward_only=kind == "forward", capture_first=self.warm, enabled=self.graphs)
+                              forward_only=kind == "forward", capture_first=self.warm, enabled=self.graphs,
+                              reduce=self.reducer if kind == "em" else None)
             self.steps[kind] = st
         return st
 
@@ -124,13 +131,14 @@ class _Driver:
         self.pc._mars, self.pc._inputs_cache = None, []
 
     def emit(self, event: dict, block: bool = False) -> None:
+        callback = self.callback if self.ranks is None or self.ranks.is_main else None  # rank 0 reports
         prof = self.pc.profiler
         if prof is not None:
             for e in prof.collect(block=block):
-                if self.callback is not None:
-                    self.callback({**e, "epoch": event.get("epoch"), "batch": event.get("batch")})
-        if self.callback is not None:
-            self.callback(event)
+                if callback is not None:
+                    callback({**e, "epoch": event.get("epoch"), "batch": event.get("batch")})
+        if callback is not None:
+            callback(event)
 
     def run_pass(self, feed: DataFeed, order: torch.Tensor, step: CapturedStep, epoch: int,
                  drop_last: bool = False, report: bool = True) -> PassResult:
@@ -166,21 +174,42 @@ class _Driver:
                 last_t, last_sum, last_seen, last_paused = time.perf_counter(), total, seen, paused
         self.warm |= step.eager_calls > 0 and seen >= bs
         seconds = time.perf_counter() - t0 - paused
+        if self.ranks is not None:  # the pass's LL over every rank's rows
+            last_sum, seen = self._all_sum([last_sum, seen])
+            seen = int(seen)
         return PassResult(last_sum / max(seen, 1), seen, seconds, paused, False)
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        from engine import distributed
+
+        return distributed.all_sum(values, self.pc.device)
+
+    def _order(self, n: int, shuffle: bool, generator=None) -> torch.Tensor:
+        """The epoch's row order; data-parallel: rank 0's, and only this rank's share of it."""
+        if self.ranks is None:
+            return batch_order(n, shuffle, generator)
+        from engine import distributed
+
+        if not shuffle:
+            return distributed.shard_rows(n, self.ranks)
+        order = distributed.broadcast_order(batch_order(n, True, generator), self.pc.device)
+        return distributed.shard_batches(order, self.batch_size, self.ranks)
 
     @torch.no_grad()
     def minibatch_epoch(self, feed: DataFeed, epoch: int, step_size: float, pseudocount: float,
                         drop_last: bool = False, generator: torch.Generator | None = None) -> PassResult:
         step = self.step("em", (float(step_size), float(pseudocount)))
-        return self.run_pass(feed, batch_order(feed.n, True, generator), step, epoch, drop_last)
+        return self.run_pass(feed, self._order(feed.n, True, generator), step, epoch, drop_last)
 
     @torch.no_grad()
     def full_batch_epoch(self, feed: DataFeed, epoch: int, pseudocount: float) -> PassResult:
         self.pc.zero_flows()
-        res = self.run_pass(feed, batch_order(feed.n, False), self.step("accumulate"), epoch)
+        res = self.run_pass(feed, self._order(feed.n, False), self.step("accumulate"), epoch)
         if res.stopped:
             return res
         t0 = time.perf_counter()
+        if self.reducer is not None:
+            self.reducer()  # the whole set's flows: every rank's share summed
         self.pc.em_step(1.0, pseudocount)
         if self.pc.device.type == "cuda":
             torch.cuda.synchronize(self.pc.device)  # wait for the update: it belongs to this epoch's time
@@ -189,7 +218,7 @@ class _Driver:
     @torch.no_grad()
     def evaluate(self, feed: DataFeed) -> float:
         """Mean log-likelihood (nats per example) of the feed's rows."""
-        return self.run_pass(feed, batch_order(feed.n, False), self.step("forward"), 0, report=False).ll
+        return self.run_pass(feed, self._order(feed.n, False), self.step("forward"), 0, report=False).ll
 
 
 def _feed(pc, data, budget) -> DataFeed | None:
@@ -247,14 +276,18 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
         callback: Callback | None = None, should_stop: Callable[[], bool] | None = None,
         progress: bool = False, *, event_interval_s: float = EVENT_INTERVAL_S,
         generator: torch.Generator | None = None, data_budget_bytes: int | None = None,
-        graphs: bool = True) -> list[dict]:
+        graphs: bool = True, distributed: bool = False) -> list[dict]:
     """Train with `epochs` mini-batch EM epochs then `schedule.full_batch_epochs` full-batch epochs.
 
     `train/valid/test: [N, num_vars]` (CPU or device tensors). `generator` draws the mini-batch
     orders (default: the global RNG); `data_budget_bytes` caps the device copy of each split
     (default: a quarter of free GPU memory; a larger split is streamed); `graphs=False` runs every
-    step eagerly (for comparisons). Returns the per-epoch metrics (the "epoch" events). Raises
-    `NonFiniteError` when the log-likelihood or the parameters stop being finite.
+    step eagerly (for comparisons). `distributed=True` trains data-parallel over the initialised
+    torch.distributed group (`engine.distributed`): `schedule.batch_size` rows per rank and step,
+    rank 0's parameters and batch order, flows summed over ranks, global log-likelihoods, events
+    and history on rank 0 only (other ranks return []); each mini-batch epoch drops its tail (the
+    rows past a whole number of global batches). Returns the per-epoch metrics (the "epoch"
+    events). Raises `NonFiniteError` when the log-likelihood or the parameters stop being finite.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -267,10 +300,18 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
     pc.check_data(train)  # validated once here, not per batch
     feeds = {name: _feed(pc, d, data_budget_bytes) for name, d in (("train", train), ("valid", valid),
                                                                     ("test", test))}
-    driver = _Driver(pc, schedule.batch_size, callback, should_stop, event_interval_s, graphs)
+    ranks = None
+    if distributed:
+        from engine import distributed as dist_mod
+
+        ranks = dist_mod.current()
+        if should_stop is not None:
+            raise ValueError("should_stop is not supported with distributed=True (ranks must stop together)")
+        dist_mod.broadcast_parameters(pc)
+    driver = _Driver(pc, schedule.batch_size, callback, should_stop, event_interval_s, graphs, ranks)
     history = []
     total = epochs + schedule.full_batch_epochs
-    bar = _progress(total) if progress else None
+    bar = _progress(total) if progress and (ranks is None or ranks.is_main) else None
     try:
         for epoch in range(1, total + 1):
             if epoch <= epochs:
@@ -288,7 +329,10 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
                        "seconds": res.seconds, "paused_seconds": res.paused_seconds,
                        "eval_seconds": time.perf_counter() - t0, "pass_ll": res.ll, **lls,
                        "time": time.time()}
-            history.append(metrics)
+            if ranks is not None:
+                metrics["world_size"] = ranks.world
+            if ranks is None or ranks.is_main:
+                history.append(metrics)
             driver.emit(metrics, block=True)
             if bar is not None:
                 bar.update(1)

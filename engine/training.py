@@ -42,6 +42,7 @@ class TrainConfig:
     profile: bool = False
     profile_interval_s: float | None = None
     event_interval_s: float = EVENT_INTERVAL_S
+    distributed: bool = False  # data-parallel over the joined torch.distributed group
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot train."""
@@ -132,10 +133,10 @@ def run_training(root: NodeVector, dataset, cfg: TrainConfig, callback: Callable
         pc.profile(True, interval_s=cfg.profile_interval_s)
     try:
         history = fit(pc, dataset.train, dataset.valid, dataset.test, cfg.epochs, cfg.schedule, callback,
-                      should_stop, progress, event_interval_s=cfg.event_interval_s)
+                      should_stop, progress, event_interval_s=cfg.event_interval_s, distributed=cfg.distributed)
     finally:
         pc.profile(False)
-    stopped = len(history) < cfg.epochs + cfg.schedule.full_batch_epochs
+    stopped = should_stop is not None and len(history) < cfg.epochs + cfg.schedule.full_batch_epochs
     if out is not None:
         engine.save(pc, out)
     return TrainResult(pc, history, stopped)

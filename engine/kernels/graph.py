@@ -33,13 +33,15 @@ def _graph_pool(pc):
 
 
 class CapturedStep:
-    """Graph-replayed `zero_flows(); accumulate_flows(x); em_step(*em)` for batches of `batch_size`,
+    """Graph-replayed `zero_flows(); accumulate_flows(x); reduce(); em_step(*em)` for batches of `batch_size`,
     or `pc(x)` alone with `forward_only=True`. Every call adds `sum(log p(x))` into `ll_sum`
     (float64, on the circuit's device) so a caller reads the running total only when it wants it."""
 
     def __init__(self, pc, batch_size: int, em: tuple[float, float] | None = None, zero_flows: bool = True,
-                 forward_only: bool = False, capture_first: bool = False, enabled: bool = True):
+                 forward_only: bool = False, capture_first: bool = False, enabled: bool = True,
+                 reduce=None):
         self.pc, self.batch_size, self.em, self.zero = pc, int(batch_size), em, zero_flows
+        self.reduce = reduce  # called between the flows and the EM update (data-parallel all-reduce)
         self.forward_only = forward_only
         self.capture_first = capture_first
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -60,6 +62,8 @@ class CapturedStep:
             if self.zero:
                 pc.zero_flows()
             ll = pc.accumulate_flows(x, missing, validate=False)
+            if self.reduce is not None:
+                self.reduce()
             if self.em is not None:
                 pc.em_step(*self.em)
             pc._mars, pc._inputs_cache = None, []  # the step buffers are not needed after the flows

@@ -1,0 +1,153 @@
+"""Data-parallel EM on `torch.distributed` (NCCL on GPUs, gloo on CPUs).
+
+EM needs no gradient-averaging tricks: flows are sums over examples, so the sum of the ranks'
+parameter flows and input statistics *is* the flow of the global batch. Each rank runs forward and
+flows on its shard of every global batch (`per-rank batch x world size` rows), the flows are
+all-reduced, and every rank applies the same EM update, so the parameters stay identical on all
+ranks; one process on the same global batches computes the same update up to summation order.
+
+    torchrun --nproc-per-node 2 -m engine train --data nltcs ...      # the CLI joins the group itself
+    engine.optim.fit(pc, train, ..., distributed=True)                 # in a script under torchrun
+
+A rank that dies makes the others' next collective fail (gloo: at once; NCCL: after the process
+group's timeout, `CW_DIST_TIMEOUT_S`, default 120 s): they raise `DistributedError` instead of
+hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank exited or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the default process group."""
+
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or a launcher setting its variables) started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def timeout_s() -> float:
+    value = float(os.environ.get("CW_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    if not (0 < value < float("inf")):
+        raise ValueError(f"CW_DIST_TIMEOUT_S must be a positive number of seconds, got {value}")
+    return value
+
+
+def join(device: str = "auto") -> tuple[Ranks, str]:
+    """Join (or reuse) the default process group; returns the ranks and this rank's device.
+
+    On CUDA each rank takes GPU `LOCAL_RANK` and the NCCL backend; on the CPU, gloo. The group
+    reads the launcher's environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE).
+    """
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("distributed training on CUDA requested but no CUDA GPU is available")
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s()))
+    return Ranks(dist.get_rank(), dist.get_world_size()), f"cuda:{local}" if use_cuda else "cpu"
+
+
+def current() -> Ranks:
+    """The ranks of the initialised default group (for `fit(..., distributed=True)`)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("distributed=True needs torch.distributed initialised: launch with torchrun "
+                         "and call engine.distributed.join() (the CLI does) or init_process_group()")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, ConnectionError) as err:
+        raise DistributedError(f"rank {dist.get_rank()}: the {what} failed, so another rank has exited or "
+                               f"stopped answering ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+
+
+def broadcast_parameters(pc) -> None:
+    """Every rank starts from rank 0's parameters."""
+    for t in [pc.params] + [pc.input_params(i) for i in range(len(pc.input_layers))]:
+        _collective("parameter broadcast", dist.broadcast, t, 0)
+
+
+def broadcast_order(order: torch.Tensor, device) -> torch.Tensor:
+    """Rank 0's row order of an epoch, on every rank (ranks' RNGs may differ)."""
+    t = order.to(device)
+    _collective("batch-order broadcast", dist.broadcast, t, 0)
+    return t.cpu()
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Element-wise sum over ranks of a few host numbers (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    _collective("all-reduce of the log-likelihood sums", dist.all_reduce, t)
+    return t.tolist()
+
+
+class FlowReducer:
+    """Sums the parameter flows and input statistics over ranks, in place; its own profiler span.
+
+    One all-reduce per buffer (the sum-weight flows, then each input layer's statistics), issued in
+    that fixed order on every rank, so NCCL can also record them inside the CUDA graph of a step.
+    """
+
+    def __init__(self, pc):
+        self.pc = pc
+        self.tensors = [pc.param_flows] + [pc.input_stats(i) for i in range(len(pc.input_layers))]
+
+    def __call__(self) -> None:
+        prof = self.pc.profiler
+        span = prof.span(-1, "allreduce", "allreduce") if prof is not None else None
+        if span is None:
+            self._reduce()
+            return
+        with span:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        for t in self.tensors:
+            _collective("all-reduce of the parameter flows", dist.all_reduce, t)
+
+
+def shard_batches(order: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's rows of each global batch of `batch_size * world` rows (the tail is dropped).
+
+    Global batch g is `order[g*G : (g+1)*G]`; rank r takes its r-th slice of `batch_size` rows, so
+    the ranks' batches together are exactly the global batch one process would train on.
+    """
+    g = batch_size * ranks.world
+    whole = len(order) // g * g
+    rows = order[:whole].reshape(-1, ranks.world, batch_size)[:, ranks.rank]
+    return rows.reshape(-1)
+
+
+def shard_rows(n: int, ranks: Ranks) -> torch.Tensor:
+    """A contiguous share of rows 0..n-1 (full-batch EM and evaluation: every row once overall)."""
+    lo, hi = n * ranks.rank // ranks.world, n * (ranks.rank + 1) // ranks.world
+    return torch.arange(lo, hi)

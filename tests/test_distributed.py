@@ -1,0 +1,92 @@
+"""Data-parallel EM on CPU (gloo), as users launch it: `torchrun -m engine train`.
+
+Two ranks with batch B must train exactly what one process trains with batch 2B on the same global
+batches (drop-last), up to float summation order; a rank that dies makes the other exit with a
+clear one-line error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from engine.distributed import Ranks, shard_batches, shard_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["train", "--data", "nltcs", "--latents", "4", "--epochs", "2", "--full-batch-epochs", "1",
+         "--step-size", "0.5", "--final-step-size", "0.2", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CW_DIST_TIMEOUT_S": "30", **extra}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_shards_of_a_global_batch_are_the_global_batch():
+    order = torch.randperm(103)
+    parts = [shard_batches(order, 8, Ranks(r, 3)) for r in range(3)]  # global batch 24: 4 of them
+    assert all(len(p) == 32 for p in parts)
+    for g in range(4):
+        together = torch.cat([p[g * 8 : (g + 1) * 8] for p in parts])
+        assert torch.equal(together, order[g * 24 : (g + 1) * 24])
+    rows = torch.cat([shard_rows(103, Ranks(r, 3)) for r in range(3)])
+    assert torch.equal(rows, torch.arange(103))
+
+
+def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(tmp_path):
+    two, one = tmp_path / "two.cw", tmp_path / "one.cw"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "engine", *TRAIN, "--batch-size", "64",
+           "--out", str(two), "--metrics", str(tmp_path / "two.jsonl")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    r1 = subprocess.run([sys.executable, "-m", "engine", *TRAIN, "--batch-size", "128", "--drop-last",
+                         "--out", str(one), "--metrics", str(tmp_path / "one.jsonl")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    m2 = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    m1 = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    assert [e["world_size"] for e in m2] == [2, 2, 2] and len(m1) == 3
+    for a, b in zip(m1, m2):
+        for key in ("pass_ll", "train_ll", "valid_ll", "test_ll"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    p1, p2 = engine.load(one), engine.load(two)  # saved compiled circuits load compiled
+    assert torch.allclose(p1.params, p2.params, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(p1.input_params(0), p2.input_params(0), rtol=1e-4, atol=1e-6)
+
+
+def test_a_dead_rank_ends_the_others_with_a_clear_error(tmp_path):
+    port = str(_free_port())
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    trainer = subprocess.Popen([sys.executable, "-m", "engine", *TRAIN, "--batch-size", "64"], cwd=ROOT,
+                               env={**_env(), **common, "RANK": "0", "LOCAL_RANK": "0"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # rank 1 joins the group, then dies before the first collective (as a crashed or killed rank)
+    dying = subprocess.run([sys.executable, "-c", "import os\nfrom engine import distributed\n"
+                            "distributed.join('cpu')\nos._exit(3)"], cwd=ROOT, timeout=300,
+                           env={**_env(), **common, "RANK": "1", "LOCAL_RANK": "1"})
+    assert dying.returncode == 3
+    t0 = time.monotonic()
+    try:
+        out, err = trainer.communicate(timeout=120)
+    finally:
+        trainer.kill()
+    assert trainer.returncode == 2, err[-3000:]
+    assert "error: rank 0:" in err and "another rank" in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 120
