@@ -1,0 +1,149 @@
+"""Data-parallel scaling on one host: ours (`fit(distributed=True)`) and PyJuice's DDP side by side.
+
+    torchrun --nproc-per-node 1 benchmarks/scaling.py --out $OUT/scaling_1.json
+    torchrun --nproc-per-node 2 benchmarks/scaling.py --out $OUT/scaling_2.json
+    python3 benchmarks/scaling.py --table $OUT/scaling_1.json $OUT/scaling_2.json
+
+Weak scaling: per-GPU batch 512 on 60,000 MNIST-shaped samples (global batch 512 x GPUs, the tail
+dropped), mini-batch EM step 0.1, pseudocount 0.1, two epochs (the first the warm-up). Ours is
+`engine.optim.fit` as a user calls it under torchrun (one GPU: `distributed=False`); PyJuice 2.6.3
+runs its tutorial loop with `MiniBatchEM(ddp=True)` on the same circuit and parameters
+(`pyjuice_bridge`), each rank on its slice of the same global batches. The all-reduce's share of
+the step: the flow buffers' all-reduce timed alone (median of 50, CUDA events) over the step time
+(epoch time / steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, ".")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_pyjuice import PSEUDO, SEED, STEP, epoch_orders, ours_build, sync_time  # noqa: E402
+
+import engine  # noqa: E402
+from engine import distributed, optim  # noqa: E402
+from engine.data import mnist_like  # noqa: E402
+
+BATCH = 512  # per GPU
+
+
+def allreduce_ms(pc, reps=50) -> float:
+    reducer = distributed.FlowReducer(pc)
+    for _ in range(3):
+        reducer()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        reducer()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def run_ours(root, data_cpu, ranks, epochs) -> dict:
+    pc = engine.compile(root, device="cuda")
+    sched = optim.EMSchedule(batch_size=BATCH, step_size=STEP, final_step_size=STEP, pseudocount=PSEUDO,
+                             full_batch_epochs=0, drop_last=True)
+    hist = optim.fit(pc, data_cpu, epochs=epochs, schedule=sched, generator=torch.Generator().manual_seed(SEED),
+                     distributed=ranks.world > 1)
+    steps = data_cpu.shape[0] // (BATCH * ranks.world)
+    out = {"epoch_s": None, "ll": None, "steps_per_epoch": steps}
+    if ranks.world > 1:
+        out["allreduce_ms"] = allreduce_ms(pc)
+    if hist:  # rank 0
+        out.update(epoch_s=statistics.median(h["seconds"] for h in hist[1:]), pass_ll=hist[-1]["pass_ll"],
+                   train_ll=hist[-1]["train_ll"])
+        if ranks.world > 1:
+            out["allreduce_share"] = out["allreduce_ms"] / 1e3 / (out["epoch_s"] / steps)
+    return out
+
+
+def run_pyjuice(juice, bridge, root, data_u8, ranks, epochs) -> dict:
+    pc = juice.compile(bridge.to_pyjuice(root, juice), verbose=False)
+    pc.to("cuda")
+    opt = juice.optim.MiniBatchEM(pc, step_size=STEP, pseudocount=PSEUDO, keep_zero_params=True,
+                                  ddp=ranks.world > 1)
+    orders = epoch_orders(data_u8.shape[0], epochs)
+    g = BATCH * ranks.world
+    steps = data_u8.shape[0] // g
+    bridge.record_graphs(pc, data_u8[:BATCH].long())
+    times = []
+    for order in orders:
+        mine = distributed.shard_batches(order, BATCH, ranks).cuda()
+        batches = (data_u8[mine[i * BATCH : (i + 1) * BATCH]].long() for i in range(steps))
+        if ranks.world > 1:
+            dist.barrier()
+        t0 = sync_time()
+        ll_sum = bridge.tutorial_epoch(pc, opt, batches)
+        times.append(sync_time() - t0)
+    return {"epoch_s": statistics.median(times[1:]), "epoch_all_s": times, "rank_ll_sum": ll_sum}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", nargs="+", default=["hclt:256", "hclt:512", "pd:128", "pd:256"])
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--no-pyjuice", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--table", nargs="*", default=None, help="print the table of these result files")
+    args = ap.parse_args()
+    if args.table is not None:
+        return print_table([json.load(open(f)) for f in args.table])
+    ranks, device = distributed.join("cuda")
+    juice = bridge = None
+    if not args.no_pyjuice:
+        import pyjuice as juice
+        import pyjuice_bridge as bridge
+    data_u8 = mnist_like(60000).to(torch.uint8)
+    data_cpu = data_u8.clone()
+    data_u8 = data_u8.to(device)
+    info = {"device": torch.cuda.get_device_name(), "gpus": ranks.world, "torch": torch.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "per_gpu_batch": BATCH,
+            "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "results": []}
+    for spec in args.configs:
+        kind, nl = spec.split(":")
+        torch.manual_seed(0)  # the same circuit and initial parameters on every rank
+        root = ours_build(kind, int(nl), data_u8[:20000].long())
+        row = {"config": f"{kind}-{nl}", "ours": run_ours(root, data_cpu, ranks, args.epochs)}
+        if juice is not None:
+            row["pyjuice"] = run_pyjuice(juice, bridge, root, data_u8, ranks, args.epochs)
+        if ranks.is_main:
+            print(row, flush=True)
+        info["results"].append(row)
+        torch.cuda.empty_cache()
+    if ranks.is_main and args.out:
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=1)
+    dist.destroy_process_group()
+
+
+def print_table(runs):
+    runs = sorted(runs, key=lambda r: r["gpus"])
+    base = {r["config"]: r for r in runs[0]["results"]}
+    print(f"{'config':9s} {'GPUs':>4s} | {'ours s/ep':>9s} {'scale':>5s} {'allred%':>7s} | {'PJ s/ep':>8s} "
+          f"{'scale':>5s} | {'ours vs PJ':>10s}")
+    for run in runs:
+        for row in run["results"]:
+            o, p = row["ours"], row.get("pyjuice", {})
+            b = base[row["config"]]
+            nan = float("nan")
+            so = b["ours"]["epoch_s"] / o["epoch_s"]
+            sp = b.get("pyjuice", {}).get("epoch_s", nan) / p.get("epoch_s", nan)
+            share = 100 * o.get("allreduce_share", 0.0)
+            print(f"{row['config']:9s} {run['gpus']:4d} | {o['epoch_s']:9.3f} {so:5.2f} {share:7.1f} | "
+                  f"{p.get('epoch_s', nan):8.3f} {sp:5.2f} | {p.get('epoch_s', nan) / o['epoch_s']:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
