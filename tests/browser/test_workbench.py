@@ -32,7 +32,9 @@ def build_hclt(page, dataset: str = "nltcs", latents: int = 8) -> None:
     latents_input.fill(str(latents))
     latents_input.press("Enter")
     page.get_by_role("button", name="Build circuit").click()
-    expect(page.get_by_text("Built a valid circuit")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text(re.compile(f"Built HCLT-{latents}.* on {dataset} in"))).to_be_visible(
+        timeout=60_000
+    )
 
 
 def test_loads_without_errors(page):
@@ -52,7 +54,7 @@ def test_build_hclt_and_see_circuit_partitions_schedule(page):
     build_hclt(page)
     screenshot(page, "build")
     open_tab(page, "Circuit")
-    expect(page.get_by_text(re.compile(r"\d+ layers, [\d.]+[KM]? nodes"))).to_be_visible()
+    expect(page.get_by_text(re.compile(r"\d+ layers, [\d.]+[kM]? nodes"))).to_be_visible()
     expect(page.locator(".bk-Canvas, canvas").first).to_be_visible()
     screenshot(page, "circuit")
     open_tab(page, "Partitions")
@@ -97,7 +99,7 @@ def test_invalid_graph_is_reported_not_raised(page):
 def test_train_two_epochs_live(page):
     build_hclt(page)
     open_tab(page, "Train")
-    epochs = page.get_by_label("Epochs", exact=True)
+    epochs = page.get_by_label("Mini-batch epochs", exact=True)
     epochs.fill("2")
     epochs.press("Enter")
     full_batch = page.get_by_label("Full-batch epochs", exact=True)
@@ -107,7 +109,9 @@ def test_train_two_epochs_live(page):
     device.select_option(label="CPU")
     page.get_by_role("button", name="Start").click()
     # progress streams in while it runs; a fast machine may already show the final state
-    expect(page.get_by_text(re.compile(r"Epoch [012]/2 · batch \d+/32"))).to_be_visible(timeout=120_000)
+    expect(
+        page.get_by_text(re.compile(r"Epoch [012]/2 \(mini-batch [012]/2\) · batch \d+/32"))
+    ).to_be_visible(timeout=120_000)
     expect(page.locator(".cw-layer-table .tabulator-cell[tabulator-field='ms']").first).to_be_attached(
         timeout=60_000
     )

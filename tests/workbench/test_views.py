@@ -144,9 +144,9 @@ def test_schedule_draws_measured_times_only_of_this_plan():
     means = {(r["layer"], r["pass"]): 1.0 for r in s.plan.schedule()}
     other = _plan_of(s.build.root, block_size=2).layers
     view.param.update(measured_source="run-a", measured_plan=other, measured=means)
-    assert not view.measured_plot.visible and "different plan" in view.info.object
+    assert view.measured_plot.object is None and "different plan" in view.info.object
     view.measured_plan = list(s.plan.layers)
-    assert view.measured_plot.visible and "Measured (run-a)" in view.info.object
+    assert view.measured_plot.object is not None and "Measured (run-a)" in view.info.object
     # one x scale: both timelines end at the longer of the two totals
     assert (
         view.predicted.object.opts.get().kwargs["xlim"] == view.measured_plot.object.opts.get().kwargs["xlim"]

@@ -15,6 +15,7 @@ import param
 from workbench.services import layout
 from workbench.state.plan import PlanState
 from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_count, learn, plural_n
+from workbench.views._deferred import DeferWhileHidden
 from workbench.views.tiles_plot import partition_color
 
 LEARN = """**The circuit, layer by layer.** Nodes at the same depth do not depend on each other, so a
@@ -109,7 +110,7 @@ def draw(d: layout.Drawing, title: str):
     )
 
 
-class CircuitView(pn.viewable.Viewer):
+class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
     """Level selector, rank range and vector picker; the drawing; a line about what is shown."""
 
     plan = param.ClassSelector(class_=PlanState)
@@ -136,7 +137,7 @@ class CircuitView(pn.viewable.Viewer):
         self._index: layout.VectorIndex | None = None
         self._index_root = None
         self._selection = None
-        self.plan.param.watch(lambda e: self._on_plan(), ["plan", "absent"])
+        self.plan.param.watch(lambda e: self.when_shown("plan", self._on_plan), ["plan", "absent"])
         self.param.watch(lambda *e: self.redraw(), ["level", "ranks", "vector", "max_per_rank"])
         self._on_plan()
 

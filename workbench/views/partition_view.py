@@ -24,6 +24,7 @@ from workbench.views._common import (
     safe_text,
     si_ticks,
 )
+from workbench.views._deferred import DeferWhileHidden
 from workbench.views.tiles_plot import PAD_COLOR, REAL_COLOR, tiles_plot, title_for
 
 LEARN = """**Block partitioning.** A sum layer runs as a few dense *block tiles*: node blocks with a
@@ -46,12 +47,28 @@ PART_COLUMNS = [
 ]
 
 
+def capped_note(ps: PlanState) -> str:
+    """Say so when the chosen block size cannot take effect: the compiler cuts a sum vector into
+    gcd(its own block size, block size) tiles, so it never merges nodes of different vectors (a
+    PSDD import has one node per vector: its tiles stay 1x1 whatever is chosen)."""
+    if ps.block_size is None:
+        return ""
+    largest = max((p["block_size"] for x in ps.sum_layers for p in x["partitions"]), default=1)
+    if largest >= ps.block_size:
+        return ""
+    return (
+        f"\n\n*Block size {ps.block_size} acts as {largest} here: the compiler only cuts node vectors into "
+        f"smaller blocks and never merges nodes of different vectors, and this circuit's sum vectors have "
+        f"blocks of at most {largest} {plural(largest, 'node')} (a PSDD import has one node per vector).*"
+    )
+
+
 def layer_label(s: dict) -> str:
     n = s["num_partitions"]
     return f"layer {s['layer']} (depth {s['depth']}, {n} {plural(n, 'partition')})"
 
 
-class PartitionView(pn.viewable.Viewer):
+class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
     """What-if controls, plan totals, per-layer heat map and partition table, and a what-if history."""
 
     plan = param.ClassSelector(class_=PlanState)
@@ -68,9 +85,9 @@ class PartitionView(pn.viewable.Viewer):
         )
         self.batch = pn.widgets.IntInput(name="Batch size", value=ps.batch_size, start=1, width=110)
         self.layer = pn.widgets.Select(name="Sum layer", options={}, width=320)
-        self.block.param.watch(lambda e: setattr(ps, "block_size", BLOCK_LABELS[e.new]), "value")
-        self.tol.param.watch(lambda e: setattr(ps, "tolerance", e.new), "value_throttled")
-        self.batch.param.watch(lambda e: setattr(ps, "batch_size", e.new), "value")
+        self.block.param.watch(lambda e: self._what_if(block_size=BLOCK_LABELS[e.new]), "value")
+        self.tol.param.watch(lambda e: self._what_if(tolerance=e.new), "value_throttled")
+        self.batch.param.watch(lambda e: self._what_if(batch_size=e.new), "value")
         self.layer.param.watch(lambda e: self._draw_layer(), "value")
         self.totals = pn.pane.Markdown("", margin=(0, 10))
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False)
@@ -89,9 +106,14 @@ class PartitionView(pn.viewable.Viewer):
             pd.DataFrame(), show_index=False, disabled=True, height=200, sizing_mode="stretch_width"
         )
         self._history: list[dict] = []
-        ps.param.watch(lambda *e: self.refresh(), ["plan", "error", "absent"])
+        ps.param.watch(lambda *e: self.when_shown("plan", self.refresh), ["plan", "error", "absent"])
         self.table.param.watch(lambda e: self._redraw_tiles(), "selection")
         self.refresh()
+
+    def _what_if(self, **options) -> None:
+        """Set plan options; every view of the new plan redraws in one frozen document update."""
+        with pn.io.hold():
+            self.plan.param.update(**options)
 
     # ------------------------------------------------------------------ whole-plan summaries
     def refresh(self) -> None:
@@ -113,7 +135,7 @@ class PartitionView(pn.viewable.Viewer):
             f"**{100 * ps.padding_ratio:.1f}%** of sum edges · predicted per batch of {ps.batch_size}: "
             f"**{fmt_count(flops)}FLOP**, **{fmt_bytes(bytes_)}** moved (sum layers, forward) · "
             f"training memory **{fmt_bytes(mem)}** · {s['num_params']:,} sum params · "
-            f"planned in {1e3 * ps.seconds:.0f} ms"
+            f"planned in {1e3 * ps.seconds:.0f} ms" + capped_note(ps)
         )
         self._record(parts, flops, bytes_, mem)
         options = {layer_label(x): x["layer"] for x in ps.sum_layers}

@@ -17,6 +17,7 @@ import param
 from workbench.services.plans import plan_signature
 from workbench.state.plan import PlanState
 from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_count, learn
+from workbench.views._deferred import DeferWhileHidden
 from workbench.views.roofline import roofline
 
 LEARN = """**Layer schedule.** The compiled circuit runs layer by layer: the forward pass bottom-up,
@@ -77,7 +78,7 @@ def log_ticks(lo: float, hi: float, max_ticks: int = 5) -> list[float]:
     return ticks[:: math.ceil(len(ticks) / max_ticks)]
 
 
-class ScheduleView(pn.viewable.Viewer):
+class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
     """Predicted / measured timelines of a training step and a per-layer cost table."""
 
     plan = param.ClassSelector(class_=PlanState)
@@ -100,7 +101,9 @@ class ScheduleView(pn.viewable.Viewer):
         )
         self.peak.param.watch(self._on_device, "value")
         self.predicted = pn.pane.HoloViews(sizing_mode="stretch_width", height=210)
-        self.measured_plot = pn.pane.HoloViews(sizing_mode="stretch_width", height=210, visible=False)
+        # no fixed height and never hidden: without measured times it holds no plot and takes no room
+        # (toggling `visible` inside a frozen document update trips Panel's stylesheet validation)
+        self.measured_plot = pn.pane.HoloViews(sizing_mode="stretch_width")
         self.scatter = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
         self.legend = pn.pane.HTML(
             " ".join(
@@ -119,9 +122,9 @@ class ScheduleView(pn.viewable.Viewer):
             sizing_mode="stretch_width",
             pagination=None,
         )
-        self.plan.param.watch(lambda *e: self.refresh(), ["plan", "peak_flops", "bandwidth", "launch_us"])
-        self.param.watch(lambda *e: self.refresh(), ["measured", "measured_plan"])
-        self.plan.param.watch(lambda *e: self.refresh(), ["absent"])
+        redraw = lambda *e: self.when_shown("plan", self.refresh)  # noqa: E731
+        self.plan.param.watch(redraw, ["plan", "peak_flops", "bandwidth", "launch_us", "absent"])
+        self.param.watch(redraw, ["measured", "measured_plan"])
         self.refresh()
 
     def _on_device(self, event) -> None:
@@ -137,7 +140,6 @@ class ScheduleView(pn.viewable.Viewer):
             self.info.object = self.plan.absent
             for pane in (self.predicted, self.measured_plot, self.scatter):
                 pane.object = None
-            self.measured_plot.visible = False
             self.table.value = pd.DataFrame(columns=TABLE_COLUMNS)
             return
         ok = self.matches()
@@ -150,11 +152,9 @@ class ScheduleView(pn.viewable.Viewer):
         measured = sum(r["measured_ms"] or 0.0 for r in records) if ok else 0.0
         x_end = max(predicted, measured)
         self.predicted.object = timeline(records, "predicted_ms", "Predicted (roofline)", x_end)
-        self.measured_plot.visible = ok
-        if ok:
-            self.measured_plot.object = timeline(
-                records, "measured_ms", f"Measured ({self.measured_source})", x_end
-            )
+        self.measured_plot.object = (
+            timeline(records, "measured_ms", f"Measured ({self.measured_source})", x_end) if ok else None
+        )
         self.scatter.object = roofline(records, self.plan.peak_flops, self.plan.bandwidth, ok)
         self.info.object = self._summary(records) + self._measured_line(ok, predicted, measured)
 
