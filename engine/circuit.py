@@ -75,9 +75,6 @@ class CompiledCircuit(torch.nn.Module):
             self.register_buffer(f"input_vars_{i}", torch.as_tensor(g.vars, dtype=torch.long))
         self.backend = TORCH_BACKEND
         self.profiler: LayerProfiler | None = None
-        # called once the sum layers' parameter flows are complete, before the input statistics
-        # (engine.distributed starts the all-reduce of param_flows there, overlapping the inputs)
-        self.after_sum_flows: Callable[[], None] | None = None
         self._mars: tuple[torch.Tensor, torch.Tensor] | None = None
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
@@ -233,8 +230,6 @@ class CompiledCircuit(torch.nn.Module):
             with self._span(below, "backward"):
                 for pt in self.parts[below.index]:
                     self.backend.prod_backward(pt, element_flows, node_flows)
-        if accumulate_params and self.after_sum_flows is not None:
-            self.after_sum_flows()  # e.g. start the data-parallel all-reduce of param_flows now
         if accumulate_params:
             for i, layer in enumerate(self.input_layers):
                 with self._span(layer, "backward"):

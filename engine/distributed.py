@@ -113,50 +113,26 @@ def all_sum(values: list[float], device) -> list[float]:
 class FlowReducer:
     """Sums the parameter flows and input statistics over ranks, in place; its own profiler span.
 
-    `start()` launches the all-reduce of the sum-weight flows asynchronously as soon as the sum
-    layers are done (the circuit calls it through `pc.after_sum_flows`), so it overlaps the input
-    layers' statistics; calling the reducer then reduces the input statistics and waits for both.
-    Every rank issues the same collectives in the same order, so NCCL can also record them inside
-    a step's CUDA graph. `CW_DDP_OVERLAP=0` reduces everything after the flows pass instead.
+    One all-reduce per buffer (the sum-weight flows, then each input layer's statistics), issued in
+    that fixed order on every rank, so NCCL can also record them inside the CUDA graph of a step.
     """
 
     def __init__(self, pc):
         self.pc = pc
-        self.overlap = os.environ.get("CW_DDP_OVERLAP", "1") != "0"
-        self.stats = [pc.input_stats(i) for i in range(len(pc.input_layers))]
-        self._pending = None
-        self.armed = False  # only mini-batch EM steps reduce per batch (full-batch EM: once at the end)
-        if self.overlap:
-            pc.after_sum_flows = self._early_start
-
-    def _early_start(self) -> None:
-        if self.armed:
-            self.start()
-
-    def start(self) -> None:
-        self._pending = _collective("all-reduce of the parameter flows", dist.all_reduce, self.pc.param_flows,
-                                    async_op=True)
+        self.tensors = [pc.param_flows] + [pc.input_stats(i) for i in range(len(pc.input_layers))]
 
     def __call__(self) -> None:
         prof = self.pc.profiler
         span = prof.span(-1, "allreduce", "allreduce") if prof is not None else None
         if span is None:
-            self._finish()
+            self._reduce()
             return
         with span:
-            self._finish()
+            self._reduce()
 
-    def _finish(self) -> None:
-        if self._pending is None:
-            self.start()
-        for t in self.stats:
-            _collective("all-reduce of the input statistics", dist.all_reduce, t)
-        _collective("all-reduce of the parameter flows", self._pending.wait)
-        self._pending = None
-
-    def close(self) -> None:
-        if self.pc.after_sum_flows == self._early_start:
-            self.pc.after_sum_flows = None
+    def _reduce(self) -> None:
+        for t in self.tensors:
+            _collective("all-reduce of the parameter flows", dist.all_reduce, t)
 
 
 def shard_batches(order: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:

@@ -125,8 +125,6 @@ class _Driver:
         return st
 
     def close(self) -> None:
-        if self.reducer is not None:
-            self.reducer.close()
         for st in self.steps.values():
             st.release()
         self.steps.clear()
@@ -201,13 +199,7 @@ class _Driver:
     def minibatch_epoch(self, feed: DataFeed, epoch: int, step_size: float, pseudocount: float,
                         drop_last: bool = False, generator: torch.Generator | None = None) -> PassResult:
         step = self.step("em", (float(step_size), float(pseudocount)))
-        if self.reducer is not None:
-            self.reducer.armed = True
-        try:
-            return self.run_pass(feed, self._order(feed.n, True, generator), step, epoch, drop_last)
-        finally:
-            if self.reducer is not None:
-                self.reducer.armed = False
+        return self.run_pass(feed, self._order(feed.n, True, generator), step, epoch, drop_last)
 
     @torch.no_grad()
     def full_batch_epoch(self, feed: DataFeed, epoch: int, pseudocount: float) -> PassResult:
