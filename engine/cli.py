@@ -10,6 +10,8 @@ example); `--profile` adds per-layer times and device memory to the same file.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import sys
@@ -152,7 +154,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run a command; every failure a user can cause is one `error:` line on stderr and exit code 2."""
-    args = make_parser().parse_args(argv)
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
     from engine.distributed import DistributedError
     from engine.training import check_output_path
 
@@ -171,6 +175,20 @@ def main(argv=None) -> int:
         if "allocate" not in str(e) and "out of memory" not in str(e):
             raise
         return _fail("out of memory: use a smaller circuit (--latents) or less data")
+
+
+def _parse(argv) -> argparse.Namespace | int:
+    """Parsed arguments, or exit code 2 after argparse's one `error:` line (without its usage block)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return make_parser().parse_args(argv)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help: printed to stdout
+            raise
+        lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
+        print(f"{lines[-1] if lines else 'error: bad arguments'} (see --help)", file=sys.stderr)
+        return 2
 
 
 def _fail(message: str) -> int:

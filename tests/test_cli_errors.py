@@ -22,8 +22,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def assert_one_line_error(r: subprocess.CompletedProcess, match: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and match in errors[0], r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], r.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
