@@ -14,6 +14,9 @@ from playwright.sync_api import expect
 from tests.browser.conftest import screenshot
 
 pytestmark = pytest.mark.browser
+# Hidden tabs redraw when opened; on a busy 2-core box that can take several seconds, so wait
+# longer than expect's default 5 s (the page fixture's own timeout is 30 s).
+expect.set_options(timeout=20_000)
 
 ERROR_TEXT = re.compile(r"Traceback|Exception:|Error:", re.I)
 

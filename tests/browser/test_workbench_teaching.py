@@ -18,18 +18,15 @@ from tests.browser.test_workbench import open_tab
 from tests.browser.test_workbench_more import figures, set_number
 
 pytestmark = pytest.mark.browser
-# A tab redraws when it is opened (hidden tabs defer their plots): on a busy 2-core box that can
-# take several seconds, so wait longer than expect's default 5 s.
-expect.set_options(timeout=20_000)
 
 DEMO_BUILT = re.compile(r"Built HCLT-16, sum density 0.5 on nltcs in [\d.]+ s")
 
-# Data of one column of the first glyph of `type` in figures whose title starts with `prefix`.
+# Data of a column of the first glyph of `type` holding it, in figures whose title starts with `prefix`.
 COLUMN_JS = """([prefix, type, column]) => {
   for (const v of window.Bokeh.index.all_views()) {
     const m = v.model;
     if (!m.title || !("renderers" in m) || !String(m.title.text).startsWith(prefix)) continue;
-    const r = m.renderers.find((r) => r.glyph && r.glyph.type === type);
+    const r = m.renderers.find((r) => r.glyph && r.glyph.type === type && column in r.data_source.data);
     if (r) return Array.from(r.data_source.data[column] || []);
   }
   return null;
@@ -179,3 +176,29 @@ def test_epochs_as_set_and_measured_times_only_of_this_plan(page):
     runs = page.get_by_label("Stored runs", exact=True).locator("option")
     expect(runs.first).to_be_attached()  # listed without pressing Refresh
     assert page.watch.console_errors == [], page.watch.console_errors
+
+
+def test_a_layer_picked_in_partitions_is_highlighted_in_schedule_and_circuit(page):
+    wait_for_demo(page)
+    open_tab(page, "Partitions")
+    menu = page.get_by_label("Sum layer", exact=True)
+    options = menu.locator("option")
+    expect(options.first).to_be_attached()
+    label = options.nth(1).inner_text()  # not the tab's default layer (the first): a real pick
+    layer = int(re.match(r"layer (\d+)", label).group(1))
+    menu.select_option(label=label)
+    open_tab(page, "Schedule")
+    wait_figure(page, "Predicted (roofline)")
+    page.wait_for_function(
+        f"() => {{ const a = ({COLUMN_JS})(['Predicted', 'Quad', 'alpha']); return a && a.some((x) => x < 1); }}"
+    )
+    layers = page.evaluate(COLUMN_JS, ["Predicted", "Quad", "layer"])
+    alpha = page.evaluate(COLUMN_JS, ["Predicted", "Quad", "alpha"])
+    assert {lay for lay, a in zip(layers, alpha) if a == 1.0} == {layer}, (layers, alpha)
+    open_tab(page, "Circuit")
+    wait_figure(page, "Layers:")
+    ring = """() => [...window.Bokeh.index.all_views()].some((v) => v.model.title
+      && String(v.model.title.text).startsWith("Layers:")
+      && v.model.renderers.filter((r) => r.glyph && r.glyph.type === "Scatter")
+           .some((r, i) => i > 0 && r.data_source.get_length() === 1))"""
+    page.wait_for_function(ring)  # one layer glyph ringed: the picked one

@@ -189,3 +189,17 @@ def test_si_tick_labels_use_k_m_g():
 
     assert fmt_count(1500) == "1.5k" and fmt_count(2e6) == "2M" and fmt_count(3e9) == "3G"
     assert '"M", 1e6' in SI_TICKS_JS and '"m"' not in SI_TICKS_JS
+
+
+def test_a_schedule_bar_selects_its_layer_for_every_view():
+    from workbench.views.partition_view import PartitionView
+    from workbench.views.schedule_view import ScheduleView
+
+    s = _session()
+    part, sched = PartitionView(plan=s.plan), ScheduleView(plan=s.plan)
+    records = s.plan.schedule()
+    i = next(k for k, r in enumerate(records) if r["kind"] == "sum" and r["layer"] != part.layer.value)
+    sched._select(records, [i])
+    assert s.plan.selected_layer == records[i]["layer"] == part.layer.value
+    rects = sched.predicted.object.data
+    assert set(rects.loc[rects["alpha"] == 1.0, "layer"]) == {records[i]["layer"]}

@@ -247,7 +247,8 @@ class BuildState(param.Parameterized):
             return
         shape = grid_shape(ds.num_vars)
         if int(np.prod(self.template.data_shape)) != ds.num_vars:
-            self.template.param.update(data_shape=shape, split_intervals=max(1, min(shape) // 2))
+            split = max(1, min(4, min(shape) // 2))  # 4 on MNIST's 28x28, as PyJuice's PD examples
+            self.template.param.update(data_shape=shape, split_intervals=split)
 
     def build_demo(self) -> BuildResult:
         """The circuit every session opens on: a block-sparse HCLT-16 on nltcs (several partitions)."""

@@ -56,6 +56,12 @@ class PlanState(param.Parameterized):
     )
     padding_ratio = param.Number(default=0.0, constant=True, doc="Padded fraction of all sum edges")
     error = param.String(default="", constant=True, doc="Why planning failed ('' if it succeeded)")
+    selected_layer = param.Integer(
+        default=None,
+        allow_None=True,
+        doc="Plan layer picked in any view (a schedule bar, the Partitions layer menu, a layer glyph); "
+        "every view highlights it",
+    )
     absent = param.String(
         default="No circuit yet: build one in the Build tab.",
         doc="What views say while there is no plan (no build yet, or the last build failed)",

@@ -138,6 +138,7 @@ class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
         self._index_root = None
         self._selection = None
         self.plan.param.watch(lambda e: self.when_shown("plan", self._on_plan), ["plan", "absent"])
+        self.plan.param.watch(lambda e: self._on_selected(), "selected_layer")
         self.param.watch(lambda *e: self.redraw(), ["level", "ranks", "vector", "max_per_rank"])
         self._on_plan()
 
@@ -151,6 +152,9 @@ class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
     def drawing(self) -> tuple[layout.Drawing, str]:
         if self.level == "Layers":
             d = layout.layer_overview(self.plan.plan)
+            sel = self.plan.selected_layer  # ringed: the layer picked in the schedule or partitions
+            d.nodes["partition"] = [0 if la == sel else -1 for la in d.nodes["layer"]]
+            d.nodes["outline"] = ["#222" if la == sel else "white" for la in d.nodes["layer"]]
             return d, f"{d.info['num_layers']} layers, {fmt_count(d.info['num_nodes'])} nodes"
         idx = self.index()
         if self.level == "Node vectors":
@@ -205,6 +209,10 @@ class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
             self.level_w.value, self.vector_w.value, self.per_rank_w.value = "Layers", "", 48
         self.redraw()
 
+    def _on_selected(self) -> None:
+        if self.level == "Layers":
+            self.when_shown("selected", self.redraw)
+
     def redraw(self) -> None:
         if self.plan.plan is None:
             self.info.object = self.plan.absent
@@ -234,6 +242,7 @@ class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
             return
         node = {k: d.nodes[k][index[0]] for k in d.nodes}
         if self.level == "Layers":
+            self.plan.selected_layer = int(node["layer"])
             r = int(node["y"])
             self.ranks_w.value = (max(0, r - 1), r + 1)
             self.param.update(ranks=(max(0, r - 1), r + 1), level="Node vectors")

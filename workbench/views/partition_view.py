@@ -88,7 +88,8 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
         self.block.param.watch(lambda e: self._what_if(block_size=BLOCK_LABELS[e.new]), "value")
         self.tol.param.watch(lambda e: self._what_if(tolerance=e.new), "value_throttled")
         self.batch.param.watch(lambda e: self._what_if(batch_size=e.new), "value")
-        self.layer.param.watch(lambda e: self._draw_layer(), "value")
+        self.layer.param.watch(lambda e: self._on_layer(e.new), "value")
+        ps.param.watch(lambda e: self._follow_selection(e.new), "selected_layer")
         self.totals = pn.pane.Markdown("", margin=(0, 10))
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False)
         self.heat = pn.pane.HoloViews(sizing_mode="stretch_width", height=380)
@@ -106,6 +107,7 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
             pd.DataFrame(), show_index=False, disabled=True, height=200, sizing_mode="stretch_width"
         )
         self._history: list[dict] = []
+        self._setting_layer = False
         ps.param.watch(lambda *e: self.when_shown("plan", self.refresh), ["plan", "error", "absent"])
         self.table.param.watch(lambda e: self._redraw_tiles(), "selection")
         self.refresh()
@@ -140,10 +142,14 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
         self._record(parts, flops, bytes_, mem)
         options = {layer_label(x): x["layer"] for x in ps.sum_layers}
         keep = self.layer.value if self.layer.value in options.values() else None
-        self.layer.options = options
-        self.layer.value = (
-            keep if keep is not None else max(ps.sum_layers, key=lambda x: x["num_edges"])["layer"]
-        )
+        self._setting_layer = True  # the tab's own default layer is no user selection
+        try:
+            self.layer.options = options
+            self.layer.value = (
+                keep if keep is not None else max(ps.sum_layers, key=lambda x: x["num_edges"])["layer"]
+            )
+        finally:
+            self._setting_layer = False
         self.per_layer.object = self._per_layer_plot()
         self._draw_layer()
 
@@ -212,6 +218,16 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
 
     def _layer_summary(self) -> dict | None:
         return next((x for x in self.plan.sum_layers if x["layer"] == self.layer.value), None)
+
+    def _on_layer(self, layer) -> None:
+        self.when_shown("layer", self._draw_layer)
+        if layer is not None and not self._setting_layer:
+            self.plan.selected_layer = layer  # linked: the schedule and the circuit highlight it
+
+    def _follow_selection(self, layer) -> None:
+        """A sum layer picked elsewhere (schedule bar, circuit glyph) becomes this tab's layer."""
+        if layer is not None and layer in self.layer.options.values():
+            self.layer.value = layer
 
     def _draw_layer(self) -> None:
         s = self._layer_summary()

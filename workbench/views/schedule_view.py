@@ -32,7 +32,9 @@ LANES = ["forward", "recompute", "backward"]
 TABLE_COLUMNS = ["step", "layer", "kind", "pass", "flops", "bytes", "bound", "predicted_ms", "measured_ms"]
 
 
-def timeline(records: list[dict], key: str, title: str, x_end: float | None = None):
+def timeline(
+    records: list[dict], key: str, title: str, x_end: float | None = None, selected: int | None = None
+):
     """Rectangles laid end to end along x by `key` (ms), one lane per pass; `x_end` (ms) fixes the
     x range so predicted and measured timelines share one scale."""
     t, rects = 0.0, []
@@ -41,13 +43,15 @@ def timeline(records: list[dict], key: str, title: str, x_end: float | None = No
         if ms is None:
             continue
         lane = LANES.index(r["pass"])
-        rects.append((t, lane - 0.4, t + ms, lane + 0.4, r["kind"], r["layer"], r["pass"], ms))
+        alpha = 1.0 if selected is None or r["layer"] == selected else 0.3
+        rects.append((t, lane - 0.4, t + ms, lane + 0.4, r["kind"], r["layer"], r["pass"], ms, alpha))
         t += ms
-    vdims = ["kind", "layer", "pass", "ms"]
+    vdims = ["kind", "layer", "pass", "ms", "alpha"]
     el = hv.Rectangles(rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=vdims)
     return el.opts(
         color="kind",
         cmap=KIND_COLORS,
+        alpha="alpha",
         line_color=None,
         responsive=True,
         height=200,
@@ -123,7 +127,9 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             pagination=None,
         )
         redraw = lambda *e: self.when_shown("plan", self.refresh)  # noqa: E731
-        self.plan.param.watch(redraw, ["plan", "peak_flops", "bandwidth", "launch_us", "absent"])
+        self.plan.param.watch(
+            redraw, ["plan", "peak_flops", "bandwidth", "launch_us", "absent", "selected_layer"]
+        )
         self.param.watch(redraw, ["measured", "measured_plan"])
         self.refresh()
 
@@ -151,12 +157,20 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         predicted = sum(r["predicted_ms"] for r in records)
         measured = sum(r["measured_ms"] or 0.0 for r in records) if ok else 0.0
         x_end = max(predicted, measured)
-        self.predicted.object = timeline(records, "predicted_ms", "Predicted (roofline)", x_end)
+        sel = self.plan.selected_layer
+        el = timeline(records, "predicted_ms", "Predicted (roofline)", x_end, sel)
+        self._tap = hv.streams.Selection1D(source=el)  # tap a bar: select its layer in every view
+        self._tap.add_subscriber(lambda index: self._select(records, index))
+        self.predicted.object = el
         self.measured_plot.object = (
-            timeline(records, "measured_ms", f"Measured ({self.measured_source})", x_end) if ok else None
+            timeline(records, "measured_ms", f"Measured ({self.measured_source})", x_end, sel) if ok else None
         )
         self.scatter.object = roofline(records, self.plan.peak_flops, self.plan.bandwidth, ok)
         self.info.object = self._summary(records) + self._measured_line(ok, predicted, measured)
+
+    def _select(self, records: list[dict], index: list[int]) -> None:
+        if index:
+            self.plan.selected_layer = records[index[0]]["layer"]
 
     def _summary(self, records: list[dict]) -> str:
         n_re = sum(r["pass"] == "recompute" for r in records)

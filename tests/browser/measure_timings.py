@@ -1,0 +1,122 @@
+"""Measure what a user waits for in the workbench (issue 9), with Playwright and Debian's chromium.
+
+    .venv/bin/panel serve apps/workbench.py --port 5091 --address 127.0.0.1 &
+    .venv/bin/python tests/browser/measure_timings.py http://127.0.0.1:5091/workbench [--pd]
+
+Prints JSON: page load -> first content (the demo circuit built and reported), Build click -> the
+Build tab's new report and -> the Circuit tab drawn after opening it, a block-size change -> the
+Partitions tab's new tiles; with --pd the same for a ~300K-node PD (28x28 grid, 64 latents, split 4)
+on an uploaded random 784-variable binary dataset. Not a test: run by hand, numbers go in README.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import time
+
+import numpy as np
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu"]
+TITLE_JS = """(p) => [...window.Bokeh.index.all_views()].filter((v) => v.model.title
+  && String(v.model.title.text).startsWith(p)).map((v) => String(v.model.title.text))"""
+
+
+def tab(page, name: str) -> None:
+    page.locator(".bk-tab").filter(has_text=re.compile(f"^{name}$")).first.click()
+
+
+def wait_title(page, prefix: str, contains: str = "", timeout_s: float = 120) -> float:
+    """Seconds until a figure titled `prefix...` (holding `contains`) is drawn."""
+    t0 = time.monotonic()
+    page.wait_for_function(
+        f"([p, c]) => ({TITLE_JS})(p).some((t) => t.includes(c))",
+        arg=[prefix, contains],
+        timeout=timeout_s * 1e3,
+    )
+    return time.monotonic() - t0
+
+
+def report_after(page, click, pattern: str, timeout_s: float = 300) -> float:
+    """Seconds from `click()` until the Build report matching `pattern` replaces the old one."""
+    old = page.locator(".alert").filter(has_text=re.compile(r"^Built ")).first.inner_text()
+    t0 = time.monotonic()
+    click()
+    page.wait_for_function(
+        """([old, pat]) => [...document.querySelectorAll('.alert')].some((a) =>
+             new RegExp(pat).test(a.innerText) && a.innerText !== old)""",
+        arg=[old, pattern],
+        timeout=timeout_s * 1e3,
+        polling=50,
+    )
+    return time.monotonic() - t0
+
+
+def measure(url: str, with_pd: bool) -> dict:
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "url": url}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(300_000)
+        ws = {}
+        page.on("console", lambda m: ws.setdefault("t", time.monotonic()) if "now open" in m.text else None)
+        t0 = time.monotonic()
+        page.goto(url, timeout=120_000)
+        expect(page.get_by_text(re.compile(r"Built HCLT-16.* on nltcs in"))).to_be_visible(timeout=120_000)
+        t1 = time.monotonic()
+        out["page_load_to_first_content_s"] = round(t1 - t0, 2)
+        out["websocket_open_to_first_content_s"] = round(t1 - ws.get("t", t0), 2)
+        # Build click (HCLT-16 on nltcs again) -> Build report; then the Circuit tab drawn on opening
+        click = lambda: page.get_by_role("button", name="Build circuit").click()  # noqa: E731
+        out["hclt16_build_click_to_report_s"] = round(report_after(page, click, r"Built HCLT-16"), 2)
+        t2 = time.monotonic()
+        tab(page, "Circuit")
+        page.wait_for_function(f"() => ({TITLE_JS})('Layers:').length > 0")
+        out["hclt16_circuit_tab_drawn_after_opening_s"] = round(time.monotonic() - t2, 2)
+        # block-size what-if on the Partitions tab
+        tab(page, "Partitions")
+        wait_title(page, "Layer ")
+        t3 = time.monotonic()
+        page.get_by_label("Block size", exact=True).select_option("2")
+        wait_title(page, "Layer ", "of 2x2")
+        out["hclt16_block_size_change_to_new_tiles_s"] = round(time.monotonic() - t3, 2)
+        if with_pd:
+            out.update(measure_pd(page))
+        browser.close()
+    return out
+
+
+def measure_pd(page) -> dict:
+    out = {}
+    page.get_by_label("Block size", exact=True).select_option("auto (per vector)")
+    tab(page, "Build")
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(0).integers(0, 2, size=(2000, 784)).astype(np.int64))
+    page.locator("input[type=file][accept='.npy,.npz,.csv']").set_input_files(
+        {"name": "mnist_like.npy", "mimeType": "application/octet-stream", "buffer": buf.getvalue()}
+    )
+    expect(page.get_by_text(re.compile(r"mnist_like.*784 variables"))).to_be_visible(timeout=120_000)
+    page.get_by_role("button", name="PD").click()
+    box = page.get_by_label("Num latents", exact=True)
+    box.fill("64")
+    box.press("Enter")
+    click = lambda: page.get_by_role("button", name="Build circuit").click()  # noqa: E731
+    out["pd300k_build_click_to_report_s"] = round(report_after(page, click, r"Built PD-64"), 2)
+    out["pd300k_report"] = page.locator(".alert").filter(has_text="Built PD-64").first.inner_text()
+    tab(page, "Partitions")
+    t0 = time.monotonic()
+    wait_title(page, "Layer ")
+    out["pd300k_partitions_tab_drawn_after_opening_s"] = round(time.monotonic() - t0, 2)
+    t1 = time.monotonic()
+    page.get_by_label("Block size", exact=True).select_option("4")
+    wait_title(page, "Layer ", "of 4x4")
+    out["pd300k_block_size_change_to_new_tiles_s"] = round(time.monotonic() - t1, 2)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], "--pd" in sys.argv), indent=2))
