@@ -168,3 +168,35 @@ def test_jobs_past_the_worker_bound_wait_queued_then_run(tmp_path):
             assert not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"  # reaped
     finally:
         runner.shutdown()
+
+
+def test_a_diverging_run_is_marked_failed_and_its_metrics_stay_json(tmp_path):
+    """Inputs with a 1e-30 standard deviation make every log-likelihood -inf on the first batch."""
+    import numpy as np
+
+    import engine
+    from engine.dists import Gaussian
+    from engine.nodes import inputs, multiply, summate
+    from workbench.services.jobs import JobSpec
+
+    g = Gaussian(min_std=1e-30)
+    a = inputs(0, 2, g, params=[[0.0, 1e-30], [1.0, 1e-30]])
+    b = inputs(1, 2, g, params=[[0.0, 1.0], [1.0, 1.0]])
+    engine.save(summate(multiply(a, b), num_nodes=1), tmp_path / "c.cwpc")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(400, 2)) * 1e3)
+    runner = JobRunner(RunStore(tmp_path / "runs"))
+    try:
+        spec = JobSpec(circuit={"source": "file", "path": str(tmp_path / "c.cwpc")},
+                       dataset=str(tmp_path / "x.npy"), epochs=2, full_batch_epochs=0, threads=1)
+        job = runner.start(spec)
+        assert runner.wait(job.job_id, 120)
+        assert job.status == "failed" and "diverged" in job.message, job.message
+        assert runner.store.status(job.job_id)["status"] == "failed"
+
+        def no_bare_constants(token):
+            raise AssertionError(f"metrics.jsonl holds a bare {token}")
+
+        for line in (tmp_path / "runs" / job.job_id / "metrics.jsonl").read_text().splitlines():
+            json.loads(line, parse_constant=no_bare_constants)
+    finally:
+        runner.shutdown()

@@ -124,3 +124,20 @@ def test_live_jobs_and_their_errors_show_no_server_paths(tmp_path):
         assert "secret-folder" not in (tmp_path / "runs" / job.job_id / "status.json").read_text()
     finally:
         runner.shutdown()
+
+
+def test_store_writes_null_for_non_finite_numbers(tmp_path):
+    import json
+
+    store = RunStore(tmp_path)
+    run_id = store.create({"circuit": {}})
+    store.append_events(run_id, [{"type": "epoch", "train_ll": math.nan, "valid_ll": -math.inf, "x": [math.inf, 1.0]}])
+    store.set_status(run_id, "failed", ratio=math.nan)
+
+    def strict(token):
+        raise AssertionError(token)
+
+    line = (tmp_path / run_id / "metrics.jsonl").read_text().strip()
+    assert json.loads(line, parse_constant=strict) == {"type": "epoch", "train_ll": None, "valid_ll": None,
+                                                       "x": [None, 1.0]}
+    assert json.loads((tmp_path / run_id / "status.json").read_text(), parse_constant=strict)["ratio"] is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -114,7 +115,7 @@ class RunStore:
         """Append events to metrics.jsonl (one JSON object per line)."""
         if not events:
             return
-        lines = "".join(json.dumps(e, default=_jsonable) + "\n" for e in events)
+        lines = "".join(json.dumps(_finite(e), default=_jsonable, allow_nan=False) + "\n" for e in events)
         with self._lock, open(self.path(run_id) / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(lines)
 
@@ -220,17 +221,28 @@ def _is_worker(pid: int) -> bool:
         return False
 
 
+def _finite(obj):
+    """`obj` with NaN/inf floats replaced by None, so every stored line is valid JSON (null, not NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _jsonable(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
+    if hasattr(obj, "item") and getattr(obj, "size", 1) == 1:
+        return _finite(obj.item())
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return _finite(obj.tolist())
     return str(obj)
 
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable), encoding="utf-8")
+    tmp.write_text(json.dumps(_finite(obj), indent=1, default=_jsonable, allow_nan=False), encoding="utf-8")
     os.replace(tmp, path)
 
 
