@@ -87,6 +87,9 @@ class CompiledCircuit(torch.nn.Module):
             backend = "triton" if self.device.type == "cuda" else "torch"
         if backend == "torch":
             self.backend = TORCH_BACKEND
+            for layer in self.plan.layers:  # the plan names the kernels that run each partition now
+                for p in layer.partitions:
+                    p.kernel = "torch"
         elif backend == "triton":
             from engine.kernels.backend import attach
 

@@ -212,6 +212,13 @@ def test_plan_records_kernels_and_torch_on_cpu_backend():
         engine.compile(_hclt(), backend="cuda-magic")
 
 
+def test_switching_to_the_torch_backend_renames_the_plan_kernels():
+    pc = engine.compile(_hclt(), backend="triton", kernel_options=OPTS)
+    assert {p["kernel"] for layer in pc.plan.to_dict()["layers"] for p in layer["partitions"]} != {"torch"}
+    pc.set_backend("torch")
+    assert {p["kernel"] for layer in pc.plan.to_dict()["layers"] for p in layer["partitions"]} == {"torch"}
+
+
 def test_captured_step_falls_back_and_matches_eager():
     root = _hclt()
     x, _ = _data([Categorical(7)] * 5, 16, 0.0)
