@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vs_pyjuice import PSEUDO, SEED, STEP, epoch_orders, ours_build, sync_time  # noqa: E402
+from vs_pyjuice import PSEUDO, SEED, STEP, epoch_orders, median_seconds, ours_build, sync_time  # noqa: E402
 
 import engine  # noqa: E402
 from engine import distributed, optim  # noqa: E402
@@ -37,18 +37,8 @@ BATCH = 512  # per GPU
 
 
 def allreduce_ms(pc, reps=50) -> float:
-    reducer = distributed.FlowReducer(pc)
-    for _ in range(3):
-        reducer()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        reducer()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    """Median ms of one all-reduce of the flow buffers (every rank calls this together)."""
+    return 1e3 * median_seconds(distributed.FlowReducer(pc), reps, warmup=3)
 
 
 def run_ours(root, data_cpu, ranks, epochs) -> dict:

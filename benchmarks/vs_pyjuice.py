@@ -71,19 +71,24 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
+def median_seconds(fn, n: int = 10, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `n` runs after `warmup`, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
 def ceilings() -> dict:
     """Measured device-to-device copy bandwidth and matmul rates (median of 10 after warm-up)."""
-    def bench(fn, n=10):
-        fn()
-        ts = []
-        for _ in range(n):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        return statistics.median(ts)
+    bench = median_seconds
     src = torch.randn(512 * 2**20 // 4 * 4, device="cuda")  # 2 GiB
     dst = torch.empty_like(src)
     out = {"copy_GBps": 2 * src.numel() * 4 / bench(lambda: dst.copy_(src)) / 1e9}
