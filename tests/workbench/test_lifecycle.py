@@ -200,3 +200,32 @@ def test_a_diverging_run_is_marked_failed_and_its_metrics_stay_json(tmp_path):
             json.loads(line, parse_constant=no_bare_constants)
     finally:
         runner.shutdown()
+
+
+def test_a_stopped_run_continues_from_its_checkpoint_with_the_epochs_left(tmp_path):
+    from workbench.services.jobs import JobSpec
+
+    runner = JobRunner(RunStore(tmp_path / "runs"))
+    try:
+        spec = JobSpec(circuit={"source": "template", "template": "hclt", "num_latents": 4}, dataset="nltcs",
+                       epochs=40, full_batch_epochs=1, batch_size=64, threads=1)
+        job = runner.start(spec)
+        _wait(lambda: len(runner.store.events(job.job_id, ("epoch",))) >= 3, 120, "three epochs")
+        runner.stop(job.job_id)
+        assert runner.wait(job.job_id, 60) and job.status == "stopped"
+        done = len(runner.store.events(job.job_id, ("epoch",)))
+        assert 3 <= done < 40
+        with pytest.raises(ValueError, match="only stopped or interrupted"):
+            runner.continue_run(runner.start({**spec.to_dict(), "epochs": 1, "full_batch_epochs": 0}).job_id)
+        after = runner.continue_run(job.job_id)
+        assert after.spec.epochs == 40 - done and after.spec.full_batch_epochs == 1
+        assert after.spec.circuit == {"source": "file", "path": "model.cwpc"}  # shown without its folder
+        _wait(lambda: runner.store.events(after.job_id, ("epoch",)), 120, "a first continued epoch")
+        runner.stop(after.job_id)
+        assert runner.wait(after.job_id, 120) and after.status == "stopped", after.message
+        assert runner.store.events(after.job_id, ("epoch",))[0]["train_ll"] > -7.0  # nltcs: -6.0 when trained
+        runner.store.model_path(job.job_id).unlink()
+        with pytest.raises(ValueError, match="saved no checkpoint"):
+            runner.continue_run(job.job_id)
+    finally:
+        runner.shutdown()

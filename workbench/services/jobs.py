@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from engine.optim import EMSchedule
 from workbench.services import worker
@@ -209,6 +210,32 @@ class JobRunner:
                 if job.status == "queued" and job.process.pid is None and not job.stop_event.is_set():
                     self._launch(job)
 
+    def continue_run(self, run_id: str) -> Job:
+        """A new run training on from the last checkpoint of a stopped or interrupted run.
+
+        Same data and settings, with the epochs the run had left; the EM step-size schedule starts
+        again. Raises ValueError when the run cannot continue (still live, no checkpoint, data gone).
+        """
+        status = self.store.status(run_id).get("status")
+        if status not in ("stopped", "interrupted"):
+            raise ValueError(f"run {run_id} is {status}; only stopped or interrupted runs can continue")
+        model = self.store.model_path(run_id)
+        if not model.exists():
+            raise ValueError(f"run {run_id} saved no checkpoint to continue from")
+        spec = self.store.spec(run_id)
+        done, mini = len(self.store.events(run_id, ("epoch",))), int(spec.get("epochs", 0))
+        full = int(spec.get("full_batch_epochs", 0)) - max(done - mini, 0)
+        if max(mini - done, 0) + max(full, 0) < 1:
+            raise ValueError(f"run {run_id} has no epochs left to train")
+        spec.update(
+            circuit={"source": "file", "path": str(model)},
+            dataset=_stored_dataset(str(spec.get("dataset", ""))),
+            epochs=max(mini - done, 0),
+            full_batch_epochs=max(full, 0),
+            name=f"{spec.get('name') or run_id} (continued)",
+        )
+        return self.start(spec)
+
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
@@ -367,6 +394,19 @@ def _main_module_hidden():
             main.__file__ = saved
         if main is not None and spec is not None:
             main.__spec__ = spec
+
+
+def _stored_dataset(name: str) -> str:
+    """The dataset a stored spec names: a bundled name, or an upload (stored by file name only)."""
+    from engine.data import available_datasets
+    from workbench.services.uploads import upload_dir
+
+    if name.lower() in available_datasets():
+        return name
+    path = upload_dir() / Path(name).name
+    if not path.is_file():
+        raise ValueError(f"the data file {name} of this run is no longer in the upload folder")
+    return str(path)
 
 
 def default_max_workers() -> int:
