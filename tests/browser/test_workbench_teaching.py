@@ -104,7 +104,7 @@ def test_failed_build_clears_the_dependent_views(page):
     wait_for_demo(page)
     open_tab(page, "Build")
     open_tab(page, "Import")
-    upload = page.locator("input[type=file][accept='.cwpc,.zip,.psdd']")
+    upload = page.locator("input[type=file][accept='.cw,.cwpc,.zip,.psdd']")
     expect(upload).to_be_attached()
     page.get_by_label("Bundled example", exact=True).select_option("little_4var.psdd")
     page.get_by_role("button", name="Build circuit").click()

@@ -178,6 +178,14 @@ def test_file_import_roundtrip_and_errors(tmp_path):
     res = uploads.save_circuit_upload("c.cwpc", path.read_bytes())
     assert res.ok and res.summary["num_vars"] == 2
     assert "too large" in uploads.save_circuit_upload("c.cwpc", path.read_bytes(), max_bytes=10).error
+    assert uploads.save_circuit_upload("nltcs.cw", path.read_bytes()).ok  # the name README uses
+
+
+def test_circuit_upload_widget_accepts_every_suffix_the_service_takes():
+    from workbench.views.builder import FileImport
+
+    view = FileImport(build=BuildState())
+    assert set(view.upload.accept.split(",")) == set(uploads.CIRCUIT_SUFFIXES)
 
 
 def test_data_upload_validates_without_unpickling(tmp_path):

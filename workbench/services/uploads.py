@@ -17,7 +17,7 @@ from workbench.services.circuits import describe, error_message, load_circuit_fi
 from workbench.services.store import default_runs_dir
 
 DATA_SUFFIXES = (".npy", ".npz", ".csv")
-CIRCUIT_SUFFIXES = (".cwpc", ".zip", ".psdd")
+CIRCUIT_SUFFIXES = (".cw", ".cwpc", ".zip", ".psdd")  # .cw: the name README and the CLI use
 # Bokeh sends a FileInput's file as one base64 websocket message; its default cap (20 MiB) holds a
 # 12 MiB file. scripts/start raises the cap to match CW_MAX_UPLOAD_MB, so larger limits work there.
 MAX_UPLOAD_BYTES = int(float(os.environ.get("CW_MAX_UPLOAD_MB", "12")) * 2**20)

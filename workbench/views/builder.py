@@ -215,7 +215,7 @@ class FileImport(pn.viewable.Viewer):
         super().__init__(**params)
         examples = sorted(p.name for p in EXAMPLE_DIR.glob("*.psdd")) if EXAMPLE_DIR.exists() else []
         self.example = pn.widgets.Select(name="Bundled example", options=["", *examples], width=220)
-        self.upload = pn.widgets.FileInput(accept=".cwpc,.zip,.psdd", width=240)
+        self.upload = pn.widgets.FileInput(accept=".cw,.cwpc,.zip,.psdd", width=240)
         self.alert = status()
         self.example.param.watch(self._on_example, "value")
         self.upload.param.watch(self._on_upload, "value")
