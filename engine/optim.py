@@ -222,7 +222,8 @@ class _Driver:
 
 
 def _feed(pc, data, budget) -> DataFeed | None:
-    return None if data is None else DataFeed(data, pc.device, budget)
+    """The split's feed; None for a missing or empty split (its log-likelihood is reported as None)."""
+    return None if data is None or data.shape[0] == 0 else DataFeed(data, pc.device, budget)
 
 
 def check_finite_parameters(pc, epoch: int) -> None:
