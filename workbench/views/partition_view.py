@@ -29,10 +29,12 @@ from workbench.views.tiles_plot import PAD_COLOR, REAL_COLOR, tiles_plot, title_
 
 LEARN = """**Block partitioning.** A sum layer runs as a few dense *block tiles*: node blocks with a
 similar number of child blocks are grouped into a *partition* and padded to the same width, so one
-batched matmul computes the whole partition. Bigger blocks mean fewer, larger tiles (better GPU
-utilisation) but may force padding; a larger *tolerance* merges more node blocks into one partition
-(fewer kernel launches) at the price of more padded, wasted slots. Move the controls and watch
-padding, predicted FLOPs, bytes and memory change."""
+batched matmul computes the whole partition. In the picture each row is a node block (the strip on
+the left: its partition), each blue cell a `block x block` weight tile, and the red cells right of a
+row the padded slots its partition computes for nothing. Bigger blocks mean fewer, larger tiles
+(better GPU utilisation); a larger *tolerance* merges more node blocks into one partition (fewer
+kernel launches) at the price of more red. Move the controls and watch padding, predicted FLOPs,
+bytes and memory change; pick a partition in the table to see its rows."""
 
 BLOCK_LABELS = {"auto (per vector)": None, **{str(b): b for b in BLOCK_SIZES if b is not None}}
 PART_COLUMNS = [

@@ -23,10 +23,12 @@ from workbench.views.roofline import roofline
 LEARN = """**Layer schedule.** The compiled circuit runs layer by layer: the forward pass bottom-up,
 then the backward (flows) pass top-down. Product layers are cheap elementwise work but would need a
 buffer each, so the engine keeps one *scratch* buffer and **recomputes** each product layer just before
-the backward of the sum layer above it: a little extra compute buys a lot of memory. The bars show each
-layer's predicted time (a roofline: the larger of FLOPs / peak and bytes / bandwidth, plus a launch cost
-per partition), and once a run has been profiled, its measured time. Sum layers are usually
-compute-heavy matmuls; input and product layers are bound by memory traffic (IO)."""
+the backward of the sum layer above it (the middle lane): a little extra compute buys a lot of memory.
+The top timeline is each step's predicted time (a roofline: the larger of FLOPs / peak and bytes /
+bandwidth, plus a launch cost per partition); once this very plan has been trained with profiling,
+its measured times appear below on the same time axis. The roofline plot places every step by
+arithmetic intensity: left of the ridge, memory traffic bounds it (input and product layers); right of
+it, compute. Tap a bar to highlight its layer in every tab."""
 
 LANES = ["forward", "recompute", "backward"]
 TABLE_COLUMNS = ["step", "layer", "kind", "pass", "flops", "bytes", "bound", "predicted_ms", "measured_ms"]
