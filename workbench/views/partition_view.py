@@ -116,7 +116,7 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
 
     def _what_if(self, **options) -> None:
         """Set plan options; every view of the new plan redraws in one frozen document update."""
-        with pn.io.hold():
+        with pn.io.hold(freeze=True):  # the document's model graph walked once, not once per plot
             self.plan.param.update(**options)
 
     # ------------------------------------------------------------------ whole-plan summaries
