@@ -9,21 +9,25 @@ ranks; one process on the same global batches computes the same update up to sum
     torchrun --nproc-per-node 2 -m engine train --data nltcs ...      # the CLI joins the group itself
     engine.optim.fit(pc, train, ..., distributed=True)                 # in a script under torchrun
 
-A rank that dies makes the others' next collective fail (gloo: at once; NCCL: after the process
-group's timeout, `CW_DIST_TIMEOUT_S`, default 120 s): they raise `DistributedError` instead of
-hanging.
+A rank that dies makes the others' next collective fail: with gloo they raise `DistributedError` at
+once (tested); the process group times out after `CW_DIST_TIMEOUT_S` (default 120 s). With NCCL the
+all-reduce of a step runs inside its CUDA graph, where NCCL's watchdog does not time it out: a rank
+that dies mid-epoch can leave the others blocked until the launcher ends them (torchrun does, as
+soon as one worker fails).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 120.0
+ALLREDUCE_LAYER = -1  # the all-reduce's span in profiler events: no layer of the plan
 
 
 class DistributedError(RuntimeError):
@@ -90,8 +94,24 @@ def _collective(what: str, fn, *args, **kwargs):
                                f"stopped answering ({type(err).__name__}: {str(err).splitlines()[0]})") from err
 
 
+def _plan_fingerprint(pc) -> int:
+    import hashlib
+    import json
+
+    plan = {k: v for k, v in pc.plan.to_dict().items() if k not in ("compile_seconds", "pass_seconds")}
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:7], "little")  # fits a float64 exactly
+
+
 def broadcast_parameters(pc) -> None:
-    """Every rank starts from rank 0's parameters."""
+    """Every rank starts from rank 0's parameters, after checking every rank compiled the same plan
+    (a rank that learnt another tree would otherwise train nonsense without an error)."""
+    mine = float(_plan_fingerprint(pc))
+    t = torch.tensor([mine, -mine], dtype=torch.float64, device=pc.device)
+    _collective("circuit check", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+    if t[0].item() != mine or -t[1].item() != mine:
+        raise DistributedError(f"rank {dist.get_rank()}: the ranks compiled different circuits (different "
+                               "layer plans); build the structure deterministically, e.g. with the same seed")
     for t in [pc.params] + [pc.input_params(i) for i in range(len(pc.input_layers))]:
         _collective("parameter broadcast", dist.broadcast, t, 0)
 
@@ -123,11 +143,7 @@ class FlowReducer:
 
     def __call__(self) -> None:
         prof = self.pc.profiler
-        span = prof.span(-1, "allreduce", "allreduce") if prof is not None else None
-        if span is None:
-            self._reduce()
-            return
-        with span:
+        with prof.span(ALLREDUCE_LAYER, "allreduce", "allreduce") if prof is not None else nullcontext():
             self._reduce()
 
     def _reduce(self) -> None:

@@ -6,7 +6,8 @@ on the device in its narrowest exact integer type (uint8 for 256 categories: 60,
 rows are 47 MB) and gathers each batch there. A set larger than the budget is streamed instead:
 the rows of the next chunk of batches are gathered on the CPU into pinned memory and copied on a
 side stream while the current chunk trains (double buffering). On the CPU the data are used as
-given: the exact PyTorch path.
+given: the exact PyTorch path. (The CPU gather of the next chunk runs on the training thread while
+the GPU works through the queued batches; only the host-to-device copy runs on its own stream.)
 
     feed = DataFeed(train, pc.device)
     for xb in feed.batches(order, batch_size):   # xb: [batch_size, num_vars] on the device
@@ -112,15 +113,22 @@ class DataFeed:
                 dev[slot][:m].copy_(host[slot][:m], non_blocking=True)
                 copied[slot].record(side)
 
-        if chunks:
-            load(0)
-        for k, chunk in enumerate(chunks):
-            slot = k % 2
+        current = torch.cuda.current_stream(self.device) if cuda else None
+        if cuda:
+            side.wait_stream(current)  # the device buffers' allocation is ordered before their first copy
+        try:
+            if chunks:
+                load(0)
+            for k, chunk in enumerate(chunks):
+                slot = k % 2
+                if cuda:
+                    current.wait_event(copied[slot])
+                for s in range(0, len(chunk), batch_size):
+                    yield dev[slot][s : min(s + batch_size, len(chunk))]
+                    if s == 0 and k + 1 < len(chunks):
+                        load(k + 1)  # gather the next chunk while this one's first batch runs
+                if cuda:
+                    consumed[slot].record(current)
+        finally:
             if cuda:
-                torch.cuda.current_stream(self.device).wait_event(copied[slot])
-            for s in range(0, len(chunk), batch_size):
-                yield dev[slot][s : min(s + batch_size, len(chunk))]
-                if s == 0 and k + 1 < len(chunks):
-                    load(k + 1)  # gather the next chunk while this one's first batch runs
-            if cuda:
-                consumed[slot].record(torch.cuda.current_stream(self.device))
+                current.wait_stream(side)  # no copy may still write a buffer freed after a stop

@@ -4,8 +4,9 @@
 speed measured is the speed a user gets. On a GPU it keeps the data on the device
 (`engine.feed`), replays every full batch's step as a CUDA graph (`engine.kernels.graph`), adds the
 log-likelihoods up on the device and synchronises only when an event is due: a progress event
-every `event_interval_s`, the end of an epoch, a stop. Tail batches and the batches a sampled
-profiler times run eagerly. On the CPU the same loop is the plain PyTorch path (zero flows,
+every `event_interval_s` and the end of each pass (stop and pause requests are checked on the host
+before each batch, without a sync). Tail batches and the batches a sampled profiler times run
+eagerly. On the CPU the same loop is the plain PyTorch path (zero flows,
 forward + flows, EM update per batch).
 
 Mini-batch EM with a decaying step size learns fast; full-batch EM (step 1, flows of the whole
@@ -20,7 +21,8 @@ Events go to `callback(dict)`:
      "eval_seconds": ..., "pass_ll": ..., "train_ll": ..., "valid_ll": ..., "test_ll": ..., "time": ...}
         seconds: the training pass alone (paused time and the evaluation excluded); pass_ll: the
         mean log-likelihood seen during the pass; train/valid/test_ll: evaluated after the epoch;
-        time: the wall clock (unix seconds) when the epoch and its evaluation ended
+        time: the wall clock (unix seconds) when the epoch and its evaluation ended; graph_batches:
+        how many of the pass's batches replayed a CUDA graph (0 on the CPU)
     plus the profiler's "layer_time" / "memory" events when `pc.profile()` is on, collected at
     batch events (without waiting) and at the end of each epoch.
 """
@@ -34,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from engine.feed import DataFeed, batch_order, num_batches
+from engine.feed import DataFeed, batch_order, default_budget, num_batches
 from engine.kernels.graph import CapturedStep
 
 Callback = Callable[[dict], None]
@@ -102,9 +104,10 @@ class _Driver:
         self.callback, self.should_stop = callback, should_stop
         self.event_interval_s, self.graphs = event_interval_s, graphs
         self.steps: dict[str, CapturedStep] = {}
-        self.warm = False  # a full batch ran eagerly: every kernel is compiled, capture at once
+        self.warm = False  # a step ran eagerly on a full pass: the kernels are compiled, capture at once
         self.ranks = ranks  # engine.distributed.Ranks when data-parallel, else None
         self.reducer = None
+        self.replays = 0  # batches of the last training pass that replayed a CUDA graph
         if ranks is not None:
             from engine import distributed
 
@@ -146,6 +149,7 @@ class _Driver:
         bs = self.batch_size
         total_batches = num_batches(len(order), bs, drop_last)
         step.ll_sum.zero_()
+        replays0 = step.replays
         t0 = last_t = time.perf_counter()
         paused = last_paused = 0.0
         seen = last_seen = 0
@@ -163,9 +167,8 @@ class _Driver:
             if b == total_batches or (report and now - last_t >= self.event_interval_s):
                 total = step.ll_sum.item()  # the one sync: waits for the steps queued so far
                 ll = (total - last_sum) / max(seen - last_seen, 1)
-                if not math.isfinite(ll):
-                    raise NonFiniteError(f"training diverged at epoch {epoch}, batch {b}: the mean "
-                                         f"log-likelihood is {ll} (check the pseudocount, step size and data)")
+                if self.ranks is None:  # data-parallel: checked once the ranks' sums agree (below)
+                    _check_finite_ll(ll, epoch, b)
                 if report:
                     now = time.perf_counter()
                     busy = max(now - last_t - (paused - last_paused), 1e-9)
@@ -174,10 +177,13 @@ class _Driver:
                 last_t, last_sum, last_seen, last_paused = time.perf_counter(), total, seen, paused
         self.warm |= step.eager_calls > 0 and seen >= bs
         seconds = time.perf_counter() - t0 - paused
-        if self.ranks is not None:  # the pass's LL over every rank's rows
+        if self.ranks is not None:  # the pass's LL over every rank's rows: the same number on all ranks
             last_sum, seen = self._all_sum([last_sum, seen])
             seen = int(seen)
-        return PassResult(last_sum / max(seen, 1), seen, seconds, paused, False)
+            _check_finite_ll(last_sum / max(seen, 1), epoch, total_batches)
+        if report:
+            self.replays = step.replays - replays0
+        return PassResult(last_sum / seen if seen else math.nan, seen, seconds, paused, False)
 
     def _all_sum(self, values: list[float]) -> list[float]:
         from engine import distributed
@@ -217,13 +223,34 @@ class _Driver:
 
     @torch.no_grad()
     def evaluate(self, feed: DataFeed) -> float:
-        """Mean log-likelihood (nats per example) of the feed's rows."""
-        return self.run_pass(feed, self._order(feed.n, False), self.step("forward"), 0, report=False).ll
+        """Mean log-likelihood (nats per example) of the feed's rows; not profiled (per-layer times
+        describe training steps, and a sampled evaluation batch would run eagerly)."""
+        prof, self.pc.profiler = self.pc.profiler, None
+        try:
+            return self.run_pass(feed, self._order(feed.n, False), self.step("forward"), 0, report=False).ll
+        finally:
+            self.pc.profiler = prof
 
 
-def _feed(pc, data, budget) -> DataFeed | None:
-    """The split's feed; None for a missing or empty split (its log-likelihood is reported as None)."""
-    return None if data is None or data.shape[0] == 0 else DataFeed(data, pc.device, budget)
+def _check_finite_ll(ll: float, epoch: int, batch: int) -> None:
+    if not math.isfinite(ll):
+        raise NonFiniteError(f"training diverged at epoch {epoch}, batch {batch}: the mean log-likelihood "
+                             f"is {ll} (check the pseudocount, step size and data)")
+
+
+def _feeds(pc, splits: dict, budget: int | None) -> dict:
+    """One DataFeed per non-empty split (None for a missing or empty one: its LL is reported as None),
+    all splits together within one device budget (default: a quarter of free GPU memory)."""
+    left = default_budget(pc.device) if budget is None else budget
+    feeds = {}
+    for name, data in splits.items():
+        if data is None or data.shape[0] == 0:
+            feeds[name] = None
+            continue
+        feeds[name] = DataFeed(data, pc.device, left)
+        if not feeds[name].streamed:
+            left -= feeds[name].nbytes
+    return feeds
 
 
 def check_finite_parameters(pc, epoch: int) -> None:
@@ -298,9 +325,10 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
     for split in (valid, test):
         if split is not None:
             pc.check_data(split)
+    if train.shape[0] == 0:
+        raise ValueError("the training data has no rows")
     pc.check_data(train)  # validated once here, not per batch
-    feeds = {name: _feed(pc, d, data_budget_bytes) for name, d in (("train", train), ("valid", valid),
-                                                                    ("test", test))}
+    feeds = _feeds(pc, {"train": train, "valid": valid, "test": test}, data_budget_bytes)
     ranks = None
     if distributed:
         from engine import distributed as dist_mod
@@ -328,7 +356,9 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
             metrics = {"type": "epoch", "epoch": epoch, "phase": "minibatch" if epoch <= epochs else "full_batch",
                        "epochs": total, "minibatch_epochs": epochs, "full_batch_epochs": schedule.full_batch_epochs,
                        "seconds": res.seconds, "paused_seconds": res.paused_seconds,
-                       "eval_seconds": time.perf_counter() - t0, "pass_ll": res.ll, **lls,
+                       "eval_seconds": time.perf_counter() - t0,
+                       "pass_ll": res.ll if res.examples else None, **lls,
+                       "graph_batches": driver.replays,
                        "time": time.time()}
             if ranks is not None:
                 metrics["world_size"] = ranks.world

@@ -65,6 +65,13 @@ class LayerProfiler:
         self._last = None
         return self.active
 
+    def skip_batch(self) -> None:
+        """Count a batch that runs without spans (a replayed CUDA graph): the decision to sample it
+        was made before, by `next_is_sampled`, and must not be re-taken on a later clock reading."""
+        self.active = False
+        self.batches += 1
+        self._last = None
+
     def span(self, layer: int, kind: str, pass_name: str):
         """Context manager timing one layer pass (a no-op on batches that are not sampled)."""
         return self._span(layer, kind, pass_name) if self.active else nullcontext()

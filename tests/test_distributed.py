@@ -71,6 +71,22 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(tmp_
     assert torch.allclose(p1.input_params(0), p2.input_params(0), rtol=1e-4, atol=1e-6)
 
 
+def test_ranks_that_compiled_different_circuits_are_stopped(tmp_path):
+    port = str(_free_port())
+    script = ("import sys, torch, engine\nfrom engine import distributed, optim\n"
+              "distributed.join('cpu')\nr = int(sys.argv[1])\n"
+              "root = engine.structures.hclt(torch.randint(0, 2, (64, 6)), 2 + 2 * r)\n"  # 2 vs 4 latents
+              "try:\n    optim.fit(engine.compile(root), torch.randint(0, 2, (64, 6)), epochs=1, distributed=True)\n"
+              "except distributed.DistributedError as e:\n    print(e, flush=True)\n"
+              "    import os\n    os._exit(7)\n")  # skip gloo's teardown racing the peer's exit
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              env={**_env(), **common, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [7, 7]
+    assert all("different circuits" in out for out in outs)
+
+
 def test_a_dead_rank_ends_the_others_with_a_clear_error(tmp_path):
     port = str(_free_port())
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}

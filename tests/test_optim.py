@@ -146,6 +146,34 @@ def test_pause_is_not_epoch_time_and_stop_ends_mid_epoch(monkeypatch):
     assert hist == [] and torch.equal(ours.params, ref.params)
 
 
+def test_evaluation_is_not_profiled_and_cpu_runs_replay_no_graphs():
+    x = _data(640)  # 10 training batches
+    pc, _ = _pair()
+    pc.profile(True, interval_s=0.0)  # every training batch
+    events = []
+    hist = optim.fit(pc, x, x[:128], epochs=1, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0),
+                     callback=events.append)
+    forward = [e for e in events if e["type"] == "layer_time" and e["pass"] == "forward"]
+    assert len(forward) == 10 * len({e["layer"] for e in forward})  # train + valid evaluation: not counted
+    assert hist[0]["graph_batches"] == 0
+
+
+def test_profiler_does_not_retake_a_sampling_decision_on_skipped_batches():
+    from engine.profiler import LayerProfiler
+
+    prof = LayerProfiler(torch.device("cpu"), interval_s=3600.0)
+    assert prof.next_is_sampled() and prof.start_batch()
+    sampled_at = prof._last_sampled
+    for _ in range(3):
+        prof.skip_batch()
+    assert prof.batches == 4 and not prof.active and prof._last_sampled == sampled_at
+
+
+def test_fit_refuses_an_empty_training_set():
+    with pytest.raises(ValueError, match="no rows"):
+        optim.fit(_pair()[0], _data(10)[:0], epochs=1)
+
+
 def test_empty_splits_report_no_log_likelihood():
     x = _data(200)
     hist = optim.fit(_pair()[0], x, x[:0], x[:0], epochs=1,
@@ -172,8 +200,8 @@ def test_profiler_interval_sampling_is_time_based():
               callback=events.append)
     forward_spans = [e for e in events if e["type"] == "layer_time" and e["pass"] == "forward"]
     layers_per_batch = len({e["layer"] for e in forward_spans})
-    # training batches: only the first; evaluation after each epoch runs forward passes too
-    assert prof.batches > 20 and len(forward_spans) == layers_per_batch
+    # 20 training batches counted (evaluation is not profiled), only the first one timed
+    assert prof.batches == 20 and len(forward_spans) == layers_per_batch
     pc.profile(True, interval_s=0.0)  # every batch
     events.clear()
     optim.minibatch_em_epoch(pc, x, batch_size=BS, callback=events.append)

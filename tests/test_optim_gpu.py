@@ -44,6 +44,9 @@ def test_graph_replay_follows_the_eager_driver(budget):
         assert b["valid_ll"] == pytest.approx(a["valid_ll"], rel=1e-5)
     assert torch.allclose(eager.params, fast.params, rtol=1e-4, atol=1e-6)
     assert [h["phase"] for h in h_fast] == ["minibatch"] * 3 + ["full_batch"]
+    # replayed: every full batch but the first of the run (eager, compiles the kernels); never the tail
+    assert all(h["graph_batches"] >= 3000 // 256 - 1 for h in h_fast)
+    assert all(h["graph_batches"] == 0 for h in h_eager)
     assert any(e["type"] == "batch" for e in events)
 
 

@@ -10,7 +10,7 @@ batches replay the graph, which is captured with the profiler detached and so ho
     step = CapturedStep(pc, batch_size=512, em=(step_size, pseudocount))
     for xb in batches:
         lls = step(xb)      # [B] log-likelihoods (a view into the graph's static output)
-    mean = step.ll_sum.item() / n   # the step adds sum(lls) into `ll_sum` on the device, no sync
+    mean = step.ll_sum.item() / n   # each step adds sum(lls) into `ll_sum` on the device; read it once
 
 The first call runs eagerly (it compiles the Triton kernels and does real work) unless
 `capture_first` says the kernels are compiled already; the next call captures the graph and
@@ -47,6 +47,8 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
         self.eager_calls = 0
+        self.replays = 0  # calls that replayed the graph (the rest ran eagerly)
+        self._missing_set = False  # static_m holds a mask that must be cleared before a mask-free batch
         self.failed: str | None = None if enabled else "graphs disabled"
         self.ll_sum = torch.zeros((), dtype=torch.float64, device=pc.device)
 
@@ -94,7 +96,10 @@ class CapturedStep:
         self.graph = graph
 
     def release(self) -> None:
-        """Drop the graph (its memory returns to the circuit's pool); the next call captures anew."""
+        """Drop the graph (its step buffers return to the circuit's pool); the next call captures anew.
+
+        `static_ll`, the returned log-likelihoods, also lives in that pool: read or clone it before
+        another graph of the same circuit replays."""
         self.graph = None
 
     @torch.no_grad()
@@ -115,14 +120,13 @@ class CapturedStep:
                 self.eager_calls += 1
                 return self._eager(x, missing)
         if prof is not None:
-            prof.start_batch()  # a batch the profiler does not sample: count it, replay
-        if x.dtype != self.static_x.dtype:
-            raise ValueError(f"batch dtype {x.dtype} differs from the captured {self.static_x.dtype}")
+            prof.skip_batch()  # a batch the profiler does not sample: count it, replay
+        self.replays += 1
         self.static_x.copy_(x, non_blocking=True)
         if missing is not None:
             self.static_m.copy_(missing, non_blocking=True)
             self._missing_set = True
-        elif getattr(self, "_missing_set", False):
+        elif self._missing_set:
             self.static_m.zero_()
             self._missing_set = False
         self.graph.replay()
