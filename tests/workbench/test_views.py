@@ -203,3 +203,12 @@ def test_a_schedule_bar_selects_its_layer_for_every_view():
     assert s.plan.selected_layer == records[i]["layer"] == part.layer.value
     rects = sched.predicted.object.data
     assert set(rects.loc[rects["alpha"] == 1.0, "layer"]) == {records[i]["layer"]}
+
+
+def test_progress_line_counts_the_epoch_in_progress_once():
+    from workbench.views.training_view import epoch_label
+
+    spec = {"epochs": 40, "full_batch_epochs": 0}
+    assert epoch_label(spec, 1, 2) == "Epoch 2/40 (mini-batch 2/40)"  # was "Epoch 1/40 (mini-batch 2/40)"
+    assert epoch_label({"epochs": 1, "full_batch_epochs": 1}, 2, 2) == "Epoch 2/2 (full-batch 1/1)"
+    assert epoch_label(spec, 0, None) == "Epoch 0/40 (mini-batch 0/40)"

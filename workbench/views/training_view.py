@@ -55,6 +55,14 @@ def epoch_phase(spec: dict, epoch: int) -> str:
     return f"full-batch {epoch - mini}/{full}"
 
 
+def epoch_label(spec: dict, finished: int, in_progress: int | None) -> str:
+    """'Epoch 3/15 (mini-batch 3/5)': one count for both halves, the epoch in progress (or the last
+    one finished when none is), so the total and the phase never disagree."""
+    total = int(spec.get("epochs", 0)) + int(spec.get("full_batch_epochs", 0))
+    current = max(in_progress or 0, finished)
+    return f"Epoch {current}/{total} ({epoch_phase(spec, current)})"
+
+
 def _frame(records: list[dict], columns: dict) -> pd.DataFrame:
     """Records as a DataFrame with exactly `columns` ({name: dtype}); missing numbers become NaN."""
     df = pd.DataFrame([{c: r.get(c) for c in columns} for r in records], columns=list(columns))
@@ -283,7 +291,7 @@ class TrainingView(pn.viewable.Viewer):
         device, status = escape(run.device or "…"), escape(run.status)
         self.progress_text.object = (
             f"<p>Run <code>{escape(run.run_id)}</code> on <b>{device}</b>: <b>{status}</b> · "
-            f"Epoch {done}/{total_epochs} ({epoch_phase(run.spec, p.get('epoch') or done)}){batch}{ll}"
+            f"{epoch_label(run.spec, done, p.get('epoch'))}{batch}{ll}"
             f"{mem_txt}</p>"
         )
         if run.message and run.status == "failed":
