@@ -222,6 +222,16 @@ def em_both(name, build, x, juice, bridge, device, steps, batch, keep_zero_param
             "eval_max_gap_after": gap, "passthrough_sums": bridge.passthrough_sums(pj)}
 
 
+def choose_device(cpu: bool) -> torch.device:
+    """`--cpu`: PyJuice through the CPU shim (Triton's interpreter); else the GPU, which must exist."""
+    if cpu:
+        install_cpu_shim()
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: run with --cpu (and TRITON_INTERPRET=1) for the tiny circuits")
+    return torch.device("cuda")
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser()
@@ -231,13 +241,7 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="default 512 on GPU, 16 with --cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.cpu:
-        install_cpu_shim()
-        device = torch.device("cpu")
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("no CUDA GPU: run with --cpu (and TRITON_INTERPRET=1) for the tiny circuits")
-        device = torch.device("cuda")
+    device = choose_device(args.cpu)
     sizes = (args.sizes or ("tiny" if args.cpu else "tiny,mnist")).split(",")
     from importlib.metadata import version
 

@@ -122,15 +122,10 @@ def main():
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.cpu:
-        from check_pyjuice_bridge import install_cpu_shim
+    from check_pyjuice_bridge import choose_device
 
-        install_cpu_shim()
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda")
+    device = choose_device(args.cpu)
     import pyjuice as juice
-
     import pyjuice_bridge as bridge
 
     nv = args.shape[0] * args.shape[1]

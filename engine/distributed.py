@@ -64,11 +64,11 @@ def join(device: str = "auto") -> tuple[Ranks, str]:
     On CUDA each rank takes GPU `LOCAL_RANK` and the NCCL backend; on the CPU, gloo. The group
     reads the launcher's environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE).
     """
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    from engine.training import pick_device
+
+    use_cuda = pick_device(device).startswith("cuda")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise ValueError("distributed training on CUDA requested but no CUDA GPU is available")
         if local >= torch.cuda.device_count():
             raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(local)

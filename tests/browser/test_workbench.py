@@ -79,21 +79,24 @@ def test_build_hclt_and_see_circuit_partitions_schedule(page):
     assert page.watch.console_errors == [], page.watch.console_errors
 
 
-def test_invalid_graph_is_reported_not_raised(page):
-    """A composed circuit that is not smooth shows the reason, never a traceback."""
+def build_non_smooth_circuit(page) -> None:
+    """Compose the example (root -> prod -> (x0, x1)), add x2 under the root sum (not smooth), build."""
     open_tab(page, "Build")
     open_tab(page, "Compose")
-    # example: root -> prod -> (x0, x1); adding x2 under the root sum breaks smoothness
     page.get_by_role("button", name="Load example").click()
     page.get_by_label("var (input)", exact=True).fill("2")
     page.get_by_role("button", name="Add node vector").click()
     page.get_by_label("parent", exact=True).select_option("root")
     child_select = page.get_by_label("child", exact=True)
     expect(child_select.locator("option")).to_have_count(5)  # x0, x1, prod, root and the new input
-    new_input = child_select.locator("option").last.get_attribute("value")
-    child_select.select_option(new_input)
+    child_select.select_option(child_select.locator("option").last.get_attribute("value"))
     page.get_by_role("button", name="Connect").click()
     page.get_by_role("button", name="Build circuit").click()
+
+
+def test_invalid_graph_is_reported_not_raised(page):
+    """A composed circuit that is not smooth shows the reason, never a traceback."""
+    build_non_smooth_circuit(page)
     expect(page.get_by_text("Invalid circuit:", exact=False)).to_be_visible()
     expect(page.get_by_text(re.compile("Invalid circuit: circuit is not smooth"))).to_be_visible()
     assert "Traceback" not in page.locator("body").inner_text()

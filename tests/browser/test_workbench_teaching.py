@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import screenshot
-from tests.browser.test_workbench import open_tab
+from tests.browser.test_workbench import build_non_smooth_circuit, open_tab
 from tests.browser.test_workbench_more import figures, set_number
 
 pytestmark = pytest.mark.browser
@@ -109,17 +109,7 @@ def test_failed_build_clears_the_dependent_views(page):
     page.get_by_label("Bundled example", exact=True).select_option("little_4var.psdd")
     page.get_by_role("button", name="Build circuit").click()
     expect(page.get_by_text(re.compile(r"Built little_4var.psdd in"))).to_be_visible(timeout=60_000)
-    # a composed circuit that is not smooth: the build fails
-    open_tab(page, "Compose")
-    page.get_by_role("button", name="Load example").click()
-    page.get_by_label("var (input)", exact=True).fill("2")
-    page.get_by_role("button", name="Add node vector").click()
-    page.get_by_label("parent", exact=True).select_option("root")
-    child = page.get_by_label("child", exact=True)
-    expect(child.locator("option")).to_have_count(5)  # x0, x1, prod, root and the new input
-    child.select_option(child.locator("option").last.get_attribute("value"))
-    page.get_by_role("button", name="Connect").click()
-    page.get_by_role("button", name="Build circuit").click()
+    build_non_smooth_circuit(page)  # the build fails
     expect(page.get_by_text(re.compile("Invalid circuit: circuit is not smooth"))).to_be_visible()
     expect(page.get_by_text("Selected little_4var.psdd")).to_be_hidden()  # no old alert left
     for tab in ("Circuit", "Partitions", "Schedule"):
