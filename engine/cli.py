@@ -20,33 +20,18 @@ from pathlib import Path
 
 import torch
 
-STRUCTURES = ("hclt", "pd", "rat_spn", "hmm")
+from engine.compiler import DEFAULT_TOLERANCE
+from engine.structures.templates import TEMPLATES as STRUCTURES
 
 
 def build_structure(name: str, ds, latents: int, seed: int, device: str = "cpu"):
-    """A root node vector of structure `name` fitted to dataset `ds` (HCLT's tree learnt on `device`)."""
-    from engine import structures
-    from engine.dists import Bernoulli, Categorical, Gaussian
+    """A root node vector of structure `name` fitted to dataset `ds` (HCLT's tree learnt on `device`),
+    built by the same translator as the workbench's template builder."""
+    from engine.structures.templates import build_template
 
-    if ds.kind == "continuous":
-        dist = Gaussian()
-    elif ds.num_cats == 2:
-        dist = Bernoulli() if name != "hmm" else Categorical(2)
-    else:
-        dist = Categorical(ds.num_cats)
-    if name == "hclt":
-        return structures.hclt(ds.train, latents, input_dist=dist, device=device)
-    if name == "pd":
-        side = math.isqrt(ds.num_vars)
-        if side * side != ds.num_vars:
-            raise ValueError(f"pd needs square images; {ds.name} has {ds.num_vars} variables")
-        return structures.pd((side, side), latents, (max(side // 4, 1),) * 2, input_dist=dist)
-    if name == "rat_spn":
-        depth = max(1, min(4, int(math.log2(max(ds.num_vars, 2))) - 1))
-        return structures.rat_spn(ds.num_vars, latents, depth, 4, input_dist=dist, seed=seed)
-    if name == "hmm":
-        return structures.hmm(ds.num_vars, latents, ds.num_cats or 2)
-    raise ValueError(f"unknown structure {name!r}; choose one of {', '.join(STRUCTURES)}")
+    if name not in STRUCTURES:
+        raise ValueError(f"unknown structure {name!r}; choose one of {', '.join(STRUCTURES)}")
+    return build_template({"template": name, "num_latents": latents, "seed": seed}, ds, device=device)
 
 
 def _fmt(v) -> str:
@@ -133,7 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
         s.add_argument("--data", required=True, help="dataset name (nltcs, plants, digits, ...) or a .npy/.npz/.csv file")
         s.add_argument("--latents", type=POSITIVE_INT, default=32)
         s.add_argument("--block-size", type=POSITIVE_INT, default=None)
-        s.add_argument("--tolerance", type=NON_NEGATIVE, default=0.25, help="partition padding tolerance")
+        s.add_argument("--tolerance", type=NON_NEGATIVE, default=DEFAULT_TOLERANCE, help="partition padding tolerance")
         s.add_argument("--batch-size", type=POSITIVE_INT, default=512)
     t = sub.choices["train"]
     t.add_argument("--epochs", type=COUNT, default=10, help="mini-batch EM epochs")

@@ -16,34 +16,22 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from engine import dists
 from engine.nodes import CircuitError, NodeVector, inputs, multiply, summate
+
+# The one spec -> circuit translator, shared with the CLI; re-exported for the workbench's state.
+from engine.structures.templates import (
+    DIST_NAMES,
+    TEMPLATE_DEFAULTS,
+    TEMPLATES,
+    build_template,
+    template_vars,
+)
+from engine.structures.templates import input_dist as make_dist
 from workbench.services import circuit_limits
 
-TEMPLATES = ("hclt", "pd", "rat_spn", "hmm")
-DIST_NAMES = ("auto", "categorical", "bernoulli", "gaussian")
-MAX_CIRCUIT_FILE_BYTES = int(os.environ.get("CW_MAX_CIRCUIT_MB", "256")) * 2**20
+__all__ = ["DIST_NAMES", "TEMPLATES", "TEMPLATE_DEFAULTS", "BuildResult", "build", "describe", "make_dist"]
 
-# Every template key the builders read, with its default (CircuitSpec mirrors these as params).
-TEMPLATE_DEFAULTS: dict = {
-    "template": "hclt",
-    "num_latents": 16,
-    "input_dist": "auto",
-    "num_cats": 2,  # categorical inputs when no dataset decides it
-    "num_vars": 16,  # rat_spn without a dataset
-    "data_shape": [8, 8],  # pd; product must equal the dataset's num_vars
-    "split_intervals": 4,  # pd
-    "max_split_depth": None,  # pd
-    "depth": 2,  # rat_spn
-    "num_repetitions": 2,  # rat_spn
-    "num_pieces": 2,  # rat_spn
-    "seq_length": 8,  # hmm without a dataset
-    "num_emits": 4,  # hmm without a dataset
-    "chow_liu_samples": 20000,  # hclt
-    "seed": 0,
-    "sum_density": 1.0,  # share of sum block edges kept (< 1: block-sparse, see engine.structures.sparse)
-}
-SPARSE_BLOCK_SIZE = 4  # sum vectors of a sparse template are cut into blocks of at most 4 nodes
+MAX_CIRCUIT_FILE_BYTES = int(os.environ.get("CW_MAX_CIRCUIT_MB", "256")) * 2**20
 
 
 @dataclass
@@ -80,32 +68,13 @@ def describe(root: NodeVector) -> dict:
     }
 
 
-def make_dist(name: str, num_cats: int = 2, dataset=None) -> dists.Distribution:
-    """Input distribution by name; "auto" follows the dataset's kind (Bernoulli/Categorical/Gaussian)."""
-    if name == "auto":
-        if dataset is None:
-            return dists.Categorical(int(num_cats))
-        if dataset.kind == "continuous":
-            return dists.Gaussian()
-        return dists.Categorical(int(dataset.num_cats))
-    if name == "categorical":
-        return dists.Categorical(
-            int(dataset.num_cats if dataset is not None and dataset.num_cats else num_cats)
-        )
-    if name == "bernoulli":
-        return dists.Bernoulli()
-    if name == "gaussian":
-        return dists.Gaussian()
-    raise CircuitError(f"unknown input distribution {name!r}; choose one of {', '.join(DIST_NAMES[1:])}")
-
-
 def build(spec: dict, dataset=None) -> BuildResult:
     """Build the circuit `spec` describes (see module docstring); `dataset` feeds data-driven templates."""
     t0 = time.perf_counter()
     try:
         source = spec.get("source", "template")
         if source == "template":
-            circuit_limits.check_template({**TEMPLATE_DEFAULTS, **spec}, _template_vars(spec, dataset))
+            circuit_limits.check_template({**TEMPLATE_DEFAULTS, **spec}, template_vars(spec, dataset))
             root = build_template(spec, dataset)
         elif source == "graph":
             circuit_limits.check_graph(spec)
@@ -122,19 +91,6 @@ def build(spec: dict, dataset=None) -> BuildResult:
         return BuildResult(error="not enough memory to build this circuit", seconds=time.perf_counter() - t0)
 
 
-def _template_vars(spec: dict, dataset) -> int:
-    """Variables a template will cover: the dataset's, else what the spec says (pd: its data shape)."""
-    if dataset is not None:
-        return int(dataset.num_vars)
-    s = {**TEMPLATE_DEFAULTS, **spec}
-    if s["template"] == "pd":
-        n = 1
-        for d in s["data_shape"]:
-            n *= int(d)
-        return n
-    return int(s["seq_length"] if s["template"] == "hmm" else s["num_vars"])
-
-
 def error_message(err: BaseException) -> str:
     """One readable line for the UI: the exception's message, prefixed with its kind when unclear."""
     msg = str(err).strip() or type(err).__name__
@@ -146,71 +102,6 @@ def error_message(err: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------- templates
-
-
-def build_template(spec: dict, dataset=None) -> NodeVector:
-    """HCLT, PD, RAT-SPN or HMM from `spec` (keys of TEMPLATE_DEFAULTS), block-sparse when
-    `sum_density` < 1. Raises ValueError."""
-    from engine.structures.sparse import block_sparse
-
-    s = {**TEMPLATE_DEFAULTS, **spec}
-    root = _dense_template(s, dataset)
-    return block_sparse(root, float(s["sum_density"]), SPARSE_BLOCK_SIZE, int(s["seed"]))
-
-
-def _dense_template(spec: dict, dataset=None) -> NodeVector:
-    from engine import structures
-
-    s = {**TEMPLATE_DEFAULTS, **spec}
-    name = s["template"]
-    dist = make_dist(s["input_dist"], s["num_cats"], dataset)
-    k = int(s["num_latents"])
-    if name == "hclt":
-        if dataset is None:
-            raise CircuitError("HCLT learns its tree from data: choose a dataset first")
-        return structures.hclt(
-            dataset.train,
-            k,
-            input_dist=dist,
-            chow_liu_samples=int(s["chow_liu_samples"]),
-            seed=int(s["seed"]),
-        )
-    if name == "pd":
-        shape = [int(d) for d in s["data_shape"]]
-        n = 1
-        for d in shape:
-            n *= d
-        if dataset is not None and n != dataset.num_vars:
-            raise CircuitError(
-                f"PD data_shape {shape} covers {n} variables but the dataset has {dataset.num_vars}"
-            )
-        depth = s["max_split_depth"]
-        return structures.pd(
-            shape,
-            k,
-            s["split_intervals"],
-            input_dist=dist,
-            seed=int(s["seed"]),
-            max_split_depth=None if depth is None else int(depth),
-        )
-    if name == "rat_spn":
-        nv = dataset.num_vars if dataset is not None else int(s["num_vars"])
-        return structures.rat_spn(
-            nv,
-            k,
-            int(s["depth"]),
-            int(s["num_repetitions"]),
-            input_dist=dist,
-            num_pieces=int(s["num_pieces"]),
-            seed=int(s["seed"]),
-        )
-    if name == "hmm":
-        if dataset is not None:
-            if dataset.kind == "continuous":
-                raise CircuitError("HMM needs discrete observations; this dataset is continuous")
-            return structures.hmm(dataset.num_vars, k, int(dataset.num_cats))
-        return structures.hmm(int(s["seq_length"]), k, int(s["num_emits"]))
-    raise CircuitError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
 
 
 # ----------------------------------------------------------------------------------------- graphs
