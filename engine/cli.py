@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
         main = ranks.is_main
     cfg = TrainConfig(epochs=args.epochs, schedule=schedule, device=device, block_size=args.block_size,
                       tolerance=args.tolerance, profile=args.profile,
-                      distributed=distributed.launched_by_torchrun())
+                      distributed=distributed.launched_by_torchrun(), reduce_dtype=args.reduce_dtype)
     cfg.check()  # bad settings fail before the data are read
     torch.manual_seed(args.seed)
     ds = load_dataset(args.data)
@@ -134,6 +134,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--drop-last", action="store_true",
                    help="skip each mini-batch epoch's short tail batch (always, under torchrun)")
+    t.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="under torchrun: the dtype the ranks' flows are summed in (bf16: half the bytes)")
     return p
 
 

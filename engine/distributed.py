@@ -130,16 +130,29 @@ def all_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class FlowReducer:
     """Sums the parameter flows and input statistics over ranks, in place; its own profiler span.
 
-    One all-reduce per buffer (the sum-weight flows, then each input layer's statistics), issued in
-    that fixed order on every rank, so NCCL can also record them inside the CUDA graph of a step.
+    `dtype="fp32"` (default): one all-reduce per buffer (the sum-weight flows, then each input
+    layer's statistics), issued in that fixed order on every rank, so NCCL can also record them
+    inside the CUDA graph of a step. `dtype="bf16"` halves the bytes sent: the buffers are cast into
+    one flat bfloat16 buffer, reduced in one call and cast back (each flow keeps ~3 significant
+    digits, as PyJuice's bf16 reduction; every rank still receives the same sums).
     """
 
-    def __init__(self, pc):
+    def __init__(self, pc, dtype: str = "fp32"):
+        if dtype not in REDUCE_DTYPES:
+            raise ValueError(f"reduce dtype must be one of {', '.join(REDUCE_DTYPES)}, got {dtype!r}")
         self.pc = pc
+        self.dtype = dtype
         self.tensors = [pc.param_flows] + [pc.input_stats(i) for i in range(len(pc.input_layers))]
+        self.flat = None
+        if dtype != "fp32":
+            total = sum(t.numel() for t in self.tensors)
+            self.flat = torch.empty(total, dtype=REDUCE_DTYPES[dtype], device=pc.device)
 
     def __call__(self) -> None:
         prof = self.pc.profiler
@@ -147,8 +160,18 @@ class FlowReducer:
             self._reduce()
 
     def _reduce(self) -> None:
-        for t in self.tensors:
-            _collective("all-reduce of the parameter flows", dist.all_reduce, t)
+        if self.flat is None:
+            for t in self.tensors:
+                _collective("all-reduce of the parameter flows", dist.all_reduce, t)
+            return
+        views, at = [], 0
+        for t in self.tensors:  # read N fp32, write N bf16
+            views.append(self.flat[at:at + t.numel()])
+            views[-1].copy_(t.reshape(-1))
+            at += t.numel()
+        _collective("all-reduce of the parameter flows", dist.all_reduce, self.flat)
+        for t, v in zip(self.tensors, views):  # read N bf16, write N fp32
+            t.copy_(v.view(t.shape))
 
 
 def shard_batches(order: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:

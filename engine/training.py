@@ -43,6 +43,7 @@ class TrainConfig:
     profile_interval_s: float | None = None
     event_interval_s: float = EVENT_INTERVAL_S
     distributed: bool = False  # data-parallel over the joined torch.distributed group
+    reduce_dtype: str = "fp32"  # data-parallel: "bf16" sends the flows in half the bytes
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot train."""
@@ -53,6 +54,8 @@ class TrainConfig:
             raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block size must be >= 1, got {self.block_size}")
+        if self.reduce_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"reduce dtype must be fp32 or bf16, got {self.reduce_dtype!r}")
 
 
 @dataclass
@@ -133,7 +136,8 @@ def run_training(root: NodeVector, dataset, cfg: TrainConfig, callback: Callable
         pc.profile(True, interval_s=cfg.profile_interval_s)
     try:
         history = fit(pc, dataset.train, dataset.valid, dataset.test, cfg.epochs, cfg.schedule, callback,
-                      should_stop, progress, event_interval_s=cfg.event_interval_s, distributed=cfg.distributed)
+                      should_stop, progress, event_interval_s=cfg.event_interval_s, distributed=cfg.distributed,
+                      reduce_dtype=cfg.reduce_dtype)
     finally:
         pc.profile(False)
     stopped = should_stop is not None and len(history) < cfg.epochs + cfg.schedule.full_batch_epochs
