@@ -21,9 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.compiler import DEFAULT_TOLERANCE
 from engine.optim import EMSchedule
 from workbench.services import worker
-from workbench.services.store import TERMINAL, RunStore, shareable_spec
+from workbench.services.store import TERMINAL, RunStore, fold_status, shareable_spec
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class JobSpec:
     pseudocount: float = EMSchedule.pseudocount
     full_batch_epochs: int = EMSchedule.full_batch_epochs
     block_size: int | None = None  # compile block size (None: the vectors' own)
-    tolerance: float = 0.25
+    tolerance: float = DEFAULT_TOLERANCE
     device: str = "auto"  # "auto" (the worker picks cuda if available, else cpu) | "cpu" | "cuda"
     profile: bool = True  # per-layer times (layer_times events)
     profile_interval_s: float = 0.1  # profile one batch per this interval (0: every batch)
@@ -352,18 +353,13 @@ class JobRunner:
             job.first_event_at = time.time()
         status, message, extra = job.status, job.message, {}
         for e in events:
-            kind = e.get("type")
             if status in TERMINAL:
-                pass  # a finished job's status is final (late events are still recorded)
-            elif kind == "plan":
+                continue  # a finished job's status is final (late events are still recorded)
+            if e.get("type") == "plan":
                 self.store.write_json(job.job_id, "plan.json", e["plan"])
-            elif kind == "status":
-                status, message = e["status"], e.get("message", "")
+            elif e.get("type") == "status":
                 extra.update({k: e[k] for k in ("device", "pid", "setup_seconds") if k in e})
-            elif kind == "done":
-                status, message = e["status"], ""
-            elif kind == "error":
-                status, message = "failed", e["message"]
+            status, message = fold_status(status, message, e)
         self.store.append_events(job.job_id, [e for e in events if e.get("type") != "plan"])
         if (status, message) != (job.status, job.message) or extra:
             self.store.set_status(job.job_id, status, message, **extra)

@@ -181,6 +181,22 @@ class RunStore:
         return buf.getvalue()
 
 
+def fold_status(status: str, message: str, event: dict) -> tuple[str, str]:
+    """A run's (status, message) after one of its events (the worker's "status", "done" and "error"
+    events; others leave it). A finished run's status is final: late events do not change it.
+    The one fold the JobRunner (server side) and RunState (per session) both use."""
+    kind = event.get("type")
+    if status in TERMINAL:
+        return status, message
+    if kind == "status":
+        return event["status"], event.get("message", "")
+    if kind == "done":
+        return event["status"], ""
+    if kind == "error":
+        return "failed", event["message"]
+    return status, message
+
+
 def shareable_spec(spec: dict) -> dict:
     """The spec as every session may see it: an uploaded file by its name, not its server path.
 

@@ -188,6 +188,7 @@ def default_threads() -> int:
 def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
     import torch
 
+    from engine.compiler import DEFAULT_TOLERANCE
     from engine.data import load_dataset
     from engine.optim import EMSchedule
     from engine.training import TrainConfig, pick_device, run_training
@@ -209,7 +210,7 @@ def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
         schedule=schedule,
         device=device,
         block_size=spec.get("block_size"),
-        tolerance=float(spec.get("tolerance", 0.25)),
+        tolerance=float(spec.get("tolerance", DEFAULT_TOLERANCE)),
         profile=bool(spec.get("profile", True)),
         profile_interval_s=float(spec.get("profile_interval_s", 0.1)),
         event_interval_s=float(spec.get("batch_interval_s", 0.1)),

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import param
 
+from workbench.services.store import fold_status
+
 EPOCH_KEYS = ("epoch", "train_ll", "valid_ll", "test_ll", "seconds")
 MEMORY_KEYS = ("allocated", "reserved", "peak_allocated", "peak_reserved")
+SERIES = ("epochs", "batches", "memory_series")  # dicts of lists that grow in place
 
 
 def _empty_series(keys) -> dict:
@@ -97,28 +100,32 @@ class RunState(param.Parameterized):
 
     # ----------------------------------------------------------------- folding events
     def apply(self, events: list[dict]) -> bool:
-        """Fold `events` into the series; one param.update for all of them. True if any applied."""
+        """Fold `events` into the series; one batch of param events for all of them. True if any applied.
+
+        Series grow in place (appending N events costs O(N), not a copy of every series per call);
+        watchers of `epochs`, `batches` and `memory_series` are still triggered, once per call.
+        """
         if not events:
             return False
-        upd = {
-            "epochs": {k: list(v) for k, v in self.epochs.items()},
-            "batches": {k: list(v) for k, v in self.batches.items()},
-            "memory_series": {k: list(v) for k, v in self.memory_series.items()},
-        }
+        upd: dict = {}
         for e in events:
             self._fold(e, upd)
         upd["layer_means"] = {k: tot / n for k, (tot, n) in self._totals.items()}
         upd["version"] = self.version + 1
-        self.param.update(**upd)
+        grown = [k for k in SERIES if upd.pop(k, False)]
+        with param.parameterized.discard_events(self):
+            self.param.update(**upd)
+        self.param.trigger(*upd, *grown)  # one batch of events, the grown series included
         return True
 
     def _fold(self, e: dict, upd: dict) -> None:
         kind = e.get("type")
         if kind == "epoch":
             for k in EPOCH_KEYS:
-                upd["epochs"][k].append(e.get(k))
+                self.epochs[k].append(e.get(k))
+            upd["epochs"] = True
         elif kind == "batch":
-            b = upd["batches"]
+            b = self.batches
             step = (e["epoch"] - 1) * e["num_batches"] + e["batch"]
             for k, v in (
                 ("step", step),
@@ -128,6 +135,7 @@ class RunState(param.Parameterized):
                 ("examples_per_s", e.get("examples_per_s")),
             ):
                 b[k].append(v)
+            upd["batches"] = True
             upd["progress"] = {k: e.get(k) for k in ("epoch", "batch", "num_batches", "ll", "examples_per_s")}
         elif kind == "layer_times":
             upd["layer_times"] = e["records"]
@@ -137,17 +145,15 @@ class RunState(param.Parameterized):
                 acc[1] += r["calls"]
         elif kind == "memory":
             upd["memory"] = {k: e.get(k) for k in MEMORY_KEYS}
-            upd["memory_series"]["t"].append(e.get("t"))
+            self.memory_series["t"].append(e.get("t"))
             for k in MEMORY_KEYS:
-                upd["memory_series"][k].append(e.get(k))
-        elif kind == "status":
-            upd["status"], upd["message"] = e["status"], e.get("message", "")
-            if e.get("device"):
+                self.memory_series[k].append(e.get(k))
+            upd["memory_series"] = True
+        elif kind in ("status", "done", "error"):
+            status, message = fold_status(upd.get("status", self.status), upd.get("message", self.message), e)
+            upd["status"], upd["message"] = status, message
+            if kind == "status" and e.get("device"):
                 upd["device"] = e["device"]
-        elif kind == "done":
-            upd["status"], upd["message"] = e["status"], ""
-        elif kind == "error":
-            upd["status"], upd["message"] = "failed", e["message"]
         elif kind == "plan":
             upd["plan"] = e["plan"]
 
