@@ -36,21 +36,21 @@ from engine.data import mnist_like  # noqa: E402
 BATCH = 512  # per GPU
 
 
-def allreduce_ms(pc, reps=50) -> float:
+def allreduce_ms(pc, reduce_dtype="fp32", reps=50) -> float:
     """Median ms of one all-reduce of the flow buffers (every rank calls this together)."""
-    return 1e3 * median_seconds(distributed.FlowReducer(pc), reps, warmup=3)
+    return 1e3 * median_seconds(distributed.FlowReducer(pc, reduce_dtype), reps, warmup=3)
 
 
-def run_ours(root, data_cpu, ranks, epochs) -> dict:
+def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32") -> dict:
     pc = engine.compile(root, device="cuda")
     sched = optim.EMSchedule(batch_size=BATCH, step_size=STEP, final_step_size=STEP, pseudocount=PSEUDO,
                              full_batch_epochs=0, drop_last=True)
     hist = optim.fit(pc, data_cpu, epochs=epochs, schedule=sched, generator=torch.Generator().manual_seed(SEED),
-                     distributed=ranks.world > 1)
+                     distributed=ranks.world > 1, reduce_dtype=reduce_dtype)
     steps = data_cpu.shape[0] // (BATCH * ranks.world)
-    out = {"epoch_s": None, "ll": None, "steps_per_epoch": steps}
+    out = {"epoch_s": None, "ll": None, "steps_per_epoch": steps, "reduce_dtype": reduce_dtype}
     if ranks.world > 1:
-        out["allreduce_ms"] = allreduce_ms(pc)
+        out["allreduce_ms"] = allreduce_ms(pc, reduce_dtype)
     if hist:  # rank 0
         out.update(epoch_s=statistics.median(h["seconds"] for h in hist[1:]), pass_ll=hist[-1]["pass_ll"],
                    train_ll=hist[-1]["train_ll"])
@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["hclt:256", "hclt:512", "pd:128", "pd:256"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-pyjuice", action="store_true")
+    ap.add_argument("--bf16-reduce", action="store_true",
+                    help="also time ours with the flows summed in bfloat16 (2+ GPUs), in the same run")
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these result files")
     args = ap.parse_args()
@@ -106,6 +108,8 @@ def main():
         torch.manual_seed(0)  # the same circuit and initial parameters on every rank
         root = ours_build(kind, int(nl), data_u8[:20000].long())
         row = {"config": f"{kind}-{nl}", "ours": run_ours(root, data_cpu, ranks, args.epochs)}
+        if args.bf16_reduce and ranks.world > 1:
+            row["ours_bf16_reduce"] = run_ours(root, data_cpu, ranks, args.epochs, "bf16")
         if juice is not None:
             row["pyjuice"] = run_pyjuice(juice, bridge, root, data_u8, ranks, args.epochs)
         if ranks.is_main:
@@ -122,7 +126,7 @@ def print_table(runs):
     runs = sorted(runs, key=lambda r: r["gpus"])
     base = {r["config"]: r for r in runs[0]["results"]}
     print(f"{'config':9s} {'GPUs':>4s} | {'ours s/ep':>9s} {'scale':>5s} {'allred%':>7s} | {'PJ s/ep':>8s} "
-          f"{'scale':>5s} | {'ours vs PJ':>10s}")
+          f"{'scale':>5s} | {'ours vs PJ':>10s} | {'bf16-red s/ep':>13s} {'scale':>5s} {'allred%':>7s} {'train LL':>9s}")
     for run in runs:
         for row in run["results"]:
             o, p = row["ours"], row.get("pyjuice", {})
@@ -132,7 +136,12 @@ def print_table(runs):
             sp = b.get("pyjuice", {}).get("epoch_s", nan) / p.get("epoch_s", nan)
             share = 100 * o.get("allreduce_share", 0.0)
             print(f"{row['config']:9s} {run['gpus']:4d} | {o['epoch_s']:9.3f} {so:5.2f} {share:7.1f} | "
-                  f"{p.get('epoch_s', nan):8.3f} {sp:5.2f} | {p.get('epoch_s', nan) / o['epoch_s']:10.2f}")
+                  f"{p.get('epoch_s', nan):8.3f} {sp:5.2f} | {p.get('epoch_s', nan) / o['epoch_s']:10.2f}", end="")
+            h = row.get("ours_bf16_reduce")
+            if h:
+                print(f" | {h['epoch_s']:13.3f} {b['ours']['epoch_s'] / h['epoch_s']:5.2f} "
+                      f"{100 * h.get('allreduce_share', 0.0):7.1f} {h['train_ll']:9.4f} (fp32 {o['train_ll']:.4f})", end="")
+            print()
 
 
 if __name__ == "__main__":
