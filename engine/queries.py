@@ -35,11 +35,6 @@ def _require_discrete(pc, what: str) -> None:
         raise ValueError(f"{what} supports discrete input distributions only (this circuit has Gaussian inputs)")
 
 
-def _input_probs(dist, params: torch.Tensor) -> torch.Tensor:
-    """[n, K] value probabilities of each discrete input node."""
-    return torch.cat([1 - params, params], 1) if dist.name == "bernoulli" else params
-
-
 @torch.no_grad()
 def conditional(pc, x, missing) -> torch.Tensor:
     """Posterior of every variable given the observed ones: `[B, num_vars, K]` (K = most categories).
@@ -50,13 +45,13 @@ def conditional(pc, x, missing) -> torch.Tensor:
     x, missing = _prepare(pc, x, missing)
     pc.forward(x, missing, validate=False)
     flows = pc.backward_flows(accumulate_params=False)
-    ks = [_input_probs(d, pc.input_params(i)).shape[1] for i, d in enumerate(pc.input_dists)]
+    ks = [d.value_probs(pc.input_params(i)).shape[1] for i, d in enumerate(pc.input_dists)]
     k = max(ks)
     bsz = x.shape[0]
     out = torch.zeros(bsz, pc.num_vars, k, device=pc.device, dtype=torch.float64)
     for i, layer in enumerate(pc.input_layers):
         g = layer.input_group
-        probs = _input_probs(pc.input_dists[i], pc.input_params(i)).double()  # [n, Ki]
+        probs = pc.input_dists[i].value_probs(pc.input_params(i)).double()  # [n, Ki]
         f = flows[g.row_start : g.row_start + g.num_nodes].double()  # [n, B]
         contrib = f[:, :, None] * probs[:, None, :]  # [n, B, Ki]
         vars_ = getattr(pc, f"input_vars_{i}")

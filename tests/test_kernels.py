@@ -22,49 +22,7 @@ from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.graph import CapturedStep  # noqa: E402
 from engine.nodes import inputs, multiply, summate  # noqa: E402
 from engine.structures import hclt_from_tree, pd  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-OPTS = KernelOptions(block_b=16, fwd_block_b=16, elem_block_b=16, prod_rows=16, sparse_children=16, input_nodes=16)
-
-
-def _data(dists, n, missing_rate=0.2):
-    cols = []
-    for d in dists:
-        if isinstance(d, Categorical):
-            cols.append(torch.randint(0, d.num_cats, (n,)).float())
-        elif isinstance(d, Bernoulli):
-            cols.append(torch.randint(0, 2, (n,)).float())
-        else:
-            cols.append(torch.randn(n))
-    x = torch.stack(cols, 1)
-    return x, torch.rand(x.shape) < missing_rate
-
-
-def _run(root, x, missing, backend, opts=OPTS):
-    pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend=backend, kernel_options=opts)
-    pc.zero_flows()
-    ll = pc.forward(x.to(DEVICE), missing.to(DEVICE))
-    node_flows = pc.backward_flows(accumulate_params=True)
-    out = {"ll": ll, "node_mars": pc._mars[0].clone(), "node_flows": node_flows.clone(),
-           "param_flows": pc.param_flows.clone()}
-    for i in range(len(pc.input_layers)):
-        out[f"stats_{i}"] = getattr(pc, f"input_stats_{i}").clone()
-    pc.em_step(0.4, 0.1)
-    out["params_after_em"] = pc.params.clone()
-    for i in range(len(pc.input_layers)):
-        out[f"input_params_after_em_{i}"] = pc.input_params(i).clone()
-    return pc, out
-
-
-def _compare(root, x, missing, tol=2e-5, opts=OPTS):
-    _, ref = _run(root, x, missing, "torch")
-    pc, got = _run(root, x, missing, "triton", opts)
-    for k in ref:
-        a, b = ref[k].double(), got[k].double()
-        assert torch.isfinite(b).all() == torch.isfinite(a).all(), k
-        err = ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
-        assert err < tol, f"{k}: relative error {err:.2e}"
-    return pc
+from tests.kernel_runner import DEVICE, OPTS, compare, data  # noqa: E402
 
 
 def _hclt(num_vars=5, latents=32, cats=7):
@@ -73,23 +31,23 @@ def _hclt(num_vars=5, latents=32, cats=7):
 
 
 def test_hclt_categorical_with_missing_matches_torch():
-    x, m = _data([Categorical(7)] * 5, 20)
-    pc = _compare(_hclt(), x.long(), m)
+    x, m = data([Categorical(7)] * 5, 20)
+    pc = compare(_hclt(), x.long(), m)
     kernels = {p["kernel"] for layer in pc.plan.to_dict()["layers"] for p in layer["partitions"]}
     assert kernels == {"product", "sum_block", "sum_sparse"}
 
 
 def test_hclt_block_64_width_2():
-    x, m = _data([Categorical(5)] * 3, 12, 0.0)
+    x, m = data([Categorical(5)] * 3, 12, 0.0)
     root = hclt_from_tree(np.array([[0, 1], [1, 2]]), 3, 128, Categorical(5), block_size=64)
-    _compare(root, x.long(), m)
+    compare(root, x.long(), m)
 
 
 def test_pd_shared_children_matches_torch():
     """PD: products feed several sums (element flows from many parents, child-major tables)."""
     root = pd((4, 4), 16, (2, 2), input_dist=Categorical(4))
-    x, m = _data([Categorical(4)] * 16, 9)
-    _compare(root, x.long(), m)
+    x, m = data([Categorical(4)] * 16, 9)
+    compare(root, x.long(), m)
 
 
 def test_bernoulli_gaussian_sparse_and_edges():
@@ -101,8 +59,8 @@ def test_bernoulli_gaussian_sparse_and_edges():
     top1 = summate(multiply(a, c), num_nodes=16, block_size=8)
     top2 = summate(multiply(a2, c), num_nodes=16, block_size=16)
     root = summate(top1, top2, num_nodes=1)
-    x, m = _data([Bernoulli(), Bernoulli(), Gaussian(), Gaussian()], 20, 0.25)
-    pc = _compare(root, x, m, tol=5e-5)
+    x, m = data([Bernoulli(), Bernoulli(), Gaussian(), Gaussian()], 20, 0.25)
+    pc = compare(root, x, m, tol=5e-5)
     kernels = {p["kernel"] for layer in pc.plan.to_dict()["layers"] for p in layer["partitions"]}
     assert "sum_sparse" in kernels and "sum_block" in kernels
 
@@ -145,8 +103,8 @@ def test_node_vector_under_products_of_two_layers_gets_both_flows():
     s23 = summate(multiply(s2, s3), num_nodes=16, block_size=16)
     top = summate(multiply(s012, s3), multiply(s01, s23), num_nodes=16, block_size=16)  # and a higher one
     root = summate(multiply(top), num_nodes=1)
-    xd, m = _data([Categorical(5)] * 4, 20)
-    pc = _compare(root, xd.long(), m)
+    xd, m = data([Categorical(5)] * 4, 20)
+    pc = compare(root, xd.long(), m)
     firsts = [pt.flow_first for layer in pc.parts for pt in layer[:1] if hasattr(pt, "flow_first")]
     assert any(bool((f == 0).any()) for f in firsts), "expected a node row reached by two product layers"
 
@@ -173,8 +131,8 @@ def test_grouped_child_tiles_match_torch(group_cols):
     t = summate(multiply(xs[2], xs[3]), num_nodes=32, block_size=16)
     t2 = summate(multiply(xs[2], xs[3]), num_nodes=16, block_size=16)
     root = summate(multiply(s, t), multiply(s2, t2), num_nodes=1)
-    x, m = _data([Categorical(5)] * 4, 20)
-    _compare(root, x.long(), m, opts=KernelOptions(block_b=16, prod_rows=16, sparse_children=16,
+    x, m = data([Categorical(5)] * 4, 20)
+    compare(root, x.long(), m, opts=KernelOptions(block_b=16, prod_rows=16, sparse_children=16,
                                                    input_nodes=16, group_cols=group_cols,
                                                    fwd_block_b=32, elem_block_b=16, stats_cats=16))
 
@@ -221,7 +179,7 @@ def test_switching_to_the_torch_backend_renames_the_plan_kernels():
 
 def test_captured_step_falls_back_and_matches_eager():
     root = _hclt()
-    x, _ = _data([Categorical(7)] * 5, 16, 0.0)
+    x, _ = data([Categorical(7)] * 5, 16, 0.0)
     x = x.long().to(DEVICE)
     pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=OPTS)
     step = CapturedStep(pc, batch_size=16)
@@ -238,8 +196,8 @@ def test_product_layer_of_several_partitions_runs_as_one_launch():
     s = summate(multiply(x0[0], x0[1]), num_nodes=16, block_size=16)
     t = summate(multiply(x0[2], x0[3], x0[4]), num_nodes=16, block_size=16)
     root = summate(multiply(s, t), num_nodes=1)
-    x, m = _data([Categorical(5)] * 5, 20)
-    pc = _compare(root, x.long(), m)
+    x, m = data([Categorical(5)] * 5, 20)
+    pc = compare(root, x.long(), m)
     merged = [pt for layer in pc.parts for pt in layer if getattr(pt, "merged_into_first", False)]
     assert merged, "expected a product layer with several partitions"
 
@@ -247,7 +205,7 @@ def test_product_layer_of_several_partitions_runs_as_one_launch():
 def test_profiler_samples_every_kth_batch():
     pc = engine.compile(_hclt(), backend="torch")
     prof = pc.profile(True, every=3)
-    x, _ = _data([Categorical(7)] * 5, 8, 0.0)
+    x, _ = data([Categorical(7)] * 5, 8, 0.0)
     for _ in range(7):  # batches 0, 3 and 6 are sampled
         pc.accumulate_flows(x.long())
     events = [e for e in prof.collect(block=True) if e["type"] == "layer_time"]

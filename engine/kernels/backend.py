@@ -80,7 +80,9 @@ class _InputKernels:
         if segs is None:
             segs = tuple(t.to(vars_.device) for t in inputs.segments(vars_, self.opts.input_nodes))
             self._segments[vars_] = segs
-        inputs.input_stats(dist, stats, params, vars_, a, b, flows, segs, self.opts)
+        if not inputs.input_stats(dist, stats, params, vars_, a, b, flows, segs, self.opts):
+            xv, miss = a[vars_], b[vars_].bool()
+            dist.accumulate_stats(stats, params, xv.long() if dist.discrete else xv, miss, flows)
 
 
 def _input_em_update(dist, params, stats, step_size, pseudocount, *, opts):
