@@ -1,0 +1,277 @@
+"""Juice.jl's text circuit format `.jpc`: `read_jpc` and `write_jpc`.
+
+The format, as Juice.jl (ProbabilisticCircuits.jl) reads and writes it: `c` lines are comments, one
+header line, then one line per node, children before parents; the last line is the root. Node ids
+are integers (Juice numbers them 0, 1, ... in file order); variables are numbered from 1; the second
+field of every node line is a vtree id that plain circuits leave at 0 and readers ignore::
+
+    jpc N                                   # N node lines follow
+    L id vtree lit                          # literal: x_|lit| is true (lit > 0) / false (lit < 0)
+    I id vtree var value                    # indicator: 1 when x_var == value (values from 0)
+    C id vtree var logp_0 ... logp_{K-1}    # categorical over {0..K-1}, log-probabilities
+    B id vtree var N log(p)                 # binomial(N, p) over {0..N} (Juice writes log p)
+    G id vtree var mu sigma                 # normal density, sigma the standard deviation
+    P id vtree n c_1 ... c_n                # product of the n children
+    S id vtree n c_1 logw_1 ... c_n logw_n  # mixture: sum_k exp(logw_k) * c_k
+
+Mapping onto this engine (variables from 0, one 1-node vector per line, see `engine.io.pernode`):
+L and I become fixed indicators (Bernoulli p in {0, 1} for binary variables until the Indicator family
+exists); C becomes `Categorical(K)`; B becomes `Categorical(N+1)` holding the binomial pmf (exact for
+inference; EM then trains it as a categorical); G becomes `Gaussian`. A variable's domain size K
+is the largest any of its lines implies (C length, I value + 1, B N + 1, 2 for L).
+
+`write_jpc` expands node vectors into per-node lines (block edges into node edges, zero-weight edges
+dropped) and writes Categorical, Bernoulli (L for p in {0, 1}, else a 2-way C), Gaussian and
+indicator leaves. Files Juice compresses (`.jpc.gz`) are read by `engine.load`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from engine import budget
+from engine.io.limits import PSDD_BYTES_PER_BYTE, FileFormatError, read_capped
+from engine.io.pernode import (PerNodeBuilder, categorical_leaf, gaussian_leaf, indicator_leaf, parse_float,
+                               parse_ints, text_lines)
+from engine.nodes import InputNodes, NodeVector, ProdNodes, SumNodes
+
+_LEAF_ARITY = {"L": 4, "I": 5, "B": 6, "G": 6}  # exact token counts; C, P and S are variable
+
+
+def read_jpc(path, data: bytes | None = None) -> NodeVector:
+    """Root node vector of the `.jpc` text file at `path` (or of its bytes `data`)."""
+    path = os.fspath(path)
+    data = read_capped(path) if data is None else data
+    if budget.exceeds(len(data) * PSDD_BYTES_PER_BYTE):
+        raise FileFormatError(f"{path}: this JPC {budget.describe(len(data) * PSDD_BYTES_PER_BYTE)}")
+    lines = text_lines(data, path)
+    if not lines or lines[0][1][0] != "jpc" or len(lines[0][1]) != 2:
+        raise FileFormatError(f"{path}: expected a 'jpc N' header line")
+    (count,) = parse_ints(lines[0][1][1:], f"{path}, line {lines[0][0]}")
+    body = lines[1:]
+    if not body:
+        raise FileFormatError(f"{path}: the JPC has no nodes")
+    if len(body) != count:
+        raise FileFormatError(f"{path}: header says jpc {count} but the file has {len(body)} node lines")
+    domains = _domains(body, path)
+    b = PerNodeBuilder(path)
+    node = None
+    for lineno, tok in body:
+        node = _node(b, tok, lineno, domains)
+    return node
+
+
+def _check_shape(tok: list[str], where: str) -> None:
+    kind = tok[0]
+    ok = (len(tok) == _LEAF_ARITY[kind]) if kind in _LEAF_ARITY else (
+        kind == "C" and len(tok) >= 6) or (kind in "PS" and len(tok) >= 5 and len(kind) == 1)
+    if not ok:
+        raise FileFormatError(f"{where}: malformed JPC line {' '.join(tok)!r:.80}")
+
+
+def _domains(body: list, path: str) -> dict[int, int]:
+    """Variable (from 1) -> number of values its discrete lines imply; -1 for Gaussian variables."""
+    dom: dict[int, int] = {}
+    for lineno, tok in body:
+        where = f"{path}, line {lineno}"
+        _check_shape(tok, where)
+        kind = tok[0]
+        if kind in "PS":
+            continue
+        if kind == "L":
+            (lit,) = parse_ints(tok[3:4], where)
+            var, k = abs(lit), 2
+        else:
+            (var,) = parse_ints(tok[3:4], where)
+            if kind == "I":
+                value = parse_ints(tok[4:5], where)[0]
+                if value < 0:
+                    raise FileFormatError(f"{where}: indicator value {value} must be >= 0")
+                k = max(2, value + 1)
+            elif kind == "C":
+                k = len(tok) - 4
+            elif kind == "B":
+                k = parse_ints(tok[4:5], where)[0] + 1
+                if k < 2:
+                    raise FileFormatError(f"{where}: binomial N must be >= 1")
+            else:
+                k = -1
+        if var < 1:
+            raise FileFormatError(f"{where}: variable {var} must be >= 1 (JPC variables are numbered from 1)")
+        old = dom.get(var, k)
+        if (old < 0) != (k < 0):
+            raise FileFormatError(f"{where}: variable {var} has both Gaussian and discrete leaves")
+        dom[var] = max(old, k)
+    return dom
+
+
+def _node(b: PerNodeBuilder, tok: list[str], lineno: int, domains: dict[int, int]) -> NodeVector:
+    where = b.where(lineno)
+    kind = tok[0]
+    nid = parse_ints(tok[1:2], where)[0]
+    if kind == "P" or kind == "S":
+        n = parse_ints(tok[3:4], where)[0]
+        rest = tok[4:]
+        if n < 1 or len(rest) != (n if kind == "P" else 2 * n):
+            raise FileFormatError(f"{where}: node {nid} declares {n} children but has {len(rest)} child tokens")
+        if kind == "P":
+            return b.product(nid, parse_ints(rest, where), lineno, "jpc")
+        ids = parse_ints(rest[0::2], where)
+        logw = [parse_float(t, "a log-weight", where) for t in rest[1::2]]
+        return b.sum(nid, ids, logw, lineno, "jpc")
+    if kind == "L":
+        lit = parse_ints(tok[3:4], where)[0]
+        var = abs(lit)
+        return b.leaf(nid, indicator_leaf(var - 1, int(lit > 0), domains[var]), lineno, "jpc")
+    var = parse_ints(tok[3:4], where)[0]
+    if kind == "I":
+        value = parse_ints(tok[4:5], where)[0]
+        return b.leaf(nid, indicator_leaf(var - 1, value, domains[var]), lineno, "jpc")
+    if kind == "G":
+        mu, sigma = (parse_float(t, "a number", where) for t in tok[4:6])
+        if not (math.isfinite(mu) and math.isfinite(sigma) and sigma > 0):
+            raise FileFormatError(f"{where}: gaussian needs a finite mean and sigma > 0, got {mu:g} {sigma:g}")
+        return b.leaf(nid, gaussian_leaf(var - 1, mu, sigma), lineno, "jpc")
+    if kind == "B":
+        n = parse_ints(tok[4:5], where)[0]
+        logp = parse_float(tok[5], "a log-probability", where)
+        if math.isnan(logp) or logp > 1e-6:
+            raise FileFormatError(f"{where}: binomial log(p) {logp:g} must be <= 0")
+        probs = _binomial_pmf(n, math.exp(min(logp, 0.0)))
+    else:
+        logps = [parse_float(t, "a log-probability", where) for t in tok[4:]]
+        if any(math.isnan(x) or x > 1e-6 for x in logps):
+            raise FileFormatError(f"{where}: categorical log-probabilities must be <= 0")
+        probs = [math.exp(min(x, 0.0)) for x in logps]
+        if abs(sum(probs) - 1.0) > 1e-3:
+            raise FileFormatError(f"{where}: categorical probabilities sum to {sum(probs):.6g}, not 1")
+    probs += [0.0] * (domains[var] - len(probs))
+    return b.leaf(nid, categorical_leaf(var - 1, probs), lineno, "jpc")
+
+
+def _binomial_pmf(n: int, p: float) -> list[float]:
+    return [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+
+
+# ------------------------------------------------------------------------------------------ write
+
+HEADER = """c written by Circuit Workbench (engine.io.write_jpc) in Juice.jl's jpc text format
+c node ids start at 0; nodes appear children before parents; the last node is the root
+c variables are numbered from 1; the second field is a vtree id (0: none)
+c L id vtree literal | I id vtree var value | C id vtree var {log-probability}+
+c G id vtree var mu sigma | P id vtree n {child}+ | S id vtree n {child log-weight}+
+"""
+
+
+def _fmt(x: float) -> str:
+    if x == -math.inf:
+        return "-Inf"  # Julia's spelling; Python's float() reads it too
+    return repr(float(x))
+
+
+class _Numbering:
+    """Global 0-based ids for (vector, node) pairs, assigned as lines are written."""
+
+    def __init__(self):
+        self.first: dict[int, int] = {}
+        self.next = 0
+
+    def add(self, v: NodeVector) -> int:
+        self.first[v.uid] = self.next
+        self.next += v.num_nodes
+        return self.first[v.uid]
+
+
+def _leaf_lines(v: InputNodes, first: int) -> list[str]:
+    var, name = v.var + 1, v.dist.name
+    p = v.params.double()
+    out = []
+    for i in range(v.num_nodes):
+        nid = first + i
+        if name == "indicator":
+            out.append(f"I {nid} 0 {var} {int(p[i, 0])}")
+        elif name == "bernoulli" and float(p[i, 0]) in (0.0, 1.0):
+            out.append(f"L {nid} 0 {var if p[i, 0] == 1 else -var}")
+        elif name == "bernoulli":
+            q = float(p[i, 0])
+            out.append(f"C {nid} 0 {var} {_fmt(math.log1p(-q))} {_fmt(math.log(q))}")
+        elif name == "categorical":
+            logs = " ".join(_fmt(math.log(x) if x > 0 else -math.inf) for x in p[i].tolist())
+            out.append(f"C {nid} 0 {var} {logs}")
+        elif name == "gaussian":
+            out.append(f"G {nid} 0 {var} {_fmt(p[i, 0])} {_fmt(p[i, 1])}")
+        else:
+            raise FileFormatError(f"the JPC format has no line for {name} leaves")
+    return out
+
+
+def _child_ids(v: NodeVector, num: _Numbering) -> np.ndarray:
+    """Global id of every node of the concatenated children `[sum of child num_nodes]`."""
+    return np.concatenate([num.first[c.uid] + np.arange(c.num_nodes) for c in v.children])
+
+
+def _prod_lines(v: ProdNodes, first: int, num: _Numbering) -> list[str]:
+    edges = v.node_edges()  # [num_nodes, num_children], node index inside each child
+    base = np.array([num.first[c.uid] for c in v.children])
+    ids = edges + base[None, :]
+    k = ids.shape[1]
+    return [f"P {first + i} 0 {k} " + " ".join(map(str, row)) for i, row in enumerate(ids.tolist())]
+
+
+def _sum_lines(v: SumNodes, first: int, num: _Numbering) -> list[str]:
+    bs = v.block_size
+    child = _child_ids(v, num)
+    w = v.params.double()  # [E, bs(node), bs(child)]
+    per_node: list[list[str]] = [[] for _ in range(v.num_nodes)]
+    for e, (i, j) in enumerate(v.edge_ids.T.tolist()):
+        for r in range(bs):
+            for c in range(bs):
+                x = float(w[e, r, c])
+                if x > 0:
+                    per_node[i * bs + r].append(f"{child[j * bs + c]} {_fmt(math.log(x))}")
+    return [f"S {first + n} 0 {len(parts)} " + " ".join(parts) for n, parts in enumerate(per_node)]
+
+
+def write_jpc(root_or_pc, path) -> None:
+    """Write a root `NodeVector` or a `CompiledCircuit` (its current parameters) as `.jpc` text."""
+    root = _root_of(root_or_pc)
+    if root.num_nodes != 1:
+        raise FileFormatError(f"a JPC file has one root node; this root vector has {root.num_nodes}")
+    num = _Numbering()
+    lines: list[str] = []
+    with torch.no_grad():
+        for v in root.topological():
+            first = num.add(v)
+            if isinstance(v, InputNodes):
+                lines += _leaf_lines(v, first)
+            elif isinstance(v, ProdNodes):
+                lines += _prod_lines(v, first, num)
+            else:
+                lines += _sum_lines(v, first, num)
+    _write_text(path, HEADER + f"jpc {len(lines)}\n" + "\n".join(lines) + "\n")
+
+
+def _root_of(obj) -> NodeVector:
+    if isinstance(obj, NodeVector):
+        return obj
+    if hasattr(obj, "sync_to_nodes"):
+        return obj.sync_to_nodes()
+    raise TypeError(f"expected a root NodeVector or a CompiledCircuit, got {type(obj).__name__}")
+
+
+def _write_text(path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename (never a half-written file)."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
