@@ -11,6 +11,7 @@ from __future__ import annotations
 import holoviews as hv
 import panel as pn
 
+from workbench.owner import OwnerCookie, session_owner
 from workbench.services import Services, get_services
 from workbench.state.session import SessionState
 from workbench.upload_guard import UploadGuard
@@ -36,6 +37,7 @@ def create_views(session: SessionState) -> dict:
     from workbench.views.builder import BuilderView
     from workbench.views.circuit_view import CircuitView
     from workbench.views.compare_view import CompareView
+    from workbench.views.flows_view import FlowsView
     from workbench.views.partition_view import PartitionView
     from workbench.views.schedule_view import ScheduleView
     from workbench.views.training_view import TrainingView
@@ -47,8 +49,9 @@ def create_views(session: SessionState) -> dict:
         "Circuit": CircuitView(plan=session.plan),
         "Partitions": PartitionView(plan=session.plan),
         "Schedule": schedule,
+        "Flows": FlowsView(session=session),
         "Train": TrainingView(session=session, schedule=schedule),
-        "Compare": CompareView(store=services.store, jobs=services.runner, compare=session.compare),
+        "Compare": CompareView(store=session.store, jobs=services.runner, compare=session.compare),
     }
 
 
@@ -67,13 +70,13 @@ def follow_tabs(tabs: pn.Tabs, views: dict) -> None:
 def create_app(services: Services | None = None) -> pn.template.BootstrapTemplate:
     """The whole workbench for one session."""
     configure_panel()
-    session = SessionState(services or get_services())
+    session = SessionState(services or get_services(), owner=session_owner())
     views = create_views(session)
     tabs = collapsing_tabs(*views.items(), sizing_mode="stretch_width")
     follow_tabs(tabs, views)
     template = pn.template.BootstrapTemplate(
         title=TITLE,
-        main=[UploadGuard(margin=(0, 10)), tabs],
+        main=[UploadGuard(margin=(0, 10)), OwnerCookie(token=session.owner, margin=0), tabs],
         sidebar=[pn.pane.Markdown(INTRO)],
         sidebar_width=260,
         header_background="#2f4f6f",

@@ -141,3 +141,32 @@ def test_store_writes_null_for_non_finite_numbers(tmp_path):
     assert json.loads(line, parse_constant=strict) == {"type": "epoch", "train_ll": None, "valid_ll": None,
                                                        "x": [None, 1.0]}
     assert json.loads((tmp_path / run_id / "status.json").read_text(), parse_constant=strict)["ratio"] is None
+
+
+def test_run_files_and_archives_hold_no_server_paths(tmp_path):
+    """Tracebacks, messages and the model path reach the store relative to their package or as names."""
+    import io
+    import zipfile
+    from pathlib import Path
+
+    from workbench.services.jobs import JobRunner
+
+    repo = str(Path(__file__).resolve().parents[2])
+    runner = JobRunner(RunStore(tmp_path / "runs"))
+    try:
+        spec = JobSpec(circuit={"source": "template", "template": "no-such-template"}, dataset="nltcs",
+                       epochs=1, full_batch_epochs=0, threads=1)
+        job = runner.start(spec)
+        assert runner.wait(job.job_id, 120) and job.status == "failed"
+        done = runner.start(JobSpec(circuit={"source": "template", "template": "hclt", "num_latents": 2},
+                                    dataset="nltcs", epochs=1, full_batch_epochs=0, threads=1, profile=False))
+        assert runner.wait(done.job_id, 120) and done.status == "done", done.message
+        for run_id in (job.job_id, done.job_id):
+            archive = zipfile.ZipFile(io.BytesIO(runner.store.archive(run_id)))
+            texts = [archive.read(n).decode() for n in archive.namelist() if not n.endswith(".cwpc")]
+            assert texts and all(repo not in t and str(tmp_path) not in t for t in texts), run_id
+        error = runner.store.events(job.job_id, ("error",))[0]
+        assert "workbench/services/worker.py" in error["traceback"]  # still useful, relative to the checkout
+        assert runner.store.events(done.job_id, ("done",))[0]["model"] == "model.cwpc"
+    finally:
+        runner.shutdown()

@@ -24,7 +24,7 @@ from pathlib import Path
 from engine.compiler import DEFAULT_TOLERANCE
 from engine.optim import EMSchedule
 from workbench.services import worker
-from workbench.services.store import TERMINAL, RunStore, fold_status, shareable_spec
+from workbench.services.store import TERMINAL, RunStore, fold_status, shareable_spec, without_paths
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,12 @@ class JobRunner:
         self._thread.start()
 
     # ----------------------------------------------------------------- control
-    def start(self, spec: JobSpec | dict, name: str | None = None) -> Job:
-        """Create a run in the store and start its worker process; raises ValueError for a bad spec."""
+    def start(self, spec: JobSpec | dict, name: str | None = None, owner: str | None = None) -> Job:
+        """Create a run in the store, owned by the holder of token `owner` (None: readable by every
+        session), and start its worker process; raises ValueError for a bad spec."""
         spec = JobSpec.from_dict(spec) if isinstance(spec, dict) else spec
         spec.validate()
-        run_id = self.store.create(spec.to_dict(), name=name or spec.name or None)
+        run_id = self.store.create(spec.to_dict(), name=name or spec.name or None, owner=owner)
         job = Job(
             run_id,
             JobSpec.from_dict(shareable_spec(spec.to_dict())),  # what sessions see: no server paths
@@ -211,12 +212,16 @@ class JobRunner:
                 if job.status == "queued" and job.process.pid is None and not job.stop_event.is_set():
                     self._launch(job)
 
-    def continue_run(self, run_id: str) -> Job:
-        """A new run training on from the last checkpoint of a stopped or interrupted run.
+    def continue_run(self, run_id: str, owner: str | None = None) -> Job:
+        """A new run, owned by `owner`, training on from the last checkpoint of a stopped or
+        interrupted run that `owner` may read.
 
         Same data and settings, with the epochs the run had left; the EM step-size schedule starts
-        again. Raises ValueError when the run cannot continue (still live, no checkpoint, data gone).
+        again. Raises ValueError when the run cannot continue (still live, no checkpoint, data gone),
+        PermissionError when it is another session's unshared run.
         """
+        if not self.store.readable(run_id, owner):
+            raise PermissionError(f"run {run_id} belongs to another session and is not shared")
         status = self.store.status(run_id).get("status")
         if status not in ("stopped", "interrupted"):
             raise ValueError(f"run {run_id} is {status}; only stopped or interrupted runs can continue")
@@ -235,7 +240,7 @@ class JobRunner:
             full_batch_epochs=max(full, 0),
             name=f"{spec.get('name') or run_id} (continued)",
         )
-        return self.start(spec)
+        return self.start(spec, owner=owner)
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -351,6 +356,7 @@ class JobRunner:
         """Record events: store first, then the in-memory job, so `job.finished` implies a stored status."""
         if job.first_event_at is None:
             job.first_event_at = time.time()
+        events = [_without_paths(e) for e in events]
         status, message, extra = job.status, job.message, {}
         for e in events:
             if status in TERMINAL:
@@ -403,6 +409,14 @@ def _stored_dataset(name: str) -> str:
     if not path.is_file():
         raise ValueError(f"the data file {name} of this run is no longer in the upload folder")
     return str(path)
+
+
+def _without_paths(event: dict) -> dict:
+    """A status, error or done event with no server path in its texts (messages, tracebacks and the
+    model path are stored, archived and shown to sessions); other events pass unchanged."""
+    if event.get("type") not in ("status", "error", "done"):
+        return event
+    return {k: without_paths(v) if isinstance(v, str) else v for k, v in event.items()}
 
 
 def default_max_workers() -> int:

@@ -8,13 +8,19 @@
         <run_id>/metrics.jsonl   one streamed event per line (epoch, batch, layer_times, memory, ...)
         <run_id>/model.cwpc      the trained circuit (engine.save), written by the worker
         <run_id>/plan.json       the compiled plan summary (plan.to_dict), written by the worker
+        <run_id>/access.json     {"owner": sha256 of the owner's token, "shared": bool} (not archived)
 
 Writes are append-only (metrics) or atomic renames (status, spec), so a crash leaves readable files.
 A run whose server died before it finished is marked "interrupted" by `recover()` at the next start.
+
+Runs belong to whoever made them: `scoped(token)` is the store as one owner sees it (their runs, runs
+marked shared, and runs without an owner, such as the CLI's); reading anything else raises
+`PermissionError`. Only a hash of the token is stored, so sharing a run never reveals it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -31,6 +37,7 @@ from pathlib import Path
 
 TERMINAL = ("done", "stopped", "failed", "interrupted")
 MODEL_FILE = "model.cwpc"
+ACCESS_FILE = "access.json"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -71,11 +78,14 @@ class RunStore:
         return self.path(run_id) / MODEL_FILE
 
     # ----------------------------------------------------------------- writing
-    def create(self, spec: dict, name: str | None = None) -> str:
-        """New run directory holding `spec`; returns its run id (time-sortable)."""
+    def create(self, spec: dict, name: str | None = None, owner: str | None = None) -> str:
+        """New run directory holding `spec`, owned by the holder of token `owner` (None: no owner,
+        readable by all); returns its run id (time-sortable)."""
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         d = self.path(run_id)
         d.mkdir(parents=True)
+        if owner is not None:
+            _write_json(d / ACCESS_FILE, {"owner": owner_hash(owner), "shared": False})
         _write_json(d / "spec.json", shareable_spec({**spec, "name": name or spec.get("name") or run_id}))
         (d / "metrics.jsonl").touch()
         now = time.time()
@@ -108,7 +118,7 @@ class RunStore:
         """Update status.json atomically (keeps `created` and earlier extra keys)."""
         with self._lock:
             cur = self.status(run_id)
-            cur.update(extra, status=status, message=message, updated=time.time())
+            cur.update(extra, status=status, message=without_paths(message), updated=time.time())
             _write_json(self.path(run_id) / "status.json", cur)
 
     def append_events(self, run_id: str, events: list[dict]) -> None:
@@ -122,6 +132,26 @@ class RunStore:
     def write_json(self, run_id: str, name: str, obj: dict) -> None:
         """Any extra JSON file of the run (e.g. plan.json)."""
         _write_json(self.path(run_id) / name, obj)
+
+    def set_shared(self, run_id: str, shared: bool, owner: str) -> None:
+        """Let every session read run `run_id` (or only its owner again); only the owner may."""
+        access = self.access(run_id)
+        if access.get("owner") != owner_hash(owner):
+            raise PermissionError(f"run {run_id} is not yours to share")
+        _write_json(self.path(run_id) / ACCESS_FILE, {**access, "shared": bool(shared)})
+
+    def access(self, run_id: str) -> dict:
+        """{"owner": token hash, "shared": bool}, or {} for a run without an owner."""
+        return _read_json(self.path(run_id) / ACCESS_FILE, {})
+
+    def readable(self, run_id: str, viewer: str | None) -> bool:
+        """True when the holder of token `viewer` may see the run (None: the server itself)."""
+        access = self.access(run_id)
+        return viewer is None or not access or access.get("shared") is True or access.get("owner") == owner_hash(viewer)
+
+    def scoped(self, viewer: str) -> "ScopedRunStore":
+        """This store as the holder of token `viewer` sees it."""
+        return ScopedRunStore(self, viewer)
 
     def delete(self, run_id: str) -> None:
         shutil.rmtree(self.path(run_id), ignore_errors=True)
@@ -155,7 +185,7 @@ class RunStore:
         for d in sorted(self.root.iterdir(), reverse=True):
             if not d.is_dir() or not _RUN_ID.match(d.name) or not (d / "spec.json").exists():
                 continue
-            st, spec = self.status(d.name), self.spec(d.name)
+            st, spec = RunStore.status(self, d.name), RunStore.spec(self, d.name)  # unchecked: filtered later
             out.append(
                 RunRecord(
                     d.name,
@@ -176,9 +206,82 @@ class RunStore:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(d.iterdir()):
-                if p.is_file():
+                if p.is_file() and p.name != ACCESS_FILE:
                     zf.write(p, f"{run_id}/{p.name}")
         return buf.getvalue()
+
+
+class ScopedRunStore(RunStore):
+    """The run store as one owner sees it: listings hold only runs they may read, and reading any
+    other run raises PermissionError. Shares the root and lock of the server's store."""
+
+    def __init__(self, store: RunStore, viewer: str):
+        self.root, self._lock, self.viewer = store.root, store._lock, viewer
+
+    def _check(self, run_id: str) -> None:
+        if not self.readable(run_id, self.viewer):
+            raise PermissionError(f"run {run_id} belongs to another session and is not shared")
+
+    def create(self, spec: dict, name: str | None = None, owner: str | None = None) -> str:
+        return super().create(spec, name, self.viewer if owner is None else owner)
+
+    def list_runs(self) -> list[RunRecord]:
+        return [r for r in super().list_runs() if self.readable(r.run_id, self.viewer)]
+
+    def spec(self, run_id: str) -> dict:
+        self._check(run_id)
+        return super().spec(run_id)
+
+    def status(self, run_id: str) -> dict:
+        self._check(run_id)
+        return super().status(run_id)
+
+    def events(self, run_id: str, types: tuple[str, ...] | None = None) -> list[dict]:
+        self._check(run_id)
+        return super().events(run_id, types)
+
+    def model_path(self, run_id: str) -> Path:
+        self._check(run_id)
+        return super().model_path(run_id)
+
+    def archive(self, run_id: str) -> bytes:
+        self._check(run_id)
+        return super().archive(run_id)
+
+    def set_shared(self, run_id: str, shared: bool, owner: str | None = None) -> None:
+        super().set_shared(run_id, shared, self.viewer if owner is None else owner)
+
+    def delete(self, run_id: str) -> None:
+        if self.access(run_id).get("owner") != owner_hash(self.viewer):
+            raise PermissionError(f"run {run_id} is not yours to delete")
+        super().delete(run_id)
+
+
+def _code_roots() -> list[str]:
+    """Folders whose paths tracebacks name: site-packages and the checkout, longest first."""
+    import site
+    import sysconfig
+
+    roots = {str(Path(__file__).resolve().parents[2]), *site.getsitepackages(), site.getusersitepackages()}
+    roots |= {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return sorted((r.rstrip(os.sep) + os.sep for r in roots if r), key=len, reverse=True)
+
+
+_CODE_ROOTS = _code_roots()
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])(?:/[^\s/\"':]+)+/([^\s/\"':]+)")
+
+
+def without_paths(text: str) -> str:
+    """`text` (a message or a traceback) with no server path left: code files relative to their
+    package or the checkout (`engine/training.py`), any other absolute path cut to its file name."""
+    for root in _CODE_ROOTS:
+        text = text.replace(root, "")
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1), text)
+
+
+def owner_hash(token: str) -> str:
+    """What the store keeps of an owner's token."""
+    return hashlib.sha256(f"cw-owner:{token}".encode()).hexdigest()
 
 
 def fold_status(status: str, message: str, event: dict) -> tuple[str, str]:

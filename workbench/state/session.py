@@ -8,6 +8,7 @@ from __future__ import annotations
 import param
 
 from engine.optim import EMSchedule
+from workbench.owner import new_token
 from workbench.services.jobs import JobSpec
 from workbench.state.circuit import BuildState
 from workbench.state.plan import PlanState
@@ -52,14 +53,18 @@ class SessionState(param.Parameterized):
     )
     compare = param.ClassSelector(class_=CompareState, doc="Runs compared side by side")
     error = param.String(default="", doc="Last error of a session action ('' if none)")
+    owner = param.String(default="", doc="Owner token: the session's runs are its own unless shared")
 
     def __init__(self, services, **params):
         params.setdefault("build", BuildState())
         params.setdefault("plan", PlanState())
         params.setdefault("training", TrainingSettings())
         params.setdefault("compare", CompareState())
+        params["owner"] = params.get("owner") or new_token()
         super().__init__(**params)
         self.services = services
+        store = getattr(services, "store", None)
+        self.store = store.scoped(self.owner) if store is not None else None  # the runs this session may see
         self.build.param.watch(lambda e: self._follow_build(), "result")
         self.training.param.watch(lambda e: setattr(self.plan, "batch_size", e.new), "batch_size")
 
@@ -94,7 +99,7 @@ class SessionState(param.Parameterized):
             self.error = self.build.mismatch
             return None
         try:
-            job = self.services.runner.start(self.job_spec())
+            job = self.services.runner.start(self.job_spec(), owner=self.owner)
         except (ValueError, OSError) as err:
             self.error = str(err)
             return None
@@ -106,11 +111,32 @@ class SessionState(param.Parameterized):
     def open_run(self, run_id: str) -> RunState:
         """Open a stored run (live if this server is still running it)."""
         job = self.services.runner.get(run_id)
-        run = RunState.from_store(self.services.store, run_id)
+        run = RunState.from_store(self.store, run_id)  # PermissionError: another session's unshared run
         if job is not None and not job.finished:
             run._job, run._since = job, job.drain(0)[1]
         self.run = run
         return run
+
+    def continue_run(self) -> RunState | None:
+        """Train on from the open run's last checkpoint (a stopped or interrupted run) in a new run,
+        which becomes `run` (None + `error` when it cannot continue)."""
+        if self.run is None:
+            self.error = "open a stopped or interrupted run first"
+            return None
+        try:
+            job = self.services.runner.continue_run(self.run.run_id, owner=self.owner)
+        except (ValueError, OSError, PermissionError) as err:
+            self.error = str(err)
+            return None
+        self.error = ""
+        self.run = RunState.for_job(job)
+        self.compare.add(self.run)
+        return self.run
+
+    def share_run(self, shared: bool = True) -> None:
+        """Let other sessions list and read the open run (or stop letting them)."""
+        if self.run is not None:
+            self.store.set_shared(self.run.run_id, shared)
 
     def pause(self) -> None:
         if self.run is not None:
