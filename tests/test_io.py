@@ -428,5 +428,7 @@ def test_psdd_import_with_its_vtree_builds_the_same_circuit(stem):
     assert_same_circuit(plain, checked)
     vectors = checked.topological()
     assert all(v.num_nodes == 1 and v.block_size == 1 for v in vectors)
-    literal = next(v for v in vectors if isinstance(v, InputNodes))
-    assert isinstance(literal.dist, Bernoulli) and literal.params.item() in (0.0, 1.0)
+    leaves = [v for v in vectors if isinstance(v, InputNodes)]
+    literals = [v for v in leaves if v.dist.name == "indicator"]  # L lines: fixed indicators (issue 14)
+    assert literals and all(v.params.item() in (0.0, 1.0) for v in literals)
+    assert all(v.dist.name in ("indicator", "bernoulli") for v in leaves)

@@ -10,7 +10,8 @@ Syntax, from the files' own comment headers; `c` lines are comments, nodes come 
     vtree N / L id var / I id left right    # the vtree file (optional here)
 
 Mapping onto node vectors (every PSDD node becomes a 1-node vector, block_size 1, shared as in the
-DAG): a literal is `Bernoulli` with p = 1 or 0 for variable v-1; `T` is `Bernoulli` with
+DAG): a literal is a fixed `Indicator` of value 1 or 0 for variable v-1 (never changed by EM, so
+the PSDD's logical support survives training); `T` is a learnable `Bernoulli` with
 p = exp(log p_true); a decision node is a `SumNodes` over one `ProdNodes(prime, sub)` per element with
 weights exp(log theta). Zero-weight elements are dropped; duplicate (prime, sub) pairs are merged.
 """
@@ -21,6 +22,7 @@ import math
 import os
 
 from engine import budget
+from engine.distributions.indicator import Indicator
 from engine.dists import Bernoulli
 from engine.io.limits import PSDD_BYTES_PER_BYTE, FileFormatError, read_capped
 from engine.nodes import CircuitError, NodeVector, inputs, multiply, summate
@@ -197,7 +199,9 @@ class _PsddBuilder:
         nid, vtree_id, lit = _ints(tok[1:], lineno, self.path)
         if lit == 0:
             raise FileFormatError(f"{self.path}, line {lineno}: literal 0 is not a variable")
-        return self._leaf(nid, vtree_id, abs(lit), 1.0 if lit > 0 else 0.0, lineno)
+        var = abs(lit)
+        node = inputs(var - 1, 1, Indicator(2), params=[[1.0 if lit > 0 else 0.0]], block_size=1)
+        return self._define(nid, vtree_id, node, 1 << (var - 1), lineno, var=var)
 
     def _true_node(self, tok, lineno):
         nid, vtree_id, var = _ints(tok[1:4], lineno, self.path)
