@@ -152,8 +152,8 @@ def our_param_flows(pc):
     """Our flat parameter flows cut back into per-vector `[E, bs, bs]` tensors."""
     from engine.executor.tensors import scatter_sum_params
 
-    sums = {uid: copy.copy(s) for uid, s in pc._sums.items()}
-    scatter_sum_params(pc.param_flows, pc.plan, pc._layout, sums)
+    sums = {uid: copy.copy(s) for uid, s in pc._vectors.items() if s.kind == "sum"}
+    scatter_sum_params(pc.param_flows, pc.plan, sums)
     return {uid: s.params for uid, s in sums.items()}
 
 

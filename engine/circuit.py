@@ -9,27 +9,17 @@ memory saving).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from engine.compiler import DEFAULT_TOLERANCE, compile_plan
-from engine.compiler.plan import PAD_ROWS, LayerPlan
-from engine.executor import torch_ops
-from engine.executor.tensors import gather_sum_params, partition_tensors, scatter_sum_params
+from engine.compiler import DEFAULT_TOLERANCE, compile_circuit
+from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
+from engine.executor.backend import TORCH_BACKEND, Backend, Tables
+from engine.executor.inputs import InputLayer
+from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.nodes import NodeVector
 from engine.profiler import DEFAULT_EVERY, LayerProfiler
-
-TORCH_BACKEND = SimpleNamespace(
-    name="torch",
-    sum_forward=torch_ops.sum_forward,
-    sum_backward=torch_ops.sum_backward,
-    prod_forward=torch_ops.prod_forward,
-    prod_backward=torch_ops.prod_backward,
-    sum_em_update=torch_ops.sum_em_update,
-)
-
 
 # Step buffers whose every read row is written first are allocated uninitialised (a memset of node
 # values, element values and element flows was ~0.7 GB a batch at PD-128). Tests set this to True:
@@ -48,59 +38,58 @@ def _rows_written_by_layers(plan: LayerPlan) -> bool:
     return bool(covered.all())
 
 
+def make_backend(backend: str | None, device: torch.device, kernel_options=None) -> Backend:
+    """"torch", "triton" (engine.kernels), or None (Triton on CUDA, else torch)."""
+    if backend is None:
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return TORCH_BACKEND
+    if backend == "triton":
+        from engine.kernels.backend import TritonBackend
+
+        return TritonBackend(kernel_options)
+    raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+
+
 class CompiledCircuit(torch.nn.Module):
-    """A compiled PC. `pc(x, missing)` -> log p(x) `[B]` in nats."""
+    """A compiled PC: the layer plan, its parameters and an executor. `pc(x, missing)` -> log p(x) `[B]`
+    in nats. `plan` names the kernels of the current executor (`set_backend`)."""
 
     def __init__(self, root: NodeVector, block_size=None, tolerance=DEFAULT_TOLERANCE, device="cpu",
                  backend: str | None = None, kernel_options=None):
         super().__init__()
-        plan, ir, lay = compile_plan(root, block_size, tolerance)
-        self.root, self.plan, self._ir, self._layout = root, plan, ir, lay
+        plan, self._vectors = compile_circuit(root, block_size, tolerance)
+        self.root, self.plan, self._compiled_plan = root, plan, plan
         self.block_size = block_size
         self.tolerance = tolerance
-        self._sums = {s.uid: s for s in ir.sums}
-        self._inputs = {v.uid: v for v in ir.inputs}
-        self.parts = partition_tensors(plan)
-        params, mask = gather_sum_params(plan, lay, self._sums)
+        params, mask = gather_sum_params(plan, self._vectors)
         self.register_buffer("params", params)
         self.register_buffer("param_mask", mask)
         self.register_buffer("param_flows", torch.zeros_like(params))
-        self.input_layers = [layer for layer in plan.layers if layer.kind == "input"]
-        self.input_dists = [self._inputs[layer.input_group.vectors[0][0]].dist for layer in self.input_layers]
-        for i, layer in enumerate(self.input_layers):
-            g = layer.input_group
-            p = torch.cat([self._inputs[uid].params for uid, _, _ in g.vectors])
-            self.register_buffer(f"input_params_{i}", p)
-            self.register_buffer(f"input_stats_{i}", torch.zeros(g.num_nodes, self.input_dists[i].num_stats))
-            self.register_buffer(f"input_vars_{i}", torch.as_tensor(g.vars, dtype=torch.long))
-        self.backend = TORCH_BACKEND
+        self.input_layers = torch.nn.ModuleList(InputLayer(layer, self._vectors) for layer in plan.input_layers)
+        self._input_index = {inp.layer.index: i for i, inp in enumerate(self.input_layers)}
+        self.backend: Backend = TORCH_BACKEND
+        self.tables: Tables | None = None
         self.profiler: LayerProfiler | None = None
         self._mars: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inputs_cache: list = []
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
         self.set_backend(backend, kernel_options)
 
     def set_backend(self, backend: str | None = None, kernel_options=None) -> None:
-        """Pick the executor: "torch", "triton" (engine.kernels), or None (Triton on CUDA, else torch)."""
-        if backend is None:
-            backend = "triton" if self.device.type == "cuda" else "torch"
-        if backend == "torch":
-            self.backend = TORCH_BACKEND
-            for layer in self.plan.layers:  # the plan names the kernels that run each partition now
-                for p in layer.partitions:
-                    p.kernel = "torch"
-        elif backend == "triton":
-            from engine.kernels.backend import attach
-
-            self.backend = attach(self, kernel_options)
-        else:
-            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        """Pick the executor: "torch", "triton" (engine.kernels), or None (Triton on CUDA, else torch);
+        it derives its tables from the compiled plan, and `self.plan` names its kernels."""
+        self.backend = make_backend(backend, self.device, kernel_options)
+        self.tables = self.backend.prepare(self._compiled_plan, list(self.input_layers), self.device)
+        self.plan = self._compiled_plan.with_kernels(self.tables.kernels)
 
     # ----------------------------------------------------------------- tensors and devices
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.parts = [[_apply_dataclass(p, fn) for p in layer] for layer in self.parts]
+        if self.tables is not None:
+            apply_tensors(self.tables, fn)
         return self
 
     @property
@@ -113,14 +102,17 @@ class CompiledCircuit(torch.nn.Module):
         return out.fill_(float("nan")) if POISON_SCRATCH else out
 
     def input_params(self, i: int) -> torch.Tensor:
-        return getattr(self, f"input_params_{i}")
+        """Input layer `i`'s parameters `[nodes, num_params]`."""
+        return self.input_layers[i].params
 
     def input_stats(self, i: int) -> torch.Tensor:
         """Input layer `i`'s accumulated EM statistics `[nodes, num_stats]`."""
-        return getattr(self, f"input_stats_{i}")
+        return self.input_layers[i].stats
 
-    def _set_input_params(self, i: int, value: torch.Tensor) -> None:
-        getattr(self, f"input_params_{i}").copy_(value)
+    @property
+    def input_dists(self) -> list:
+        """The distribution family of each input layer."""
+        return [inp.dist for inp in self.input_layers]
 
     # ----------------------------------------------------------------- data checks
     def check_data(self, x, missing=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,30 +131,37 @@ class CompiledCircuit(torch.nn.Module):
             if nan.any():
                 raise ValueError(f"data contains NaN at observed entries (variable {int(nan.nonzero()[0, 1])})")
             x = torch.where(missing, torch.zeros_like(x), x)
-        for i, layer in enumerate(self.input_layers):
-            for var in torch.unique(getattr(self, f"input_vars_{i}")).tolist():
-                col = x[:, var][~missing[:, var]]
-                self.input_dists[i].check_data(col.cpu(), var)
+        for inp in self.input_layers:
+            inp.check_data(x, missing)
         return x, missing
 
     # ----------------------------------------------------------------- forward
     def _span(self, layer, pass_name):
         return self.profiler.span(layer.index, layer.kind, pass_name) if self.profiler else nullcontext()
 
-    def _input_forward(self, i, layer, x, missing, node_mars):
-        g, dist = layer.input_group, self.input_dists[i]
-        vars_ = getattr(self, f"input_vars_{i}")
-        if hasattr(self.backend, "input_forward"):  # kernels read x directly (no [nodes, B] gather)
-            rows = node_mars[g.row_start : g.row_start + g.num_nodes]
-            return self.backend.input_forward(dist, self.input_params(i), vars_, x, missing, rows)
-        xv, miss = x[:, vars_].T, missing[:, vars_].T
-        if dist.discrete:
-            xv = xv.long()
-        node_mars[g.row_start : g.row_start + g.num_nodes] = dist.log_prob(self.input_params(i), xv, miss)
-        return xv, miss
+    def _forward_step(self, step: Step, x, missing, node_mars, element_mars, semiring: str) -> None:
+        layer, table = step.layer, self.tables.layers[step.layer.index]
+        if layer.kind == "product":
+            self.backend.prod_forward(table, node_mars, element_mars)
+        elif layer.kind == "sum" and semiring == "max":
+            self.backend.sum_forward_max(table, self.params, element_mars, node_mars)
+        elif layer.kind == "sum":
+            self.backend.sum_forward(table, self.params, element_mars, node_mars)
+        elif semiring == "max":  # a missing variable takes its most likely value under the node
+            inp = self.input_layers[self._input_index[layer.index]]
+            xv, miss = inp.gather(x, missing)
+            lp = inp.dist.log_prob(inp.params, xv, miss)
+            node_mars[inp.rows] = torch.where(miss, inp.dist.mode(inp.params)[1][:, None].expand_as(lp), lp)
+        else:
+            i = self._input_index[layer.index]
+            inp = self.input_layers[i]
+            self._inputs_cache.append(self.backend.input_forward(inp, self.tables.inputs[i], x, missing,
+                                                                 node_mars[inp.rows]))
 
-    def forward_mars(self, x, missing=None, validate=True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run all layers; returns (node_mars [rows, B], element_mars [rows, B]) in log space."""
+    def forward_mars(self, x, missing=None, validate=True, semiring: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+        """Run all layers; returns (node_mars [rows, B], element_mars [rows, B]) in log space.
+
+        `semiring="max"`: max-product (sums take their best child, missing inputs their mode), for MPE."""
         x = torch.as_tensor(x, device=self.device)
         if validate:
             x, missing = self.check_data(x, missing)
@@ -181,17 +180,9 @@ class CompiledCircuit(torch.nn.Module):
         element_mars = self._scratch(self.plan.num_element_rows, bsz)
         element_mars[:PAD_ROWS] = -torch.inf
         self._inputs_cache = []
-        for layer in self.plan.layers:
-            with self._span(layer, "forward"):
-                if layer.kind == "input":
-                    i = self.input_layers.index(layer)
-                    self._inputs_cache.append(self._input_forward(i, layer, x, missing, node_mars))
-                elif layer.kind == "product":
-                    for pt in self.parts[layer.index]:
-                        self.backend.prod_forward(pt, node_mars, element_mars)
-                else:
-                    for pt in self.parts[layer.index]:
-                        self.backend.sum_forward(pt, self.params, element_mars, node_mars)
+        for step in self.plan.forward_steps():
+            with self._span(step.layer, "forward"):
+                self._forward_step(step, x, missing, node_mars, element_mars, semiring)
         return node_mars, element_mars
 
     def forward(self, x, missing=None, validate: bool = True) -> torch.Tensor:
@@ -206,7 +197,7 @@ class CompiledCircuit(torch.nn.Module):
         if self._mars is None:
             raise RuntimeError("call forward (or accumulate_flows) before backward_flows")
         node_mars, element_mars = self._mars
-        if getattr(self.backend, "first_writes_node_flows", False):  # each row's first product layer stores
+        if self.backend.first_writes_node_flows:  # each row's first product layer stores
             node_flows = self._scratch(*node_mars.shape)
             node_flows[0] = 0.0
         else:
@@ -214,46 +205,36 @@ class CompiledCircuit(torch.nn.Module):
         node_flows[self.plan.root_row] = 1.0
         element_flows = self._scratch(*element_mars.shape)  # each layer's rows are zeroed or overwritten
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
-        layers = self.plan.layers
-        for li in range(len(layers) - 1, -1, -1):
-            layer = layers[li]
-            if layer.kind != "sum":
-                continue
-            below = layers[li - 1]  # the product layer this sum layer reads
-            with self._span(below, "recompute"):
-                for pt in self.parts[below.index]:
-                    self.backend.prod_forward(pt, node_mars, element_mars)
-            _, lo, hi = below.writes
-            overwrites = getattr(self.backend, "overwrites_element_flows", None)
-            if overwrites is None or not overwrites(self.parts[layer.index]):
-                element_flows[lo:hi].zero_()
-            with self._span(layer, "backward"):
-                for pt in self.parts[layer.index]:
-                    self.backend.sum_backward(pt, self.params, element_mars, node_mars, node_flows, element_flows, param_flows)
-            with self._span(below, "backward"):
-                for pt in self.parts[below.index]:
-                    self.backend.prod_backward(pt, element_flows, node_flows)
-        if accumulate_params:
-            for i, layer in enumerate(self.input_layers):
-                with self._span(layer, "backward"):
-                    g = layer.input_group
-                    flows = node_flows[g.row_start : g.row_start + g.num_nodes]
-                    if hasattr(self.backend, "input_stats"):
-                        self.backend.input_stats(self.input_dists[i], getattr(self, f"input_stats_{i}"),
-                                                 self.input_params(i), getattr(self, f"input_vars_{i}"),
-                                                 self._inputs_cache[i], flows)
-                        continue
-                    xv, miss = self._inputs_cache[i]
-                    self.input_dists[i].accumulate_stats(
-                        getattr(self, f"input_stats_{i}"), self.input_params(i), xv, miss, flows
-                    )
+        bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)
+        for step in self.plan.backward_steps(inputs=accumulate_params):
+            self._backward_step(step, *bufs)
         return node_flows
+
+    def _backward_step(self, step: Step, node_mars, element_mars, node_flows, element_flows, param_flows) -> None:
+        layer, table = step.layer, self.tables.layers[step.layer.index]
+        if layer.kind == "sum":
+            below = step.partner
+            if not self.backend.overwrites_element_flows(table):
+                _, lo, hi = below.writes
+                element_flows[lo:hi].zero_()
+        with self._span(layer, step.pass_name):
+            if step.pass_name == "recompute":
+                self.backend.prod_forward(table, node_mars, element_mars)
+            elif layer.kind == "sum":
+                self.backend.sum_backward(table, self.params, element_mars, node_mars, node_flows, element_flows,
+                                          param_flows)
+            elif layer.kind == "product":
+                self.backend.prod_backward(table, element_flows, node_flows)
+            else:
+                i = self._input_index[layer.index]
+                inp = self.input_layers[i]
+                self.backend.input_stats(inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows])
 
     @torch.no_grad()
     def zero_flows(self) -> None:
         self.param_flows.zero_()
-        for i in range(len(self.input_layers)):
-            getattr(self, f"input_stats_{i}").zero_()
+        for inp in self.input_layers:
+            inp.stats.zero_()
 
     @torch.no_grad()
     def accumulate_flows(self, x, missing=None, validate: bool = True) -> torch.Tensor:
@@ -270,14 +251,10 @@ class CompiledCircuit(torch.nn.Module):
         if pseudocount < 0:
             raise ValueError(f"pseudocount must be >= 0, got {pseudocount}")
         for layer in self.plan.sum_layers:
-            for pt in self.parts[layer.index]:
-                self.backend.sum_em_update(pt, self.params, self.param_flows, self.param_mask, step_size, pseudocount)
-        for i, dist in enumerate(self.input_dists):
-            if getattr(self.backend, "input_em_update", None) is not None and self.backend.input_em_update(
-                    dist, self.input_params(i), getattr(self, f"input_stats_{i}"), step_size, pseudocount):
-                continue  # updated in place by a kernel
-            new = dist.em_update(self.input_params(i), getattr(self, f"input_stats_{i}"), step_size, pseudocount)
-            self._set_input_params(i, new)
+            self.backend.sum_em_update(self.tables.layers[layer.index], self.params, self.param_flows,
+                                       self.param_mask, step_size, pseudocount)
+        for inp, table in zip(self.input_layers, self.tables.inputs):
+            self.backend.input_em_update(inp, table, step_size, pseudocount)
 
     # ----------------------------------------------------------------- profiling and export
     def profile(self, enabled: bool = True, callback: Callable[[dict], None] | None = None,
@@ -290,11 +267,9 @@ class CompiledCircuit(torch.nn.Module):
     @torch.no_grad()
     def sync_to_nodes(self) -> NodeVector:
         """Write the current parameters back into the node vectors; returns the root."""
-        scatter_sum_params(self.params, self.plan, self._layout, self._sums)
-        for i, layer in enumerate(self.input_layers):
-            p = self.input_params(i).detach().float().cpu()
-            for uid, first, n in layer.input_group.vectors:
-                self._inputs[uid].params = p[first : first + n].clone()
+        scatter_sum_params(self.params, self._compiled_plan, self._vectors)
+        for inp in self.input_layers:
+            inp.sync_to_nodes(self._vectors)
         return self.root
 
     def extra_repr(self) -> str:
@@ -302,13 +277,6 @@ class CompiledCircuit(torch.nn.Module):
             f"layers={len(self.plan.layers)}, vars={self.num_vars}, params={self.plan.num_params}, "
             f"backend={self.backend.name}"
         )
-
-
-def _apply_dataclass(obj, fn):
-    for k, v in vars(obj).items():
-        if isinstance(v, torch.Tensor):
-            setattr(obj, k, fn(v))
-    return obj
 
 
 def compile(root: NodeVector, block_size=None, device="cpu", tolerance: float = DEFAULT_TOLERANCE,

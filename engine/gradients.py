@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.circuit_access import input_views, sum_partitions
+
 
 @dataclass
 class Gradients:
@@ -35,15 +37,10 @@ class Gradients:
     log_likelihood: float  # sum over the batch, nats
 
 
-def _partitions(pc):
-    for layer in pc.plan.sum_layers:
-        yield from pc.parts[layer.index]
-
-
 def sum_grad_from_flows(pc, wrt: str = "softmax") -> torch.Tensor:
     """Sum-edge gradients `[num_params]` from the accumulated `pc.param_flows`."""
     g = torch.zeros_like(pc.params)
-    for pt in _partitions(pc):
+    for pt in sum_partitions(pc):
         f, w = pt.weights(pc.param_flows), pt.weights(pc.params)  # [nb, bs, width * bs]
         if wrt == "softmax":
             out = f - w * f.sum(2, keepdim=True)
@@ -89,7 +86,7 @@ def gradients(pc, x, missing=None, wrt: str = "softmax") -> Gradients:
     """
     pc.zero_flows()
     ll = pc.accumulate_flows(x, missing)
-    ins = [input_grad_from_stats(d, pc.input_params(i), pc.input_stats(i), wrt) for i, d in enumerate(pc.input_dists)]
+    ins = [input_grad_from_stats(v.dist, v.params, v.stats, wrt) for v in input_views(pc)]
     return Gradients(sum_grad_from_flows(pc, wrt), ins, float(ll.double().sum()))
 
 
@@ -104,7 +101,7 @@ class GradientTrainer:
         self.pc = pc
         mask = pc.param_mask
         self.sum_logits = torch.where(mask, pc.params.clamp_min(1e-30).log(), torch.zeros_like(pc.params))
-        self.input_logits = [self._to_free(d, pc.input_params(i)) for i, d in enumerate(pc.input_dists)]
+        self.input_logits = [self._to_free(v.dist, v.params) for v in input_views(pc)]
         tensors = [self.sum_logits] + [t for t in self.input_logits if t is not None]
         for t in tensors:
             t.requires_grad_(True)
@@ -142,16 +139,17 @@ class GradientTrainer:
     @torch.no_grad()
     def _write_back(self) -> None:
         pc = self.pc
-        for pt in _partitions(pc):
+        for pt in sum_partitions(pc):
             z = pt.weights(self.sum_logits).masked_fill(~pt.weights(pc.param_mask), -torch.inf)
             pt.weights(pc.params).copy_(torch.softmax(z, 2).nan_to_num(0.0))
-        for i, (d, t) in enumerate(zip(pc.input_dists, self.input_logits)):
+        for v, t in zip(input_views(pc), self.input_logits):
             if t is None:
                 continue
+            d = v.dist
             if d.name == "gaussian":
                 new = torch.stack([t[:, 0], t[:, 1].exp().clamp_min(d.min_std)], 1)
             elif d.name == "bernoulli":
                 new = torch.sigmoid(t)
             else:
                 new = torch.softmax(t, 1)
-            pc.input_params(i).copy_(new)
+            v.params.copy_(new)

@@ -5,14 +5,15 @@
   variable's input nodes, is the posterior of x_v = k.
 - `sample`: top-down ancestral sampling; each sum picks a child with probability proportional to
   w_nc * p_c(evidence), so samples follow p(x_missing | x_observed).
-- `mpe`: a max-product forward pass then a top-down argmax; exact MAP on deterministic circuits.
+- `mpe`: the forward pass in the max-product semiring, then a top-down argmax; exact MAP on
+  deterministic circuits.
+
+The top-down selection walks the plan's own backward steps (`LayerPlan.backward_steps`).
 """
 
 from __future__ import annotations
 
 import torch
-
-from engine.executor import torch_ops
 
 
 def _prepare(pc, x, missing, num_rows: int | None = None):
@@ -45,64 +46,68 @@ def conditional(pc, x, missing) -> torch.Tensor:
     x, missing = _prepare(pc, x, missing)
     pc.forward(x, missing, validate=False)
     flows = pc.backward_flows(accumulate_params=False)
-    ks = [d.value_probs(pc.input_params(i)).shape[1] for i, d in enumerate(pc.input_dists)]
-    k = max(ks)
+    k = max(inp.dist.value_probs(inp.params).shape[1] for inp in pc.input_layers)
     bsz = x.shape[0]
     out = torch.zeros(bsz, pc.num_vars, k, device=pc.device, dtype=torch.float64)
-    for i, layer in enumerate(pc.input_layers):
-        g = layer.input_group
-        probs = pc.input_dists[i].value_probs(pc.input_params(i)).double()  # [n, Ki]
-        f = flows[g.row_start : g.row_start + g.num_nodes].double()  # [n, B]
+    for inp in pc.input_layers:
+        probs = inp.dist.value_probs(inp.params).double()  # [n, Ki]
+        f = flows[inp.rows].double()  # [n, B]
         contrib = f[:, :, None] * probs[:, None, :]  # [n, B, Ki]
-        vars_ = getattr(pc, f"input_vars_{i}")
         padded = torch.zeros(contrib.shape[0], bsz, k, device=pc.device, dtype=torch.float64)
         padded[:, :, : probs.shape[1]] = contrib
-        out.index_add_(1, vars_, padded.permute(1, 0, 2))
+        out.index_add_(1, inp.vars, padded.permute(1, 0, 2))
     out = out / out.sum(2, keepdim=True).clamp_min(1e-300)
     observed = torch.nn.functional.one_hot(x.long().clamp(0, k - 1), k).double()
     return torch.where(missing[:, :, None], out, observed).float()
+
+
+def _select_children(pc, table, sel, elem_sel, element_mars, choose) -> None:
+    """Mark in `elem_sel` the child that `choose(logits) -> index` picks for each selected sum node."""
+    for pt in table.parts:
+        pos, s = sel[pt.node_idx].nonzero(as_tuple=True)
+        if pos.numel() == 0:
+            continue
+        blk, i = pos // pt.block_size, pos % pt.block_size
+        logw = pt.weights(pc.params)[blk, i].clamp_min(0).log()  # [P, width*bs]
+        rows = pt.child_idx[blk]  # [P, width*bs]
+        k = choose(logw + element_mars[rows, s[:, None]])
+        elem_sel[rows.gather(1, k[:, None]).squeeze(1), s] = True
+
+
+def _select_factors(table, sel, elem_sel) -> None:
+    """Select every factor of each selected product."""
+    for pt in table.parts:
+        es = elem_sel[pt.elem_rows]  # [n, B]
+        w = pt.child_rows.shape[1]
+        cnt = torch.zeros(sel.shape, dtype=torch.int32, device=sel.device)
+        cnt.index_add_(0, pt.child_rows.reshape(-1), es.repeat_interleave(w, 0).int())
+        sel |= cnt > 0
 
 
 def _top_down(pc, node_mars, element_mars, choose) -> torch.Tensor:
     """Select one child per active sum node (`choose(logits) -> index`); returns node selection [R, B]."""
     sel = torch.zeros(node_mars.shape, dtype=torch.bool, device=pc.device)
     sel[pc.plan.root_row] = True
-    layers = pc.plan.layers
-    for li in range(len(layers) - 1, -1, -1):
-        layer = layers[li]
-        if layer.kind != "sum":
-            continue
-        below = layers[li - 1]
-        for pt in pc.parts[below.index]:
-            torch_ops.prod_forward(pt, node_mars, element_mars)
-        elem_sel = torch.zeros(element_mars.shape, dtype=torch.bool, device=pc.device)
-        for pt in pc.parts[layer.index]:
-            pos, s = sel[pt.node_idx].nonzero(as_tuple=True)
-            if pos.numel() == 0:
-                continue
-            blk, i = pos // pt.block_size, pos % pt.block_size
-            logw = pt.weights(pc.params)[blk, i].clamp_min(0).log()  # [P, width*bs]
-            rows = pt.child_idx[blk]  # [P, width*bs]
-            logits = logw + element_mars[rows, s[:, None]]
-            k = choose(logits)
-            elem_sel[rows.gather(1, k[:, None]).squeeze(1), s] = True
-        for pt in pc.parts[below.index]:
-            es = elem_sel[pt.elem_rows]  # [n, B]
-            w = pt.child_rows.shape[1]
-            cnt = torch.zeros(sel.shape, dtype=torch.int32, device=pc.device)
-            cnt.index_add_(0, pt.child_rows.reshape(-1), es.repeat_interleave(w, 0).int())
-            sel |= cnt > 0
+    elem_sel = torch.zeros(element_mars.shape, dtype=torch.bool, device=pc.device)
+    for step in pc.plan.backward_steps(inputs=False):
+        table = pc.tables.layers[step.layer.index]
+        if step.pass_name == "recompute":
+            pc.backend.prod_forward(table, node_mars, element_mars)
+            elem_sel.zero_()
+        elif step.layer.kind == "sum":
+            _select_children(pc, table, sel, elem_sel, element_mars, choose)
+        else:
+            _select_factors(table, sel, elem_sel)
     sel[0] = False
     return sel
 
 
 def _fill_inputs(pc, sel, x, missing, pick) -> torch.Tensor:
     out = x.clone().double()
-    for i, layer in enumerate(pc.input_layers):
-        g = layer.input_group
-        node, s = sel[g.row_start : g.row_start + g.num_nodes].nonzero(as_tuple=True)
-        vars_ = getattr(pc, f"input_vars_{i}")[node]
-        values = pick(pc.input_dists[i], pc.input_params(i)[node]).double()
+    for inp in pc.input_layers:
+        node, s = sel[inp.rows].nonzero(as_tuple=True)
+        vars_ = inp.vars[node]
+        values = pick(inp.dist, inp.params[node]).double()
         fill = missing[s, vars_]
         out[s[fill], vars_[fill]] = values[fill]
     return out if any(not d.discrete for d in pc.input_dists) else out.long()
@@ -139,23 +144,6 @@ def sample(pc, num_samples: int, x=None, missing=None) -> torch.Tensor:
 def mpe(pc, x=None, missing=None, num_rows: int = 1) -> torch.Tensor:
     """Max-product completion of the missing entries `[B, num_vars]` (observed entries kept)."""
     x, missing = _prepare(pc, x, missing, num_rows)
-    bsz = x.shape[0]
-    node_mars = torch.zeros(pc.plan.num_node_rows, bsz, device=pc.device)
-    element_mars = torch.full((pc.plan.num_element_rows, bsz), -torch.inf, device=pc.device)
-    for layer in pc.plan.layers:
-        if layer.kind == "input":
-            i = pc.input_layers.index(layer)
-            g, dist = layer.input_group, pc.input_dists[i]
-            vars_ = getattr(pc, f"input_vars_{i}")
-            xv, miss = x[:, vars_].T, missing[:, vars_].T
-            lp = dist.log_prob(pc.input_params(i), xv.long() if dist.discrete else xv, miss)
-            _, best = dist.mode(pc.input_params(i))
-            node_mars[g.row_start : g.row_start + g.num_nodes] = torch.where(miss, best[:, None].expand_as(lp), lp)
-        elif layer.kind == "product":
-            for pt in pc.parts[layer.index]:
-                torch_ops.prod_forward(pt, node_mars, element_mars)
-        else:
-            for pt in pc.parts[layer.index]:
-                torch_ops.sum_forward_max(pt, pc.params, element_mars, node_mars)
+    node_mars, element_mars = pc.forward_mars(x, missing, validate=False, semiring="max")
     sel = _top_down(pc, node_mars, element_mars, lambda logits: logits.argmax(1))
     return _fill_inputs(pc, sel, x, missing, lambda d, p: d.mode(p)[0])

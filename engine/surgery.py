@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from engine.circuit_access import node_row
 from engine.nodes import CircuitError, InputNodes, NodeVector, ProdNodes, SumNodes, inputs, multiply, summate
 
 
@@ -247,8 +248,8 @@ def head_log_probs(pc, heads: list[NodeVector], x, missing=None) -> torch.Tensor
     node_mars, _ = pc.forward_mars(x, missing)
     rows = []
     for h in heads:
-        if h.uid not in pc._layout.node_row:
+        start = node_row(pc, h)
+        if start is None:
             raise CircuitError("a head is not part of this compiled circuit (compile multi_root(*heads))")
-        start = pc._layout.node_row[h.uid]
         rows.append(node_mars[start : start + h.num_nodes])
     return torch.cat(rows).T.contiguous()

@@ -74,7 +74,7 @@ def test_flows_equal_autograd_gradients_times_params():
     pc.accumulate_flows(x, missing)
     params = pc.params.detach().clone().requires_grad_()
     inp = pc.input_params(0).detach().clone().requires_grad_()
-    pc.params, pc.input_params_0 = params, inp
+    pc.params, pc.input_layers[0].params = params, inp
     node_mars, _ = pc.forward_mars(x, missing)
     node_mars[pc.plan.root_row].sum().backward()
     assert torch.allclose(params.grad * params.detach(), pc.param_flows, atol=1e-4, rtol=1e-4)
@@ -85,7 +85,7 @@ def test_flows_equal_autograd_gradients_times_params():
     inp.grad = None
     node_mars, _ = pc.forward_mars(x)
     node_mars[pc.plan.root_row].sum().backward()
-    assert torch.allclose(inp.grad * inp.detach(), pc.input_stats_0, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(inp.grad * inp.detach(), pc.input_stats(0), atol=1e-4, rtol=1e-4)
 
 
 def test_full_batch_em_never_decreases_training_ll():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import engine
+from engine.circuit_access import input_views, sum_partitions
 from engine.gradients import GradientTrainer, gradients
 from tests.helpers import irregular, mixed_dists, tiny_tree
 from tests.kernel_runner import OPTS, data
@@ -16,11 +17,10 @@ from tests.kernel_runner import OPTS, data
 def _softmax_flat(pc, z):
     """theta = per-node softmax of the flat logits `z` (padding stays 0), differentiably."""
     out = torch.zeros_like(z)
-    for layer in pc.plan.sum_layers:
-        for pt in pc.parts[layer.index]:
-            zz = pt.weights(z).masked_fill(~pt.weights(pc.param_mask), -torch.inf)
-            out = out.clone()
-            out[pt.param_offset : pt.param_offset + pt.num_params] = torch.softmax(zz, 2).nan_to_num(0.0).reshape(-1)
+    for pt in sum_partitions(pc):
+        zz = pt.weights(z).masked_fill(~pt.weights(pc.param_mask), -torch.inf)
+        out = out.clone()
+        out[pt.param_offset : pt.param_offset + pt.num_params] = torch.softmax(zz, 2).nan_to_num(0.0).reshape(-1)
     return out
 
 
@@ -40,6 +40,15 @@ def _constrained(dist, t):
     return torch.softmax(t, 1)
 
 
+def _set_input_params(pc, i, value):
+    """Swap input layer i's parameter buffer for a tensor that carries autograd history."""
+    layer = pc.input_layers[i]
+    if hasattr(layer, "rows"):  # InputLayer module
+        layer.params = value
+    else:
+        setattr(pc, f"input_params_{i}", value)
+
+
 def autograd_reference(root, x, missing):
     """d sum_x log p(x) / d (sum logits, input free params) by autograd, float64, PyTorch executor."""
     pc = engine.compile(copy.deepcopy(root), backend="torch").double()
@@ -47,7 +56,7 @@ def autograd_reference(root, x, missing):
     frees = [_free(d, pc.input_params(i)).detach().requires_grad_() for i, d in enumerate(pc.input_dists)]
     pc.params = _softmax_flat(pc, z)
     for i, (d, t) in enumerate(zip(pc.input_dists, frees)):
-        setattr(pc, f"input_params_{i}", _constrained(d, t))
+        _set_input_params(pc, i, _constrained(d, t))
     ll = pc(x.double(), missing).sum()
     ll.backward()
     return z.grad * pc.param_mask, [t.grad for t in frees], ll.item()
@@ -62,9 +71,9 @@ def batch(root, n=96, seed=1):
     torch.manual_seed(seed)
     pc = engine.compile(root)
     dists = [None] * pc.num_vars
-    for i, d in enumerate(pc.input_dists):
-        for v in getattr(pc, f"input_vars_{i}").tolist():
-            dists[v] = d
+    for view in input_views(pc):
+        for v in view.vars.tolist():
+            dists[v] = view.dist
     return data(dists, n, missing_rate=0.25)
 
 
@@ -106,6 +115,6 @@ def test_gradient_training_raises_the_likelihood_and_stays_normalised(optimizer)
     for _ in range(30):
         last = trainer.step(x, missing)
     assert last > first + 0.05
-    for pt in (p for layer in pc.plan.sum_layers for p in pc.parts[layer.index]):
+    for pt in sum_partitions(pc):
         rows = pt.weights(pc.params).sum(2)
         torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-5, rtol=0)

@@ -12,10 +12,11 @@ from typing import Callable
 from engine.compiler import cost
 from engine.compiler.ir import CircuitIR, build_ir
 from engine.compiler.layout import Layout, build_layout
-from engine.compiler.plan import Layer, LayerPlan, Partition
+from engine.compiler.plan import Layer, LayerPlan, Partition, Step
 from engine.nodes import NodeVector
 
-__all__ = ["compile_plan", "LayerPlan", "Layer", "Partition", "CircuitIR", "Layout"]
+__all__ = ["compile_plan", "compile_circuit", "LayerPlan", "Layer", "Partition", "Step", "CircuitIR", "Layout",
+           "DEFAULT_TOLERANCE"]
 
 DEFAULT_TOLERANCE = 0.25
 
@@ -47,10 +48,10 @@ def compile_plan(
 
     ir = run("validate_and_normalize", build_ir, root)
     lay = run("layout_and_partition", build_layout, ir, block_size, tolerance)
-    run("cost_model", lambda: [cost.annotate(layer) for layer in lay.layers])
+    layers = run("cost_model", lambda: [cost.annotate(layer) for layer in lay.layers])
     num_input_params = sum(v.params.numel() for v in ir.inputs)
     plan = LayerPlan(
-        layers=lay.layers,
+        layers=layers,
         num_vars=ir.num_vars,
         num_node_rows=lay.num_node_rows,
         num_element_rows=lay.num_element_rows,
@@ -61,5 +62,14 @@ def compile_plan(
         tolerance=tolerance,
         compile_seconds=sum(times.values()),
         pass_seconds=times,
+        node_row=dict(lay.node_row),
     )
     return plan, ir, lay
+
+
+def compile_circuit(root: NodeVector, block_size: int | None = None, tolerance: float = DEFAULT_TOLERANCE
+                    ) -> tuple[LayerPlan, dict[int, NodeVector]]:
+    """The plan and every node vector it refers to by uid (including a one-child sum that
+    `compile_plan` puts over a root that is not one sum node): all an executor needs."""
+    plan, ir, _ = compile_plan(root, block_size, tolerance)
+    return plan, {v.uid: v for v in ir.root.topological()}

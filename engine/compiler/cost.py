@@ -8,11 +8,13 @@ such matmuls (element flows and parameter flows).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from engine.compiler.plan import FLOAT_BYTES, Layer
 
 
-def annotate(layer: Layer) -> None:
-    """Fill `layer.flops`, `layer.bytes` and `layer.param_bytes`."""
+def annotate(layer: Layer) -> Layer:
+    """A copy of `layer` with `flops`, `bytes` and `param_bytes` filled in."""
     flops = bytes_ = params = 0
     for p in layer.partitions:
         nb, w, bs = p.num_node_blocks, p.width, p.block_size
@@ -26,4 +28,4 @@ def annotate(layer: Layer) -> None:
     if layer.kind == "input":
         flops = layer.num_nodes
         bytes_ = FLOAT_BYTES * 2 * layer.num_nodes
-    layer.flops, layer.bytes, layer.param_bytes = int(flops), int(bytes_), int(params)
+    return replace(layer, flops=int(flops), bytes=int(bytes_), param_bytes=int(params))

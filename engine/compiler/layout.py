@@ -14,19 +14,8 @@ import numpy as np
 
 from engine.compiler.ir import CircuitIR, ProdIR
 from engine.compiler.partition import group_by_degree, padded_table
-from engine.compiler.plan import PAD_ROWS, InputGroup, Layer, Partition
+from engine.compiler.plan import PAD_ROWS, InputGroup, Layer, Partition, SumSource
 from engine.nodes import SumNodes
-
-
-@dataclass
-class SumSource:
-    """Where a sum vector's `[E, bs, bs]` params land when cut into `b x b` tiles."""
-
-    uid: int
-    first_tile: int
-    num_tiles: int
-    ratio: int  # r = vector block size / tile block size
-    tile_size: int
 
 
 @dataclass
@@ -35,7 +24,6 @@ class Layout:
     node_row: dict[int, int] = field(default_factory=dict)  # vector uid -> first node_mars row
     num_node_rows: int = 1  # row 0: constant log 1
     num_element_rows: int = PAD_ROWS
-    sum_sources: dict[int, dict[int, list[SumSource]]] = field(default_factory=dict)  # layer -> b -> ...
     num_params: int = 0
 
 
@@ -55,7 +43,7 @@ def layout_inputs(ir: CircuitIR, lay: Layout) -> None:
             vars_.append(np.full(v.num_nodes, v.var, dtype=np.int64))
             n += v.num_nodes
         lay.num_node_rows += n
-        group = InputGroup(key, start, n, np.concatenate(vars_), members)
+        group = InputGroup(key, start, n, np.concatenate(vars_), members, dist=vecs[0].dist)
         lay.layers.append(
             Layer(
                 len(lay.layers), "input", 0, n, n, writes=("node_mars", start, start + n),
@@ -142,19 +130,17 @@ def layout_sums(sums: list[SumNodes], depth: int, ir: CircuitIR, elem_rows, lay:
             members = blocks[np.sort(grp)]
             child = padded_table(nrow, crow, members, 0)
             tsrc = padded_table(nrow, src, members, -1)
-            part = Partition(b, members, child, int(degree[grp].sum()), tile_source=tsrc)
-            part.param_offset = lay.num_params
+            part = Partition(b, members, child, int(degree[grp].sum()), tile_source=tsrc, param_offset=lay.num_params)
             lay.num_params += part.num_params
             parts.append(part)
     layer_index = len(lay.layers)
-    lay.sum_sources[layer_index] = sources
     n = lay.num_node_rows - start
     edges = sum(int(s.edge_ids.shape[1]) * s.block_size**2 for s in sums)
     lay.layers.append(
         Layer(
             layer_index, "sum", depth, n, edges, parts,
             reads=("element_mars", 0, lay.num_element_rows), writes=("node_mars", start, start + n),
-            vectors=[f"sum:{len(sums)}"],
+            vectors=[f"sum:{len(sums)}"], sum_sources=sources,
         )
     )
 

@@ -8,13 +8,18 @@ Buffers (per batch element, float32):
 - `params: [num_params]`: sum weights laid out partition by partition as dense tiles
   `[num_node_blocks, width, block_size, block_size]`; padded tiles hold 0 and are masked in EM.
 
-The plan holds numpy index arrays for the executors and `to_dict()` gives the JSON summary the
-workbench draws and the profiler annotates. No torch inside.
+The plan is the one contract between the compiler and the executors: it holds everything an
+executor needs (numpy index arrays, where each sum vector's params land, each input group's
+distribution) and is immutable (frozen dataclasses); an executor derives its own tables and picks its
+kernels, and `with_kernels` gives the copy of the plan that names them. `steps()` is the one
+traversal of a training step that the executors, the queries and the workbench's schedule walk.
+`to_dict()` gives the JSON summary the workbench draws and the profiler annotates. No torch inside.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,7 +27,7 @@ PAD_ROWS = 64  # element rows kept at -inf; >= the largest block size
 FLOAT_BYTES = 4
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Partition:
     """A group of node blocks with the same block size, padded to the same number of children.
 
@@ -71,7 +76,7 @@ class Partition:
         }
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class InputGroup:
     """Input vectors of one distribution family, executed together."""
 
@@ -80,9 +85,21 @@ class InputGroup:
     num_nodes: int
     vars: np.ndarray  # [num_nodes] variable of each node
     vectors: list[tuple[int, int, int]]  # (vector uid, first node, num nodes) in this group
+    dist: object = None  # the family (an engine.distributions.Distribution) shared by the group
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
+class SumSource:
+    """Where a sum vector's `[E, bs, bs]` params land when cut into `b x b` tiles."""
+
+    uid: int
+    first_tile: int
+    num_tiles: int
+    ratio: int  # r = vector block size / tile block size
+    tile_size: int
+
+
+@dataclass(frozen=True, eq=False)
 class Layer:
     index: int
     kind: str  # "input" | "product" | "sum"
@@ -97,6 +114,8 @@ class Layer:
     param_bytes: int = 0
     input_group: InputGroup | None = None
     vectors: list[str] = field(default_factory=list)
+    # sum layers: tile size -> the sum vectors whose tiles this layer's partitions index (tile_source)
+    sum_sources: dict[int, list[SumSource]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {
@@ -118,7 +137,16 @@ class Layer:
         return d
 
 
-@dataclass(eq=False)
+class Step(NamedTuple):
+    """One pass over one layer: `partner` is the sum layer a product layer's recompute/backward
+    serves, and the product layer below a sum layer's backward (None otherwise)."""
+
+    layer: Layer
+    pass_name: str  # "forward" | "recompute" | "backward"
+    partner: Layer | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class LayerPlan:
     layers: list[Layer]
     num_vars: int
@@ -131,10 +159,46 @@ class LayerPlan:
     tolerance: float
     compile_seconds: float = 0.0
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    node_row: dict[int, int] = field(default_factory=dict)  # vector uid -> its first node_mars row
 
     @property
     def sum_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if layer.kind == "sum"]
+
+    @property
+    def input_layers(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.kind == "input"]
+
+    def forward_steps(self) -> list[Step]:
+        """Every layer bottom-up."""
+        return [Step(layer, "forward") for layer in self.layers]
+
+    def backward_steps(self, inputs: bool = True) -> list[Step]:
+        """Top-down: per sum layer, recompute the product layer below it (into the scratch buffer),
+        the sum layer's backward, then that product layer's backward; then the input layers."""
+        out = []
+        for li in range(len(self.layers) - 1, 0, -1):
+            layer, below = self.layers[li], self.layers[li - 1]
+            if layer.kind == "sum":
+                out += [Step(below, "recompute", layer), Step(layer, "backward", below), Step(below, "backward", layer)]
+        if inputs:
+            out += [Step(layer, "backward") for layer in self.input_layers]
+        return out
+
+    def steps(self) -> list[Step]:
+        """A training step in execution order: `forward_steps()` then `backward_steps()`."""
+        return self.forward_steps() + self.backward_steps()
+
+    def with_kernels(self, names: dict[int, list[str]]) -> LayerPlan:
+        """A copy naming, per layer index, the kernel that runs each partition (the rest unchanged)."""
+        layers = []
+        for layer in self.layers:
+            ks = names.get(layer.index)
+            if ks is not None:
+                parts = [replace(p, kernel=k) for p, k in zip(layer.partitions, ks, strict=True)]
+                layer = replace(layer, partitions=parts)
+            layers.append(layer)
+        return replace(self, layers=layers)
 
     def memory_bytes(self, batch_size: int) -> dict[str, int]:
         """Estimated device memory for training at `batch_size` (bytes)."""

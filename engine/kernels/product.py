@@ -15,10 +15,13 @@ of 1-3 partitions, each a few-microsecond launch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from engine.executor.tensors import ProdLayerTensors
 from engine.kernels.options import KernelOptions
 
 
@@ -55,10 +58,26 @@ def _prod_bwd_kernel(eflows, nflows, crows, table, first, N, B, D, num_bt, PR: t
     tl.store(ptr, tl.load(ptr, mask=m2 & again[:, None], other=0.0) + acc, mask=m2)
 
 
-def prod_forward(pt, node_mars, element_mars, opts: KernelOptions) -> None:
-    if getattr(pt, "merged_into_first", False):
-        return  # the layer's first partition runs this one's rows
-    elem_rows, child_rows = getattr(pt, "layer_elem_rows", pt.elem_rows), getattr(pt, "layer_child_rows", pt.child_rows)
+@dataclass
+class ProdLayerKernelTensors(ProdLayerTensors):
+    """A product layer as one launch: its partitions' rows merged, and the child-major flow tables."""
+
+    elem_rows: torch.Tensor  # [n] element rows written (all partitions)
+    child_rows: torch.Tensor  # [n, max width] node rows multiplied (narrower rows padded with row 0)
+    flow_rows: torch.Tensor  # [nc] child node rows, each owned by one program in the flows pass
+    parent_table: torch.Tensor  # [nc, max parents] element rows feeding each child (-1 padded)
+    flow_first: torch.Tensor | None = None  # [nc] uint8: 1 where this layer is the first to reach the row
+
+
+def layer_tensors(base: ProdLayerTensors, long) -> ProdLayerKernelTensors:
+    """Merge a product layer's partitions (`long`: makes a device long tensor)."""
+    elem_rows, child_rows = merge_layer(base.parts)
+    crows, table = child_major_products(elem_rows, child_rows)
+    return ProdLayerKernelTensors(base.parts, long(elem_rows), long(child_rows), long(crows), long(table))
+
+
+def prod_forward(t: ProdLayerKernelTensors, node_mars, element_mars, opts: KernelOptions) -> None:
+    elem_rows, child_rows = t.elem_rows, t.child_rows
     N, W = child_rows.shape
     B = node_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
@@ -68,16 +87,14 @@ def prod_forward(pt, node_mars, element_mars, opts: KernelOptions) -> None:
     )
 
 
-def prod_backward(pt, element_flows, node_flows, opts: KernelOptions) -> None:
-    if getattr(pt, "merged_into_first", False):
-        return
-    N, D = pt.parent_table.shape
+def prod_backward(t: ProdLayerKernelTensors, element_flows, node_flows, opts: KernelOptions) -> None:
+    N, D = t.parent_table.shape
     if N == 0:
         return
     B = node_flows.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     _prod_bwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
-        element_flows, node_flows, pt.flow_rows, pt.parent_table, pt.flow_first, N, B, D, nbt,
+        element_flows, node_flows, t.flow_rows, t.parent_table, t.flow_first, N, B, D, nbt,
         PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
     )
 

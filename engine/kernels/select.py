@@ -1,13 +1,14 @@
-"""Kernel selection: a compile step that names, per partition of the plan, the kernel that runs it.
+"""Kernel selection: which kernel runs each partition of the plan under the Triton executor.
 
-The names show in `plan.to_dict()` (each partition's "kernel"):
-- "torch": the PyTorch reference ops (CPU, or `backend="torch"`).
+The names show in `pc.plan.to_dict()` (each partition's "kernel"; the PyTorch executor names "torch"):
 - "sum_block": padded bs x bs tiles through tl.dot (forward, element flows, parameter flows).
 - "sum_sparse": per-node / per-edge kernels, for block sizes below MIN_DOT_BLOCK (tl.dot needs 16).
 - "product": the product-layer kernels (forward, recompute, flows).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -21,16 +22,14 @@ def kernel_for(kind: str, block_size: int) -> str:
     return "sum_block" if block_size >= MIN_DOT_BLOCK else "sum_sparse"
 
 
-def choose_kernels(plan: LayerPlan, device, backend: str = "triton") -> LayerPlan:
-    """Set `Partition.kernel` for every partition (in place; returns the plan)."""
-    use_triton = backend == "triton" and (torch.device(device).type == "cuda" or _interpreting())
-    for layer in plan.layers:
-        for p in layer.partitions:
-            p.kernel = kernel_for(layer.kind, p.block_size) if use_triton else "torch"
-    return plan
+def choose_kernels(plan: LayerPlan) -> dict[int, list[str]]:
+    """Layer index -> the kernel name of each of its partitions."""
+    return {layer.index: [kernel_for(layer.kind, p.block_size) for p in layer.partitions]
+            for layer in plan.layers if layer.partitions}
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def check_runnable(device) -> None:
+    """Triton kernels need a CUDA device, or Triton's interpreter (TRITON_INTERPRET=1) on CPU."""
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before importing "
+                         "Triton); use backend='torch' on CPU")

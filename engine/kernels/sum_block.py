@@ -18,7 +18,7 @@ Four kernels, and the reference they are tested against is the same-named functi
 - element flows: *child-major* (a CSR of (node block, k) parents per child block built from the plan),
   so every child tile is written by exactly one program: no atomics, deterministic. G parents at a
   time, rescaled to an online common max. A partition that is the only reader of every row of the product
-  layer below (`sole_writer`, see backend.prepare_partitions) stores its flows outright: the layer's
+  layer below (`sole_writer`, see backend.mark_sole_writer) stores its flows outright: the layer's
   rows need no zeroing and no read-back.
 - parameter flows: one program per (node block, group of G child blocks) reduces over the whole
   batch with tl.dot, then adds `W * acc` into the parameter flows.
@@ -27,11 +27,13 @@ Four kernels, and the reference they are tested against is the same-named functi
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from engine.executor.torch_ops import SumPartitionTensors
 from engine.kernels.options import KernelOptions
 
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
@@ -225,13 +227,13 @@ def sum_backward_block(pt, params, element_mars, node_mars, node_flows, element_
                                     BS=bs, BB=opts.block_b, num_warps=opts.num_warps)
     nc = pt.cblocks.shape[0]
     if nc:
-        max_par = getattr(pt, "max_parents", pt.width)
+        max_par = pt.max_parents
         ebt = triton.cdiv(B, opts.elem_block_b)
         _sum_bwd_elem_block_kernel[(nc * ebt,)](
             params, element_mars, scale, mus, element_flows, pt.cblocks, pt.cptr,
             pt.par_i, pt.par_k, B, pt.width, pt.param_offset, ebt,
             BS=bs, BB=opts.elem_block_b, G=group_size(bs, max_par, opts.group_cols), PREC=opts.precision,
-            ACCUM=not getattr(pt, "sole_writer", False), num_warps=opts.num_warps,
+            ACCUM=not pt.sole_writer, num_warps=opts.num_warps,
         )
     g = group_size(bs, pt.width, opts.group_cols)
     nkg = triton.cdiv(pt.width, g)
@@ -240,6 +242,28 @@ def sum_backward_block(pt, params, element_mars, node_mars, node_flows, element_
         pt.param_offset, nkg, BS=bs, BB=opts.block_b, G=g, PREC=opts.precision, EXP_CLAMP=exp_clamp,
         num_warps=opts.num_warps,
     )
+
+
+@dataclass
+class BlockSumTensors(SumPartitionTensors):
+    """A tiled sum partition: block rows and the child-major CSR of parents per child block."""
+
+    node_rows: torch.Tensor  # [nb] first node row of each node block
+    child_rows: torch.Tensor  # [nb, width] first element row of each child block
+    cblocks: torch.Tensor  # [nc] child blocks with a real parent
+    cptr: torch.Tensor  # [nc + 1] CSR pointers into par_i / par_k
+    par_i: torch.Tensor  # [nnz] parent node block
+    par_k: torch.Tensor  # [nnz] which child slot of that parent
+    max_parents: int
+    sole_writer: bool = False  # the only writer of every element row of the product layer below
+
+
+def block_tensors(pt: SumPartitionTensors, node_rows, child_rows, first_real_row: int, long) -> BlockSumTensors:
+    """The tiled kernels' tables for one partition (`long`: makes a device long tensor)."""
+    cb, ptr, pi, pk = child_major_blocks(long(child_rows), first_real_row)
+    max_parents = int((ptr[1:] - ptr[:-1]).max()) if len(cb) else 1
+    return BlockSumTensors(**vars(pt), node_rows=long(node_rows), child_rows=long(child_rows), cblocks=long(cb),
+                           cptr=long(ptr), par_i=long(pi), par_k=long(pk), max_parents=max_parents)
 
 
 def child_major_blocks(child_rows: torch.Tensor, first_real_row: int):

@@ -12,10 +12,13 @@ They work per node and per edge, with no matmul:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from engine.executor.torch_ops import SumPartitionTensors
 from engine.kernels.options import KernelOptions
 
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
@@ -124,6 +127,25 @@ def sum_backward_sparse(pt, params, element_mars, node_mars, node_flows, element
             params, param_flows, element_mars, node_mars, node_flows, pt.e_node, pt.e_child, pt.e_param, E, B,
             CH=opts.sparse_children, BB=opts.block_b, EXP_CLAMP=exp_clamp, num_warps=opts.num_warps,
         )
+
+
+@dataclass
+class SparseSumTensors(SumPartitionTensors):
+    """A sum partition run per node and per edge: its real edges node-major and child-major."""
+
+    e_node: torch.Tensor  # [E] node row of each real edge (node-major)
+    e_child: torch.Tensor  # [E] element row
+    e_param: torch.Tensor  # [E] index into the flat params
+    crows: torch.Tensor  # [nc] element rows with a real parent
+    cptr: torch.Tensor  # [nc + 1] CSR pointers into e_node_c / e_param_c
+    e_node_c: torch.Tensor  # [E] child-major node rows
+    e_param_c: torch.Tensor  # [E] child-major param indices
+
+
+def sparse_tensors(pt: SumPartitionTensors, first_real_row: int, long) -> SparseSumTensors:
+    """The sparse kernels' tables for one partition (`long`: makes a device long tensor)."""
+    edges = {k: long(v) for k, v in sparse_edges(pt, first_real_row).items()}
+    return SparseSumTensors(**vars(pt), **edges)
 
 
 def sparse_edges(pt, first_real_row: int) -> dict[str, torch.Tensor]:
