@@ -186,21 +186,10 @@ def _pass_cost(layer: Layer, pass_name: str, batch_size: int) -> tuple[int, int]
 
 
 def pass_order(plan: LayerPlan) -> list[tuple[Layer, str]]:
-    """Execution order of a training step, as the executor runs it.
-
-    Forward: every layer bottom-up. Backward: sum layers top-down, each preceded by "recompute" of
-    the product layer below it (into the scratch buffer) and followed by that product layer's
-    backward; then the input layers (their EM statistics).
-    """
-    layers = plan.layers
-    order = [(layer, "forward") for layer in layers]
-    for li in range(len(layers) - 1, -1, -1):
-        if layers[li].kind != "sum":
-            continue
-        below = layers[li - 1]
-        order += [(below, "recompute"), (layers[li], "backward"), (below, "backward")]
-    order += [(layer, "backward") for layer in layers if layer.kind == "input"]
-    return order
+    """Execution order of a training step, as the executor runs it: the plan's own traversal
+    (`LayerPlan.steps()`: forward bottom-up, then per sum layer top-down the recompute of the product
+    layer below it, its backward and that product layer's backward, then the input layers)."""
+    return [(step.layer, step.pass_name) for step in plan.steps()]
 
 
 def schedule(
