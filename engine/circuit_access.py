@@ -71,3 +71,8 @@ def rerun_inner_layers(pc, node_mars: torch.Tensor, element_mars: torch.Tensor) 
         elif layer.kind == "sum":
             for pt in pc.parts[layer.index]:
                 pc.backend.sum_forward(pt, pc.params, element_mars, node_mars)
+
+
+def set_marginals(pc, node_mars: torch.Tensor, element_mars: torch.Tensor) -> None:
+    """Make `pc.backward_flows` run on these forward buffers (as `pc.forward` leaves them)."""
+    pc._mars = (node_mars, element_mars)
