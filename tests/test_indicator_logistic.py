@@ -1,4 +1,4 @@
-"""The Indicator (fixed literal) and DiscreteLogistic families: enumeration and float64 references,
+"""The Indicator (fixed literal), DiscreteLogistic and Binomial families: enumeration and float64 references,
 EM leaves indicators unchanged, Triton (interpreter on CPU) matches the PyTorch path."""
 
 import copy
@@ -170,3 +170,38 @@ def test_psdd_literals_survive_em_with_pseudocount():
         if d.name == "indicator":
             assert torch.equal(pc.input_params(i), before[i])
     assert torch.isfinite(pc.params).all()
+
+
+# ------------------------------------------------------------------------------------------ binomial
+
+
+def test_binomial_matches_the_pmf_and_em_is_the_closed_form():
+    from engine.distributions.binomial import Binomial
+
+    d = Binomial(5)
+    p = torch.tensor([[0.0], [0.3], [1.0]], dtype=torch.float64)
+    want = torch.tensor([[math.comb(5, k) * q**k * (1 - q) ** (5 - k) for k in range(6)] for q in (0.0, 0.3, 1.0)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(d.value_probs(p), want, atol=1e-12, rtol=1e-9)
+    leaf = engine.inputs(0, 1, Binomial(5), params=[[0.5]])
+    pc = engine.compile(leaf)
+    pc.zero_flows()
+    pc.accumulate_flows(torch.tensor([[0], [2], [5], [1]]))
+    pc.em_step(1.0, 0.0)
+    assert pc.input_params(0).item() == pytest.approx(8 / 20)
+
+
+def test_binomial_mixture_on_triton_matches_torch_and_jpc_keeps_b_lines(tmp_path):
+    from engine.distributions.binomial import Binomial
+    from engine.io import read_jpc, write_jpc
+
+    torch.manual_seed(7)
+    ins = [engine.inputs(v, 8, Binomial(4)) for v in range(2)]
+    root = engine.summate(engine.multiply(*ins), num_nodes=1)
+    x = torch.randint(0, 5, (24, 2))
+    compare(root, x, torch.rand(x.shape) < 0.2)
+    write_jpc(root, tmp_path / "b.jpc")
+    assert sum(line.startswith("B ") for line in (tmp_path / "b.jpc").read_text().splitlines()) == 16
+    grid = torch.tensor([[a, b] for a in range(5) for b in range(5)])
+    torch.testing.assert_close(engine.compile(read_jpc(tmp_path / "b.jpc"))(grid), engine.compile(root)(grid),
+                               atol=1e-5, rtol=0)

@@ -15,14 +15,14 @@ field of every node line is a vtree id that plain circuits leave at 0 and reader
     S id vtree n c_1 logw_1 ... c_n logw_n  # mixture: sum_k exp(logw_k) * c_k
 
 Mapping onto this engine (variables from 0, one 1-node vector per line, see `engine.io.pernode`):
-L and I become fixed indicators (Bernoulli p in {0, 1} for binary variables until the Indicator family
-exists); C becomes `Categorical(K)`; B becomes `Categorical(N+1)` holding the binomial pmf (exact for
-inference; EM then trains it as a categorical); G becomes `Gaussian`. A variable's domain size K
-is the largest any of its lines implies (C length, I value + 1, B N + 1, 2 for L).
+L and I become fixed `Indicator` leaves; C becomes `Categorical(K)`; B becomes `Binomial(N)` (or, when
+other lines give the variable more than N + 1 values, a `Categorical` holding the binomial pmf);
+G becomes `Gaussian`. A variable's domain size K is the largest any of its lines implies (C length,
+I value + 1, B N + 1, 2 for L).
 
 `write_jpc` expands node vectors into per-node lines (block edges into node edges, zero-weight edges
-dropped) and writes Categorical, Bernoulli (L for p in {0, 1}, else a 2-way C), Gaussian and
-indicator leaves. Files Juice compresses (`.jpc.gz`) are read by `engine.load`.
+dropped) and writes Categorical, Bernoulli (L for p in {0, 1}, else a 2-way C), Binomial, Gaussian
+and indicator leaves. Files Juice compresses (`.jpc.gz`) are read by `engine.load`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 
 from engine import budget
 from engine.io.limits import PSDD_BYTES_PER_BYTE, FileFormatError, read_capped
-from engine.io.pernode import (PerNodeBuilder, categorical_leaf, gaussian_leaf, indicator_leaf, parse_float,
-                               parse_ints, text_lines)
+from engine.io.pernode import (PerNodeBuilder, binomial_leaf, categorical_leaf, gaussian_leaf, indicator_leaf,
+                               parse_float, parse_ints, text_lines)
 from engine.nodes import InputNodes, NodeVector, ProdNodes, SumNodes
 
 _LEAF_ARITY = {"L": 4, "I": 5, "B": 6, "G": 6}  # exact token counts; C, P and S are variable
@@ -141,7 +141,10 @@ def _node(b: PerNodeBuilder, tok: list[str], lineno: int, domains: dict[int, int
         logp = parse_float(tok[5], "a log-probability", where)
         if math.isnan(logp) or logp > 1e-6:
             raise FileFormatError(f"{where}: binomial log(p) {logp:g} must be <= 0")
-        probs = _binomial_pmf(n, math.exp(min(logp, 0.0)))
+        p = math.exp(min(logp, 0.0))
+        if domains[var] == n + 1:
+            return b.leaf(nid, binomial_leaf(var - 1, n, p), lineno, "jpc")
+        probs = _binomial_pmf(n, p)
     else:
         logps = [parse_float(t, "a log-probability", where) for t in tok[4:]]
         if any(math.isnan(x) or x > 1e-6 for x in logps):
@@ -163,7 +166,7 @@ HEADER = """c written by Circuit Workbench (engine.io.write_jpc) in Juice.jl's j
 c node ids start at 0; nodes appear children before parents; the last node is the root
 c variables are numbered from 1; the second field is a vtree id (0: none)
 c L id vtree literal | I id vtree var value | C id vtree var {log-probability}+
-c G id vtree var mu sigma | P id vtree n {child}+ | S id vtree n {child log-weight}+
+c B id vtree var N log-p | G id vtree var mu sigma | P id vtree n {child}+ | S id vtree n {child log-weight}+
 """
 
 
@@ -204,6 +207,9 @@ def _leaf_lines(v: InputNodes, first: int) -> list[str]:
             out.append(f"C {nid} 0 {var} {logs}")
         elif name == "gaussian":
             out.append(f"G {nid} 0 {var} {_fmt(p[i, 0])} {_fmt(p[i, 1])}")
+        elif name == "binomial":
+            q = float(p[i, 0])
+            out.append(f"B {nid} 0 {var} {v.dist.num_trials} {_fmt(math.log(q) if q > 0 else -math.inf)}")
         else:
             raise FileFormatError(f"the JPC format has no line for {name} leaves")
     return out

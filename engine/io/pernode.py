@@ -48,6 +48,12 @@ def categorical_leaf(var: int, probs: list[float]) -> NodeVector:
     return inputs(var, 1, Categorical(len(probs)), params=[[p / total for p in probs]], block_size=1)
 
 
+def binomial_leaf(var: int, num_trials: int, p: float) -> NodeVector:
+    from engine.distributions.binomial import Binomial
+
+    return inputs(var, 1, Binomial(num_trials), params=[[p]], block_size=1)
+
+
 def gaussian_leaf(var: int, mu: float, sigma: float) -> NodeVector:
     return inputs(var, 1, Gaussian(min_std=min(1e-2, sigma)), params=[[mu, sigma]], block_size=1)
 
