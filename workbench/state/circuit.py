@@ -6,7 +6,9 @@ Plain `param.Parameterized` classes, no widgets: views bind to these parameters 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import param
 
 from workbench.services import circuits
 from workbench.services.circuits import DIST_NAMES, TEMPLATE_DEFAULTS, TEMPLATES, BuildResult
+
+log = logging.getLogger(__name__)
 
 # The demo every session opens on: small enough to build in well under a second, block-sparse so the
 # Partitions tab has several partitions (and padding at a larger tolerance) to show.
@@ -206,6 +210,15 @@ class GraphSpec(param.Parameterized):
         return g
 
 
+@dataclass
+class PreparedBuild:
+    """What `BuildState.prepare()` hands to `finish()`: the build result and when the build began."""
+
+    result: BuildResult
+    mismatch: str  # why the circuit cannot train on the dataset, or ''
+    started: float  # time.perf_counter() at the start
+
+
 class BuildState(param.Parameterized):
     """Which circuit the session uses (template, graph or file) and the result of the last build."""
 
@@ -237,6 +250,7 @@ class BuildState(param.Parameterized):
         params.setdefault("graph", GraphSpec.example())
         params.setdefault("data", DataState())
         super().__init__(**params)
+        self.plan_hook = None  # callable(root), run by prepare() off the event loop after a good build
         self.data.param.watch(lambda e: self.fit_template_to_data(), "dataset")
         self.fit_template_to_data()
 
@@ -252,9 +266,7 @@ class BuildState(param.Parameterized):
 
     def build_demo(self) -> BuildResult:
         """The circuit every session opens on: a block-sparse HCLT-16 on nltcs (several partitions)."""
-        self.data.dataset = "nltcs"
-        self.template.param.update(**DEMO)
-        self.source = "template"
+        self.use_demo()
         return self.build()
 
     def spec(self) -> dict:
@@ -268,16 +280,39 @@ class BuildState(param.Parameterized):
     def build(self) -> BuildResult:
         """Build the current spec; sets `result`, `error`, `mismatch` and `seconds` (the whole wait,
         including what watchers of `result` recompute). Never raises for a bad circuit."""
+        return self.finish(self.prepare())
+
+    def prepare(self) -> PreparedBuild:
+        """The heavy half of `build()`, safe off the event loop (a build thread): build the circuit
+        and run `plan_hook(root)` (the session compiles its plan there). Sets no parameter but the
+        dataset's, which loads once and is cached."""
         t0 = time.perf_counter()
-        dataset = self.data.load()
-        if dataset is None and self.source == "template" and self.template.template == "hclt":
-            res = BuildResult(error=f"dataset: {self.data.error}")
-        else:
-            res = circuits.build(self.spec(), dataset if self.source == "template" else None)
-        mismatch = variable_mismatch(res, dataset, self.data.dataset) if res.ok else ""
-        self.param.update(result=res, error=res.error or "", mismatch=mismatch)
-        self.seconds = time.perf_counter() - t0
+        try:
+            dataset = self.data.load()
+            if dataset is None and self.source == "template" and self.template.template == "hclt":
+                res = BuildResult(error=f"dataset: {self.data.error}")
+            else:
+                res = circuits.build(self.spec(), dataset if self.source == "template" else None)
+            mismatch = variable_mismatch(res, dataset, self.data.dataset) if res.ok else ""
+            if res.ok and self.plan_hook is not None:
+                self.plan_hook(res.root)
+        except Exception as err:  # noqa: BLE001 - a build thread must always hand back a result
+            log.exception("build failed")
+            res, mismatch = BuildResult(error=circuits.error_message(err)), ""
+        return PreparedBuild(res, mismatch, t0)
+
+    def finish(self, prepared: PreparedBuild) -> BuildResult:
+        """The light half of `build()`, on the event loop: publish the result (watchers redraw)."""
+        res = prepared.result
+        self.param.update(result=res, error=res.error or "", mismatch=prepared.mismatch)
+        self.seconds = time.perf_counter() - prepared.started
         return res
+
+    def use_demo(self) -> None:
+        """Set the spec to the demo every session opens on (build it with `build()`)."""
+        self.data.dataset = "nltcs"
+        self.template.param.update(**DEMO)
+        self.source = "template"
 
     @property
     def root(self):

@@ -80,12 +80,25 @@ class PlanState(param.Parameterized):
         t0 = time.perf_counter()
         if self.root is None:
             return self._publish(None, "")
+        prepared, self._prepared = getattr(self, "_prepared", None), None
         try:
-            plan, self.node_rows = plans.make_plan_rows(self.root, self.block_size, self.tolerance)
+            if prepared is not None and prepared[0] is self.root and prepared[1] == (self.block_size, self.tolerance):
+                plan, self.node_rows = prepared[2]  # compiled by prepare() in a build thread
+            else:
+                plan, self.node_rows = plans.make_plan_rows(self.root, self.block_size, self.tolerance)
         except (ValueError, TypeError) as err:
             self.node_rows = {}
             return self._publish(None, error_message(err), t0)
         return self._publish(plan, "", t0)
+
+    def prepare(self, root) -> None:
+        """Compile `root`'s plan at the current options before `root` is set, off the event loop
+        (BuildState.prepare calls this in a build thread); `recompute` then takes it as is."""
+        options = (self.block_size, self.tolerance)
+        try:
+            self._prepared = (root, options, plans.make_plan_rows(root, *options))
+        except (ValueError, TypeError):
+            self._prepared = None  # recompute compiles again and reports the error
 
     def partitions_of(self, vector, b: int) -> list[tuple[int, int]]:
         """(sum layer, partition) of each node block of sum `vector` cut into `b`-node blocks."""

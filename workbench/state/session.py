@@ -66,6 +66,7 @@ class SessionState(param.Parameterized):
         store = getattr(services, "store", None)
         self.store = store.scoped(self.owner) if store is not None else None  # the runs this session may see
         self.build.param.watch(lambda e: self._follow_build(), "result")
+        self.build.plan_hook = self.plan.prepare  # plans compile in the build thread, off the event loop
         self.training.param.watch(lambda e: setattr(self.plan, "batch_size", e.new), "batch_size")
 
     def _follow_build(self) -> None:

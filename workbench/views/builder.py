@@ -6,12 +6,14 @@ The view only edits `BuildState` (template spec, graph spec, file path, dataset)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 import panel as pn
 import param
 
+from workbench.services.background import build_pool, run_then
 from workbench.state.circuit import BuildState
 from workbench.views._common import collapsing_tabs, learn, plural, plural_n, safe_text, set_status, status
 
@@ -40,6 +42,20 @@ TEMPLATE_FIELDS = {
 TEMPLATE_LABELS = {"HCLT": "hclt", "PD": "pd", "RAT-SPN": "rat_spn", "HMM": "hmm"}
 NODE_COLUMNS = ["id", "kind", "num_nodes", "block_size", "var", "dist", "num_cats"]
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "assets" / "circuits"
+CHECKED_FIELDS = ("num_latents", "data_shape")  # typed values the view checks itself
+
+
+def parse_grid(text: str) -> list[int]:
+    """'28 x 28', '28x28', '[28, 28]' or '28, 28' -> [28, 28]; ValueError naming the problem."""
+    parts = [p for p in re.split(r"[\sx×,\[\]()]+", str(text).strip().lower()) if p]
+    if len(parts) != 2:
+        raise ValueError("write two sizes, height x width (e.g. 28 x 28)")
+    if not all(p.isdigit() for p in parts):
+        raise ValueError("sizes must be whole numbers (e.g. 28 x 28)")
+    h, w = int(parts[0]), int(parts[1])
+    if h < 1 or w < 1:
+        raise ValueError("sizes must be at least 1")
+    return [h, w]
 
 
 class DataPicker(pn.viewable.Viewer):
@@ -260,6 +276,7 @@ class BuilderView(pn.viewable.Viewer):
         )
         self.template.param.watch(lambda e: setattr(spec, "template", TEMPLATE_LABELS[e.new]), "value")
         self.template_params = pn.Column()
+        self._make_checked_inputs()
         spec.param.watch(lambda e: self._show_template_params(), "template")
         self._show_template_params()
         self.composer = GraphComposer(build=self.build)
@@ -279,38 +296,130 @@ class BuilderView(pn.viewable.Viewer):
                 self.build_demo()
 
     def _show_template_params(self) -> None:
+        """The template's fields; num_latents and PD's data_shape get checked inputs (a value out of
+        range or unreadable is said, not silently replaced), the rest come from pn.Param."""
         spec = self.build.template
-        widgets = {"num_latents": pn.widgets.IntInput, "seed": pn.widgets.IntInput}
+        fields = TEMPLATE_FIELDS[spec.template]
+        rest = [f for f in fields if f not in CHECKED_FIELDS]
+        checked = [self._checked[f] for f in CHECKED_FIELDS if f in fields]
+        self._follow_spec()
         self.template_params[:] = [
-            pn.Param(
-                spec,
-                parameters=TEMPLATE_FIELDS[spec.template],
-                widgets=widgets,
-                show_name=False,
-                default_layout=pn.Row,
-            )
+            pn.Row(
+                *checked,
+                pn.Param(
+                    spec,
+                    parameters=rest,
+                    widgets={"seed": pn.widgets.IntInput},
+                    show_name=False,
+                    default_layout=pn.Row,
+                ),
+            ),
+            self.field_alert,
         ]
+
+    def _make_checked_inputs(self) -> None:
+        """Inputs without browser-side clamping, so the server sees what was typed and can say why
+        it does not fit (a clamped spinner would snap back silently)."""
+        lo, hi = self.build.template.param.num_latents.bounds
+        self._latent_bounds = (lo, hi)
+        latents = pn.widgets.IntInput(name="Num latents", value=self.build.template.num_latents, width=120)
+        shape = pn.widgets.TextInput(name="Data shape (H x W)", width=150)
+        latents.param.watch(lambda e: self._on_latents(e.new), "value")
+        shape.param.watch(lambda e: self._on_shape(e.new), "value")
+        self._checked = {"num_latents": latents, "data_shape": shape}
+        self._invalid: dict[str, str] = {}  # field -> why the typed value cannot be used
+        self._clamping = False  # the view itself is writing a clamped value back
+        self.field_alert = status()
+        spec = self.build.template
+        spec.param.watch(lambda e: self._follow_spec(), ["num_latents", "data_shape", "template"])
+
+    def _follow_spec(self) -> None:
+        """Show the spec's values (another template's num_latents, PD's grid fitted to new data)."""
+        spec = self.build.template
+        self._checked["num_latents"].value = spec.num_latents
+        self._checked["data_shape"].value = " x ".join(str(d) for d in spec.data_shape)
+
+    def _on_latents(self, value) -> None:
+        lo, hi = self._latent_bounds
+        if self._clamping:
+            return
+        if value is None:
+            self._flag("num_latents", f"Num latents is empty: enter a whole number from {lo} to {hi}.")
+            return
+        clamped = min(max(int(value), lo), hi)
+        self.build.template.num_latents = clamped
+        note = ""
+        if clamped != value:
+            note = (
+                f"Num latents {value} is out of range ({lo} to {hi}: every region gets that many "
+                f"nodes per vector, and above {hi} a template outgrows memory); set to {clamped}."
+            )
+            self._clamping = True
+            try:
+                self._checked["num_latents"].value = clamped
+            finally:
+                self._clamping = False
+        self._flag("num_latents", "", note)
+
+    def _on_shape(self, text: str) -> None:
+        try:
+            shape = parse_grid(text)
+        except ValueError as err:
+            self._flag(
+                "data_shape",
+                f"Data shape '{safe_text(text)}': {err}; the build waits until it is fixed.",
+            )
+            return
+        if shape != self.build.template.data_shape:
+            self.build.template.data_shape = shape
+        self._flag("data_shape", "")
+
+    def _flag(self, field: str, error: str, note: str = "") -> None:
+        """Record (or clear) why `field` cannot be used (errors make Build refuse) and show the
+        errors, else a note on a value that was changed to fit."""
+        if error:
+            self._invalid[field] = error
+        else:
+            self._invalid.pop(field, None)
+        if self._invalid:
+            set_status(self.field_alert, " ".join(self._invalid.values()), "danger")
+        else:
+            set_status(self.field_alert, note, "warning")
 
     def _on_build(self, event) -> None:
         """Say what is being built at once, then build on the next tick (so the message and the
-        button's spinner reach the browser first) and report the whole wait."""
+        button's spinner reach the browser first) and report the whole wait. A template field that
+        could not be read refuses the build (it would otherwise build with the field's old value)."""
         self.build.source = ("template", "graph", "file")[self.sources.active]
-        self._start_build(self.build.build)
+        fields = TEMPLATE_FIELDS[self.build.template.template]
+        bad = [m for f, m in self._invalid.items() if f in fields]
+        if self.build.source == "template" and bad:
+            set_status(self.outcome, f"**Not built:** {' '.join(bad)}", "danger")
+            return
+        self._start_build()
 
-    def _start_build(self, fn) -> None:
+    def _start_build(self, setup=None) -> None:
+        """Say what is being built at once; build the circuit and compile its plan on the server's
+        build threads (`services.background`: other sessions stay served meanwhile), then publish
+        and redraw on this session's event loop. Without a browser session (tests) all runs now."""
+        if setup is not None:
+            setup()
         self.button.loading = True
-        set_status(self.outcome, f"Building {self._what()}: circuit, then plan, then views…", "info")
-        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-            pn.state.curdoc.add_next_tick_callback(lambda: self._finish_build(fn))
-        else:  # no browser session (tests): build now
-            self._finish_build(fn)
+        ahead = build_pool().held()
+        wait = f" (waiting for a build thread: {ahead} {plural(ahead, 'build')} ahead)" if ahead >= build_pool().threads else ""
+        set_status(self.outcome, f"Building {self._what()}: circuit, then plan, then views…{wait}", "info")
+        doc = pn.state.curdoc
+        if doc is not None and doc.session_context is not None:
+            run_then(self.build.prepare, self._finish_build, doc)
+        else:
+            self._finish_build(self.build.prepare())
 
-    def _finish_build(self, fn) -> None:
-        """Build; every view redraws inside one frozen document update (the document's model graph
-        is walked once, not once per redrawn plot: 5.4 s -> 2.2 s for the demo, measured)."""
+    def _finish_build(self, prepared) -> None:
+        """Publish the build; every view redraws inside one frozen document update (the document's
+        model graph is walked once, not once per redrawn plot: 5.4 s -> 2.2 s for the demo, measured)."""
         with pn.io.hold(freeze=True):
             try:
-                res = fn()
+                res = self.build.finish(prepared)
             finally:
                 self.button.loading = False
             self.report(res)
@@ -348,7 +457,7 @@ class BuilderView(pn.viewable.Viewer):
 
     def build_demo(self) -> None:
         """Open on a built circuit, so every tab has something to show at once."""
-        self._start_build(self.build.build_demo)
+        self._start_build(setup=self.build.use_demo)
 
     def __panel__(self):
         return pn.Column(
