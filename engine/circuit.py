@@ -202,7 +202,8 @@ class CompiledCircuit(torch.nn.Module):
             node_flows[0] = 0.0
         else:
             node_flows = torch.zeros_like(node_mars)
-        node_flows[self.plan.root_row] = 1.0
+        # a row of probability 0 (log p = -inf) has no flows: its root flow is 0, not 1 (0/0)
+        node_flows[self.plan.root_row] = torch.isfinite(node_mars[self.plan.root_row]).to(node_flows.dtype)
         element_flows = self._scratch(*element_mars.shape)  # each layer's rows are zeroed or overwritten
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
         bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)

@@ -57,3 +57,28 @@ def mixed_dists():
     """Bernoulli, Categorical and Gaussian inputs in one circuit."""
     ins = [engine.inputs(0, 4, Bernoulli()), engine.inputs(1, 4, Categorical(3)), engine.inputs(2, 4, Gaussian())]
     return engine.summate(engine.multiply(*ins), num_nodes=1)
+
+
+def reference_probs(root, x: torch.Tensor) -> torch.Tensor:
+    """p(x) `[B]` in float64 by evaluating every node vector on every row (Categorical and Bernoulli
+    leaves; no log space, so a zero probability is exactly 0)."""
+    val = {}
+    x = torch.as_tensor(x).long()
+    for v in root.topological():
+        if v.kind == "input":
+            p = v.params.double()
+            table = torch.cat([1 - p, p], 1) if v.dist.name == "bernoulli" else p  # [n, K]
+            val[v.uid] = table[:, x[:, v.var]].T  # [B, n]
+        elif v.kind == "product":
+            e = torch.as_tensor(v.node_edges())
+            out = torch.ones(x.shape[0], v.num_nodes, dtype=torch.float64)
+            for k, c in enumerate(v.children):
+                out = out * val[c.uid][:, e[:, k]]
+            val[v.uid] = out
+        else:
+            ch = torch.cat([val[c.uid] for c in v.children], 1)  # [B, total child nodes]
+            bs, w = v.block_size, torch.zeros(v.num_nodes, ch.shape[1], dtype=torch.float64)
+            for j, (nb, cb) in enumerate(v.edge_ids.T.tolist()):
+                w[nb * bs : (nb + 1) * bs, cb * bs : (cb + 1) * bs] = v.params[j].double()
+            val[v.uid] = ch @ w.T
+    return val[root.uid][:, 0]

@@ -12,7 +12,7 @@ from engine.distributions.base import Distribution, register
 @jit
 def _log_prob(prm, n64, nm, xv, P, C):
     p1 = tl.load(prm + n64 * P, mask=nm, other=0.5)[:, None]
-    return tl.log(tl.maximum(tl.where(xv == 1, p1, 1.0 - p1), 1.2e-38))
+    return tl.log(tl.where(xv == 1, p1, 1.0 - p1))  # -inf for a zero probability
 
 
 @jit
@@ -54,7 +54,8 @@ class Bernoulli(Distribution):
         return torch.cat([1 - p1, p1], 1)
 
     def log_prob(self, params, xv, miss):
-        lp = self.value_probs(params).clamp_min(1e-38).log().gather(1, xv.long().clamp(0, 1))
+        """-inf where the value has probability 0."""
+        lp = self.value_probs(params).log().gather(1, xv.long().clamp(0, 1))
         return lp.masked_fill(miss, 0.0)
 
     def accumulate_stats(self, stats, params, xv, miss, flows):
@@ -63,8 +64,9 @@ class Bernoulli(Distribution):
 
     def em_update(self, params, stats, step_size, pseudocount):
         counts = stats + pseudocount / 2
-        new = counts[:, 1:] / counts.sum(1, keepdim=True).clamp_min(1e-30)
-        return (1 - step_size) * params + step_size * new
+        total = counts.sum(1, keepdim=True)
+        new = counts[:, 1:] / total.clamp_min(1e-30)
+        return torch.where(total > 1e-30, (1 - step_size) * params + step_size * new, params)
 
     def sample(self, params):
         return torch.bernoulli(params[:, 0]).long()
@@ -72,4 +74,4 @@ class Bernoulli(Distribution):
     def mode(self, params):
         p = self.value_probs(params)
         v = p.argmax(1)
-        return v, p.max(1).values.clamp_min(1e-38).log()
+        return v, p.max(1).values.log()

@@ -22,7 +22,7 @@ MAX_EM_CATS = 1024  # one [BN, C] tile per program; larger category counts use t
 def _log_prob(prm, n64, nm, xv, P, C):
     xv = tl.minimum(tl.maximum(xv, 0), C - 1)
     p = tl.load(prm + n64[:, None] * P + xv, mask=nm[:, None], other=1.0)
-    return tl.log(tl.maximum(p, 1.2e-38))
+    return tl.log(p)  # -inf for a zero probability
 
 
 @jit
@@ -64,10 +64,11 @@ def _em_kernel(prm, stats, N, C, step, pseudocount, BN: tl.constexpr, CC: tl.con
     ptr = n.to(tl.int64)[:, None] * C + cc[None, :]
     # read BN * C statistics and parameters, write BN * C parameters
     st = tl.load(stats + ptr, mask=m2, other=0.0)
-    tot = tl.maximum(tl.sum(st, 1) + pseudocount, 1e-30)
-    new = (st + pseudocount / C) / tot[:, None]
+    tot = tl.sum(st, 1) + pseudocount
+    new = (st + pseudocount / C) / tl.maximum(tot, 1e-30)[:, None]
     w = tl.load(prm + ptr, mask=m2, other=0.0)
-    tl.store(prm + ptr, (1.0 - step) * w + step * new, mask=m2)
+    keep = (tot <= 1e-30)[:, None]  # no flow and no pseudocount: keep the node
+    tl.store(prm + ptr, tl.where(keep, w, (1.0 - step) * w + step * new), mask=m2)
 
 
 @register
@@ -111,7 +112,8 @@ class Categorical(Distribution):
             raise ValueError(f"variable {var}: value {v:g} out of range for Categorical(num_cats={self.num_cats})")
 
     def log_prob(self, params, xv, miss):
-        lp = params.clamp_min(1e-38).log().gather(1, xv.long().clamp(0, self.num_cats - 1))
+        """-inf where the value has probability 0."""
+        lp = params.log().gather(1, xv.long().clamp(0, self.num_cats - 1))
         return lp.masked_fill(miss, 0.0)
 
     def accumulate_stats(self, stats, params, xv, miss, flows):
@@ -121,15 +123,16 @@ class Categorical(Distribution):
 
     def em_update(self, params, stats, step_size, pseudocount):
         counts = stats + pseudocount / self.num_cats
-        new = counts / counts.sum(1, keepdim=True).clamp_min(1e-30)
-        return (1 - step_size) * params + step_size * new
+        total = counts.sum(1, keepdim=True)
+        new = counts / total.clamp_min(1e-30)
+        return torch.where(total > 1e-30, (1 - step_size) * params + step_size * new, params)
 
     def sample(self, params):
         return torch.multinomial(params.clamp_min(0), 1).squeeze(1)
 
     def mode(self, params):
         p, v = params.max(1)
-        return v, p.clamp_min(1e-38).log()
+        return v, p.log()
 
     def value_probs(self, params):
         return params
