@@ -26,6 +26,11 @@ TITLE_JS = """(p) => [...window.Bokeh.index.all_views()].filter((v) => v.model.t
   && String(v.model.title.text).startsWith(p)).map((v) => String(v.model.title.text))"""
 
 
+def log(what: str) -> None:
+    """Progress on stderr, so a step that hangs is named."""
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
 def tab(page, name: str) -> None:
     page.locator(".bk-tab").filter(has_text=re.compile(f"^{name}$")).first.click()
 
@@ -64,6 +69,7 @@ def measure(url: str, with_pd: bool) -> dict:
         ws = {}
         page.on("console", lambda m: ws.setdefault("t", time.monotonic()) if "now open" in m.text else None)
         t0 = time.monotonic()
+        log("loading the page")
         page.goto(url, timeout=120_000)
         expect(page.get_by_text(re.compile(r"Built HCLT-16.* on nltcs in"))).to_be_visible(timeout=120_000)
         t1 = time.monotonic()
@@ -72,17 +78,21 @@ def measure(url: str, with_pd: bool) -> dict:
         # Build click -> Build report: HCLT-8 first, so the HCLT-16 report differs from the one shown
         click = lambda: page.get_by_role("button", name="Build circuit").click()  # noqa: E731
         for k in (8, 16):
+            log(f"HCLT-{k}: build")
             box = page.get_by_label("Num latents", exact=True)
             box.fill(str(k))
             box.press("Enter")
             out[f"hclt{k}_build_click_to_report_s"] = round(report_after(page, click, rf"Built HCLT-{k},"), 2)
         t2 = time.monotonic()
+        log("Circuit tab")
         tab(page, "Circuit")
         page.wait_for_function(f"() => ({TITLE_JS})('Layers:').length > 0")
         out["hclt16_circuit_tab_drawn_after_opening_s"] = round(time.monotonic() - t2, 2)
         # block-size what-if on the Partitions tab
+        log("Partitions tab")
         tab(page, "Partitions")
         wait_title(page, "Layer ")
+        log("block size 2")
         t3 = time.monotonic()
         page.get_by_label("Block size", exact=True).select_option("2")
         wait_title(page, "Layer ", "of 2x2")
@@ -97,6 +107,7 @@ def measure(url: str, with_pd: bool) -> dict:
 
 
 def measure_pd(page, out: dict) -> None:
+    log("PD: block size auto")
     page.get_by_label("Block size", exact=True).select_option("auto (per vector)")
     tab(page, "Build")
     buf = io.BytesIO()
@@ -104,17 +115,28 @@ def measure_pd(page, out: dict) -> None:
     page.locator("input[type=file][accept='.npy,.npz,.csv']").set_input_files(
         {"name": "mnist_like.npy", "mimeType": "application/octet-stream", "buffer": buf.getvalue()}
     )
+    log("PD: uploading 784-variable data")
     expect(page.get_by_text(re.compile(r"mnist_like.*784 variables"))).to_be_visible(timeout=120_000)
+    log("PD: uploaded")
     page.get_by_role("button", name="PD").click()
+    # PD's fields replace HCLT's: type only once they are there, and check the server kept the value
+    # (typed into the outgoing HCLT field, 64 was lost and PD-8 built: the "300 s hang" of 07:03)
+    expect(page.get_by_label("Split intervals", exact=True)).to_be_visible()
     box = page.get_by_label("Num latents", exact=True)
+    expect(box).to_have_value("8")
     box.fill("64")
     box.press("Enter")
+    page.wait_for_timeout(1000)
+    expect(box).to_have_value("64")
     click = lambda: page.get_by_role("button", name="Build circuit").click()  # noqa: E731
+    log("PD: build clicked")
     out["pd300k_build_click_to_report_s"] = round(report_after(page, click, r"Built PD-64"), 2)
     out["pd300k_report"] = page.get_by_text(re.compile("^Built PD-64")).first.inner_text()
+    log("PD: built")
     tab(page, "Partitions")
     t0 = time.monotonic()
     wait_title(page, "Layer ")
+    log("PD: partitions drawn")
     out["pd300k_partitions_tab_drawn_after_opening_s"] = round(time.monotonic() - t0, 2)
     t1 = time.monotonic()
     page.get_by_label("Block size", exact=True).select_option("4")

@@ -21,7 +21,7 @@ def _events(epochs: range, batches_per_epoch: int = 4) -> list[dict]:
             out.append(
                 {"type": "batch", "epoch": ep, "batch": b, "num_batches": batches_per_epoch, "ll": -6.0}
             )
-        out.append({"type": "memory", "t": 100.0 + ep, "allocated": 2**20, "peak_allocated": 2**21})
+        out.append({"type": "memory", "t": 100.0 + ep, "allocated": 1e6, "peak_allocated": 2e6})
         out.append(
             {
                 "type": "layer_times",
@@ -71,7 +71,7 @@ def test_live_plots_stream_only_new_rows_and_reset_for_another_run(monkeypatch):
     ll = plots.sources["ll"].data
     assert ll["epoch"] == [1, 2, 3] and all(math.isnan(v) for v in ll["valid_ll"])  # None -> NaN
     assert plots.sources["memory"].data["t"] == [0.0, 1.0, 2.0]  # seconds since the first reading
-    assert plots.sources["memory"].data["allocated"] == [1.0, 1.0, 1.0]  # MiB
+    assert plots.sources["memory"].data["allocated"] == [1.0, 1.0, 1.0]  # MB
     layers = plots.sources["layers"].data  # one row per layer, ms per pass (NaN: no such pass)
     assert layers["layer"] == ["0", "1"] and layers["forward"] == [0.5, 0.2]
     assert math.isnan(layers["recompute"][0]) and layers["recompute"][1] == 0.1
@@ -212,3 +212,64 @@ def test_progress_line_counts_the_epoch_in_progress_once():
     assert epoch_label(spec, 1, 2) == "Epoch 2/40 (mini-batch 2/40)"  # was "Epoch 1/40 (mini-batch 2/40)"
     assert epoch_label({"epochs": 1, "full_batch_epochs": 1}, 2, 2) == "Epoch 2/2 (full-batch 1/1)"
     assert epoch_label(spec, 0, None) == "Epoch 0/40 (mini-batch 0/40)"
+
+
+def _demo_session():
+    from workbench.services import Services
+    from workbench.services.jobs import JobRunner
+    from workbench.state.session import SessionState
+
+    store = RunStore(None)
+    ses = SessionState(Services(store, JobRunner(store)))
+    assert ses.build.build_demo().ok
+    return ses
+
+
+def test_schedule_calibrates_to_a_run_of_this_plan_and_draws_the_memory_timeline():
+    import panel as pn
+
+    from workbench.views.schedule_view import ScheduleView
+
+    ses = _demo_session()
+    view = ScheduleView(plan=ses.plan)
+    pn.panel(view).get_root()
+    assert "**uncalibrated**" in view.calibration_info.object and view.use_calibrated.disabled
+    assert view.calibrated_plot.object is None
+    title = view.memory.object.opts.get().kwargs["title"]
+    assert title.startswith("Step memory: peak") and "saves" in title and "B" in title
+    # a profiled run of this very plan, 20x slower than the preset predicts
+    measured = {(r["layer"], r["pass"]): 20 * r["predicted_ms"] for r in ses.plan.schedule()}
+    view.param.update(measured_source="run-a", measured_plan=list(ses.plan.layers), measured=measured)
+    assert "**calibrated** to run-a" in view.calibration_info.object
+    assert view.calibration.uncalibrated_factor == pytest.approx(20, rel=0.01)
+    assert view.calibration.factor == pytest.approx(1.0, abs=0.1)
+    assert view.calibrated_plot.object is not None and not view.use_calibrated.disabled
+    assert view.table.value["calibrated_ms"].notna().all()
+    view.use_calibrated.clicks += 1  # the preset gives way to the fitted model
+    assert ses.plan.peak_flops == view.calibration.peak_flops
+    assert sum(r["predicted_ms"] for r in ses.plan.schedule()) == pytest.approx(
+        view.calibration.predicted_ms, rel=1e-6
+    )
+
+
+def test_flows_view_draws_the_step_on_the_current_circuit_and_follows_the_selected_layer():
+    import panel as pn
+
+    from workbench.views.flows_view import FlowsView
+
+    ses = _demo_session()
+    view = FlowsView(session=ses)
+    pn.panel(view).get_root()
+    assert view.result is not None and "One EM step on the first **256** training rows" in view.info.object
+    top = max(la["layer"] for la in view.result.layers if la["kind"] == "sum")
+    assert view.layer.value == top and "received flow **256**" in view.formula.object
+    ses.plan.selected_layer = 4
+    assert view.layer.value == 4 and view.node.value == view.result.top_nodes[4]
+    df = view.table.value
+    assert len(df) > 1 and df["new_weight"].sum() == pytest.approx(1.0, abs=1e-3)
+    ses.plan.block_size = 2  # a what-if: the step reruns on the new plan
+    assert "layer 4" in " ".join(view.layer.options)
+    ses.build.template.template = "pd"
+    ses.build.template.data_shape = [5, 5]  # 25 variables: nltcs has 16, so the build fails
+    ses.build.build()
+    assert view.result is None and "last build failed" in view.info.object

@@ -202,7 +202,8 @@ def schedule(
 ) -> list[dict]:
     """Ordered records of one training step (forward then backward).
 
-    Each record: {"step", "layer", "kind", "pass", "flops", "bytes", "predicted_ms", "bound"
+    Each record: {"step", "layer", "kind", "pass", "flops", "bytes", "launches" (partitions, at
+    least 1), "predicted_ms", "bound"
     ("compute"|"memory"), "measured_ms" (mean ms from profiling, or None)}. predicted_ms =
     max(flops / peak_flops, bytes / bandwidth) + launch_us per partition (roofline).
     """
@@ -220,6 +221,7 @@ def schedule(
                 "pass": pass_name,
                 "flops": int(flops),
                 "bytes": int(bytes_),
+                "launches": launches,
                 "predicted_ms": 1e3 * max(t_c, t_m) + launches * launch_us * 1e-3,
                 "bound": "compute" if t_c >= t_m else "memory",
                 "measured_ms": measured.get((layer.index, pass_name)),

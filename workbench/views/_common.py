@@ -97,9 +97,9 @@ def fmt_count(n: float) -> str:
 
 
 def fmt_bytes(n: float) -> str:
-    """Bytes in binary units: 1536 -> '1.5 KiB'."""
+    """Bytes with SI prefixes, as every view writes them: 1500 -> '1.5 kB', 2.5e9 -> '2.5 GB'."""
     n = float(n)
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
             return f"{_num(n / scale)} {unit}"
     return f"{n:.0f} B"

@@ -14,7 +14,7 @@ import param
 
 from workbench.services import layout
 from workbench.state.plan import PlanState
-from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_count, learn, plural_n
+from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_count, learn, plural, plural_n
 from workbench.views._deferred import DeferWhileHidden
 from workbench.views.tiles_plot import partition_color
 
@@ -53,6 +53,31 @@ def _yticks(d: layout.Drawing, nodes: pd.DataFrame) -> list:
     return ys if len(ys) <= 12 else ys[:: -(-len(ys) // 12)]
 
 
+MAX_LABELS_PER_ROW = 12  # more labels on one rank run into each other at the drawing's width
+
+
+def short_label(d: layout.Drawing, label: str, gid: str) -> str:
+    """A label short enough to sit above its glyph: the vector id, the layer, or the block index
+    (the full text is in the hover)."""
+    if d.level == "layers":
+        return label.split(":")[0].replace(" layer ", " ")  # 'sum 4'
+    if d.level == "vectors":
+        return gid if gid.startswith("v") else label.split(":")[0]  # 'v12' or '6 sum vectors'
+    return label.rsplit(" ", 1)[-1]  # block index (or range)
+
+
+def labelled(d: layout.Drawing, nodes: pd.DataFrame) -> pd.DataFrame:
+    """The glyphs that get a label: every glyph of a rank with at most MAX_LABELS_PER_ROW glyphs
+    (at the block level only the vector's own row: its children's blocks are many and alike)."""
+    if not len(nodes):
+        return nodes
+    rows = nodes[nodes["y"] == 1] if d.level == "blocks" else nodes
+    per_rank = rows.groupby("y")["id"].transform("size")
+    shown = rows[per_rank <= MAX_LABELS_PER_ROW].copy()
+    shown["short"] = [short_label(d, lab, gid) for lab, gid in zip(shown["label"], shown["id"])]
+    return shown
+
+
 def draw(d: layout.Drawing, title: str):
     """Segments (edges, width ~ log weight) under Points (size ~ log nodes, colour = kind)."""
     nodes = pd.DataFrame({k: d.nodes[k] for k in SCALAR_NODE_COLUMNS if k in d.nodes})
@@ -88,13 +113,12 @@ def draw(d: layout.Drawing, title: str):
             show_legend=False,
         )
         out = out * rings
-    shown = nodes if len(nodes) <= 40 else nodes.iloc[:0]
-    if d.level == "blocks":  # label the vector's blocks; its children's are many and alike
-        shown = nodes[(nodes["y"] == 1) & (nodes.index < 24)]
+    shown = labelled(d, nodes)
     if len(shown):
-        short = [lab if len(lab) <= 42 else lab[:40] + "…" for lab in shown["label"]]
-        labels = hv.Labels({"x": shown["x"], "y": shown["y"], "text": short}, ["x", "y"], "text")
-        out = out * labels.opts(text_font_size="8pt", xoffset=0.08, text_align="left", text_color="#333")
+        labels = hv.Labels({"x": shown["x"], "y": shown["y"], "text": shown["short"]}, ["x", "y"], "text")
+        out = out * labels.opts(
+            text_font_size="8pt", yoffset=0.18, text_align="center", text_baseline="bottom", text_color="#333"
+        )
     lo, hi = (min(d.nodes["x"]), max(d.nodes["x"])) if len(nodes) else (0.0, 0.0)
     xlim = (lo - 1.0, hi + 2.0) if hi - lo < 4 else (lo - 0.05 * (hi - lo), hi + 0.25 * (hi - lo))
     return out.opts(
@@ -155,7 +179,7 @@ class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
             sel = self.plan.selected_layer  # ringed: the layer picked in the schedule or partitions
             d.nodes["partition"] = [0 if la == sel else -1 for la in d.nodes["layer"]]
             d.nodes["outline"] = ["#222" if la == sel else "white" for la in d.nodes["layer"]]
-            return d, f"{d.info['num_layers']} layers, {fmt_count(d.info['num_nodes'])} nodes"
+            return d, f"{d.info['num_layers']} layers, {self._node_count(d)}"
         idx = self.index()
         if self.level == "Node vectors":
             lo, hi = self.ranks
@@ -179,6 +203,19 @@ class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
             f"{plural_n(i['num_block_edges'], 'block edge')}"
         )
 
+    def _node_count(self, d: layout.Drawing) -> str:
+        """The circuit's node count, as the Build tab reports it, and the compiled plan's when it
+        differs (HMM: 737 nodes, 753 in the plan)."""
+        circuit = int(self.index().num_nodes.sum())
+        planned = int(d.info["num_nodes"])
+        text = f"{fmt_count(circuit)} {plural(circuit, 'node')}"
+        if planned == circuit:
+            return text
+        return (
+            f"{text} ({fmt_count(planned)} in the compiled plan, which merges products of products into "
+            "one product and gives a sum that reads input nodes directly a one-child product to read)"
+        )
+
     def _title(self, d: layout.Drawing) -> str:
         """A short title; the counts are in the line above the drawing."""
         if d.level == "blocks":
@@ -186,7 +223,8 @@ class CircuitView(DeferWhileHidden, pn.viewable.Viewer):
             return f"Node blocks of {i['kind']} vector {i['vector']} ({i['block_size']} nodes each)"
         if d.level == "vectors":
             return f"Node vectors in ranks {d.info['ranks'][0]}-{d.info['ranks'][1]}"
-        return f"Layers: {d.info['num_layers']} layers, {fmt_count(d.info['num_nodes'])} nodes"
+        circuit = int(self.index().num_nodes.sum())
+        return f"Layers: {d.info['num_layers']} layers, {fmt_count(circuit)} {plural(circuit, 'node')}"
 
     def _mark_partitions(self, d: layout.Drawing, vector) -> None:
         """Outline each parent block in the colour of the plan partition that computes it."""

@@ -46,8 +46,8 @@ def _number(v) -> float:
     return math.nan if v is None else float(v)
 
 
-def _mib(v) -> float:
-    return v / 2**20
+def _megabytes(v) -> float:
+    return v / 1e6
 
 
 class LivePlots:
@@ -106,7 +106,7 @@ class LivePlots:
         return fig
 
     def _memory_figure(self):
-        fig = _figure("Device memory", "time since the first sample (s)", "MiB")
+        fig = _figure("Device memory", "time since the first sample (s)", "memory (MB)")
         self._cpu_note = Label(
             x=40, y=110, x_units="screen", y_units="screen", text="", text_color="#666", text_font_size="13px"
         )
@@ -134,8 +134,8 @@ class LivePlots:
             "batch": {k: (run.batches[k], _number) for k in SERIES["batch"]},
             "memory": {
                 "t": (mem["t"], lambda t: t - t0),
-                "allocated": (mem["allocated"], _mib),
-                "peak_allocated": (mem["peak_allocated"], _mib),
+                "allocated": (mem["allocated"], _megabytes),
+                "peak_allocated": (mem["peak_allocated"], _megabytes),
             },
         }
         for key, cols in series.items():

@@ -171,8 +171,8 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
             "partitions": parts,
             "padding_%": round(100 * ps.padding_ratio, 2),
             "GFLOP/batch": round(flops / 1e9, 4),
-            "MiB moved": round(bytes_ / 2**20, 3),
-            "memory MiB": round(mem / 2**20, 2),
+            "MB moved": round(bytes_ / 1e6, 3),
+            "memory MB": round(mem / 1e6, 2),
         }
         if not self._history or self._history[-1] != row:
             self._history = (self._history + [row])[-12:]

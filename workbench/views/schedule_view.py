@@ -14,10 +14,12 @@ import pandas as pd
 import panel as pn
 import param
 
+from workbench.services import calibrate, memory
 from workbench.services.plans import plan_signature
 from workbench.state.plan import PlanState
-from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_count, learn
+from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_bytes, fmt_count, learn
 from workbench.views._deferred import DeferWhileHidden
+from workbench.views.memory_plot import memory_plot
 from workbench.views.roofline import roofline
 
 LEARN = """**Layer schedule.** The compiled circuit runs layer by layer: the forward pass bottom-up,
@@ -26,12 +28,26 @@ buffer each, so the engine keeps one *scratch* buffer and **recomputes** each pr
 the backward of the sum layer above it (the middle lane): a little extra compute buys a lot of memory.
 The top timeline is each step's predicted time (a roofline: the larger of FLOPs / peak and bytes /
 bandwidth, plus a launch cost per partition); once this very plan has been trained with profiling,
-its measured times appear below on the same time axis. The roofline plot places every step by
-arithmetic intensity: left of the ridge, memory traffic bounds it (input and product layers); right of
-it, compute. Tap a bar to highlight its layer in every tab."""
+its measured times appear below on the same time axis, with the device model *calibrated* to them
+(throughput, bandwidth and launch cost fitted to the run) in between. The memory plot stacks the
+buffers live at each step; the dashed line is what storing every product layer would take instead
+of recomputing it. The roofline plot places every step by arithmetic intensity: left of the ridge,
+memory traffic bounds it (input and product layers); right of it, compute. Tap a bar to highlight its
+layer in every tab."""
 
 LANES = ["forward", "recompute", "backward"]
-TABLE_COLUMNS = ["step", "layer", "kind", "pass", "flops", "bytes", "bound", "predicted_ms", "measured_ms"]
+TABLE_COLUMNS = [
+    "step",
+    "layer",
+    "kind",
+    "pass",
+    "flops",
+    "bytes",
+    "bound",
+    "predicted_ms",
+    "calibrated_ms",
+    "measured_ms",
+]
 
 
 def timeline(
@@ -110,6 +126,14 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         # no fixed height and never hidden: without measured times it holds no plot and takes no room
         # (toggling `visible` inside a frozen document update trips Panel's stylesheet validation)
         self.measured_plot = pn.pane.HoloViews(sizing_mode="stretch_width")
+        self.calibrated_plot = pn.pane.HoloViews(sizing_mode="stretch_width")
+        self.calibration_info = pn.pane.Markdown("", margin=(0, 10))
+        self.use_calibrated = pn.widgets.Button(
+            name="Use the calibrated device model", width=260, disabled=True
+        )
+        self.use_calibrated.on_click(lambda e: self._apply_calibration())
+        self.calibration: calibrate.Calibration | None = None
+        self.memory = pn.pane.HoloViews(sizing_mode="stretch_width", height=310)
         self.scatter = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
         self.legend = pn.pane.HTML(
             " ".join(
@@ -146,19 +170,35 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
     def refresh(self) -> None:
         if self.plan.plan is None:
             self.info.object = self.plan.absent
-            for pane in (self.predicted, self.measured_plot, self.scatter):
+            for pane in (self.predicted, self.measured_plot, self.calibrated_plot, self.scatter, self.memory):
                 pane.object = None
             self.table.value = pd.DataFrame(columns=TABLE_COLUMNS)
+            self.calibration, self.calibration_info.object = None, ""
+            self.use_calibrated.disabled = True
             return
         ok = self.matches()
         records = self.plan.schedule(self.measured if ok else None)
+        p = self.plan
+        cal = calibrate.calibrate(records, p.peak_flops, p.bandwidth, p.launch_us) if ok else None
+        self.calibration = cal
+        for r in records:
+            r["calibrated_ms"] = (
+                float(
+                    calibrate.predict_ms(
+                        r["flops"], r["bytes"], r["launches"], cal.peak_flops, cal.bandwidth, cal.launch_us
+                    )
+                )
+                if cal is not None
+                else None
+            )
         df = pd.DataFrame(records, columns=TABLE_COLUMNS)
-        df["predicted_ms"] = df["predicted_ms"].round(4)
-        df["measured_ms"] = pd.to_numeric(df["measured_ms"]).round(4)
+        for c in ("predicted_ms", "calibrated_ms", "measured_ms"):
+            df[c] = pd.to_numeric(df[c]).round(4)
         self.table.value = df
         predicted = sum(r["predicted_ms"] for r in records)
         measured = sum(r["measured_ms"] or 0.0 for r in records) if ok else 0.0
-        x_end = max(predicted, measured)
+        calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
+        x_end = max(predicted, measured, calibrated)
         sel = self.plan.selected_layer
         el = timeline(records, "predicted_ms", "Predicted (roofline)", x_end, sel)
         self._tap = hv.streams.Selection1D(source=el)  # tap a bar: select its layer in every view
@@ -167,8 +207,39 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         self.measured_plot.object = (
             timeline(records, "measured_ms", f"Measured ({self.measured_source})", x_end, sel) if ok else None
         )
+        self.calibrated_plot.object = (
+            timeline(records, "calibrated_ms", "Calibrated model", x_end, sel) if cal is not None else None
+        )
+        self.calibration_info.object = self._calibration_line(cal)
+        self.use_calibrated.disabled = cal is None
         self.scatter.object = roofline(records, self.plan.peak_flops, self.plan.bandwidth, ok)
+        self.memory.object = memory_plot(
+            memory.memory_timeline(self.plan.plan, records, self.plan.batch_size)
+        )
         self.info.object = self._summary(records) + self._measured_line(ok, predicted, measured)
+
+    def _calibration_line(self, cal: calibrate.Calibration | None) -> str:
+        """What the device model is calibrated to, or that it is not."""
+        if cal is None:
+            return (
+                "Device model: **uncalibrated** (the preset above). Train this plan with profiling "
+                "(Train tab) and its measured times calibrate the model."
+            )
+        return (
+            f"Device model **calibrated** to {self.measured_source} ({cal.num_steps} measured steps): "
+            f"throughput **{fmt_count(cal.peak_flops)}FLOP/s**, bandwidth **{fmt_bytes(cal.bandwidth)}/s**, "
+            f"launch **{cal.launch_us:.3g} us** per partition. Calibrated prediction "
+            f"**{cal.predicted_ms:.3g} ms** per step against {cal.measured_ms:.3g} ms measured "
+            f"(factor **{cal.factor:.2f}x**, median step off by {cal.median_error:.2f}x); the preset "
+            f"predicted {cal.uncalibrated_ms:.3g} ms (factor {cal.uncalibrated_factor:.3g}x)."
+        )
+
+    def _apply_calibration(self) -> None:
+        cal = self.calibration
+        if cal is not None:
+            self.plan.param.update(
+                peak_flops=cal.peak_flops, bandwidth=cal.bandwidth, launch_us=cal.launch_us
+            )
 
     def _select(self, records: list[dict], index: list[int]) -> None:
         if index:
@@ -204,7 +275,10 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             pn.Row(self.peak, self.legend, align="end"),
             self.info,
             self.predicted,
+            self.calibrated_plot,
             self.measured_plot,
+            pn.Row(self.calibration_info, self.use_calibrated, align="center"),
+            self.memory,
             self.scatter,
             self.table,
             sizing_mode="stretch_width",

@@ -326,7 +326,8 @@ class TrainingView(pn.viewable.Viewer):
         return io.BytesIO(self.session.services.store.model_path(self.run.run_id).read_bytes())
 
     def __panel__(self):
-        settings = pn.Row(
+        # wraps instead of running off the page on narrower windows (it did at 1400 px)
+        settings = pn.FlexBox(
             self.device,
             self.epochs,
             self.full_batch,
@@ -335,6 +336,9 @@ class TrainingView(pn.viewable.Viewer):
             self.step_size,
             self.final_step,
             self.pseudocount,
+            flex_wrap="wrap",
+            align_items="flex-end",
+            sizing_mode="stretch_width",
         )
         controls = pn.Row(self.start_btn, self.pause_btn, self.stop_btn, self.progress, align="center")
         p = self.plots

@@ -1,0 +1,65 @@
+"""Memory timeline of one training step: which buffers are live at each step of the schedule.
+
+Two policies over the same schedule (`plans.schedule` order), from the plan's buffer sizes:
+
+- **recompute** (what the engine does): product layers write one shared element scratch buffer,
+  sized for the largest product layer; the flows pass recomputes each product layer into it just
+  before the backward of the sum layer above.
+- **store**: every product layer keeps its own element values from the forward pass until its
+  backward, the way an autograd framework keeps activations.
+
+Node values, node flows and parameters are the same under both. Sizes in bytes (float32).
+"""
+
+from __future__ import annotations
+
+from engine.compiler.plan import PAD_ROWS, LayerPlan
+
+FLOAT_BYTES = 4
+BUFFERS = ["parameters", "node values", "node flows", "element values", "element flows"]
+
+
+def _product_rows(plan: LayerPlan) -> dict[int, int]:
+    """Element rows each product layer writes (padding rows excluded)."""
+    return {la.index: la.writes[2] - la.writes[1] for la in plan.layers if la.kind == "product"}
+
+
+def memory_timeline(plan: LayerPlan, records: list[dict], batch_size: int) -> dict[str, list[dict]]:
+    """Live bytes per buffer after each schedule step, for each policy.
+
+    `records`: `plans.schedule(plan, ...)` output (step order, "layer", "pass"). Returns
+    {"recompute": [...], "store": [...]}, one dict per record: step, layer, pass, one key per
+    `BUFFERS` entry (bytes) and "total" (bytes).
+    """
+    per_row = FLOAT_BYTES * batch_size
+    params = FLOAT_BYTES * (2 * plan.num_params + 2 * plan.num_input_params)  # weights + their flows
+    prod = _product_rows(plan)
+    scratch = (PAD_ROWS + max(prod.values(), default=0)) * per_row
+    out: dict[str, list[dict]] = {"recompute": [], "store": []}
+    stored: dict[int, int] = {}  # store policy: product layer -> bytes kept
+    backward = False
+    for r in records:
+        backward = backward or r["pass"] != "forward"
+        if r["layer"] in prod and r["pass"] == "forward":
+            stored[r["layer"]] = prod[r["layer"]] * per_row
+        common = {
+            "parameters": params,
+            "node values": plan.num_node_rows * per_row,
+            "node flows": plan.num_node_rows * per_row if backward else 0,
+            "element flows": scratch if backward else 0,
+        }
+        keys = {"step": r["step"], "layer": r["layer"], "pass": r["pass"]}
+        out["recompute"].append({**keys, **common, "element values": scratch})
+        out["store"].append({**keys, **common, "element values": PAD_ROWS * per_row + sum(stored.values())})
+        if r["layer"] in prod and r["pass"] == "backward":
+            stored.pop(r["layer"], None)  # its flows are passed down: its values are no longer needed
+    for rows in out.values():
+        for d in rows:
+            d["total"] = sum(d[b] for b in BUFFERS)
+    return out
+
+
+def peak_saving(timeline: dict[str, list[dict]]) -> tuple[int, int]:
+    """(peak bytes with recompute, peak bytes when every product layer is stored)."""
+    peak = {k: max((d["total"] for d in rows), default=0) for k, rows in timeline.items()}
+    return peak["recompute"], peak["store"]

@@ -1,0 +1,71 @@
+"""Draw `services.memory.memory_timeline`: live bytes per step, recomputing product layers vs storing them."""
+
+from __future__ import annotations
+
+import holoviews as hv
+import numpy as np
+
+from workbench.services.memory import BUFFERS
+from workbench.views._common import NO_WHEEL, PASS_COLORS, fmt_bytes, si_ticks
+
+BUFFER_COLORS = {
+    "parameters": "#bab0ac",
+    "node values": "#4c78a8",
+    "node flows": "#b279a2",
+    "element values": "#f58518",
+    "element flows": "#e45756",
+}
+STORE_COLOR = "#222222"
+
+
+def memory_plot(timeline: dict[str, list[dict]]):
+    """Stacked areas: the engine's buffers per step (recompute); a dashed line: the total if every
+    product layer were stored instead; pass boundaries shaded in the pass colours."""
+    rec, store = timeline["recompute"], timeline["store"]
+    steps = np.arange(len(rec), dtype=float)
+    layers = []
+    base = np.zeros(len(rec))
+    for b in BUFFERS:
+        top = base + np.array([d[b] for d in rec], dtype=float)
+        layers.append(
+            hv.Area((steps, base, top), "step", ["bytes", "base"], label=b).opts(
+                color=BUFFER_COLORS[b], alpha=0.85, line_width=0
+            )
+        )
+        base = top
+    totals = np.array([d["total"] for d in store], dtype=float)
+    stored = hv.Curve((steps, totals), "step", "bytes", label="store every product layer").opts(
+        color=STORE_COLOR, line_dash="dashed", line_width=2, interpolation="steps-post"
+    )
+    spans = _pass_spans(rec)
+    peak_re, peak_st = base.max(initial=0), totals.max(initial=0)
+    title = (
+        f"Step memory: peak {fmt_bytes(peak_re)} with product layers recomputed, "
+        f"{fmt_bytes(peak_st)} if stored ({_saving(peak_re, peak_st)})"
+    )
+    return hv.Overlay([*spans, *layers, stored]).opts(
+        title=title,
+        xlabel="step of the training step (forward, then recompute + backward)",
+        ylabel="live memory (bytes)",
+        yformatter=si_ticks(),
+        responsive=True,
+        height=300,
+        legend_position="top_left",
+        show_legend=True,
+        **NO_WHEEL,
+    )
+
+
+def _saving(recompute: float, store: float) -> str:
+    if store <= 0 or store <= recompute:
+        return "no saving"
+    return f"saves {fmt_bytes(store - recompute)}, {100 * (1 - recompute / store):.0f}%"
+
+
+def _pass_spans(records: list[dict]) -> list:
+    """Light background bands: forward steps, then the backward half."""
+    first_back = next((i for i, r in enumerate(records) if r["pass"] != "forward"), len(records))
+    return [
+        hv.VSpan(-0.5, first_back - 0.5).opts(color=PASS_COLORS["forward"], alpha=0.08),
+        hv.VSpan(first_back - 0.5, len(records) - 0.5).opts(color=PASS_COLORS["backward"], alpha=0.08),
+    ]
