@@ -231,15 +231,22 @@ def _prod_lines(v: ProdNodes, first: int, num: _Numbering) -> list[str]:
 def _sum_lines(v: SumNodes, first: int, num: _Numbering) -> list[str]:
     bs = v.block_size
     child = _child_ids(v, num)
-    w = v.params.double()  # [E, bs(node), bs(child)]
-    per_node: list[list[str]] = [[] for _ in range(v.num_nodes)]
-    for e, (i, j) in enumerate(v.edge_ids.T.tolist()):
-        for r in range(bs):
-            for c in range(bs):
-                x = float(w[e, r, c])
-                if x > 0:
-                    per_node[i * bs + r].append(f"{child[j * bs + c]} {_fmt(math.log(x))}")
-    return [f"S {first + n} 0 {len(parts)} " + " ".join(parts) for n, parts in enumerate(per_node)]
+    w = v.params.double().numpy()  # [E, bs(node), bs(child)]
+    r = np.arange(bs)
+    nodes = np.broadcast_to(v.edge_ids[0][:, None, None] * bs + r[None, :, None], w.shape).ravel()
+    kids = np.broadcast_to(child[v.edge_ids[1][:, None, None] * bs + r[None, None, :]], w.shape).ravel()
+    w = w.ravel()
+    keep = w > 0  # zero-weight edges carry nothing
+    nodes, kids, w = nodes[keep], kids[keep], w[keep]
+    order = np.argsort(nodes, kind="stable")
+    nodes, kids, logw = nodes[order], kids[order].tolist(), np.log(w[order]).tolist()
+    bounds = np.searchsorted(nodes, np.arange(v.num_nodes + 1))
+    out = []
+    for n in range(v.num_nodes):
+        lo, hi = bounds[n], bounds[n + 1]
+        parts = " ".join(f"{kids[k]} {logw[k]!r}" for k in range(lo, hi))
+        out.append(f"S {first + n} 0 {hi - lo} {parts}")
+    return out
 
 
 def write_jpc(root_or_pc, path) -> None:
