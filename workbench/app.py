@@ -38,7 +38,6 @@ def create_views(session: SessionState) -> dict:
     from workbench.views.circuit_view import CircuitView
     from workbench.views.compare_view import CompareView
     from workbench.views.flows_view import FlowsView
-    from workbench.views.flows_view import FlowsView
     from workbench.views.partition_view import PartitionView
     from workbench.views.schedule_view import ScheduleView
     from workbench.views.training_view import TrainingView
@@ -50,7 +49,6 @@ def create_views(session: SessionState) -> dict:
         "Circuit": CircuitView(plan=session.plan),
         "Partitions": PartitionView(plan=session.plan),
         "Schedule": schedule,
-        "Flows": FlowsView(session=session),
         "Flows": FlowsView(session=session),
         "Train": TrainingView(session=session, schedule=schedule),
         "Compare": CompareView(store=session.store, jobs=services.runner, compare=session.compare),
