@@ -34,7 +34,7 @@ def irregular(num_cats=3):
                           edge_ids=torch.cat([sparse, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])], 1))
     s34 = engine.summate(engine.multiply(a[3], a[4]), num_nodes=4, block_size=4)
     top = engine.multiply(s012, engine.summate(engine.multiply(a[3], a[4]), num_nodes=8))
-    top2 = engine.multiply(s012, engine.multiply(s34, s34) if False else engine.summate(s34, num_nodes=8))
+    top2 = engine.multiply(s012, engine.summate(s34, num_nodes=8))
     return engine.summate(top, top2, num_nodes=1)
 
 

@@ -1,7 +1,8 @@
 """Triton kernels against the PyTorch path (engine/executor/torch_ops.py) on random inputs.
 
 On CPU these run through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before any
-kernel module is imported), so shapes stay tiny. The GPU runs the same comparisons at full size in
+kernel module is imported), so shapes stay tiny. The runner is tests/kernel_runner.py; on a GPU the
+same runner checks full sizes in tests/test_kernels_gpu.py (`gpu` marker) and
 benchmarks/check_kernels_gpu.py.
 """
 
