@@ -205,3 +205,24 @@ def test_binomial_mixture_on_triton_matches_torch_and_jpc_keeps_b_lines(tmp_path
     grid = torch.tensor([[a, b] for a in range(5) for b in range(5)])
     torch.testing.assert_close(engine.compile(read_jpc(tmp_path / "b.jpc"))(grid), engine.compile(root)(grid),
                                atol=1e-5, rtol=0)
+
+
+def test_psdd_logical_support_survives_em_with_pseudocount():
+    """asia.uai.psdd rules out 128 of its 256 assignments; EM with pseudocount 0.1 keeps exactly those
+    at probability zero (learnable Bernoulli literals would have spread mass onto them)."""
+    import itertools
+
+    from engine.io import read_psdd
+    from tests.test_io import CIRCUITS
+
+    pc = engine.compile(read_psdd(CIRCUITS / "asia.uai.psdd"))
+    x = torch.tensor(list(itertools.product([0, 1], repeat=pc.num_vars)))
+    zero = torch.isinf(pc(x))
+    assert int(zero.sum()) == 128
+    for _ in range(3):
+        pc.zero_flows()
+        pc.accumulate_flows(x)
+        pc.em_step(step_size=1.0, pseudocount=0.1)
+    after = pc(x)
+    assert torch.equal(torch.isinf(after), zero) and torch.isfinite(pc.params).all()
+    assert after[~zero].exp().sum().item() == pytest.approx(1.0, abs=1e-5)

@@ -59,7 +59,7 @@ class Binomial(Distribution):
         p = params[:, :1]
         x = xv.to(params.dtype).clamp(0, self.num_trials)
         lp = self._log_choose(x) + torch.xlogy(x, p) + torch.xlogy(self.num_trials - x, 1 - p)
-        return lp.clamp_min(-87.4982).masked_fill(miss, 0.0)  # the engine's log-zero floor
+        return lp.masked_fill(miss, 0.0)  # -inf for a zero probability (p = 0 or 1)
 
     def accumulate_stats(self, stats, params, xv, miss, flows):
         x = torch.where(miss, (self.num_trials * params[:, :1]).expand_as(flows), xv.to(flows.dtype))

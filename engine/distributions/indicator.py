@@ -2,8 +2,8 @@
 
 `params[:, 0]` holds each node's value (an integer in 0..num_cats-1); it is structure, not a
 parameter: there are no statistics, EM returns the params unchanged, gradients skip the family
-(`fixed`). A mismatch scores `ZERO_LOG`, the engine's log of a zero probability (the same floor
-the Categorical kernels use), so flows stay finite on rows the circuit rules out.
+(`fixed`). A mismatch scores log 0 = -inf, as every family does for a zero probability (the
+flows pass gives such a row no flow).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch
 from engine.distributions._triton import jit, tl
 from engine.distributions.base import Distribution, register
 
-ZERO_LOG = math.log(1.2e-38)  # the floor Categorical's kernel takes log of; -inf once zeros are exact
+ZERO_LOG = -math.inf
 
 
 @jit
 def _log_prob(prm, n64, nm, xv, P, C):
     v = tl.load(prm + n64 * P, mask=nm, other=-1.0)[:, None]
-    return tl.where(xv.to(tl.float32) == v, 0.0, -87.31591)  # ZERO_LOG
+    return tl.where(xv.to(tl.float32) == v, 0.0, -float("inf"))  # ZERO_LOG
 
 
 @register
