@@ -18,6 +18,7 @@ import pytest
 
 from workbench.services.jobs import JobRunner
 from workbench.services.store import RunStore, _pid_alive
+from workbench.state.runs import RunState
 
 REPO = Path(__file__).resolve().parents[2]
 APP = f"""
@@ -155,8 +156,12 @@ def test_jobs_past_the_worker_bound_wait_queued_then_run(tmp_path):
                    epochs=1, full_batch_epochs=0, threads=1)
     try:
         first, second, third = runner.start(spec), runner.start(spec), runner.start(spec)
-        assert second.status == "queued" and "waiting for a free worker" in second.message
+        assert second.status == "queued" and "waiting for a free worker: 0 runs ahead" in second.message
+        assert "1 run ahead in the queue" in third.message and runner.queue() == [second, third]
         assert runner.store.status(second.job_id)["status"] == "queued"
+        live = RunState.for_job(third)
+        live.poll()
+        assert live.status == "queued" and "1 run ahead" in live.message  # what the Train tab shows
         runner.stop(third.job_id)
         assert third.status == "stopped" and third.process.pid is None
         assert runner.wait(first.job_id, 120) and first.status == "done", first.message

@@ -188,9 +188,24 @@ class JobRunner:
                 self._launch(job)
             else:  # the reader thread launches it when a worker slot frees
                 job.status = "queued"
-                waiting = f"waiting for a free worker ({self.max_workers} training at once, CW_MAX_WORKERS)"
-                self._handle(job, [{"type": "status", "status": "queued", "message": waiting, "t": time.time()}])
+        if job.status == "queued":
+            self._tell_queue()
         return job
+
+    def queue(self) -> list[Job]:
+        """Jobs waiting for a free worker, first in line first."""
+        with self._lock:
+            return [j for j in self._jobs.values() if j.status == "queued" and j.process.pid is None]
+
+    def _tell_queue(self) -> None:
+        """Give each queued job a message with its place in line (sessions show it as progress)."""
+        for ahead, job in enumerate(self.queue()):
+            waiting = (
+                f"waiting for a free worker: {ahead} {'run' if ahead == 1 else 'runs'} ahead in the queue; "
+                f"{self.max_workers} train at once (CW_MAX_WORKERS)"
+            )
+            if job.message != waiting:
+                self._handle(job, [{"type": "status", "status": "queued", "message": waiting, "t": time.time()}])
 
     def _running(self) -> int:
         """Workers started and not yet finished (call with the lock held)."""
@@ -204,13 +219,17 @@ class JobRunner:
         self.store.set_status(job.job_id, "starting", pid=job.process.pid, server_pid=os.getpid())
 
     def _launch_queued(self) -> None:
-        """Start queued jobs, oldest first, while worker slots are free."""
+        """Start queued jobs, oldest first, while worker slots are free; tell the rest their place."""
+        launched = False
         with self._lock:
             for job in self._jobs.values():
                 if self._running() >= self.max_workers:
                     break
                 if job.status == "queued" and job.process.pid is None and not job.stop_event.is_set():
                     self._launch(job)
+                    launched = True
+        if launched:
+            self._tell_queue()
 
     def continue_run(self, run_id: str, owner: str | None = None) -> Job:
         """A new run, owned by `owner`, training on from the last checkpoint of a stopped or
@@ -272,6 +291,7 @@ class JobRunner:
             never_started = job.process.pid is None
         if never_started:
             self._finish(job, "stopped", "stopped before a worker was free")
+            self._tell_queue()
             return
         job.stop_deadline = time.time() + (self.stop_timeout if timeout is None else timeout)
         self._handle(job, [{"type": "status", "status": "stopping", "message": "", "t": time.time()}])

@@ -118,14 +118,20 @@ class SessionState(param.Parameterized):
         self.run = run
         return run
 
-    def continue_run(self) -> RunState | None:
-        """Train on from the open run's last checkpoint (a stopped or interrupted run) in a new run,
-        which becomes `run` (None + `error` when it cannot continue)."""
-        if self.run is None:
-            self.error = "open a stopped or interrupted run first"
+    def continuable_runs(self) -> list:
+        """This session's stored runs that can train on: stopped or interrupted, with a checkpoint
+        (RunRecords, newest first)."""
+        return [r for r in self.store.list_runs() if r.status in ("stopped", "interrupted") and r.has_model]
+
+    def continue_run(self, run_id: str | None = None) -> RunState | None:
+        """Train on from the last checkpoint of run `run_id` (default: the open run), stopped or
+        interrupted, in a new run that becomes `run` (None + `error` when it cannot continue)."""
+        run_id = run_id or (self.run.run_id if self.run is not None else "")
+        if not run_id:
+            self.error = "pick a stopped or interrupted run first"
             return None
         try:
-            job = self.services.runner.continue_run(self.run.run_id, owner=self.owner)
+            job = self.services.runner.continue_run(run_id, owner=self.owner)
         except (ValueError, OSError, PermissionError) as err:
             self.error = str(err)
             return None

@@ -101,6 +101,13 @@ class TrainingView(pn.viewable.Viewer):
         self.pause_btn = pn.widgets.Button(name="Pause", button_type="warning", width=90, disabled=True)
         self.stop_btn = pn.widgets.Button(name="Stop", button_type="danger", width=90, disabled=True)
         self.start_btn.on_click(lambda e: self.start())
+        # Continue a stopped or interrupted run of this browser (JobRunner.continue_run)
+        self.continue_pick = pn.widgets.Select(name="Stopped or interrupted run", width=300)
+        self.continue_btn = pn.widgets.Button(name="Continue", button_type="primary", width=100)
+        self.continue_btn.on_click(lambda e: self.continue_run())
+        self.share = pn.widgets.Checkbox(name="Share this run with other browsers", disabled=True)
+        self.share.param.watch(lambda e: self.session.share_run(e.new), "value")
+        self._list_continuable()
         self.pause_btn.on_click(lambda e: self.toggle_pause())
         self.stop_btn.on_click(lambda e: self.stop())
         self.progress = pn.indicators.Progress(value=0, max=1000, bar_color="success", width=300)
@@ -183,9 +190,23 @@ class TrainingView(pn.viewable.Viewer):
         ses.training.run_name = user_name or name  # default: structure, data and block size
         run = ses.start_training()
         ses.training.run_name = user_name
+        self._follow_new_run(run, "Cannot start")
+
+    def continue_run(self) -> None:
+        """Train on from the picked run's checkpoint in a new run, followed like a started one."""
+        self._follow_new_run(self.session.continue_run(self.continue_pick.value), "Cannot continue")
+
+    def _list_continuable(self) -> None:
+        runs = self.session.continuable_runs() if self.session.store is not None else []
+        self.continue_pick.options = {f"{r.name} · {r.status} · {r.run_id}": r.run_id for r in runs}
+        self.continue_btn.disabled = not runs
+
+    def _follow_new_run(self, run, failed: str) -> None:
+        ses = self.session
         if run is None:
-            set_status(self.alert, f"Cannot start: {safe_text(ses.error)}", "danger")
+            set_status(self.alert, f"{failed}: {safe_text(ses.error)}", "danger")
             return
+        self.share.param.update(value=False, disabled=False)
         set_status(self.alert, "")
         self._drawn = dict.fromkeys(PACE, (-1, 0.0))
         self._finished_ticks = 0
@@ -289,6 +310,8 @@ class TrainingView(pn.viewable.Viewer):
         )
         batch = f" · batch {p.get('batch')}/{p.get('num_batches')}" if p else ""
         device, status = escape(run.device or "…"), escape(run.status)
+        if run.status == "queued" and run.message:  # its place in the worker queue
+            status += f"</b> ({escape(run.message)})<b>"
         self.progress_text.object = (
             f"<p>Run <code>{escape(run.run_id)}</code> on <b>{device}</b>: <b>{status}</b> · "
             f"{epoch_label(run.spec, done, p.get('epoch'))}{batch}{ll}"
@@ -299,6 +322,7 @@ class TrainingView(pn.viewable.Viewer):
 
     def _finished(self) -> None:
         run = self.run
+        self._list_continuable()
         if run.status == "done":
             self.progress.value = 1000
         if self.schedule is not None and run.layer_means:
@@ -353,7 +377,13 @@ class TrainingView(pn.viewable.Viewer):
             pn.Row(p["layers"], p["memory"]),
             pn.Row(
                 pn.Column("**Per-layer time (ms per call)**", self.layer_table),
-                pn.Column("**Epochs**", self.epoch_table, pn.Row(self.download_metrics, self.download_model)),
+                pn.Column(
+                    "**Epochs**",
+                    self.epoch_table,
+                    pn.Row(self.download_metrics, self.download_model),
+                    self.share,
+                    pn.Row(self.continue_pick, self.continue_btn, align="end"),
+                ),
             ),
             sizing_mode="stretch_width",
         )
