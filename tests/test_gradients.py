@@ -42,11 +42,7 @@ def _constrained(dist, t):
 
 def _set_input_params(pc, i, value):
     """Swap input layer i's parameter buffer for a tensor that carries autograd history."""
-    layer = pc.input_layers[i]
-    if hasattr(layer, "rows"):  # InputLayer module
-        layer.params = value
-    else:
-        setattr(pc, f"input_params_{i}", value)
+    pc.input_layers[i].params = value
 
 
 def autograd_reference(root, x, missing):
