@@ -10,7 +10,8 @@ reparametrisations follow without dividing:
 - `"probs"`: d/dtheta_nc = F_nc / theta_nc (0 where theta_nc = 0), the raw derivative.
 
 Inputs (their statistics S are flow-weighted counts; a missing value adds flow * probabilities,
-which cancels below): Categorical / Bernoulli logits d/dz_k = S_k - phi_k sum_j S_j; Gaussian
+which cancels below): Categorical / Bernoulli logits d/dz_k = S_k - phi_k sum_j S_j (Binomial's own
+`grad_from_stats`: S_1 - N p S_0); Gaussian
 (mean, log std): d/dmu = (S_1 - mu S_0) / sd^2, d/dlog sd = (S_2 - 2 mu S_1 + mu^2 S_0) / sd^2 - S_0.
 A family can supply its own rule as a method `grad_from_stats(params, stats, wrt)`; families with
 no parameters to learn (`num_params == 0` or a `fixed` attribute) get no gradient.
@@ -119,7 +120,7 @@ class GradientTrainer:
             return None
         if dist.name == "gaussian":
             return torch.stack([params[:, 0], params[:, 1].log()], 1).detach().clone()
-        if dist.name == "bernoulli":
+        if dist.name in ("bernoulli", "binomial"):  # one probability: its logit
             p = params[:, :1].clamp(1e-6, 1 - 1e-6)
             return (p.log() - (1 - p).log()).detach().clone()
         return params.clamp_min(1e-30).log().detach().clone()
@@ -148,7 +149,7 @@ class GradientTrainer:
             d = v.dist
             if d.name == "gaussian":
                 new = torch.stack([t[:, 0], t[:, 1].exp().clamp_min(d.min_std)], 1)
-            elif d.name == "bernoulli":
+            elif d.name in ("bernoulli", "binomial"):
                 new = torch.sigmoid(t)
             else:
                 new = torch.softmax(t, 1)

@@ -27,7 +27,7 @@ def _softmax_flat(pc, z):
 def _free(dist, p):
     if dist.name == "gaussian":
         return torch.stack([p[:, 0], p[:, 1].log()], 1)
-    if dist.name == "bernoulli":
+    if dist.name in ("bernoulli", "binomial"):
         return p.log() - (1 - p).log()
     return p.log()
 
@@ -35,7 +35,7 @@ def _free(dist, p):
 def _constrained(dist, t):
     if dist.name == "gaussian":
         return torch.stack([t[:, 0], t[:, 1].exp()], 1)
-    if dist.name == "bernoulli":
+    if dist.name in ("bernoulli", "binomial"):
         return torch.sigmoid(t)
     return torch.softmax(t, 1)
 
@@ -114,3 +114,28 @@ def test_gradient_training_raises_the_likelihood_and_stays_normalised(optimizer)
     for pt in sum_partitions(pc):
         rows = pt.weights(pc.params).sum(2)
         torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_binomial_gradients_match_autograd(backend):
+    from engine.distributions.binomial import Binomial
+
+    torch.manual_seed(3)
+    ins = [engine.inputs(0, 4, Binomial(6)), engine.inputs(1, 4, engine.dists.Categorical(3))]
+    root = engine.summate(engine.multiply(*ins), num_nodes=1)
+    x = torch.stack([torch.randint(0, 7, (64,)), torch.randint(0, 3, (64,))], 1)
+    missing = torch.rand(x.shape) < 0.25
+    ref_sum, ref_inputs, _ = autograd_reference(root, x, missing)
+    pc = engine.compile(copy.deepcopy(root), backend=backend, kernel_options=OPTS if backend == "triton" else None)
+    g = gradients(pc, x, missing)
+    torch.testing.assert_close(g.sum_grad.double(), ref_sum, atol=2e-4 * ref_sum.abs().max().item(), rtol=1e-3)
+    for got, want in zip(g.input_grads, ref_inputs):
+        torch.testing.assert_close(got.double(), want, atol=2e-4 * want.abs().max().item(), rtol=1e-3)
+
+
+def test_a_family_without_a_gradient_rule_is_one_clear_error():
+    from engine.distributions.discrete_logistic import DiscreteLogistic
+
+    pc = engine.compile(engine.summate(engine.inputs(0, 2, DiscreteLogistic(16)), num_nodes=1))
+    with pytest.raises(ValueError, match="no gradient rule for discrete_logistic"):
+        gradients(pc, torch.randint(0, 16, (8, 1)))

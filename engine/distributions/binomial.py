@@ -73,6 +73,12 @@ class Binomial(Distribution):
         new = torch.where(w > 1e-12, new.clamp(0, 1), p)
         return ((1 - step_size) * p + step_size * new)[:, None]
 
+    def grad_from_stats(self, params, stats, wrt: str):
+        """d sum_x log p / d logit(p) = S_1 - N p S_0 ("softmax"), or over p(1 - p) ("probs")."""
+        p = params[:, :1]
+        g = stats[:, 1:2] - self.num_trials * p * stats[:, :1]
+        return g if wrt == "softmax" else g / (p * (1 - p)).clamp_min(1e-38)
+
     def value_probs(self, params):
         k = torch.arange(self.num_trials + 1, device=params.device)[None].expand(params.shape[0], -1)
         return self.log_prob(params, k, torch.zeros_like(k, dtype=torch.bool)).exp()
