@@ -12,5 +12,7 @@ if "workbench" in sys.modules and not hasattr(sys.modules["workbench"], "__path_
     del sys.modules["workbench"]
 
 from workbench.app import create_app  # noqa: E402
+from workbench.offline import pin_local_resources  # noqa: E402
 
+pin_local_resources()  # before any model exists: no stylesheet URL ever points at a CDN
 create_app().servable(title="Circuit Workbench")

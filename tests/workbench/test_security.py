@@ -170,3 +170,28 @@ def test_run_files_and_archives_hold_no_server_paths(tmp_path):
         assert runner.store.events(done.job_id, ("done",))[0]["model"] == "model.cwpc"
     finally:
         runner.shutdown()
+
+
+def test_every_stylesheet_of_a_new_session_is_local(tmp_path):
+    """The app's models get local stylesheet URLs from the start, not only after the page render
+    re-patches the models it reaches (before, 11 of 11 pointed at cdn.holoviz.org)."""
+    from bokeh.document import Document
+    from bokeh.models import ImportedStyleSheet
+    from panel.io.state import set_curdoc
+
+    from workbench.app import create_app
+    from workbench.offline import pin_local_resources
+    from workbench.services import Services
+    from workbench.services.jobs import JobRunner
+
+    store = RunStore(tmp_path)
+    services = Services(store, JobRunner(store))
+    try:
+        doc = Document()
+        with set_curdoc(doc):
+            pin_local_resources()
+            create_app(services).server_doc(doc)
+        urls = {str(s.url) for root in doc.roots for s in root.select({"type": ImportedStyleSheet})}
+        assert urls and not [u for u in urls if "://" in u], sorted(urls)[:5]
+    finally:
+        services.shutdown()
