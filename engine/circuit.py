@@ -73,6 +73,7 @@ class CompiledCircuit(torch.nn.Module):
         self.profiler: LayerProfiler | None = None
         self._mars: tuple[torch.Tensor, torch.Tensor] | None = None
         self._inputs_cache: list = []
+        self._graph_pool = None  # the CUDA-graph memory pool of this circuit's captured steps (graph.py)
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)

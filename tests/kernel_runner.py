@@ -53,7 +53,7 @@ def run(root, x, missing, backend, opts=OPTS, device=DEVICE, dtype=torch.float32
     pc.em_step(*EM)
     out["params_after_em"] = pc.params.clone()
     for i in range(len(pc.input_layers)):
-        out[f"input_params_after_em_{i}"] = pc.input_params(i).clone()
+        out[f"inputs_after_em_{i}"] = pc.input_params(i).clone()
     return pc, out
 
 

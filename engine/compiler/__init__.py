@@ -15,7 +15,7 @@ from engine.compiler.layout import Layout, build_layout
 from engine.compiler.plan import Layer, LayerPlan, Partition, Step
 from engine.nodes import NodeVector
 
-__all__ = ["compile_plan", "compile_circuit", "LayerPlan", "Layer", "Partition", "Step", "CircuitIR", "Layout",
+__all__ = ["compile_plan", "compile_circuit", "validate", "LayerPlan", "Layer", "Partition", "Step", "CircuitIR", "Layout",
            "DEFAULT_TOLERANCE"]
 
 DEFAULT_TOLERANCE = 0.25
@@ -65,6 +65,12 @@ def compile_plan(
         node_row=dict(lay.node_row),
     )
     return plan, ir, lay
+
+
+def validate(root: NodeVector) -> None:
+    """Raise CircuitError if the circuit under `root` cannot be compiled (not smooth, not
+    decomposable, a root of several nodes), without laying it out."""
+    build_ir(root)
 
 
 def compile_circuit(root: NodeVector, block_size: int | None = None, tolerance: float = DEFAULT_TOLERANCE

@@ -19,6 +19,7 @@ traversal of a training step that the executors, the queries and the workbench's
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -169,25 +170,29 @@ class LayerPlan:
     def input_layers(self) -> list[Layer]:
         return [layer for layer in self.layers if layer.kind == "input"]
 
-    def forward_steps(self) -> list[Step]:
+    def forward_steps(self) -> tuple[Step, ...]:
         """Every layer bottom-up."""
-        return [Step(layer, "forward") for layer in self.layers]
+        return self._traversal[0]
 
-    def backward_steps(self, inputs: bool = True) -> list[Step]:
+    def backward_steps(self, inputs: bool = True) -> tuple[Step, ...]:
         """Top-down: per sum layer, recompute the product layer below it (into the scratch buffer),
-        the sum layer's backward, then that product layer's backward; then the input layers."""
-        out = []
+        the sum layer's backward, then that product layer's backward; then (`inputs`) the input layers."""
+        return self._traversal[1] + (self._traversal[2] if inputs else ())
+
+    def steps(self) -> tuple[Step, ...]:
+        """A training step in execution order: `forward_steps()` then `backward_steps()`."""
+        return self.forward_steps() + self.backward_steps()
+
+    @cached_property
+    def _traversal(self) -> tuple[tuple[Step, ...], tuple[Step, ...], tuple[Step, ...]]:
+        """(forward, top-down over sum and product layers, input layers), built once per plan."""
+        forward = tuple(Step(layer, "forward") for layer in self.layers)
+        down = []
         for li in range(len(self.layers) - 1, 0, -1):
             layer, below = self.layers[li], self.layers[li - 1]
             if layer.kind == "sum":
-                out += [Step(below, "recompute", layer), Step(layer, "backward", below), Step(below, "backward", layer)]
-        if inputs:
-            out += [Step(layer, "backward") for layer in self.input_layers]
-        return out
-
-    def steps(self) -> list[Step]:
-        """A training step in execution order: `forward_steps()` then `backward_steps()`."""
-        return self.forward_steps() + self.backward_steps()
+                down += [Step(below, "recompute", layer), Step(layer, "backward", below), Step(below, "backward", layer)]
+        return forward, tuple(down), tuple(Step(layer, "backward") for layer in self.input_layers)
 
     def with_kernels(self, names: dict[int, list[str]]) -> LayerPlan:
         """A copy naming, per layer index, the kernel that runs each partition (the rest unchanged)."""

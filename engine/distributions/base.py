@@ -12,6 +12,8 @@ engine: a family defined in any module plugs in once that module is imported.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 _REGISTRY: dict[str, type[Distribution]] = {}
@@ -32,8 +34,15 @@ def registered() -> dict[str, type[Distribution]]:
 
 
 def from_json(d: dict) -> Distribution:
-    """Rebuild a distribution from `to_json()` output; unknown names raise ValueError."""
-    cls = _REGISTRY.get(d.get("name"))
+    """Rebuild a distribution from `to_json()` output; unknown names raise ValueError. An engine
+    family not imported yet is found by its file name (engine/distributions/<name>.py)."""
+    name = d.get("name")
+    if name not in _REGISTRY and isinstance(name, str) and name.isidentifier():
+        try:
+            importlib.import_module(f"engine.distributions.{name}")
+        except ModuleNotFoundError:
+            pass
+    cls = _REGISTRY.get(name)
     if cls is None:
         raise ValueError(f"unknown input distribution {d.get('name')!r}")
     return cls.from_json(d)

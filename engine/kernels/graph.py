@@ -26,7 +26,7 @@ import torch
 
 def _graph_pool(pc):
     """The circuit's one CUDA-graph memory pool, made on first use."""
-    pool = getattr(pc, "_graph_pool", None)
+    pool = pc._graph_pool
     if pool is None:
         pool = pc._graph_pool = torch.cuda.graph_pool_handle()
     return pool

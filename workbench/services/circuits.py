@@ -135,9 +135,9 @@ def build_graph(spec: dict) -> NodeVector:
         raise CircuitError(f"the graph needs exactly one root node; found {what}")
     built = _build_nodes(nodes, children, roots[0])
     root = built[roots[0]]
-    from engine.compiler.ir import build_ir
+    from engine.compiler import validate
 
-    build_ir(root)  # raises "circuit is not smooth/decomposable: ..." and root-size errors
+    validate(root)  # raises "circuit is not smooth/decomposable: ..." and root-size errors
     return root
 
 
