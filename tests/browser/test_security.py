@@ -38,7 +38,7 @@ def test_payload_in_file_names_is_text(page):
 
     open_tab(page, "Import")
     psdd = (REPO / "assets" / "circuits" / "little_4var.psdd").read_bytes()
-    circuits = page.locator("input[type=file][accept='.cw,.cwpc,.zip,.psdd']")
+    circuits = page.locator("input[type=file][accept^='.cw,.cwpc,.zip,.psdd']")
     circuits.set_input_files({"name": f"y{PAYLOAD}.psdd", "mimeType": "text/plain", "buffer": psdd})
     _assert_inert(page, page.locator(".alert").filter(has_text="Uploaded"))
     circuits.set_input_files({"name": f"z{PAYLOAD}.psdd", "mimeType": "text/plain", "buffer": b"psdd 1\nX\n"})

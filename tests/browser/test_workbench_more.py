@@ -229,7 +229,7 @@ def test_import_bundled_psdd_and_upload(page, tmp_path):
     assert drawn and any(g["glyph"] == "Scatter" and g["n"] >= 2 for g in drawn[0]["glyphs"]), drawn
 
     open_tab(page, "Build")
-    upload = page.locator("input[type=file][accept='.cw,.cwpc,.zip,.psdd']")
+    upload = page.locator("input[type=file][accept^='.cw,.cwpc,.zip,.psdd']")
     upload.set_input_files(str(REPO / "assets" / "circuits" / "asia.uai.psdd"))
     expect(page.get_by_text("Uploaded asia.uai.psdd")).to_be_visible()
     page.get_by_role("button", name="Build circuit").click()

@@ -1,4 +1,5 @@
-"""Uploaded files: data (.npy/.npz/.csv) and circuits (native zip, .psdd), saved and validated.
+"""Uploaded files: data (.npy/.npz/.csv) and circuits (native zip, .psdd, Juice's .jpc/.clt/.spn),
+saved and validated.
 
 Uploads arrive as bytes (a FileInput's value). They are size-checked before anything is written,
 stored under a random name in the upload directory ($CW_UPLOAD_DIR, default <runs>/uploads) and
@@ -17,7 +18,8 @@ from workbench.services.circuits import describe, error_message, load_circuit_fi
 from workbench.services.store import default_runs_dir
 
 DATA_SUFFIXES = (".npy", ".npz", ".csv")
-CIRCUIT_SUFFIXES = (".cw", ".cwpc", ".zip", ".psdd")  # .cw: the name README and the CLI use
+# .cw: the name README and the CLI use; .jpc/.clt/.spn: Juice's text formats (.jpc.gz gzipped)
+CIRCUIT_SUFFIXES = (".cw", ".cwpc", ".zip", ".psdd", ".jpc", ".jpc.gz", ".clt", ".spn")
 # Bokeh sends a FileInput's file as one base64 websocket message; its default cap (20 MiB) holds a
 # 12 MiB file. scripts/start raises the cap to match CW_MAX_UPLOAD_MB, so larger limits work there.
 MAX_UPLOAD_BYTES = int(float(os.environ.get("CW_MAX_UPLOAD_MB", "12")) * 2**20)
@@ -44,16 +46,18 @@ def upload_dir() -> Path:
 
 def _save(filename: str, data: bytes, suffixes: tuple[str, ...], max_bytes: int | None) -> Path:
     limit = MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
-    suffix = Path(filename or "").suffix.lower()
-    if suffix not in suffixes:
-        raise ValueError(f"unsupported file type {suffix or '(none)'!r}; use {', '.join(suffixes)}")
+    name = Path(filename or "").name.lower()
+    suffix = max((s for s in suffixes if name.endswith(s)), key=len, default="")  # .jpc.gz over .gz
+    if not suffix:
+        shown = "".join(Path(name).suffixes[-2:]) or "(none)"
+        raise ValueError(f"unsupported file type {shown!r}; use {', '.join(suffixes)}")
     if data is None or len(data) == 0:
         raise ValueError("the uploaded file is empty")
     if len(data) > limit:
         raise ValueError(
             f"file is too large ({len(data) / 2**20:.1f} MiB; the limit is {limit / 2**20:.0f} MiB)"
         )
-    stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(filename).stem)[:40] or "upload"
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(filename).name[: -len(suffix)])[:40] or "upload"
     path = upload_dir() / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
     path.write_bytes(data)
     return path

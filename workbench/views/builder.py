@@ -14,6 +14,7 @@ import panel as pn
 import param
 
 from workbench.services.background import build_pool, run_then
+from workbench.services.uploads import CIRCUIT_SUFFIXES
 from workbench.state.circuit import BuildState
 from workbench.views._common import collapsing_tabs, learn, plural, plural_n, safe_text, set_status, status
 
@@ -231,7 +232,7 @@ class FileImport(pn.viewable.Viewer):
         super().__init__(**params)
         examples = sorted(p.name for p in EXAMPLE_DIR.glob("*.psdd")) if EXAMPLE_DIR.exists() else []
         self.example = pn.widgets.Select(name="Bundled example", options=["", *examples], width=220)
-        self.upload = pn.widgets.FileInput(accept=".cw,.cwpc,.zip,.psdd", width=240)
+        self.upload = pn.widgets.FileInput(accept=",".join(CIRCUIT_SUFFIXES), width=240)
         self.alert = status()
         self.example.param.watch(self._on_example, "value")
         self.upload.param.watch(self._on_upload, "value")
@@ -255,7 +256,10 @@ class FileImport(pn.viewable.Viewer):
 
     def __panel__(self):
         return pn.Column(
-            pn.pane.Markdown("Native circuit files (`engine.save`) or PSDDs (`.psdd`).", margin=(0, 10)),
+            pn.pane.Markdown(
+                "Native circuit files (`engine.save`), PSDDs (`.psdd`) or Juice's `.jpc` / `.clt` / `.spn`.",
+                margin=(0, 10),
+            ),
             pn.Row(self.example, self.upload),
             self.alert,
         )
@@ -450,6 +454,11 @@ class BuilderView(pn.viewable.Viewer):
             f"{plural(i.get('num_nodes'), 'node')} in {plural_n(i.get('num_vectors'), 'node vector')} "
             f"({kinds}) over {plural_n(i.get('num_vars'), 'variable')}."
         )
+        if i.get("num_nodes") == i.get("num_vectors"):  # a PSDD import: one node per vector
+            text += (
+                " Every node vector holds one node, so every node block is 1 node: the Partitions "
+                "tab's block size cannot merge vectors into larger blocks (its tiles stay 1x1)."
+            )
         if b.mismatch:
             set_status(self.outcome, f"{text} **Cannot train:** {safe_text(b.mismatch)}.", "warning")
         else:
