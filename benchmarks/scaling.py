@@ -41,19 +41,19 @@ def allreduce_ms(pc, reduce_dtype="fp32", reps=50) -> float:
     return 1e3 * median_seconds(distributed.FlowReducer(pc, reduce_dtype), reps, warmup=3)
 
 
-def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32") -> dict:
+def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=False) -> dict:
     pc = engine.compile(root, device="cuda")
     sched = optim.EMSchedule(batch_size=BATCH, step_size=STEP, final_step_size=STEP, pseudocount=PSEUDO,
                              full_batch_epochs=0, drop_last=True)
     hist = optim.fit(pc, data_cpu, epochs=epochs, schedule=sched, generator=torch.Generator().manual_seed(SEED),
-                     distributed=ranks.world > 1, reduce_dtype=reduce_dtype)
+                     distributed=ranks.world > 1, reduce_dtype=reduce_dtype, reduce_overlap=overlap)
     steps = data_cpu.shape[0] // (BATCH * ranks.world)
-    out = {"epoch_s": None, "ll": None, "steps_per_epoch": steps, "reduce_dtype": reduce_dtype}
+    out = {"epoch_s": None, "ll": None, "steps_per_epoch": steps, "reduce_dtype": reduce_dtype, "overlap": overlap}
     if ranks.world > 1:
         out["allreduce_ms"] = allreduce_ms(pc, reduce_dtype)
     if hist:  # rank 0
         out.update(epoch_s=statistics.median(h["seconds"] for h in hist[1:]), pass_ll=hist[-1]["pass_ll"],
-                   train_ll=hist[-1]["train_ll"])
+                   train_ll=hist[-1]["train_ll"], graph_batches=hist[-1].get("graph_batches"))
         if ranks.world > 1:
             out["allreduce_share"] = out["allreduce_ms"] / 1e3 / (out["epoch_s"] / steps)
     return out
@@ -85,6 +85,9 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["hclt:256", "hclt:512", "pd:128", "pd:256"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-pyjuice", action="store_true")
+    ap.add_argument("--overlap-ab", action="store_true",
+                    help="also time ours with the flows all-reduced layer bucket by bucket during the flows pass "
+                         "(2+ GPUs), in the same run, in alternating order")
     ap.add_argument("--bf16-reduce", action="store_true",
                     help="also time ours with the flows summed in bfloat16 (2+ GPUs), in the same run")
     ap.add_argument("--out", default=None)
@@ -107,7 +110,13 @@ def main():
         kind, nl = spec.split(":")
         torch.manual_seed(0)  # the same circuit and initial parameters on every rank
         root = ours_build(kind, int(nl), data_u8[:20000].long())
+        overlap_first = args.overlap_ab and ranks.world > 1 and len(info["results"]) % 2 == 1
+        if overlap_first:
+            row_overlap = run_ours(root, data_cpu, ranks, args.epochs, overlap=True)
         row = {"config": f"{kind}-{nl}", "ours": run_ours(root, data_cpu, ranks, args.epochs)}
+        if args.overlap_ab and ranks.world > 1:
+            row["ours_overlap"] = row_overlap if overlap_first else run_ours(root, data_cpu, ranks, args.epochs,
+                                                                             overlap=True)
         if args.bf16_reduce and ranks.world > 1:
             row["ours_bf16_reduce"] = run_ours(root, data_cpu, ranks, args.epochs, "bf16")
         if juice is not None:
@@ -137,6 +146,10 @@ def print_table(runs):
             share = 100 * o.get("allreduce_share", 0.0)
             print(f"{row['config']:9s} {run['gpus']:4d} | {o['epoch_s']:9.3f} {so:5.2f} {share:7.1f} | "
                   f"{p.get('epoch_s', nan):8.3f} {sp:5.2f} | {p.get('epoch_s', nan) / o['epoch_s']:10.2f}", end="")
+            v = row.get("ours_overlap")
+            if v:
+                print(f" | overlap {v['epoch_s']:.3f} s/ep, scaling {b['ours']['epoch_s'] / v['epoch_s']:.2f}, "
+                      f"train LL {v['train_ll']:.4f}", end="")
             h = row.get("ours_bf16_reduce")
             if h:
                 print(f" | {h['epoch_s']:13.3f} {b['ours']['epoch_s'] / h['epoch_s']:5.2f} "

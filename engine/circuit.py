@@ -74,6 +74,9 @@ class CompiledCircuit(torch.nn.Module):
         self._mars: tuple[torch.Tensor, torch.Tensor] | None = None
         self._inputs_cache: list = []
         self._graph_pool = None  # the CUDA-graph memory pool of this circuit's captured steps (graph.py)
+        # called with each Step of a parameter-accumulating flows pass once its flows are final
+        # (data-parallel EM starts all-reducing a layer's flows while lower layers still compute)
+        self.flow_listener: Callable[[Step], None] | None = None
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
@@ -208,8 +211,11 @@ class CompiledCircuit(torch.nn.Module):
         element_flows = self._scratch(*element_mars.shape)  # each layer's rows are zeroed or overwritten
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
         bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)
+        listener = self.flow_listener if accumulate_params else None
         for step in self.plan.backward_steps(inputs=accumulate_params):
             self._backward_step(step, *bufs)
+            if listener is not None:
+                listener(step)
         return node_flows
 
     def _backward_step(self, step: Step, node_mars, element_mars, node_flows, element_flows, param_flows) -> None:

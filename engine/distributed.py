@@ -133,17 +133,26 @@ def all_sum(values: list[float], device) -> list[float]:
 REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+BUCKET_BYTES = 8 * 2**20  # sum layers' flows are all-reduced in buckets of at least this much
+
+
 class FlowReducer:
     """Sums the parameter flows and input statistics over ranks, in place; its own profiler span.
 
-    `dtype="fp32"` (default): one all-reduce per buffer (the sum-weight flows, then each input
-    layer's statistics), issued in that fixed order on every rank, so NCCL can also record them
-    inside the CUDA graph of a step. `dtype="bf16"` halves the bytes sent: the buffers are cast into
-    one flat bfloat16 buffer, reduced in one call and cast back (each flow keeps ~3 significant
-    digits, as PyJuice's bf16 reduction; every rank still receives the same sums).
+    Called alone (`reducer()`), it reduces every buffer: one all-reduce per buffer (the sum-weight
+    flows, then each input layer's statistics) in a fixed order on every rank, so NCCL can also
+    record them inside the CUDA graph of a step. `dtype="bf16"` halves the bytes sent: the buffers
+    are cast into one flat bfloat16 buffer, reduced in one call and cast back (each flow keeps ~3
+    significant digits, as PyJuice's bf16 reduction; every rank still receives the same sums).
+
+    `overlap=True` (fp32): `start()` before a step's flows pass makes the circuit report each
+    finished layer (`pc.flow_listener`); the flows of consecutive sum layers (contiguous in the
+    flat vector, top-down) are all-reduced asynchronously in buckets of >= `bucket_bytes` while
+    the layers below still compute, and the input statistics right after their layer; `reducer()`
+    then waits for them all. The profiler span then measures only the wait, the exposed part.
     """
 
-    def __init__(self, pc, dtype: str = "fp32"):
+    def __init__(self, pc, dtype: str = "fp32", overlap: bool = False, bucket_bytes: int = BUCKET_BYTES):
         if dtype not in REDUCE_DTYPES:
             raise ValueError(f"reduce dtype must be one of {', '.join(REDUCE_DTYPES)}, got {dtype!r}")
         self.pc = pc
@@ -153,11 +162,37 @@ class FlowReducer:
         if dtype != "fp32":
             total = sum(t.numel() for t in self.tensors)
             self.flat = torch.empty(total, dtype=REDUCE_DTYPES[dtype], device=pc.device)
+        self.buckets = _flow_buckets(pc, bucket_bytes) if overlap and dtype == "fp32" else {}
+        self.overlap = bool(self.buckets)
+        self._pending: list = []
+        self._armed = False
+
+    def start(self) -> None:
+        """Before a flows pass whose flows this reducer will sum: reduce layer by layer as they finish."""
+        if self.overlap:
+            self.pc.flow_listener = self._on_step
+            self._armed = True
 
     def __call__(self) -> None:
         prof = self.pc.profiler
         with prof.span(ALLREDUCE_LAYER, "allreduce", "allreduce") if prof is not None else nullcontext():
-            self._reduce()
+            if self._armed:
+                self._finish()
+            else:
+                self._reduce()
+
+    def _on_step(self, step) -> None:
+        what = self.buckets.get((step.layer.index, step.pass_name))
+        if what is not None:
+            self._pending.append(_collective("all-reduce of the parameter flows", dist.all_reduce, what,
+                                             async_op=True))
+
+    def _finish(self) -> None:
+        self.pc.flow_listener = None
+        self._armed = False
+        pending, self._pending = self._pending, []
+        for work in pending:  # on CUDA: the compute stream waits for NCCL's stream, the host does not
+            _collective("all-reduce of the parameter flows", work.wait)
 
     def _reduce(self) -> None:
         if self.flat is None:
@@ -172,6 +207,34 @@ class FlowReducer:
         _collective("all-reduce of the parameter flows", dist.all_reduce, self.flat)
         for t, v in zip(self.tensors, views):  # read N bf16, write N fp32
             t.copy_(v.view(t.shape))
+
+
+def _flow_buckets(pc, bucket_bytes: int) -> dict:
+    """(layer index, pass) of the step after which a buffer slice is final -> that slice.
+
+    Sum layers come top-down in the flows pass and own contiguous, descending parameter ranges:
+    consecutive ones are merged until a bucket holds `bucket_bytes`; the last sum layer closes the
+    final bucket. Each input layer's statistics follow its own step. Empty when the layers' ranges
+    do not tile the flat vector this way."""
+    out, lo, hi, last = {}, None, None, None
+    flows = pc.param_flows
+    sums = [st for st in pc.plan.backward_steps() if st.layer.kind == "sum" and st.pass_name == "backward"]
+    for i, st in enumerate(sums):
+        parts = st.layer.partitions
+        a = min(p.param_offset for p in parts)
+        b = max(p.param_offset + p.num_params for p in parts)
+        if hi is not None and b != lo:  # not adjacent: close the open bucket first
+            out[last] = flows[lo:hi]
+            lo = hi = None
+        lo, hi, last = a, (b if hi is None else hi), (st.layer.index, "backward")
+        if (hi - lo) * flows.element_size() >= bucket_bytes or i == len(sums) - 1:
+            out[last] = flows[lo:hi]
+            lo = hi = None
+    if sum(t.numel() for t in out.values()) != flows.numel():
+        return {}  # a layout with gaps or another order: reduce everything at the end instead
+    for i, inp in enumerate(pc.input_layers):
+        out[(inp.layer.index, "backward")] = pc.input_stats(i)
+    return out
 
 
 def shard_batches(order: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:

@@ -41,7 +41,7 @@ class CapturedStep:
                  forward_only: bool = False, capture_first: bool = False, enabled: bool = True,
                  reduce=None):
         self.pc, self.batch_size, self.em, self.zero = pc, int(batch_size), em, zero_flows
-        self.reduce = reduce  # called between the flows and the EM update (data-parallel all-reduce)
+        self.reduce = reduce  # engine.distributed.FlowReducer: start() before the flows, called after them
         self.forward_only = forward_only
         self.capture_first = capture_first
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -63,6 +63,8 @@ class CapturedStep:
         else:
             if self.zero:
                 pc.zero_flows()
+            if self.reduce is not None:
+                self.reduce.start()  # a data-parallel reducer may start summing layers as they finish
             ll = pc.accumulate_flows(x, missing, validate=False)
             if self.reduce is not None:
                 self.reduce()
