@@ -296,3 +296,27 @@ def test_overflowing_numbers_in_circuit_json_are_file_format_errors(tmp_path, ch
         zf.writestr("arrays.safetensors", len(header).to_bytes(8, "little") + header + bytes(4))
     with pytest.raises(FileFormatError, match=match):
         engine.load(path)
+
+
+def test_gzipped_jpc_bomb_stops_at_the_text_budget(tmp_path):
+    """2 MB of gzip inflating to 1 GiB of JPC text: refused at 8 MiB of output (it held 512 MiB, 1.3 GB peak)."""
+    import gzip
+
+    path = tmp_path / "bomb.jpc.gz"
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(b"jpc 3\n")
+        chunk = (b"c " + b"x" * 1000 + b"\n") * 1024
+        for _ in range(1024):
+            f.write(chunk)
+    assert path.stat().st_size < 4 * 2**20
+    outcome, peak = probe(f"import engine\nengine.load({str(path)!r})")
+    assert outcome.startswith("FileFormatError") and "decompresses to more than the limit" in outcome, outcome
+    assert peak < PEAK_LIMIT_MB
+
+
+def test_circuit_text_past_the_budget_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "wide.spn"
+    path.write_text("(2)\nv 0 0\nv 0 1\n" + "+ 0 -0.7 1 -0.7\n" * 40_000 + "EOF\n")  # ~660 KB
+    outcome, peak = probe(f"import engine\nengine.load({str(path)!r})", env={"CW_MEMORY_BUDGET_MB": "64"})
+    assert outcome.startswith("FileFormatError") and "memory budget is 64 MiB" in outcome, outcome
+    assert peak < PEAK_LIMIT_MB

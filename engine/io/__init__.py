@@ -60,6 +60,7 @@ def load(path):
         data = _gunzip(data, path)
     if not data:
         raise FileFormatError(f"{path}: file is empty")
+    limits.check_text(len(data), path)
     if data[:1] == _PICKLE_PROTOCOL:
         raise FileFormatError(f"{path}: looks like a Python pickle. " + PYJUICE_HINT.format(path=path))
     keyword = first_keyword(data)
@@ -89,8 +90,9 @@ def _is_torch_pickle_zip(data: bytes) -> bool:
 
 
 def _gunzip(data: bytes, path: str) -> bytes:
-    """Decompress gzip bytes, refusing more than `limits.MAX_FILE_BYTES` of output."""
-    limit = limits.MAX_FILE_BYTES
+    """Decompress gzip bytes, refusing more than `limits.text_limit()` of output (a gzip bomb stops
+    at the budget's share, not at 512 MiB held in memory)."""
+    limit = limits.text_limit()
     d = zlib.decompressobj(wbits=31)
     try:
         out = d.decompress(data, limit + 1)

@@ -32,6 +32,18 @@ def json_limit() -> int:
     return min(MAX_JSON_BYTES, budget.MEMORY_BUDGET_BYTES // JSON_OBJECT_FACTOR)
 
 
+def text_limit() -> int:
+    """Bytes of circuit text (PSDD, JPC, CLT, SPN; after gunzip) the memory budget can build:
+    about PSDD_BYTES_PER_BYTE bytes of node vectors per byte of text (8 MiB at the 1 GiB default)."""
+    return min(MAX_FILE_BYTES, budget.MEMORY_BUDGET_BYTES // PSDD_BYTES_PER_BYTE)
+
+
+def check_text(nbytes: int, path: str) -> None:
+    """Refuse circuit text the memory budget cannot build, before parsing it."""
+    if nbytes > text_limit():
+        raise FileFormatError(f"{path}: this circuit text {budget.describe(nbytes * PSDD_BYTES_PER_BYTE)}")
+
+
 class FileFormatError(ValueError):
     """A circuit file that is missing, too large, corrupt or not in a supported format.
 
