@@ -87,6 +87,8 @@ class CompiledCircuit(torch.nn.Module):
         it derives its tables from the compiled plan, and `self.plan` names its kernels."""
         self.backend = make_backend(backend, self.device, kernel_options)
         self.tables = self.backend.prepare(self._compiled_plan, list(self.input_layers), self.device)
+        device = self.device  # executors may build some tables on the host: every table lives here
+        apply_tensors(self.tables, lambda t: t.to(device))
         self.plan = self._compiled_plan.with_kernels(self.tables.kernels)
 
     # ----------------------------------------------------------------- tensors and devices
