@@ -157,6 +157,13 @@ def test_epochs_as_set_and_measured_times_only_of_this_plan(page):
     expect(page.get_by_text(re.compile(r"Measured \(.*\): [\d.]+ ms per step")).first).to_be_visible()
     assert wait_figure(page, "Measured (")
     screenshot(page, "schedule_measured")
+    # the device model calibrated to this run: fitted throughput, bandwidth, launch cost and factor
+    calibrated = page.get_by_text(re.compile(r"Device model calibrated to .* \(factor [\d.]+x"))
+    expect(calibrated).to_be_visible()
+    assert wait_figure(page, "Calibrated model")
+    expect(page.get_by_role("button", name="Use the calibrated device model")).to_be_enabled()
+    calibrated.scroll_into_view_if_needed()
+    screenshot(page, "schedule_calibrated")
     # another plan (block size 2): the run's times are not drawn as this plan's
     open_tab(page, "Partitions")
     page.get_by_label("Block size", exact=True).select_option("2")

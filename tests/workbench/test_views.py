@@ -126,10 +126,12 @@ def test_failed_build_clears_partitions_schedule_and_circuit():
     s = _session()
     views = PartitionView(plan=s.plan), ScheduleView(plan=s.plan), CircuitView(plan=s.plan)
     part, sched, circ = views
-    assert part.heat.object is not None and len(part.table.value) and sched.predicted.object is not None
+    cells = part.tiles_fig.cells
+    assert len(cells.data["left"]) and len(part.table.value) and sched.predicted.object is not None
     s.build.source, s.build.file_path = "file", "/nonexistent.cwpc"
     assert not s.build.build().ok
-    assert part.heat.object is None and part.slots.object is None and len(part.table.value) == 0
+    assert len(cells.data["left"]) == 0 and len(part.slots_fig.source.data["real"]) == 0
+    assert len(part.padding_fig.source.data["value"]) == 0 and len(part.table.value) == 0
     assert sched.predicted.object is None and sched.scatter.object is None and len(sched.table.value) == 0
     assert circ.pane.object is None
     for text in (part.totals.object, sched.info.object, circ.info.object):
@@ -273,3 +275,36 @@ def test_flows_view_draws_the_step_on_the_current_circuit_and_follows_the_select
     ses.build.template.data_shape = [5, 5]  # 25 variables: nltcs has 16, so the build fails
     ses.build.build()
     assert view.result is None and "last build failed" in view.info.object
+
+
+def test_partition_what_if_updates_the_figures_in_place():
+    """A block-size change sends new data to the same figures (rebuilding them cost 2-3 s)."""
+    from workbench.views.partition_view import PartitionView
+
+    s = _session()
+    part = PartitionView(plan=s.plan)
+    fig, before = part.tiles_fig.fig, part.tiles_fig.fig.title.text
+    assert "of 4x4" in before
+    part.block.value = "2"
+    assert part.tiles_fig.fig is fig and "of 2x2" in fig.title.text
+    assert part.heat.object is fig and len(part.tiles_fig.cells.data["left"]) > 0
+    layers = [str(x["layer"]) for x in s.plan.sum_layers]
+    assert part.parts_fig.fig.x_range.factors == layers
+    assert part.parts_fig.source.data["value"] == [x["num_partitions"] for x in s.plan.sum_layers]
+
+
+def test_flows_view_asks_before_a_large_step(monkeypatch):
+    """A circuit whose step would hold the server for seconds waits for the button."""
+    import panel as pn
+
+    from workbench.views import flows_view
+
+    monkeypatch.setattr(flows_view, "AUTO_FLOP", 100.0)  # the demo counts as large
+    ses = _demo_session()
+    view = flows_view.FlowsView(session=ses)
+    pn.panel(view).get_root()
+    assert view.result is None and view.run_btn.visible
+    assert view.run_btn.name == "Run one EM step on 8 rows" and "A large circuit" in view.info.object
+    view.run_btn.clicks += 1
+    assert view.result is not None and view.result.batch_size == 8
+    assert "One EM step on the first **8** training rows" in view.info.object

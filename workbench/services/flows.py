@@ -78,7 +78,7 @@ def step_flows(
     step_size: float = 1.0,
     pseudocount: float = 0.1,
     batch_size: int = MAX_BATCH,
-    max_nodes_per_layer: int = 4096,
+    max_nodes_per_layer: int = 256,
 ) -> StepFlows:
     """Run one EM step of `root` (compiled at `block_size`, `tolerance`) on the first `batch_size`
     rows of `data` ([N, num_vars] array or tensor) and return its flows as plain arrays.

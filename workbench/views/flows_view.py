@@ -31,12 +31,18 @@ pass, batched per partition, is the `backward` lane of the Schedule tab."""
 
 UPDATE_COLORS = {"old weight": "#9e9e9e", "flow share": "#b279a2", "new weight": "#54a24b"}
 NODE_COLUMNS = ["child", "element_row", "old_weight", "flow", "flow_share", "new_weight"]
-WORK_NODES = 2e7  # nodes x examples per step: ~0.5 s on a 2-core CPU (measured on PD-64, 304K nodes)
+# Forward FLOPs (x examples) a step may take without asking: ~0.2 s on this 2-core CPU. The 304K-node
+# PD-64 has 13.7 MFLOP per example; one step on 65 rows took 34 s on the loaded box (2026-11-30).
+AUTO_FLOP = 2e7
+MIN_ROWS = 8
 
 
-def batch_for(num_nodes: int, batch_size: int) -> int:
-    """Examples in the step: the training batch size, capped so a step stays under a second."""
-    return int(max(8, min(batch_size, flows.MAX_BATCH, WORK_NODES // max(num_nodes, 1))))
+def batch_for(flops_per_example: float, batch_size: int) -> tuple[int, bool]:
+    """(examples in the step, whether it runs without asking): the training batch size, at most
+    MAX_BATCH, fewer for large circuits; below MIN_ROWS a button runs it."""
+    fit = int(AUTO_FLOP // max(flops_per_example, 1))
+    rows = max(MIN_ROWS, min(batch_size, flows.MAX_BATCH, fit))
+    return rows, fit >= MIN_ROWS
 
 
 class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
@@ -46,9 +52,13 @@ class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
 
     def __init__(self, **params):
         super().__init__(**params)
-        self.layer = pn.widgets.Select(name="Sum layer", options={}, width=260)
+        self.layer = pn.widgets.Select(name="Layer of the sum node", options={}, width=260)
         self.node = pn.widgets.IntInput(name="Node in layer", value=0, start=0, end=0, width=140)
         self.top_btn = pn.widgets.Button(name="Node with the most flow", width=200)
+        self.run_btn = pn.widgets.Button(
+            name="Run one EM step", button_type="primary", width=200, visible=False
+        )
+        self.run_btn.on_click(lambda e: self.recompute(force=True))
         self.info = pn.pane.Markdown("", margin=(0, 10))
         self.mass = pn.pane.HoloViews(sizing_mode="stretch_width", height=330)
         self.update_plot = pn.pane.HoloViews(sizing_mode="stretch_width", height=330)
@@ -83,9 +93,20 @@ class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
             return f"No flows: the dataset cannot be loaded ({safe_text(ses.build.data.error)})."
         return ""
 
-    def recompute(self) -> None:
-        """Run one EM step of the current plan on the first rows of the training data."""
+    def recompute(self, force: bool = False) -> None:
+        """Run one EM step of the current plan on the first rows of the training data (a large
+        circuit waits for the button: the step runs in the server, and would hold the page)."""
         why = self._why_not()
+        ses = self.session
+        fpe = sum(la["flops_per_example"] for la in ses.plan.layers)
+        n, auto = batch_for(fpe, ses.plan.batch_size)
+        self.run_btn.visible = not why and not auto
+        if not why and not auto and not force:
+            self.run_btn.name = f"Run one EM step on {n} rows"
+            why = (
+                f"A large circuit: one EM step on {n} rows is about {fmt_count(3 * fpe * n)}FLOP, which "
+                "takes a while on a CPU, so it runs when you press the button."
+            )
         if why:
             self.result = None
             self.info.object, self.formula.object = why, ""
@@ -93,8 +114,6 @@ class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
             self.layer.options = {}
             self.table.value = pd.DataFrame(columns=NODE_COLUMNS)
             return
-        ses = self.session
-        n = batch_for(ses.plan.summary.get("num_nodes", 0), ses.plan.batch_size)
         self.result = flows.step_flows(
             ses.build.root,
             ses.build.data.load().train,
@@ -229,7 +248,7 @@ class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
         )
 
     def __panel__(self):
-        controls = pn.Row(self.layer, self.node, self.top_btn, align="end")
+        controls = pn.Row(self.layer, self.node, self.top_btn, self.run_btn, align="end")
         return pn.Column(
             learn(LEARN),
             self.info,

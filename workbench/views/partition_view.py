@@ -7,25 +7,15 @@ padding and partitions per sum layer, predicted FLOPs / bytes / memory and a his
 
 from __future__ import annotations
 
-import holoviews as hv
 import pandas as pd
 import panel as pn
 import param
 
 from workbench.services import tiles
 from workbench.state.plan import BLOCK_SIZES, PlanState
-from workbench.views._common import (
-    NO_WHEEL,
-    fmt_bytes,
-    fmt_count,
-    integer_ticks,
-    learn,
-    plural,
-    safe_text,
-    si_ticks,
-)
+from workbench.views._common import fmt_bytes, fmt_count, learn, plural, safe_text
 from workbench.views._deferred import DeferWhileHidden
-from workbench.views.tiles_plot import PAD_COLOR, REAL_COLOR, tiles_plot, title_for
+from workbench.views.tiles_plot import PAD_COLOR, LayerBarsFigure, SlotsFigure, TilesFigure, title_for
 
 LEARN = """**Block partitioning.** A sum layer runs as a few dense *block tiles*: node blocks with a
 similar number of child blocks are grouped into a *partition* and padded to the same width, so one
@@ -94,8 +84,12 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
         ps.param.watch(lambda e: self._follow_selection(e.new), "selected_layer")
         self.totals = pn.pane.Markdown("", margin=(0, 10))
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False)
-        self.heat = pn.pane.HoloViews(sizing_mode="stretch_width", height=380)
-        self.slots = pn.pane.HoloViews(sizing_mode="stretch_width", height=380)
+        # plain Bokeh figures updated in place: a what-if sends data, not new figures
+        self.tiles_fig, self.slots_fig = TilesFigure(), SlotsFigure()
+        self.padding_fig = LayerBarsFigure("Padding per sum layer", "padding (%)", PAD_COLOR, ymax=100)
+        self.parts_fig = LayerBarsFigure("Partitions per sum layer", "partitions", "#3ca951", integer=True)
+        self.heat = pn.pane.Bokeh(self.tiles_fig.fig, sizing_mode="stretch_width", height=380)
+        self.slots = pn.pane.Bokeh(self.slots_fig.fig, sizing_mode="stretch_width", height=380)
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(columns=PART_COLUMNS),
             show_index=False,
@@ -104,7 +98,11 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
             height=180,
             sizing_mode="stretch_width",
         )
-        self.per_layer = pn.pane.HoloViews(sizing_mode="stretch_width", height=260)
+        self.per_layer = pn.Row(
+            pn.pane.Bokeh(self.padding_fig.fig, sizing_mode="stretch_width"),
+            pn.pane.Bokeh(self.parts_fig.fig, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
         self.history = pn.widgets.Tabulator(
             pd.DataFrame(), show_index=False, disabled=True, height=200, sizing_mode="stretch_width"
         )
@@ -115,8 +113,9 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
         self.refresh()
 
     def _what_if(self, **options) -> None:
-        """Set plan options; every view of the new plan redraws in one frozen document update."""
-        with pn.io.hold(freeze=True):  # the document's model graph walked once, not once per plot
+        """Set plan options; the figures get new data in place, sent to the browser in one message
+        (0.03 s of server time on the demo, was 2-3 s when each what-if rebuilt three figures)."""
+        with pn.io.hold():  # one message to the browser; the figures only get new data (no freeze needed)
             self.plan.param.update(**options)
 
     # ------------------------------------------------------------------ whole-plan summaries
@@ -143,7 +142,14 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
         )
         self._record(parts, flops, bytes_, mem)
         options = {layer_label(x): x["layer"] for x in ps.sum_layers}
-        keep = self.layer.value if self.layer.value in options.values() else None
+        sel = ps.selected_layer  # picked in another tab (maybe while this one was hidden)
+        keep = (
+            sel
+            if sel in options.values()
+            else self.layer.value
+            if self.layer.value in options.values()
+            else None
+        )
         self._setting_layer = True  # the tab's own default layer is no user selection
         try:
             self.layer.options = options
@@ -152,14 +158,16 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
             )
         finally:
             self._setting_layer = False
-        self.per_layer.object = self._per_layer_plot()
+        self._draw_per_layer()
         self._draw_layer()
 
     def _clear(self) -> None:
         """No plan: no picture of an older one."""
         self.layer.options = {}
-        for pane in (self.heat, self.slots, self.per_layer):
-            pane.object = None
+        self.tiles_fig.update(None, "No circuit")
+        self.slots_fig.update([])
+        self.padding_fig.update([], [])
+        self.parts_fig.update([], [])
         self.table.value = pd.DataFrame(columns=PART_COLUMNS)
 
     def _record(self, parts: int, flops: float, bytes_: float, mem: float) -> None:
@@ -178,45 +186,17 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
             self._history = (self._history + [row])[-12:]
             self.history.value = pd.DataFrame(self._history[::-1])
 
-    def _per_layer_plot(self):
-        df = pd.DataFrame(
-            [
-                {
-                    "layer": str(x["layer"]),
-                    "padding %": 100 * x["padding_ratio"],
-                    "partitions": x["num_partitions"],
-                }
-                for x in self.plan.sum_layers
-            ]
-        )
-        pad = hv.Bars(df, "layer", "padding %").opts(
-            color=PAD_COLOR,
-            title="Padding per sum layer",
-            tools=["hover"],
-            responsive=True,
-            height=250,
-            ylim=(0, 100),
-            xlabel="sum layer",
-            **NO_WHEEL,
-        )
-        npart = hv.Bars(df, "layer", "partitions").opts(
-            color="#3ca951",
-            title="Partitions per sum layer",
-            tools=["hover"],
-            responsive=True,
-            height=250,
-            xlabel="sum layer",
-            yticks=integer_ticks(),
-            **NO_WHEEL,
-        )
-        return (pad + npart).opts(shared_axes=False)
+    def _draw_per_layer(self) -> None:
+        layers = [str(x["layer"]) for x in self.plan.sum_layers]
+        self.padding_fig.update(layers, [100 * x["padding_ratio"] for x in self.plan.sum_layers])
+        self.parts_fig.update(layers, [x["num_partitions"] for x in self.plan.sum_layers])
 
     # ------------------------------------------------------------------ one layer
     def _redraw_tiles(self) -> None:
         """A partition picked in the table: its band stays bright in the tiles, the others dim."""
         s = self._layer_summary()
         if s is not None:
-            self.heat.object = self._tiles(s)
+            self._draw_tiles(s)
 
     def _layer_summary(self) -> dict | None:
         return next((x for x in self.plan.sum_layers if x["layer"] == self.layer.value), None)
@@ -241,13 +221,13 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
         with param.parameterized.discard_events(self.table):
             self.table.selection = []
         self.table.value = pd.DataFrame(rows, columns=PART_COLUMNS)
-        self.heat.object = self._tiles(s)
-        self.slots.object = self._slots_plot(rows)
+        self._draw_tiles(s)
+        self.slots_fig.update(rows)
 
-    def _tiles(self, s: dict):
+    def _draw_tiles(self, s: dict) -> None:
         """The layer's block tiles, rows grouped by partition, padded slots in red (see tiles_plot)."""
         t = tiles.block_tiles(self.plan.plan.layers[s["layer"]])
-        return tiles_plot(t, title_for(s["layer"], t), self._selected_partition())
+        self.tiles_fig.update(t, title_for(s["layer"], t), self._selected_partition())
 
     def _selected_partition(self) -> int | None:
         sel = self.table.selection
@@ -255,23 +235,6 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
             int(self.table.value.iloc[sel[0]]["partition"])
             if sel and len(self.table.value) > sel[0]
             else None
-        )
-
-    def _slots_plot(self, rows: list[dict]):
-        data = []
-        for r in rows:
-            data.append((str(r["partition"]), "real", r["num_edges"]))
-            data.append((str(r["partition"]), "padding", r["padded_edges"] - r["num_edges"]))
-        return hv.Bars(data, ["partition", "slot"], "edges").opts(
-            stacked=True,
-            cmap={"real": REAL_COLOR, "padding": PAD_COLOR},
-            responsive=True,
-            height=370,
-            tools=["hover"],
-            title="Real vs padded edges per partition",
-            legend_position="top_right",
-            yformatter=si_ticks(),
-            **NO_WHEEL,
         )
 
     def __panel__(self):
