@@ -11,6 +11,7 @@ import engine
 from engine.dists import Bernoulli, Categorical
 from engine.evidence import conditional
 from tests.helpers import irregular, tiny_tree
+from tests.kernel_runner import DEVICE
 
 
 def mixed_cards():
@@ -63,9 +64,10 @@ def test_soft_and_hard_evidence_match_enumeration(name, backend):
     torch.manual_seed(0)
     root, cards = MAKERS[name](), CARDS[name]
     x, missing, lam = evidence(cards, 12, seed=1)
-    pc = engine.compile(copy.deepcopy(root), backend=backend)
-    got = conditional(pc, x, missing, soft_evidence=lam.float())
-    torch.testing.assert_close(got.double(), brute_force(root, cards, x, missing, lam), atol=2e-5, rtol=1e-4)
+    device = DEVICE if backend == "triton" else "cpu"  # Triton: the GPU, else the interpreter
+    pc = engine.compile(copy.deepcopy(root), device=device, backend=backend)
+    got = conditional(pc, x.to(device), missing.to(device), soft_evidence=lam.float().to(device))
+    torch.testing.assert_close(got.double().cpu(), brute_force(root, cards, x, missing, lam), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))

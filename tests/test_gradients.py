@@ -11,7 +11,7 @@ import engine
 from engine.circuit_access import input_views, sum_partitions
 from engine.gradients import GradientTrainer, gradients
 from tests.helpers import irregular, mixed_dists, tiny_tree
-from tests.kernel_runner import OPTS, data
+from tests.kernel_runner import DEVICE, OPTS, data
 
 
 def _softmax_flat(pc, z):
@@ -58,6 +58,13 @@ def autograd_reference(root, x, missing):
     return z.grad * pc.param_mask, [t.grad for t in frees], ll.item()
 
 
+def compiled(root, backend):
+    """The Triton backend runs on the GPU when there is one, else in the interpreter on the CPU."""
+    if backend == "triton":
+        return engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=OPTS)
+    return engine.compile(copy.deepcopy(root), backend="torch")
+
+
 def circuits():
     torch.manual_seed(0)
     return {"tiny_tree": tiny_tree(block_size=2), "irregular": irregular(), "mixed": mixed_dists()}
@@ -79,13 +86,13 @@ def test_flow_gradients_match_autograd(name, backend):
     root = circuits()[name]
     x, missing = batch(root)
     ref_sum, ref_inputs, ref_ll = autograd_reference(root, x, missing)
-    pc = engine.compile(copy.deepcopy(root), backend=backend, kernel_options=OPTS if backend == "triton" else None)
-    g = gradients(pc, x, missing, wrt="softmax")
+    pc = compiled(root, backend)
+    g = gradients(pc, x.to(pc.device), missing.to(pc.device), wrt="softmax")
     assert g.log_likelihood == pytest.approx(ref_ll, rel=1e-5)
     scale = ref_sum.abs().max().item()
-    torch.testing.assert_close(g.sum_grad.double(), ref_sum, atol=2e-4 * scale, rtol=1e-3)
+    torch.testing.assert_close(g.sum_grad.double().cpu(), ref_sum, atol=2e-4 * scale, rtol=1e-3)
     for got, want in zip(g.input_grads, ref_inputs):
-        torch.testing.assert_close(got.double(), want, atol=2e-4 * want.abs().max().item(), rtol=1e-3)
+        torch.testing.assert_close(got.double().cpu(), want, atol=2e-4 * want.abs().max().item(), rtol=1e-3)
 
 
 def test_raw_probability_gradients_match_autograd():
@@ -126,11 +133,11 @@ def test_binomial_gradients_match_autograd(backend):
     x = torch.stack([torch.randint(0, 7, (64,)), torch.randint(0, 3, (64,))], 1)
     missing = torch.rand(x.shape) < 0.25
     ref_sum, ref_inputs, _ = autograd_reference(root, x, missing)
-    pc = engine.compile(copy.deepcopy(root), backend=backend, kernel_options=OPTS if backend == "triton" else None)
-    g = gradients(pc, x, missing)
-    torch.testing.assert_close(g.sum_grad.double(), ref_sum, atol=2e-4 * ref_sum.abs().max().item(), rtol=1e-3)
+    pc = compiled(root, backend)
+    g = gradients(pc, x.to(pc.device), missing.to(pc.device))
+    torch.testing.assert_close(g.sum_grad.double().cpu(), ref_sum, atol=2e-4 * ref_sum.abs().max().item(), rtol=1e-3)
     for got, want in zip(g.input_grads, ref_inputs):
-        torch.testing.assert_close(got.double(), want, atol=2e-4 * want.abs().max().item(), rtol=1e-3)
+        torch.testing.assert_close(got.double().cpu(), want, atol=2e-4 * want.abs().max().item(), rtol=1e-3)
 
 
 def test_a_family_without_a_gradient_rule_is_one_clear_error():

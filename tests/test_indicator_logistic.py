@@ -12,7 +12,7 @@ from engine.distributions import from_json
 from engine.distributions.discrete_logistic import DiscreteLogistic
 from engine.distributions.indicator import ZERO_LOG, Indicator
 from engine.dists import Categorical
-from tests.kernel_runner import compare
+from tests.kernel_runner import DEVICE, compare
 
 
 def indicator_circuit():
@@ -48,8 +48,8 @@ def test_indicator_mismatch_is_the_zero_floor_and_missing_is_one():
 def test_em_leaves_indicators_unchanged(backend):
     torch.manual_seed(1)
     root = indicator_circuit()
-    pc = engine.compile(copy.deepcopy(root), backend=backend)
-    x = torch.stack([torch.randint(0, 3, (64,)), torch.randint(0, 4, (64,))], 1)
+    pc = engine.compile(copy.deepcopy(root), device=DEVICE if backend == "triton" else "cpu", backend=backend)
+    x = torch.stack([torch.randint(0, 3, (64,)), torch.randint(0, 4, (64,))], 1).to(pc.device)
     before = [pc.input_params(i).clone() for i in range(len(pc.input_layers))]
     for _ in range(3):
         pc.zero_flows()
