@@ -26,7 +26,6 @@ import torch
 from engine.circuit_access import node_row
 from engine.nodes import CircuitError, InputNodes, NodeVector, ProdNodes, SumNodes, inputs, multiply, summate
 
-
 # ----------------------------------------------------------------------------------- helpers
 
 

@@ -15,7 +15,7 @@ import torch
 
 import engine
 from engine.dists import Bernoulli, Categorical, Gaussian
-from engine.io import FileFormatError, load, read_clt, read_jpc, read_spn, write_jpc
+from engine.io import FileFormatError, load, read_clt, read_jpc, write_jpc
 from engine.nodes import CircuitError, inputs, multiply, summate
 
 # ------------------------------------------------------------------------------ reference evaluators

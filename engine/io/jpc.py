@@ -35,8 +35,16 @@ import torch
 
 from engine import budget
 from engine.io.limits import PSDD_BYTES_PER_BYTE, FileFormatError, read_capped
-from engine.io.pernode import (PerNodeBuilder, binomial_leaf, categorical_leaf, gaussian_leaf, indicator_leaf,
-                               parse_float, parse_ints, text_lines)
+from engine.io.pernode import (
+    PerNodeBuilder,
+    binomial_leaf,
+    categorical_leaf,
+    gaussian_leaf,
+    indicator_leaf,
+    parse_float,
+    parse_ints,
+    text_lines,
+)
 from engine.nodes import InputNodes, NodeVector, ProdNodes, SumNodes
 
 _LEAF_ARITY = {"L": 4, "I": 5, "B": 6, "G": 6}  # exact token counts; C, P and S are variable
