@@ -145,14 +145,14 @@ class FlowReducer:
     are cast into one flat bfloat16 buffer, reduced in one call and cast back (each flow keeps ~3
     significant digits, as PyJuice's bf16 reduction; every rank still receives the same sums).
 
-    `overlap=True` (fp32): `start()` before a step's flows pass makes the circuit report each
+    `overlap=True` (the default; fp32 only): `start()` before a step's flows pass makes the circuit report each
     finished layer (`pc.flow_listener`); the flows of consecutive sum layers (contiguous in the
     flat vector, top-down) are all-reduced asynchronously in buckets of >= `bucket_bytes` while
     the layers below still compute, and the input statistics right after their layer; `reducer()`
     then waits for them all. The profiler span then measures only the wait, the exposed part.
     """
 
-    def __init__(self, pc, dtype: str = "fp32", overlap: bool = False, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, pc, dtype: str = "fp32", overlap: bool = True, bucket_bytes: int = BUCKET_BYTES):
         if dtype not in REDUCE_DTYPES:
             raise ValueError(f"reduce dtype must be one of {', '.join(REDUCE_DTYPES)}, got {dtype!r}")
         self.pc = pc

@@ -37,28 +37,13 @@ def _require_discrete(pc, what: str) -> None:
 
 
 @torch.no_grad()
-def conditional(pc, x, missing) -> torch.Tensor:
-    """Posterior of every variable given the observed ones: `[B, num_vars, K]` (K = most categories).
+def conditional(pc, x, missing, target_vars=None, soft_evidence=None) -> torch.Tensor:
+    """Posterior of each target variable (default: all) given hard evidence (`x` where `missing` is
+    False) and optional soft evidence: `[B, num_targets, K]`, K = most categories; observed
+    variables get a one-hot row. One forward and one flows pass (see `engine.evidence`)."""
+    from engine import evidence
 
-    Observed variables get a one-hot row of their value.
-    """
-    _require_discrete(pc, "conditional")
-    x, missing = _prepare(pc, x, missing)
-    pc.forward(x, missing, validate=False)
-    flows = pc.backward_flows(accumulate_params=False)
-    k = max(inp.dist.value_probs(inp.params).shape[1] for inp in pc.input_layers)
-    bsz = x.shape[0]
-    out = torch.zeros(bsz, pc.num_vars, k, device=pc.device, dtype=torch.float64)
-    for inp in pc.input_layers:
-        probs = inp.dist.value_probs(inp.params).double()  # [n, Ki]
-        f = flows[inp.rows].double()  # [n, B]
-        contrib = f[:, :, None] * probs[:, None, :]  # [n, B, Ki]
-        padded = torch.zeros(contrib.shape[0], bsz, k, device=pc.device, dtype=torch.float64)
-        padded[:, :, : probs.shape[1]] = contrib
-        out.index_add_(1, inp.vars, padded.permute(1, 0, 2))
-    out = out / out.sum(2, keepdim=True).clamp_min(1e-300)
-    observed = torch.nn.functional.one_hot(x.long().clamp(0, k - 1), k).double()
-    return torch.where(missing[:, :, None], out, observed).float()
+    return evidence.conditional(pc, x, missing, target_vars, soft_evidence)
 
 
 def _select_children(pc, table, sel, elem_sel, element_mars, choose) -> None:
