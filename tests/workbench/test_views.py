@@ -308,3 +308,23 @@ def test_flows_view_asks_before_a_large_step(monkeypatch):
     view.run_btn.clicks += 1
     assert view.result is not None and view.result.batch_size == 8
     assert "One EM step on the first **8** training rows" in view.info.object
+
+
+def test_compare_draws_missing_values_as_gaps_and_names_runs_without_any(tmp_path):
+    """None in a metric (no validation split, an epoch not evaluated) made an object column that
+    Bokeh drew as nothing: lines are float arrays with NaN gaps, and a run with no value is named."""
+    import numpy as np
+
+    view = CompareView(store=RunStore(tmp_path / "runs"))
+    none = RunState(run_id="r-none", name="none")
+    none.apply(_events(range(1, 3)))  # valid_ll None in every epoch
+    gaps = RunState(run_id="r-gaps", name="gaps")
+    for ep, valid in ((1, -6.2), (2, None), (3, -6.0)):
+        gaps.apply([{"type": "epoch", "epoch": ep, "train_ll": -6.1, "valid_ll": valid, "test_ll": None}])
+    view.compare.runs = [none, gaps]
+    overlay = view.curves.object
+    assert "valid_ll per epoch (no valid_ll: none (r-none))" == overlay.opts.get().kwargs["title"]
+    curves = [el for el in overlay if type(el).__name__ == "Curve"]
+    assert len(curves) == 1
+    ys = curves[0].dimension_values(1)
+    assert ys.dtype.kind == "f" and np.isnan(ys[1]) and ys[0] == -6.2 and ys[2] == -6.0

@@ -6,6 +6,7 @@ per-epoch metric, seconds per epoch and mean per-layer time of each run on share
 
 from __future__ import annotations
 
+import math
 import time
 
 import holoviews as hv
@@ -161,19 +162,27 @@ class CompareView(pn.viewable.Viewer):
             self.table.value = pd.DataFrame(self.compare.table()).round(4)
 
     def _curves(self):
+        """One line per run; missing values (None: a run without a validation split, an epoch not
+        evaluated) become NaN gaps, and a run with no value at all is named in the title instead
+        of being drawn: a column holding None is an object array, which Bokeh draws as nothing."""
         m = self.compare.metric
-        items = []
+        items, without = [], []
         for r in self.compare.runs:
-            ep, vals = list(r.epochs["epoch"]), list(r.epochs[m])
+            ep = [int(e) for e in r.epochs["epoch"]]
+            vals = [math.nan if v is None else float(v) for v in r.epochs[m]]
             if not ep:
+                continue
+            if all(math.isnan(v) for v in vals):
+                without.append(_label(r))
                 continue
             c, label = self.color(r), _label(r)
             items.append(hv.Curve((ep, vals), "epoch", m, label=label).opts(color=c))
             items.append(hv.Scatter((ep, vals), "epoch", m, label=label).opts(color=c, size=6))
+        note = f" (no {m}: {', '.join(without)})" if without else ""
         if not items:
-            return hv.Curve([]).opts(title="No epochs yet")
+            return hv.Curve([]).opts(title=f"No {m} per epoch yet{note}")
         return hv.Overlay(items).opts(
-            title=f"{m} per epoch",
+            title=f"{m} per epoch{note}",
             responsive=True,
             height=290,
             legend_position="bottom_right",
