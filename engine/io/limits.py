@@ -131,7 +131,15 @@ def _safetensors_data_size(header: bytes, name: str, path: str) -> int:
     try:
         entries = json.loads(header.decode("utf-8"))
         ends = [int(e["data_offsets"][1]) for k, e in entries.items() if k != "__metadata__"]
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError, KeyError,
-            IndexError, TypeError, ValueError) as e:
+    except (
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        RecursionError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+    ) as e:
         raise FileFormatError(f"{path}: {name} has a corrupt header ({type(e).__name__})") from e
     return max(ends, default=0)

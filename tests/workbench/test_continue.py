@@ -60,7 +60,9 @@ def test_session_continues_its_stopped_run_with_the_epochs_left(services):
     ses.stop()
     assert services.runner.wait(run.run_id, 60)
     assert services.store.events(run.run_id, ("epoch",))[0]["train_ll"] > -7.0  # trained on, not afresh
-    assert services.store.readable(run.run_id, ses.owner) and not services.store.readable(run.run_id, other.owner)
+    assert services.store.readable(run.run_id, ses.owner) and not services.store.readable(
+        run.run_id, other.owner
+    )
 
 
 def test_train_tab_lists_the_runs_to_continue_and_continues_the_picked_one(services):

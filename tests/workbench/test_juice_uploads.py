@@ -22,7 +22,7 @@ def test_juice_circuit_uploads_are_stored_and_build(tmp_path, monkeypatch, name,
     monkeypatch.setenv("CW_UPLOAD_DIR", str(tmp_path))
     res = uploads.save_circuit_upload(name, data)
     assert res.ok, res.error
-    assert res.path.endswith(name[name.index("."):]) and res.summary["num_vars"] == num_vars
+    assert res.path.endswith(name[name.index(".") :]) and res.summary["num_vars"] == num_vars
     build = BuildState(source="file", file_path=res.path)
     assert build.build().ok, build.error
 

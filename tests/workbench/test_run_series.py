@@ -12,14 +12,23 @@ def _batch(i: int) -> dict:
 
 
 def _memory(i: int) -> dict:
-    return {"type": "memory", "t": float(i), "allocated": i, "reserved": i, "peak_allocated": i, "peak_reserved": i}
+    return {
+        "type": "memory",
+        "t": float(i),
+        "allocated": i,
+        "reserved": i,
+        "peak_allocated": i,
+        "peak_reserved": i,
+    }
 
 
 def test_apply_appends_to_the_same_lists_and_triggers_watchers_once_per_call():
     run = RunState()
     lists = {(s, k): id(v) for s in SERIES for k, v in getattr(run, s).items()}
     fired = []
-    run.param.watch(lambda *events: fired.append(sorted(e.name for e in events)), ["epochs", "batches", "version"])
+    run.param.watch(
+        lambda *events: fired.append(sorted(e.name for e in events)), ["epochs", "batches", "version"]
+    )
     n = 2000
     for i in range(1, n + 1):
         run.apply([_batch(i), _memory(i)] + ([{"type": "epoch", "epoch": i}] if i % 100 == 0 else []))

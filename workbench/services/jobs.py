@@ -205,7 +205,9 @@ class JobRunner:
                 f"{self.max_workers} train at once (CW_MAX_WORKERS)"
             )
             if job.message != waiting:
-                self._handle(job, [{"type": "status", "status": "queued", "message": waiting, "t": time.time()}])
+                self._handle(
+                    job, [{"type": "status", "status": "queued", "message": waiting, "t": time.time()}]
+                )
 
     def _running(self) -> int:
         """Workers started and not yet finished (call with the lock held)."""
@@ -324,7 +326,9 @@ class JobRunner:
                 job.process.kill()
                 job.process.join(1.0)
             if not job.finished:
-                self.store.set_status(job.job_id, "interrupted", "the server shut down before this run finished")
+                self.store.set_status(
+                    job.job_id, "interrupted", "the server shut down before this run finished"
+                )
                 job.status = "interrupted"
 
     def _require(self, job_id: str) -> Job:

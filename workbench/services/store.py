@@ -89,7 +89,13 @@ class RunStore:
         _write_json(d / "spec.json", shareable_spec({**spec, "name": name or spec.get("name") or run_id}))
         (d / "metrics.jsonl").touch()
         now = time.time()
-        status = {"status": "queued", "message": "", "created": now, "updated": now, "server_pid": os.getpid()}
+        status = {
+            "status": "queued",
+            "message": "",
+            "created": now,
+            "updated": now,
+            "server_pid": os.getpid(),
+        }
         _write_json(d / "status.json", status)
         return run_id
 
@@ -147,7 +153,12 @@ class RunStore:
     def readable(self, run_id: str, viewer: str | None) -> bool:
         """True when the holder of token `viewer` may see the run (None: the server itself)."""
         access = self.access(run_id)
-        return viewer is None or not access or access.get("shared") is True or access.get("owner") == owner_hash(viewer)
+        return (
+            viewer is None
+            or not access
+            or access.get("shared") is True
+            or access.get("owner") == owner_hash(viewer)
+        )
 
     def scoped(self, viewer: str) -> "ScopedRunStore":
         """This store as the holder of token `viewer` sees it."""
