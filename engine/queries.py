@@ -31,6 +31,7 @@ def _prepare(pc, x, missing, num_rows: int | None = None):
     return pc.check_data(x.to(pc.device), torch.as_tensor(missing).to(pc.device))
 
 
+@torch.no_grad()
 def conditional(pc, x, missing, target_vars=None, soft_evidence=None) -> torch.Tensor:
     """Posterior of each target variable (default: all) given hard evidence (`x` where `missing` is
     False) and optional soft evidence: `[B, num_targets, K]`, K = most categories; observed
