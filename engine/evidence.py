@@ -21,16 +21,7 @@ from __future__ import annotations
 import torch
 
 from engine.circuit_access import input_views, rerun_inner_layers, set_marginals
-
-
-def _prepare(pc, x, missing):
-    x = torch.as_tensor(x)
-    if x.dim() == 1:  # one example given as a vector
-        x = x[None]
-        missing = None if missing is None else torch.as_tensor(missing).reshape(1, -1)
-    if missing is None:
-        missing = torch.zeros(x.shape, dtype=torch.bool)
-    return pc.check_data(x.to(pc.device), torch.as_tensor(missing).to(pc.device))
+from engine.queries import _prepare  # the one batch check of every query
 
 
 def _max_values(views) -> int:
