@@ -99,8 +99,13 @@ class SessionState(param.Parameterized):
         if self.build.mismatch:
             self.error = self.build.mismatch
             return None
+        return self._follow(lambda: self.services.runner.start(self.job_spec(), owner=self.owner))
+
+    def _follow(self, start) -> RunState | None:
+        """Start a job with `start()` and make it the live `run` (None + `error` when refused;
+        PermissionError, another browser's run, is an OSError)."""
         try:
-            job = self.services.runner.start(self.job_spec(), owner=self.owner)
+            job = start()
         except (ValueError, OSError) as err:
             self.error = str(err)
             return None
@@ -130,15 +135,7 @@ class SessionState(param.Parameterized):
         if not run_id:
             self.error = "pick a stopped or interrupted run first"
             return None
-        try:
-            job = self.services.runner.continue_run(run_id, owner=self.owner)
-        except (ValueError, OSError, PermissionError) as err:
-            self.error = str(err)
-            return None
-        self.error = ""
-        self.run = RunState.for_job(job)
-        self.compare.add(self.run)
-        return self.run
+        return self._follow(lambda: self.services.runner.continue_run(run_id, owner=self.owner))
 
     def share_run(self, shared: bool = True) -> None:
         """Let other sessions list and read the open run (or stop letting them)."""
