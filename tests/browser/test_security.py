@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import expect
 
@@ -60,3 +62,26 @@ def test_oversized_upload_is_refused_in_the_browser_before_sending(page):
     data.set_input_files({"name": "small.csv", "mimeType": "text/csv", "buffer": small})
     expect(note).to_be_hidden()
     expect(page.get_by_text("small")).not_to_have_count(0, timeout=60_000)  # the session still works
+
+
+def test_the_owner_cookie_survives_a_reload_and_differs_between_browsers(browser, workbench_url, page):
+    """Runs belong to the browser: its `cw_owner` token comes back on the next page load (the server
+    would mint, and the page store, a new one if it did not read it), and another browser has its own."""
+
+    def owner(p) -> str:
+        p.wait_for_function("document.cookie.includes('cw_owner=')", timeout=30_000)
+        return next(c["value"] for c in p.context.cookies() if c["name"] == "cw_owner")
+
+    first = owner(page)
+    assert len(first) >= 32
+    page.reload()
+    # the new session's page has rendered (its demo built), so its OwnerCookie has written the cookie
+    expect(page.get_by_text(re.compile(r"Built HCLT-16.* in"))).to_be_visible(timeout=90_000)
+    assert owner(page) == first
+    other = browser.new_context()
+    try:
+        p2 = other.new_page()
+        p2.goto(workbench_url, timeout=90_000)
+        assert owner(p2) != first
+    finally:
+        other.close()
