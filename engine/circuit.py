@@ -18,7 +18,8 @@ from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
 from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
-from engine.nodes import NodeVector
+from engine.executor.ties import TiedSlots
+from engine.nodes import NodeVector, tie_source
 from engine.profiler import DEFAULT_EVERY, LayerProfiler
 
 # Step buffers whose every read row is written first are allocated uninitialised (a memset of node
@@ -68,6 +69,8 @@ class CompiledCircuit(torch.nn.Module):
         self.register_buffer("param_flows", torch.zeros_like(params))
         self.input_layers = torch.nn.ModuleList(InputLayer(layer, self._vectors) for layer in plan.input_layers)
         self._input_index = {inp.layer.index: i for i, inp in enumerate(self.input_layers)}
+        self._ties = TiedSlots.from_plan(plan.ties, self._input_index)  # tied slots, reduced in em_step
+        self._ties.copy_sources(self)  # a tied set starts from one value: its source's
         self.backend: Backend = TORCH_BACKEND
         self.tables: Tables | None = None
         self.profiler: LayerProfiler | None = None
@@ -96,6 +99,8 @@ class CompiledCircuit(torch.nn.Module):
         super()._apply(fn, *args, **kwargs)
         if self.tables is not None:
             apply_tensors(self.tables, fn)
+        if getattr(self, "_ties", None) is not None:
+            apply_tensors(self._ties, fn)
         return self
 
     @property
@@ -255,16 +260,27 @@ class CompiledCircuit(torch.nn.Module):
 
     @torch.no_grad()
     def em_step(self, step_size: float = 1.0, pseudocount: float = 0.0) -> None:
-        """One EM update from the accumulated flows: new = (1-step) * old + step * normalised flows."""
+        """One EM update from the accumulated flows: new = (1-step) * old + step * normalised flows.
+
+        Tied parameters (`NodeVector.tie_to`) are updated from the flows of all their copies."""
         if not 0.0 < step_size <= 1.0:
             raise ValueError(f"step_size must be in (0, 1], got {step_size}")
         if pseudocount < 0:
             raise ValueError(f"pseudocount must be >= 0, got {pseudocount}")
+        ties = None if self._ties.empty else self._ties
+        saved = ties.before_em(self) if ties is not None else None  # copies' flows into their sources
         for layer in self.plan.sum_layers:
             self.backend.sum_em_update(self.tables.layers[layer.index], self.params, self.param_flows,
                                        self.param_mask, step_size, pseudocount)
         for inp, table in zip(self.input_layers, self.tables.inputs):
             self.backend.input_em_update(inp, table, step_size, pseudocount)
+        if ties is not None:
+            ties.after_em(self, saved)  # sources' new values into their copies
+
+    def num_parameters(self) -> int:
+        """Learnable parameters: sum weights (no padding) plus input parameters, a tied set counted
+        once. Tied copies keep their own slots (memory grows with copies; this count does not)."""
+        return self.plan.num_learnable_params
 
     # ----------------------------------------------------------------- profiling and export
     def profile(self, enabled: bool = True, callback: Callable[[dict], None] | None = None,
@@ -280,6 +296,9 @@ class CompiledCircuit(torch.nn.Module):
         scatter_sum_params(self.params, self._compiled_plan, self._vectors)
         for inp in self.input_layers:
             inp.sync_to_nodes(self._vectors)
+        for v in self._vectors.values():  # tied copies share their source's tensor again
+            if v.tied_to is not None and tie_source(v).uid in self._vectors:
+                v.params = tie_source(v).params
         return self.root
 
     def extra_repr(self) -> str:

@@ -37,3 +37,14 @@ def rerun_inner_layers(pc, node_mars: torch.Tensor, element_mars: torch.Tensor) 
 def set_marginals(pc, node_mars: torch.Tensor, element_mars: torch.Tensor) -> None:
     """Make `pc.backward_flows` run on these forward buffers (as `pc.forward` leaves them)."""
     pc._mars = (node_mars, element_mars)
+
+
+def tie_gradients(pc, sum_grad: torch.Tensor, input_grads: list) -> None:
+    """Give every member of a tied parameter set (`NodeVector.tie_to`) the set's total gradient, in place."""
+    ties = pc._ties
+    if ties.empty:
+        return
+    ties.tie_flat(sum_grad)
+    for i, g in enumerate(input_grads):
+        if g is not None:
+            ties.tie_input(i, g)

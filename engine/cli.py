@@ -24,14 +24,20 @@ from engine.compiler import DEFAULT_TOLERANCE
 from engine.structures.templates import TEMPLATES as STRUCTURES
 
 
-def build_structure(name: str, ds, latents: int, seed: int, device: str = "cpu"):
+def build_structure(name: str, ds, latents: int, seed: int, device: str = "cpu", homogeneous: bool = False):
     """A root node vector of structure `name` fitted to dataset `ds` (HCLT's tree learnt on `device`),
-    built by the same translator as the workbench's template builder."""
+    built by the same translator as the workbench's template builder. `homogeneous`: HMM only, one
+    tied transition and emission set for all steps."""
     from engine.structures.templates import build_template
 
     if name not in STRUCTURES:
         raise ValueError(f"unknown structure {name!r}; choose one of {', '.join(STRUCTURES)}")
-    return build_template({"template": name, "num_latents": latents, "seed": seed}, ds, device=device)
+    if homogeneous and name != "hmm":
+        raise ValueError(f"--homogeneous applies to --structure hmm only, not {name}")
+    spec = {"template": name, "num_latents": latents, "seed": seed}
+    if homogeneous:
+        spec["homogeneous"] = True
+    return build_template(spec, ds, device=device)
 
 
 def _fmt(v) -> str:
@@ -59,7 +65,7 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     ds = load_dataset(args.data)
     t0 = time.perf_counter()
-    root = build_structure(args.structure, ds, args.latents, args.seed, pick_device(device))
+    root = build_structure(args.structure, ds, args.latents, args.seed, pick_device(device), args.homogeneous)
     metrics_file = None
     if args.metrics and main:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +109,7 @@ def cmd_plan(args) -> int:
     from engine.data import load_dataset
 
     ds = load_dataset(args.data)
-    root = build_structure(args.structure, ds, args.latents, 0)
+    root = build_structure(args.structure, ds, args.latents, 0, homogeneous=args.homogeneous)
     plan, _, _ = compile_plan(root, args.block_size, args.tolerance)
     print(json.dumps(plan.to_dict(args.batch_size), indent=1))
     return 0
@@ -120,6 +126,8 @@ def make_parser() -> argparse.ArgumentParser:
         s.add_argument("--block-size", type=POSITIVE_INT, default=None)
         s.add_argument("--tolerance", type=NON_NEGATIVE, default=DEFAULT_TOLERANCE, help="partition padding tolerance")
         s.add_argument("--batch-size", type=POSITIVE_INT, default=512)
+        s.add_argument("--homogeneous", action="store_true",
+                       help="hmm: one transition and emission parameter set shared (tied) by all steps")
     t = sub.choices["train"]
     t.add_argument("--epochs", type=COUNT, default=10, help="mini-batch EM epochs")
     t.add_argument("--full-batch-epochs", type=COUNT, default=10, help="full-batch EM epochs after mini-batch EM")

@@ -16,6 +16,9 @@ which cancels below): Categorical / Bernoulli logits d/dz_k = S_k - phi_k sum_j 
 A family can supply its own rule as a method `grad_from_stats(params, stats, wrt)`; families with
 no parameters to learn (`num_params == 0` or a `fixed` attribute) get no gradient.
 
+Tied parameters (`NodeVector.tie_to`): every slot of a tied set holds the set's total gradient, so
+an optimiser stepping all slots alike keeps the copies equal.
+
 Shapes: `sum_grad` is flat like `pc.params` `[num_params]` (padding entries 0); `input_grads[i]` is
 `[nodes, num_params]` of input layer i. Gradients are of sum_x log p(x) over the batch, in nats.
 """
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.circuit_access import input_views, sum_partitions
+from engine.circuit_access import input_views, sum_partitions, tie_gradients
 
 
 @dataclass
@@ -88,7 +91,9 @@ def gradients(pc, x, missing=None, wrt: str = "softmax") -> Gradients:
     pc.zero_flows()
     ll = pc.accumulate_flows(x, missing)
     ins = [input_grad_from_stats(v.dist, v.params, v.stats, wrt) for v in input_views(pc)]
-    return Gradients(sum_grad_from_flows(pc, wrt), ins, float(ll.double().sum()))
+    sums = sum_grad_from_flows(pc, wrt)
+    tie_gradients(pc, sums, ins)  # a tied parameter's gradient is the total over its copies
+    return Gradients(sums, ins, float(ll.double().sum()))
 
 
 class GradientTrainer:

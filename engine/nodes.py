@@ -56,6 +56,7 @@ class NodeVector:
         self.block_size = int(block_size)
         self.uid = next(_ids)
         self.name: str | None = None
+        self.tied_to: NodeVector | None = None  # the vector whose parameters this one shares (tie_to)
 
     @property
     def num_blocks(self) -> int:
@@ -63,6 +64,36 @@ class NodeVector:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_nodes={self.num_nodes}, block_size={self.block_size})"
+
+    def tie_to(self, source: "NodeVector") -> "NodeVector":
+        """Share `source`'s parameters (PyJuice's `tie_params`); returns self.
+
+        Both must be sum vectors of the same shape (num_nodes, block_size, edge_ids, child sizes) or
+        input vectors of the same size and family (variables may differ). A tie to a copy goes to
+        its source. The compiled circuit keeps a slot per copy (memory grows with copies), sums the
+        copies' flows into the source before each EM update and copies the result back, so the
+        learnable set does not grow (`CompiledCircuit.num_parameters`)."""
+        if not isinstance(source, NodeVector):
+            raise CircuitError(f"tie_to needs a node vector, got {type(source).__name__}")
+        root = source.tied_to or source
+        if root is self:
+            raise CircuitError("a node vector cannot be tied to itself")
+        if self.tied_to is not None and self.tied_to is not root:
+            raise CircuitError("this node vector is already tied to another vector")
+        mine, theirs = self._tie_signature(), root._tie_signature()
+        if mine is None or theirs is None:
+            raise CircuitError(f"only sum and input vectors have parameters to tie, not {self.kind} vectors")
+        if mine != theirs:
+            raise CircuitError(f"cannot tie a {mine} vector to a {theirs} vector: shapes or families differ")
+        if isinstance(self, SumNodes) and not np.array_equal(self.edge_ids, root.edge_ids):
+            raise CircuitError("cannot tie sum vectors whose block edges (edge_ids) differ")
+        self.tied_to = root
+        self.params = root.params
+        return self
+
+    def _tie_signature(self) -> tuple | None:
+        """What two vectors must share to be tied (None: nothing to tie)."""
+        return None
 
     def topological(self) -> list["NodeVector"]:
         """All vectors reachable from this one, children before parents (iterative, no recursion)."""
@@ -107,6 +138,9 @@ class InputNodes(NodeVector):
     @property
     def scope(self) -> frozenset:
         return frozenset((self.var,))
+
+    def _tie_signature(self) -> tuple:
+        return ("input", self.num_nodes, self.dist.key())
 
 
 class ProdNodes(NodeVector):
@@ -208,6 +242,9 @@ class SumNodes(NodeVector):
             raise CircuitError("summate params must be finite and non-negative")
         self.params = normalize_sum_params(params, edge_ids[0], self.num_blocks)
 
+    def _tie_signature(self) -> tuple:
+        return ("sum", self.num_nodes, self.block_size, tuple(c.num_nodes for c in self.children))
+
     def child_block_ranges(self) -> list[tuple[int, int]]:
         """For each child, its range of child-block ids in the concatenation."""
         out, start = [], 0
@@ -216,6 +253,16 @@ class SumNodes(NodeVector):
             out.append((start, start + n))
             start += n
         return out
+
+
+def tie_source(v: NodeVector) -> NodeVector:
+    """The vector at the end of `v`'s tie chain (v itself when untied)."""
+    seen = 0
+    while v.tied_to is not None:
+        v, seen = v.tied_to, seen + 1
+        if seen > 1_000_000:
+            raise CircuitError("tie chain does not end (a cycle of tied vectors)")
+    return v
 
 
 def normalize_sum_params(params: torch.Tensor, node_block: np.ndarray, num_blocks: int, fast=False) -> torch.Tensor:
@@ -230,9 +277,12 @@ def normalize_sum_params(params: torch.Tensor, node_block: np.ndarray, num_block
     return (params.double() / row_sums[torch.as_tensor(node_block)][:, :, None]).float()
 
 
-def inputs(var: int, num_nodes: int, dist: Distribution, params=None, block_size=None) -> InputNodes:
-    """`num_nodes` input nodes over variable `var` with distribution `dist`."""
-    return InputNodes(var, num_nodes, dist, params=params, block_size=block_size)
+def inputs(var: int, num_nodes: int, dist: Distribution, params=None, block_size=None,
+           tie_to: InputNodes | None = None) -> InputNodes:
+    """`num_nodes` input nodes over variable `var` with distribution `dist`; `tie_to`: an input
+    vector whose parameters these share (see `NodeVector.tie_to`)."""
+    v = InputNodes(var, num_nodes, dist, params=params, block_size=block_size)
+    return v if tie_to is None else v.tie_to(tie_to)
 
 
 def multiply(*children: NodeVector, edge_ids=None, block_size=None) -> ProdNodes:
@@ -240,6 +290,14 @@ def multiply(*children: NodeVector, edge_ids=None, block_size=None) -> ProdNodes
     return ProdNodes(children, edge_ids=edge_ids, block_size=block_size)
 
 
-def summate(*children: NodeVector, num_nodes: int, edge_ids=None, block_size=None, params=None) -> SumNodes:
-    """Sum vector of `num_nodes` nodes; without `edge_ids`, fully connected to all children."""
-    return SumNodes(children, num_nodes, edge_ids=edge_ids, block_size=block_size, params=params)
+def summate(*children: NodeVector, num_nodes: int, edge_ids=None, block_size=None, params=None,
+            tie_to: SumNodes | None = None) -> SumNodes:
+    """Sum vector of `num_nodes` nodes; without `edge_ids`, fully connected to all children.
+
+    `tie_to`: a sum vector of the same shape whose parameters this one shares (its edges and block
+    size are the defaults; see `NodeVector.tie_to`)."""
+    if tie_to is not None:
+        edge_ids = tie_to.edge_ids if edge_ids is None else edge_ids
+        block_size = block_size or tie_to.block_size
+    v = SumNodes(children, num_nodes, edge_ids=edge_ids, block_size=block_size, params=params)
+    return v if tie_to is None else v.tie_to(tie_to)

@@ -13,6 +13,7 @@ from engine.compiler import cost
 from engine.compiler.ir import CircuitIR, build_ir
 from engine.compiler.layout import Layout, build_layout
 from engine.compiler.plan import Layer, LayerPlan, Partition, Step
+from engine.compiler.ties import build_ties
 from engine.nodes import NodeVector
 
 __all__ = ["compile_plan", "compile_circuit", "validate", "LayerPlan", "Layer", "Partition", "Step", "CircuitIR", "Layout",
@@ -49,6 +50,7 @@ def compile_plan(
     ir = run("validate_and_normalize", build_ir, root)
     lay = run("layout_and_partition", build_layout, ir, block_size, tolerance)
     layers = run("cost_model", lambda: [cost.annotate(layer) for layer in lay.layers])
+    ties = run("ties", build_ties, layers, ir.sums, ir.inputs)
     num_input_params = sum(v.params.numel() for v in ir.inputs)
     plan = LayerPlan(
         layers=layers,
@@ -63,6 +65,7 @@ def compile_plan(
         compile_seconds=sum(times.values()),
         pass_seconds=times,
         node_row=dict(lay.node_row),
+        ties=ties,
     )
     return plan, ir, lay
 

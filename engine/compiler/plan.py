@@ -138,6 +138,29 @@ class Layer:
         return d
 
 
+@dataclass(frozen=True, eq=False)
+class Ties:
+    """Slot pairs (source <- copy). `sum_src, sum_dst: [K]` index the flat sum params (each copy slot
+    once; a source slot once per copy); `inputs[layer index] = (src, dst)`: `[M]` node indices local
+    to that input layer. `num_tied_params`: parameters held by copies (counted once, at the source)."""
+
+    sum_src: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    sum_dst: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    inputs: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    num_tied_params: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.sum_dst.size == 0 and not self.inputs
+
+    def to_dict(self) -> dict:
+        return {
+            "num_tied_sum_params": int(self.sum_dst.size),
+            "num_tied_input_nodes": int(sum(d.size for _, d in self.inputs.values())),
+            "num_tied_params": int(self.num_tied_params),
+        }
+
+
 class Step(NamedTuple):
     """One pass over one layer: `partner` is the sum layer a product layer's recompute/backward
     serves, and the product layer below a sum layer's backward (None otherwise)."""
@@ -161,6 +184,14 @@ class LayerPlan:
     compile_seconds: float = 0.0
     pass_seconds: dict[str, float] = field(default_factory=dict)
     node_row: dict[int, int] = field(default_factory=dict)  # vector uid -> its first node_mars row
+    ties: Ties = field(default_factory=Ties)  # tied parameter slots (engine/compiler/ties.py)
+
+    @property
+    def num_learnable_params(self) -> int:
+        """Sum weights (real edges, no padding) plus input parameters, each tied set counted once.
+        Tied copies keep their own slots, so `num_params` and memory still grow with copies."""
+        sums = sum(layer.num_edges for layer in self.layers if layer.kind == "sum")
+        return int(sums + self.num_input_params - self.ties.num_tied_params)
 
     @property
     def sum_layers(self) -> list[Layer]:
@@ -230,6 +261,8 @@ class LayerPlan:
             "num_element_rows": self.num_element_rows,
             "num_params": self.num_params,
             "num_input_params": self.num_input_params,
+            "num_learnable_params": self.num_learnable_params,
+            "ties": self.ties.to_dict(),
             "num_nodes": sum(layer.num_nodes for layer in self.layers),
             "num_edges": sum(layer.num_edges for layer in self.layers),
             "compile_seconds": round(self.compile_seconds, 6),

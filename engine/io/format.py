@@ -13,6 +13,10 @@
        {"id": 2, "kind": "product", ..., "children": [0, 1], "edge_ids": "v2.edge_ids"},
        {"id": 3, "kind": "sum", ..., "children": [2], "edge_ids": "v3.edge_ids", "params": "v3.params"}]}
 
+An input or sum vector may carry `"tie": <id>`: it shares the parameters of that vector (same kind and
+shape; `NodeVector.tie_to`). Its own `params` are still written (equal to the source's), so a reader
+that ignores `tie` gets the same distribution, untied.
+
 `arrays.safetensors` holds the named arrays: input `params: [num_nodes, dist.num_params]` float32,
 product `edge_ids: [num_blocks, num_children]` int64, sum `edge_ids: [2, num_block_edges]` int64 and
 sum `params: [num_block_edges, block_size, block_size]` float32. Values round-trip bit for bit.
@@ -37,7 +41,7 @@ import torch
 from engine.dists import from_json as dist_from_json
 from engine.io import limits
 from engine.io.limits import FileFormatError
-from engine.nodes import CircuitError, InputNodes, NodeVector, ProdNodes, SumNodes
+from engine.nodes import CircuitError, InputNodes, NodeVector, ProdNodes, SumNodes, tie_source
 
 FORMAT_NAME = "circuit-workbench"
 FORMAT_VERSION = 1
@@ -59,6 +63,7 @@ def save(obj, path) -> None:
     ids = {v.uid: i for i, v in enumerate(order)}
     arrays: dict[str, np.ndarray] = {}
     vectors = [_describe(v, i, ids, arrays) for i, v in enumerate(order)]
+    _describe_ties(order, ids, vectors)
     doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **header, "root": ids[root.uid]}
     doc["vectors"] = vectors
     blob = safetensors.numpy.save(arrays)
@@ -110,6 +115,19 @@ def _describe(v: NodeVector, i: int, ids: dict, arrays: dict) -> dict:
     if not isinstance(v, (InputNodes, ProdNodes, SumNodes)):
         raise TypeError(f"cannot save node vector of type {type(v).__name__}")
     return d
+
+
+def _describe_ties(order: list[NodeVector], ids: dict, vectors: list[dict]) -> None:
+    """`"tie": leader id` on every tied vector but its group's leader (the source, or the first member
+    saved when the source is not part of this circuit)."""
+    leaders: dict[int, int] = {}  # source uid -> id of the first saved member (source not saved)
+    for i, v in enumerate(order):
+        if v.tied_to is None:
+            continue
+        src = tie_source(v)
+        lead = ids[src.uid] if src.uid in ids else leaders.setdefault(src.uid, i)
+        if lead != i:
+            vectors[i]["tie"] = lead
 
 
 # ----------------------------------------------------------------------------------------- load
@@ -231,6 +249,16 @@ def _build(doc: dict, arrays: dict, path: str) -> NodeVector:
         name = d.get("name")
         v.name = name if isinstance(name, str) else None
         built.append(v)
+    for i, d in enumerate(doc["vectors"]):
+        if "tie" not in d:
+            continue
+        j = d["tie"]
+        if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < len(built) or j == i:
+            raise FileFormatError(f"{path}: vector {i} ties to {j!r}, which is not another vector id")
+        try:
+            built[i].tie_to(built[j])
+        except CircuitError as e:
+            raise FileFormatError(f"{path}: vector {i}: {e}") from e
     root = doc["root"]
     if not 0 <= root < len(built):
         raise FileFormatError(f"{path}: root {root} is not a vector id (0..{len(built) - 1})")

@@ -15,12 +15,13 @@ import math
 
 import numpy as np
 
-from engine.nodes import NodeVector, multiply, summate
+from engine.nodes import NodeVector, multiply, summate, tie_source
 from engine.structures._checks import positive_int
 
 
 def block_sparse(root: NodeVector, density: float, block_size: int = 4, seed: int = 0) -> NodeVector:
-    """A copy of `root` whose sum vectors keep about `density` (0, 1] of their block edges."""
+    """A copy of `root` whose sum vectors keep about `density` (0, 1] of their block edges; tied sum
+    vectors (`NodeVector.tie_to`) keep one random edge subset and stay tied."""
     density = float(density)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -29,6 +30,7 @@ def block_sparse(root: NodeVector, density: float, block_size: int = 4, seed: in
         return root
     rng = np.random.default_rng(seed)
     new: dict[int, NodeVector] = {}
+    tied: dict[int, NodeVector] = {}  # tie source uid -> the first sparse member: the others copy its edges
     for v in root.topological():  # children before parents
         kids = [new[c.uid] for c in v.children]
         if v.kind == "input":
@@ -36,8 +38,10 @@ def block_sparse(root: NodeVector, density: float, block_size: int = 4, seed: in
         elif v.kind == "product":
             same = all(a is b for a, b in zip(kids, v.children))
             new[v.uid] = v if same else multiply(*kids, edge_ids=v.edge_ids, block_size=v.block_size)
+        elif tie_source(v).uid in tied:  # a tied sum keeps its set's one edge pattern and parameters
+            new[v.uid] = summate(*kids, num_nodes=v.num_nodes, tie_to=tied[tie_source(v).uid])
         else:
-            new[v.uid] = _sparse_sum(v, kids, density, math.gcd(v.block_size, block_size), rng)
+            new[v.uid] = tied[tie_source(v).uid] = _sparse_sum(v, kids, density, math.gcd(v.block_size, block_size), rng)
     return new[root.uid]
 
 

@@ -34,6 +34,7 @@ TEMPLATE_DEFAULTS: dict = {
     "num_pieces": 2,  # rat_spn
     "seq_length": 8,  # hmm without a dataset
     "num_emits": 4,  # hmm without a dataset
+    "homogeneous": False,  # hmm: one tied transition / emission set for all steps
     "chow_liu_samples": 20000,  # hclt
     "seed": 0,
     "sum_density": 1.0,  # share of sum block edges kept (< 1: block-sparse, see engine.structures.sparse)
@@ -109,11 +110,12 @@ def _dense(s: dict, dataset, device: str) -> NodeVector:
     if name not in TEMPLATES:
         raise CircuitError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
     if name == "hmm":
+        homogeneous = bool(s["homogeneous"])
         if dataset is None:
-            return structures.hmm(int(s["seq_length"]), k, int(s["num_emits"]))
+            return structures.hmm(int(s["seq_length"]), k, int(s["num_emits"]), homogeneous=homogeneous)
         if dataset.kind == "continuous":
             raise CircuitError("HMM needs discrete observations; this dataset is continuous")
-        return structures.hmm(dataset.num_vars, k, int(dataset.num_cats))
+        return structures.hmm(dataset.num_vars, k, int(dataset.num_cats), homogeneous=homogeneous)
     dist = input_dist(s["input_dist"], s["num_cats"], dataset)
     if name == "hclt":
         if dataset is None:

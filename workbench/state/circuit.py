@@ -108,6 +108,9 @@ class CircuitSpec(param.Parameterized):
     num_pieces = param.Integer(default=2, bounds=(2, 16), doc="RAT-SPN: parts per split")
     seq_length = param.Integer(default=8, bounds=(1, None), doc="HMM: sequence length when no dataset")
     num_emits = param.Integer(default=4, bounds=(2, None), doc="HMM: emission symbols when no dataset")
+    homogeneous = param.Boolean(
+        default=False, doc="HMM: one transition and emission parameter set shared (tied) by all steps"
+    )
     chow_liu_samples = param.Integer(default=20000, bounds=(2, None), doc="HCLT: rows used for the tree")
     seed = param.Integer(default=0, doc="Random seed of the structure")
     sum_density = param.Number(

@@ -38,7 +38,7 @@ TEMPLATE_FIELDS = {
         "seed",
     ],
     "rat_spn": ["num_latents", "sum_density", "input_dist", "depth", "num_repetitions", "num_pieces", "seed"],
-    "hmm": ["num_latents", "sum_density", "seed"],
+    "hmm": ["num_latents", "homogeneous", "sum_density", "seed"],
 }
 TEMPLATE_LABELS = {"HCLT": "hclt", "PD": "pd", "RAT-SPN": "rat_spn", "HMM": "hmm"}
 NODE_COLUMNS = ["id", "kind", "num_nodes", "block_size", "var", "dist", "num_cats"]
