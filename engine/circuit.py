@@ -19,7 +19,7 @@ from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.executor.ties import TiedSlots
-from engine.nodes import NodeVector, tie_source
+from engine.nodes import NodeVector
 from engine.profiler import DEFAULT_EVERY, LayerProfiler
 
 # Step buffers whose every read row is written first are allocated uninitialised (a memset of node
@@ -296,9 +296,6 @@ class CompiledCircuit(torch.nn.Module):
         scatter_sum_params(self.params, self._compiled_plan, self._vectors)
         for inp in self.input_layers:
             inp.sync_to_nodes(self._vectors)
-        for v in self._vectors.values():  # tied copies share their source's tensor again
-            if v.tied_to is not None and tie_source(v).uid in self._vectors:
-                v.params = tie_source(v).params
         return self.root
 
     def extra_repr(self) -> str:

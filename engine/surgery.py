@@ -13,7 +13,8 @@
 - `multi_root(*heads)` + `head_log_probs(pc, heads, x)`: several heads over the same variables in
   one compiled circuit, all evaluated by one forward pass (see the function for why a wrapper).
 
-All functions return a new root; the input circuit is left untouched.
+All functions return a new root; the input circuit is left untouched. Tied vectors (`NodeVector.tie_to`)
+stay tied: prune scores a tied set by its total flow and keeps one edge set for all its members.
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ import numpy as np
 import torch
 
 from engine.circuit_access import node_row
-from engine.nodes import CircuitError, InputNodes, NodeVector, ProdNodes, SumNodes, inputs, multiply, summate
+from engine.nodes import (
+    CircuitError,
+    InputNodes,
+    NodeVector,
+    ProdNodes,
+    SumNodes,
+    inputs,
+    multiply,
+    summate,
+    tie_source,
+)
 
 # ----------------------------------------------------------------------------------- helpers
 
@@ -88,8 +99,23 @@ def prune(pc_or_root, keep_fraction: float, x=None, missing=None) -> NodeVector:
     if all(float(f.sum()) == 0.0 for f in flows.values()):
         raise ValueError("no parameter flows accumulated: pass x, or run pc.accumulate_flows first")
     sums = [v for v in root.topological() if isinstance(v, SumNodes)]
+    groups = _tie_groups(sums)
+    for members in groups:  # a tied set is scored by its total flow
+        total = sum(flows[m.uid] for m in members)
+        flows.update({m.uid: total for m in members})
     keep = _choose_edges(sums, flows, keep_fraction)
+    for members in groups:  # and keeps one edge set, so its members stay tied
+        k = np.logical_or.reduce([keep[m.uid] for m in members])
+        keep.update({m.uid: k for m in members})
     return _rebuild(root, lambda v, kids: _pruned_sum(v, kids, keep[v.uid]))
+
+
+def _tie_groups(vectors: list[NodeVector]) -> list[list[NodeVector]]:
+    """Tied sets (`NodeVector.tie_to`) of two or more among `vectors`."""
+    by: dict[int, list[NodeVector]] = {}
+    for v in vectors:
+        by.setdefault(tie_source(v).uid, []).append(v)
+    return [m for m in by.values() if len(m) > 1]
 
 
 def _choose_edges(sums: list[SumNodes], flows: dict, keep_fraction: float) -> dict[int, np.ndarray]:
@@ -132,8 +158,10 @@ def _pruned_sum(s: SumNodes, kids: list[NodeVector], keep: np.ndarray) -> SumNod
 
 
 def _rebuild(root: NodeVector, make_sum, make_input=_copy_input, make_prod=None) -> NodeVector:
-    """Copy the DAG children first; sums are built by `make_sum(old, new_children)`."""
+    """Copy the DAG children first; sums are built by `make_sum(old, new_children)`. Tied vectors stay
+    tied: each new member ties to its set's first new member (whose parameters the set takes)."""
     new: dict[int, NodeVector] = {}
+    leads: dict[int, NodeVector] = {}  # tie source uid -> first new member
     for v in root.topological():
         kids = [new[c.uid] for c in v.children]
         if isinstance(v, InputNodes):
@@ -143,6 +171,10 @@ def _rebuild(root: NodeVector, make_sum, make_input=_copy_input, make_prod=None)
             out.name = v.name
         else:
             out = make_sum(v, kids)
+        if not isinstance(v, ProdNodes):
+            lead = leads.setdefault(tie_source(v).uid, out)
+            if lead is not out:
+                out.tie_to(lead)
         new[v.uid] = out
     return new[root.uid]
 

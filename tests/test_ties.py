@@ -244,3 +244,32 @@ def dense_slots(pc, s: SumNodes) -> np.ndarray:
     for e, (i, j) in enumerate(s.edge_ids.T):
         out[i * bs : (i + 1) * bs, j * bs : (j + 1) * bs] = tiles[e]
     return out
+
+
+def test_prune_and_grow_keep_ties():
+    from engine.surgery import grow, prune
+
+    pc = engine.compile(hmm(5, 4, 3, block_size=2, homogeneous=True))
+    x = torch.randint(0, 3, (40, 5))
+    want = pc.num_parameters()
+    pruned = engine.compile(prune(pc, 0.5, x))
+    assert pruned.num_parameters() < want  # edges went, and the tied set lost them together
+    assert pruned.plan.ties.to_dict()["num_tied_sum_params"] > 0
+    grown = engine.compile(grow(pc, noise=0.2, seed=0))
+    assert grown.num_parameters() == 8 * 3 + 8 * 8 + 8  # twice the states: emissions, transitions, root
+    for p in (pruned, grown):  # still normalised and still tied after EM
+        p.zero_flows()
+        p.accumulate_flows(x)
+        p.em_step(1.0, 0.1)
+        assert abs(torch.logsumexp(p(all_sequences(5, 3)).double(), 0).item()) < 1e-4
+        check_copies_equal(p.sync_to_nodes())
+
+
+def check_copies_equal(root) -> None:
+    """Every tied copy holds its source's values."""
+    n = 0
+    for v in root.topological():
+        if v.tied_to is not None:
+            assert torch.equal(v.params, v.tied_to.params)
+            n += 1
+    assert n > 0
