@@ -120,6 +120,10 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
 
     # ------------------------------------------------------------------ whole-plan summaries
     def refresh(self) -> None:
+        with pn.io.hold():  # see _draw_layer
+            self._refresh()
+
+    def _refresh(self) -> None:
         ps = self.plan
         self.alert.param.update(
             object=f"**Cannot plan this circuit:** {safe_text(ps.error)}", visible=bool(ps.error)
@@ -196,7 +200,8 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
         """A partition picked in the table: its band stays bright in the tiles, the others dim."""
         s = self._layer_summary()
         if s is not None:
-            self._draw_tiles(s)
+            with pn.io.hold():  # see _draw_layer
+                self._draw_tiles(s)
 
     def _layer_summary(self) -> dict | None:
         return next((x for x in self.plan.sum_layers if x["layer"] == self.layer.value), None)
@@ -212,6 +217,12 @@ class PartitionView(DeferWhileHidden, pn.viewable.Viewer):
             self.layer.value = layer
 
     def _draw_layer(self) -> None:
+        """Table, tiles and slots of the chosen layer. Held: changes to plain Bokeh models made in a
+        widget's callback (a Tabulator selection, a Select) reached the browser only when held."""
+        with pn.io.hold():
+            self._draw_layer_now()
+
+    def _draw_layer_now(self) -> None:
         s = self._layer_summary()
         if s is None:
             return
