@@ -70,3 +70,28 @@ def test_layout_of_a_large_circuit_is_fast():
     layout.block_dag(idx, idx.ids[-2])
     assert time.perf_counter() - t0 < 2.0
     assert d.num_nodes <= 64 * (idx.max_rank + 1)
+
+
+def test_labels_are_short_and_only_on_uncrowded_ranks():
+    """Node-vector labels ran into each other: a rank with more glyphs than MAX_LABELS_PER_ROW gets
+    none, the others get short labels (the vector id); the full text stays in the hover."""
+    import pandas as pd
+
+    from workbench.views.circuit_view import MAX_LABELS_PER_ROW, labelled
+
+    crowded, sparse = MAX_LABELS_PER_ROW + 1, 3
+    nodes = [
+        {"id": f"v{i}", "x": float(i), "y": 0.0, "label": f"input vector v{i}: 4 nodes, block 4 var {i}"}
+        for i in range(crowded)
+    ] + [
+        {"id": f"v{100 + i}", "x": float(i), "y": 1.0, "label": f"sum vector v{100 + i}: 8 nodes, block 4"}
+        for i in range(sparse)
+    ]
+    d = layout.Drawing("vectors", {k: [n[k] for n in nodes] for k in nodes[0]})
+    shown = labelled(d, pd.DataFrame(d.nodes))
+    assert list(shown["short"]) == ["v100", "v101", "v102"]
+    blocks = layout.Drawing(
+        "blocks",
+        {"id": ["p0", "c0"], "x": [0.0, 0.0], "y": [1.0, 0.0], "label": ["v3 block 0", "child block 0"]},
+    )
+    assert list(labelled(blocks, pd.DataFrame(blocks.nodes))["short"]) == ["block 0"]

@@ -63,7 +63,7 @@ def short_label(d: layout.Drawing, label: str, gid: str) -> str:
         return label.split(":")[0].replace(" layer ", " ")  # 'sum 4'
     if d.level == "vectors":
         return gid if gid.startswith("v") else label.split(":")[0]  # 'v12' or '6 sum vectors'
-    return label.rsplit(" ", 1)[-1]  # block index (or range)
+    return "block " + label.rsplit(" ", 1)[-1]  # block index (or range)
 
 
 def labelled(d: layout.Drawing, nodes: pd.DataFrame) -> pd.DataFrame:
@@ -120,9 +120,12 @@ def draw(d: layout.Drawing, title: str):
             text_font_size="8pt", yoffset=0.18, text_align="center", text_baseline="bottom", text_color="#333"
         )
     lo, hi = (min(d.nodes["x"]), max(d.nodes["x"])) if len(nodes) else (0.0, 0.0)
+    ys = [float(y) for y in nodes["y"]] if len(nodes) else [0.0]
+    ylim = (min(ys) - 0.4, max(ys) + 0.6)  # room for the labels above the top row
     xlim = (lo - 1.0, hi + 2.0) if hi - lo < 4 else (lo - 0.05 * (hi - lo), hi + 0.25 * (hi - lo))
     return out.opts(
         xlim=xlim,
+        ylim=ylim,
         responsive=True,
         height=560,
         title=title,

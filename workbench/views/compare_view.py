@@ -31,6 +31,13 @@ POLL_MS = 1000
 LIVE_REDRAW_S = 5.0
 
 
+METRIC_LABELS = {
+    "train_ll": "train log-likelihood (nats)",
+    "valid_ll": "valid log-likelihood (nats)",
+    "test_ll": "test log-likelihood (nats)",
+    "seconds": "seconds per epoch (s)",
+}
+
 # Run colours: a run keeps its colour for the whole session (assigned in order of first display)
 RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -183,6 +190,7 @@ class CompareView(pn.viewable.Viewer):
             return hv.Curve([]).opts(title=f"No {m} per epoch yet{note}")
         return hv.Overlay(items).opts(
             title=f"{m} per epoch{note}",
+            ylabel=METRIC_LABELS.get(m, m),
             responsive=True,
             height=290,
             legend_position="bottom_right",

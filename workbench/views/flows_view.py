@@ -45,6 +45,12 @@ def batch_for(flops_per_example: float, batch_size: int) -> tuple[int, bool]:
     return rows, fit >= MIN_ROWS
 
 
+def _hide_inner_labels(plot, element) -> None:
+    """Name only the children on the x axis: the three bars of a child are told apart by the legend
+    (their own labels ran into each other)."""
+    plot.state.xaxis[0].major_label_text_font_size = "0px"
+
+
 class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
     """Sum-layer and node pickers, the per-layer flow mass and the chosen node's EM update."""
 
@@ -204,7 +210,8 @@ class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
             for k in range(u.flow.size)
             for what, v in (("old weight", u.old[k]), ("flow share", share[k]), ("new weight", u.new[k]))
         ]
-        self.update_plot.object = hv.Bars(rows, ["child", "value"], "weight").opts(
+        value = hv.Dimension("value", values=list(UPDATE_COLORS))  # old, share, new: in that order
+        self.update_plot.object = hv.Bars(rows, ["child", value], "weight").opts(
             color="value",
             cmap=UPDATE_COLORS,
             title=f"EM update of node {u.node} of sum layer {layer} (partition {u.partition})",
@@ -215,6 +222,7 @@ class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
             height=320,
             legend_position="top_right",
             show_legend=True,
+            hooks=[_hide_inner_labels],
             **NO_WHEEL,
         )
         self.table.value = pd.DataFrame(
