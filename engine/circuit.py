@@ -99,7 +99,7 @@ class CompiledCircuit(torch.nn.Module):
         super()._apply(fn, *args, **kwargs)
         if self.tables is not None:
             apply_tensors(self.tables, fn)
-        if getattr(self, "_ties", None) is not None:
+        if self._ties is not None:
             apply_tensors(self._ties, fn)
         return self
 
