@@ -66,17 +66,23 @@ class Distribution:
     discrete = True
     kernel_log_prob = None
     kernel_stats_tile = None
+    # the constructor's arguments, kept as attributes of the same names: they tell two instances of
+    # the family apart (`key`) and are what `to_json` saves and `from_json` passes back
+    config: tuple[str, ...] = ()
+
+    def _config(self) -> dict:
+        return {k: getattr(self, k) for k in self.config}
 
     def key(self) -> tuple:
         """Input nodes whose distributions share a key are executed in one layer."""
-        return (self.name,)
+        return (self.name, *self._config().values())
 
     def to_json(self) -> dict:
-        return {"name": self.name}
+        return {"name": self.name, **self._config()}
 
     @classmethod
     def from_json(cls, d: dict) -> Distribution:
-        return cls()
+        return cls(**{k: d[k] for k in cls.config if k in d})
 
     def init_params(self, n: int) -> torch.Tensor:
         raise NotImplementedError

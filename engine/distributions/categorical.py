@@ -76,6 +76,7 @@ class Categorical(Distribution):
     """Categorical over {0, ..., num_cats-1}; params are the probabilities."""
 
     name = "categorical"
+    config = ("num_cats",)
     kernel_log_prob = _log_prob
 
     def __init__(self, num_cats: int):
@@ -83,16 +84,6 @@ class Categorical(Distribution):
             raise ValueError(f"Categorical needs num_cats >= 2, got {num_cats}")
         self.num_cats = int(num_cats)
         self.num_params = self.num_stats = self.num_cats
-
-    def key(self):
-        return (self.name, self.num_cats)
-
-    def to_json(self):
-        return {"name": self.name, "num_cats": self.num_cats}
-
-    @classmethod
-    def from_json(cls, d):
-        return cls(int(d["num_cats"]))
 
     def init_params(self, n):
         p = torch.rand(n, self.num_cats) + 0.01

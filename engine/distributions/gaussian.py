@@ -38,21 +38,12 @@ class Gaussian(Distribution):
     num_params = 2
     num_stats = 3
     discrete = False
+    config = ("min_std",)
     kernel_log_prob = _log_prob
     kernel_stats_tile = _stats_tile
 
     def __init__(self, min_std: float = 1e-2):
         self.min_std = float(min_std)
-
-    def key(self):
-        return (self.name, self.min_std)
-
-    def to_json(self):
-        return {"name": self.name, "min_std": self.min_std}
-
-    @classmethod
-    def from_json(cls, d):
-        return cls(float(d.get("min_std", 1e-2)))
 
     def init_params(self, n):
         return torch.stack([torch.randn(n), torch.rand(n) * 0.5 + 0.75], 1)
