@@ -146,6 +146,7 @@ def test_compare_still_draws_after_a_long_session_of_builds_and_runs(page):
     open_tab(page, "Compare")
     page.wait_for_timeout(1500)
     assert _compare_has_lines(page, 3), figures(page, "")
+    screenshot(page, "compare")  # three runs, one colour each
     info = page.get_by_text(re.compile(r"Comparing \d+ runs"))
     expect(info).to_have_text("Comparing 3 runs.")
     open_tab(page, "Partitions")
