@@ -273,3 +273,24 @@ def check_copies_equal(root) -> None:
             assert torch.equal(v.params, v.tied_to.params)
             n += 1
     assert n > 0
+
+
+@pytest.mark.parametrize("bad", ["self", "product", "missing"])
+def test_cw_reader_refuses_a_bad_tie(tmp_path, bad):
+    import json
+    import zipfile
+
+    from engine.io.limits import FileFormatError
+
+    path = tmp_path / "h.cw"
+    engine.save(hmm(3, 2, 3, homogeneous=True), path)
+    with zipfile.ZipFile(path) as zf:
+        doc, arrays = json.loads(zf.read("circuit.json")), zf.read("arrays.safetensors")
+    copy_ = next(v for v in doc["vectors"] if "tie" in v)
+    prod = next(v["id"] for v in doc["vectors"] if v["kind"] == "product")
+    copy_["tie"] = {"self": copy_["id"], "product": prod, "missing": 999}[bad]
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("circuit.json", json.dumps(doc))
+        zf.writestr("arrays.safetensors", arrays)
+    with pytest.raises(FileFormatError, match="tie"):
+        engine.load(path)
