@@ -287,3 +287,14 @@ def test_run_state_folds_events_and_compare(tmp_path):
     assert store.archive(rid)[:2] == b"PK"
     with pytest.raises(ValueError):
         store.path("../etc")
+
+
+def test_a_plan_compiled_in_a_build_thread_reports_its_compile_time():
+    """The Partitions totals said "planned in 0 ms" when the plan was compiled by prepare()."""
+    b = BuildState()
+    assert b.build_demo().ok
+    plan = PlanState()
+    plan.prepare(b.root)
+    compiled = plan._prepared[3]
+    plan.root = b.root
+    assert plan.plan is not None and compiled > 0 and plan.seconds >= compiled
