@@ -294,3 +294,17 @@ def test_cw_reader_refuses_a_bad_tie(tmp_path, bad):
         zf.writestr("arrays.safetensors", arrays)
     with pytest.raises(FileFormatError, match="tie"):
         engine.load(path)
+
+
+def test_cli_plan_counts_a_homogeneous_hmm_once(capsys):
+    import json
+
+    from engine.cli import main
+
+    counts = {}
+    for flag in ([], ["--homogeneous"]):
+        assert main(["plan", "--structure", "hmm", "--data", "nltcs", "--latents", "4", *flag]) == 0
+        counts[bool(flag)] = json.loads(capsys.readouterr().out)["num_learnable_params"]
+    assert counts[True] == 4 * 2 + 4 * 4 + 4 and counts[False] == 16 * 4 * 2 + 15 * 4 * 4 + 4
+    assert main(["plan", "--structure", "hclt", "--data", "nltcs", "--homogeneous"]) == 2
+    assert "--homogeneous applies to --structure hmm only" in capsys.readouterr().err
