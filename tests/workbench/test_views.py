@@ -328,3 +328,16 @@ def test_compare_draws_missing_values_as_gaps_and_names_runs_without_any(tmp_pat
     assert len(curves) == 1
     ys = curves[0].dimension_values(1)
     assert ys.dtype.kind == "f" and np.isnan(ys[1]) and ys[0] == -6.2 and ys[2] == -6.0
+
+
+def test_flows_view_says_so_when_the_dataset_no_longer_fits_the_circuit():
+    import panel as pn
+
+    from workbench.views.flows_view import FlowsView
+
+    ses = _demo_session()
+    view = FlowsView(session=ses)
+    pn.panel(view).get_root()
+    ses.build.data.dataset = "digits"  # 64 variables; the demo covers nltcs's 16, not rebuilt
+    ses.plan.block_size = 2  # a what-if reruns the step on the chosen dataset's rows
+    assert view.result is None and "No flows: data must have shape" in view.info.object

@@ -120,15 +120,21 @@ class FlowsView(DeferWhileHidden, pn.viewable.Viewer):
             self.layer.options = {}
             self.table.value = pd.DataFrame(columns=NODE_COLUMNS)
             return
-        self.result = flows.step_flows(
-            ses.build.root,
-            ses.build.data.load().train,
-            ses.plan.block_size,
-            ses.plan.tolerance,
-            step_size=ses.training.step_size,
-            pseudocount=ses.training.pseudocount,
-            batch_size=n,
-        )
+        try:
+            self.result = flows.step_flows(
+                ses.build.root,
+                ses.build.data.load().train,
+                ses.plan.block_size,
+                ses.plan.tolerance,
+                step_size=ses.training.step_size,
+                pseudocount=ses.training.pseudocount,
+                batch_size=n,
+            )
+        except ValueError as err:  # e.g. another dataset chosen since the build: its rows do not fit
+            self.result = None
+            self.info.object = f"No flows: {safe_text(err)}. Build the circuit for this dataset."
+            self.mass.object = self.update_plot.object = None
+            return
         self._set_layers()
         self.mass.object = self._mass_plot()
         self.draw_node()
