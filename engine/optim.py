@@ -168,7 +168,7 @@ class _Driver:
                 total = step.ll_sum.item()  # the one sync: waits for the steps queued so far
                 ll = (total - last_sum) / max(seen - last_seen, 1)
                 if self.ranks is None:  # data-parallel: checked once the ranks' sums agree (below)
-                    _check_finite_ll(ll, epoch, b)
+                    _check_finite_ll(ll, epoch, b, zero_ok=not report)
                 if report:
                     now = time.perf_counter()
                     busy = max(now - last_t - (paused - last_paused), 1e-9)
@@ -180,7 +180,7 @@ class _Driver:
         if self.ranks is not None:  # the pass's LL over every rank's rows: the same number on all ranks
             last_sum, seen = self._all_sum([last_sum, seen])
             seen = int(seen)
-            _check_finite_ll(last_sum / max(seen, 1), epoch, total_batches)
+            _check_finite_ll(last_sum / max(seen, 1), epoch, total_batches, zero_ok=not report)
         if report:
             self.replays = step.replays - replays0
         return PassResult(last_sum / seen if seen else math.nan, seen, seconds, paused, False)
@@ -232,8 +232,10 @@ class _Driver:
             self.pc.profiler = prof
 
 
-def _check_finite_ll(ll: float, epoch: int, batch: int) -> None:
-    if not math.isfinite(ll):
+def _check_finite_ll(ll: float, epoch: int, batch: int, zero_ok: bool = False) -> None:
+    """`zero_ok` (evaluation passes): a row of probability 0 makes the mean -inf, which is an answer,
+    not a divergence; NaN and +inf still are."""
+    if not (math.isfinite(ll) or (zero_ok and ll == -math.inf)):
         raise NonFiniteError(f"training diverged at epoch {epoch}, batch {batch}: the mean log-likelihood "
                              f"is {ll} (check the pseudocount, step size and data)")
 

@@ -82,3 +82,20 @@ def test_categorical_em_keeps_a_node_without_flow_or_pseudocount():
     stats = torch.tensor([[0.0, 0.0, 0.0], [1.0, 3.0, 0.0]])
     new = d.em_update(p, stats, 1.0, 0.0)
     assert torch.equal(new[0], p[0]) and torch.allclose(new[1], torch.tensor([0.25, 0.75, 0.0]))
+
+
+def test_fit_reports_minus_inf_for_a_validation_row_of_probability_zero():
+    """Evaluation is not training: a held-out row the circuit rules out gives valid_ll = -inf, and
+    training goes on (a -inf training LL still stops it as diverged)."""
+    from engine import optim
+
+    p = torch.tensor([[0.5, 0.5, 0.0]])
+    root = engine.summate(engine.multiply(engine.inputs(0, 1, Categorical(3), params=p),
+                                          engine.inputs(1, 1, Categorical(3))), num_nodes=1)
+    train = torch.tensor([[0, 1], [1, 2]] * 20)
+    hist = optim.fit(engine.compile(root), train, valid=torch.tensor([[2, 0], [0, 0]]), epochs=1,
+                     schedule=optim.EMSchedule(pseudocount=0.0, full_batch_epochs=1))
+    assert hist[-1]["valid_ll"] == -float("inf") and hist[-1]["train_ll"] > -2
+    with pytest.raises(optim.NonFiniteError, match="diverged"):
+        optim.fit(engine.compile(root), torch.tensor([[2, 0]] * 8), epochs=1,
+                  schedule=optim.EMSchedule(pseudocount=0.0, full_batch_epochs=0))
