@@ -23,7 +23,7 @@ from pathlib import Path
 
 from engine.compiler import DEFAULT_TOLERANCE
 from engine.optim import EMSchedule
-from workbench.services import worker
+from workbench.services import ranks, worker
 from workbench.services.store import TERMINAL, RunStore, fold_status, shareable_spec, without_paths
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class JobSpec:
     threads: int | None = None  # torch threads in the worker (None: torch default)
     seed: int = 0
     name: str = ""
+    gpus: int = 1  # data-parallel ranks (services.ranks); batch_size is then per rank
 
     def validate(self) -> None:
         """Raise ValueError with a readable message for an unusable spec."""
@@ -74,6 +75,7 @@ class JobSpec:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        ranks.check(self.gpus, self.device)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -110,7 +110,10 @@ def run_job(spec: dict, model_path: str, queue, run_event, stop_event) -> None:
         _watch_lifecycle(queue, run_event, stop_event)
     send({"type": "status", "status": "starting", "message": "loading data", "pid": os.getpid()})
     try:
-        _train(spec, model_path, send, run_event, stop_event, t0)
+        train = _train
+        if int(spec.get("gpus") or 1) > 1:  # data-parallel: this process launches the ranks
+            from workbench.services.ranks import train
+        train(spec, model_path, send, run_event, stop_event, t0)
     except BaseException as err:  # noqa: BLE001 - every failure must reach the server as an event
         from workbench.services.circuits import error_message
 
