@@ -8,7 +8,8 @@ on the same circuit spec and seed, as the CLI under torchrun does. A rank is a p
 (`python -m workbench.services.ranks SPEC MODEL`), since the daemonic worker may not have
 multiprocessing children; it writes its events as JSON lines on its stdout, tagged `"rank": r`:
 
-    every rank:  {"type": "layer_times", "rank", "records": [...]}, {"type": "memory", "rank", ...}
+    every rank:  {"type": "rank", "rank", "pid", "device", "world_size"}                 (once, joined)
+                 {"type": "layer_times", "rank", "records": [...]}, {"type": "memory", "rank", ...}
                  (the all-reduce is the record of layer engine.distributed.ALLREDUCE_LAYER)
     rank 0 also: status, plan, batch and epoch events, as a one-process worker sends them
 
@@ -288,6 +289,7 @@ def _train_rank(spec: dict, model_path: str, send) -> None:
     torch.manual_seed(int(spec.get("seed", 0)))
     ranks, device = distributed.join(spec.get("device", "auto"))
     main = ranks.is_main
+    send({"type": "rank", "pid": os.getpid(), "device": device, "world_size": ranks.world})
     t0 = time.time()
     batch_size = int(spec["batch_size"])
     schedule = EMSchedule(batch_size, float(spec["step_size"]), float(spec["final_step_size"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import param
 
 from workbench.services.store import fold_status
+from workbench.state import ranks as rank_state
 
 EPOCH_KEYS = ("epoch", "train_ll", "valid_ll", "test_ll", "seconds")
 MEMORY_KEYS = ("allocated", "reserved", "peak_allocated", "peak_reserved")
@@ -44,6 +45,7 @@ class RunState(param.Parameterized):
     memory_series = param.Dict(default=_empty_series(("t", *MEMORY_KEYS)), doc="Memory over time (bytes)")
     plan = param.Dict(default={}, doc="plan.to_dict() of the compiled circuit, once known")
     spec = param.Dict(default={}, doc="The job spec")
+    ranks = param.Dict(default={}, doc="Multi-GPU runs: per-rank series {rank: ...} (state.ranks.fold)")
     version = param.Integer(default=0, doc="Bumped once per apply() that changed anything")
 
     def __init__(self, **params):
@@ -119,6 +121,11 @@ class RunState(param.Parameterized):
         return True
 
     def _fold(self, e: dict, upd: dict) -> None:
+        if "rank" in e:  # a data-parallel run: every rank's times and memory, rank 0's the run's own
+            upd["ranks"] = self.ranks
+            e = rank_state.fold(self.ranks, e)
+            if e is None:
+                return
         kind = e.get("type")
         if kind == "epoch":
             for k in EPOCH_KEYS:
