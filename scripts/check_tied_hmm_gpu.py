@@ -13,17 +13,18 @@ On a machine without CUDA it runs everything eagerly on the CPU (a smoke test).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
 import time
 
 import torch
 
-import engine
-from engine.kernels.graph import CapturedStep
-from engine.nodes import InputNodes, SumNodes, normalize_sum_params
-from engine.queries import sample
-from engine.structures import hmm
+sys.path.insert(0, ".")  # run from the repository root without installing it
+import engine  # noqa: E402
+from engine.kernels.graph import CapturedStep  # noqa: E402
+from engine.nodes import InputNodes, SumNodes, normalize_sum_params  # noqa: E402
+from engine.queries import sample  # noqa: E402
+from engine.structures import hmm  # noqa: E402
 
 
 def peaked(root, gen: torch.Generator):
@@ -62,7 +63,7 @@ def main() -> None:
     torch.manual_seed(1)
     root = hmm(a.seq_length, a.latents, a.emits, homogeneous=True)
     graph_pc = engine.compile(root, device=dev)
-    eager_pc = engine.compile(copy.deepcopy(root), device=dev)
+    eager_pc = engine.compile(root, device=dev)  # each compile copies the parameters (no deepcopy: a 128-deep DAG overflows it)
     em = (a.step_size, a.pseudocount)
     graph_step = CapturedStep(graph_pc, a.batch_size, em=em)
     eager_step = CapturedStep(eager_pc, a.batch_size, em=em, enabled=False)
