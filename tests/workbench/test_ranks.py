@@ -71,7 +71,7 @@ def _one_process_reference(batch_size: int, epochs: int, full: int):
 
 def test_two_rank_job_trains_what_one_process_trains_with_double_batch(runner):
     spec = JobSpec(circuit=HCLT, dataset="nltcs", epochs=2, full_batch_epochs=1, batch_size=64, gpus=2,
-                   threads=2, profile_interval_s=0.0, update_interval_s=0.2, **EM)
+                   threads=2, update_interval_s=0.2, **EM)
     job = runner.start(spec)
     assert runner.wait(job.job_id, 300), job.status
     assert job.status == "done", job.message
@@ -107,6 +107,18 @@ def test_two_rank_job_trains_what_one_process_trains_with_double_batch(runner):
         assert 0 < share < 1
         assert run.ranks[r]["layer_ms"]
     assert all(x["layer"] != ALLREDUCE_LAYER for x in run.layer_times)  # the per-layer plot keeps plan layers
+
+    from workbench.views.ranks_view import RankPlots
+
+    plots = RankPlots()  # what the Train tab draws for this run: one line and one bar per rank
+    plots.update(run)
+    assert plots.view.visible and list(plots.step.x_range.factors) == ["0", "1"]
+    assert all(a > 0 for a in plots.step_src.data["allreduce"]) and all(c > 0 for c in plots.step_src.data["compute"])
+    assert "all-reduce share rank 0" in plots.step.title.text
+    assert sorted(plots._layer_src) == [0, 1] and all(len(src.data["ms"]) > 0 for src in plots._layer_src.values())
+    assert all(len(src.data["t"]) > 0 for src in plots._memory_src.values())
+    plots.update(RunState(run_id="one-process"))  # a one-process run: the per-rank plots go away
+    assert not plots.view.visible
 
 
 def test_a_killed_rank_fails_the_job_with_one_line_and_leaves_no_process(runner):
@@ -151,3 +163,24 @@ def test_gpus_need_gpus_unless_cpu_ranks_are_allowed(monkeypatch):
     JobSpec(circuit=HCLT, gpus=2, device="cpu").validate()
     with pytest.raises(ValueError, match="at most"):
         JobSpec(circuit=HCLT, gpus=ranks.MAX_CPU_RANKS + 1).validate()
+
+
+def test_train_tab_offers_gpus_only_when_there_are_several(monkeypatch):
+    from workbench.app import configure_panel
+    from workbench.state import SessionState
+    from workbench.views.training_view import TrainingView
+
+    class _Services:
+        runner = store = None
+
+    configure_panel()
+    monkeypatch.delenv(ranks.RANKS_ON_CPU_ENV, raising=False)
+    view = TrainingView(session=SessionState(_Services()))
+    assert not view.gpus.visible and view.gpus.options == [1]
+    assert not view.rank_plots.view.visible
+    monkeypatch.setenv(ranks.RANKS_ON_CPU_ENV, "1")
+    ses = SessionState(_Services())
+    view = TrainingView(session=ses)
+    assert view.gpus.visible and view.gpus.options[:2] == [1, 2]
+    view.gpus.value = 2
+    assert ses.job_spec().gpus == 2  # the selector reaches the job's spec

@@ -20,6 +20,7 @@ from workbench.state.runs import RunState
 from workbench.state.session import SessionState
 from workbench.views._common import fmt_bytes, learn, safe_text, set_status, status
 from workbench.views.live_plots import LivePlots
+from workbench.views.ranks_view import RankPlots, gpu_selector
 
 LEARN = """**Train with EM.** Each mini-batch runs the forward pass (log-likelihoods), then the flows
 pass, whose accumulated *flows* give the EM update of every sum weight and input parameter. Training
@@ -82,6 +83,8 @@ class TrainingView(pn.viewable.Viewer):
         super().__init__(**params)
         t = self.session.training
         self.device = pn.widgets.Select.from_param(t.param.device, options=DEVICES, name="Device", width=230)
+        self.gpus = gpu_selector(t)  # hidden unless several GPUs (or CW_RANKS_ON_CPU=1) are offered
+        self.rank_plots = RankPlots()  # per-rank step split, layer times and memory of a multi-GPU run
         self.epochs = pn.widgets.IntInput.from_param(t.param.epochs, name="Mini-batch epochs", width=130)
         self.batch_size = pn.widgets.IntInput.from_param(t.param.batch_size, name="Batch size", width=100)
         self.step_size = pn.widgets.FloatInput.from_param(t.param.step_size, name="EM step size", width=110)
@@ -272,6 +275,7 @@ class TrainingView(pn.viewable.Viewer):
 
     def _draw_plots(self) -> None:
         self.live.update(self.run)
+        self.rank_plots.update(self.run)
 
     def _draw_tables(self) -> None:
         """Per-layer table (latest window) and epoch table, each only when its rows changed."""
@@ -353,6 +357,7 @@ class TrainingView(pn.viewable.Viewer):
         # wraps instead of running off the page on narrower windows (it did at 1400 px)
         settings = pn.FlexBox(
             self.device,
+            self.gpus,
             self.epochs,
             self.full_batch,
             self.epoch_total,
@@ -375,6 +380,7 @@ class TrainingView(pn.viewable.Viewer):
             self.alert,
             pn.Row(p["ll"], p["batch"]),
             pn.Row(p["layers"], p["memory"]),
+            self.rank_plots.view,
             pn.Row(
                 pn.Column("**Per-layer time (ms per call)**", self.layer_table),
                 pn.Column(
