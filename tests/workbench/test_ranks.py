@@ -184,3 +184,18 @@ def test_train_tab_offers_gpus_only_when_there_are_several(monkeypatch):
     assert view.gpus.visible and view.gpus.options[:2] == [1, 2]
     view.gpus.value = 2
     assert ses.job_spec().gpus == 2  # the selector reaches the job's spec
+
+
+def test_stop_ends_every_rank_and_keeps_the_last_saved_epoch(runner):
+    spec = JobSpec(circuit=HCLT, dataset="nltcs", epochs=200, batch_size=32, gpus=2, threads=2, **EM)
+    job = runner.start(spec)
+    assert _wait_for(lambda: any(e["type"] == "epoch" for e in job.drain(0)[0])), (job.status, job.message)
+    pids = [e["pid"] for e in job.drain(0)[0] if e["type"] == "rank"]
+    runner.pause(job.job_id)  # ranks train in lockstep: the run says it cannot pause, and trains on
+    assert _wait_for(lambda: "cannot pause" in job.message, 10), job.message
+    assert job.status == "running"
+    runner.stop(job.job_id)
+    assert runner.wait(job.job_id, 30)
+    assert job.status == "stopped", job.message
+    assert engine.load(runner.store.model_path(job.job_id)) is not None  # rank 0's epoch checkpoint
+    assert len(pids) == 2 and _wait_for(lambda: not any(_alive(p) for p in (*pids, job.process.pid)), 20)
