@@ -320,3 +320,18 @@ def test_circuit_text_past_the_budget_is_refused_before_parsing(tmp_path):
     outcome, peak = probe(f"import engine\nengine.load({str(path)!r})", env={"CW_MEMORY_BUDGET_MB": "64"})
     assert outcome.startswith("FileFormatError") and "memory budget is 64 MiB" in outcome, outcome
     assert peak < PEAK_LIMIT_MB
+
+
+def test_deep_spn_chain_is_refused_while_it_is_read(tmp_path):
+    """2.4 MB of SPN text, a chain 200k deep: the server's depth limit stops the reader at node 4,097
+    (it was refused only after parsing everything: 640 MB peak)."""
+    path = tmp_path / "deep.spn"
+    path.write_text("(2)\nv 0 0\nv 0 1\n" + "".join(f"+ {i} 0.0\n" for i in range(1, 200_001)) + "EOF\n")
+    body = f"""
+from workbench.services.circuits import build
+res = build({{"source": "file", "path": {str(path)!r}}})
+raise ValueError(res.error)
+"""
+    outcome, peak = probe(body)
+    assert "nodes deep; the limit here is 4096" in outcome, outcome
+    assert peak < PEAK_LIMIT_MB

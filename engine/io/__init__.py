@@ -44,10 +44,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'engine.io' has no attribute {name!r}")
 
 
-def load(path):
+def load(path, max_depth: int | None = None):
     """Read a circuit file: the root `NodeVector`, or a `CompiledCircuit` if one was saved.
 
-    PSDD files are imported with `read_psdd` (without a vtree). Raises `FileFormatError`.
+    PSDD files are imported with `read_psdd` (without a vtree). `max_depth` refuses JPC/SPN text
+    deeper than that many nodes while it is read (a server's guard against deep-chain files).
+    Raises `FileFormatError` (or `CircuitError` for a circuit that is not valid or too deep).
     """
     path = os.fspath(path)
     data = limits.read_capped(path)
@@ -69,13 +71,13 @@ def load(path):
             raise FileFormatError(f"{path}: a gzip-compressed PSDD; decompress it first (gunzip)")
         return read_psdd(path)
     if keyword == "jpc":
-        return read_jpc(path, data)
+        return read_jpc(path, data, max_depth)
     if keyword == "vtree":
         raise FileFormatError(f"{path}: this is a vtree, load the .psdd file it belongs to")
     if looks_like_clt(data):
         return read_clt(path, data)
     if looks_like_spn(data):
-        return read_spn(path, data)
+        return read_spn(path, data, max_depth)
     raise FileFormatError(
         f"{path}: unknown file format (expected a circuit-workbench zip archive, or PSDD, JPC, CLT or SPN text)"
     )

@@ -50,7 +50,7 @@ from engine.nodes import InputNodes, NodeVector, ProdNodes, SumNodes
 _LEAF_ARITY = {"L": 4, "I": 5, "B": 6, "G": 6}  # exact token counts; C, P and S are variable
 
 
-def read_jpc(path, data: bytes | None = None) -> NodeVector:
+def read_jpc(path, data: bytes | None = None, max_depth: int | None = None) -> NodeVector:
     """Root node vector of the `.jpc` text file at `path` (or of its bytes `data`)."""
     path = os.fspath(path)
     data = read_capped(path) if data is None else data
@@ -66,7 +66,7 @@ def read_jpc(path, data: bytes | None = None) -> NodeVector:
     if len(body) != count:
         raise FileFormatError(f"{path}: header says jpc {count} but the file has {len(body)} node lines")
     domains = _domains(body, path)
-    b = PerNodeBuilder(path)
+    b = PerNodeBuilder(path, max_depth)
     node = None
     for lineno, tok in body:
         node = _node(b, tok, lineno, domains)

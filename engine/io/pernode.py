@@ -61,10 +61,12 @@ def gaussian_leaf(var: int, mu: float, sigma: float) -> NodeVector:
 class PerNodeBuilder:
     """Collects nodes by file id; `product` / `sum` check decomposability and smoothness."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, max_depth: int | None = None):
         self.path = path
+        self.max_depth = max_depth  # refuse a file deeper than this while reading it, before it costs memory
         self.nodes: dict[int, NodeVector] = {}
         self.scopes: dict[int, int] = {}
+        self.depths: dict[int, int] = {}
 
     def where(self, lineno: int) -> str:
         return f"{self.path}, line {lineno}"
@@ -77,8 +79,12 @@ class PerNodeBuilder:
     def define(self, nid: int, node: NodeVector, scope: int, lineno: int, label: str) -> NodeVector:
         if nid in self.nodes:
             raise FileFormatError(f"{self.where(lineno)}: node id {nid} defined twice")
+        depth = 1 + max((self.depths[c.uid] for c in node.children), default=0)
+        if self.max_depth is not None and depth > self.max_depth:
+            raise CircuitError(f"{self.where(lineno)}: node {nid} makes the circuit {depth} nodes deep; "
+                               f"the limit here is {self.max_depth}")
         node.name = f"{label} {nid}"
-        self.nodes[nid], self.scopes[nid] = node, scope
+        self.nodes[nid], self.scopes[nid], self.depths[node.uid] = node, scope, depth
         return node
 
     def leaf(self, nid: int, node: NodeVector, lineno: int, label: str) -> NodeVector:

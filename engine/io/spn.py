@@ -25,7 +25,7 @@ def looks_like_spn(data: bytes) -> bool:
     return data.lstrip()[:1] == b"("
 
 
-def read_spn(path, data: bytes | None = None) -> NodeVector:
+def read_spn(path, data: bytes | None = None, max_depth: int | None = None) -> NodeVector:
     """Root node vector of the `.spn` file at `path` (or of its bytes `data`)."""
     path = os.fspath(path)
     data = read_capped(path) if data is None else data
@@ -39,7 +39,7 @@ def read_spn(path, data: bytes | None = None) -> NodeVector:
     domains = parse_ints(dom_text[1:-1].split(), f"{path}, line {ln}")
     if not domains or min(domains) < 2:
         raise FileFormatError(f"{path}, line {ln}: every variable needs a domain of at least 2 values")
-    b = PerNodeBuilder(path)
+    b = PerNodeBuilder(path, max_depth)
     node, nid, ended = None, 0, False
     for ln, tok in lines[1:]:
         where = f"{path}, line {ln}"

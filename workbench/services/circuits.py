@@ -196,7 +196,7 @@ def load_circuit_file(path, max_bytes: int | None = None) -> NodeVector:
     limit = MAX_CIRCUIT_FILE_BYTES if max_bytes is None else max_bytes
     if os.path.isfile(path) and os.path.getsize(path) > limit:
         raise FileFormatError(f"{os.path.basename(path)}: file is too large (limit {limit // 2**20} MiB)")
-    obj = engine.load(path)
+    obj = engine.load(path, max_depth=circuit_limits.MAX_DEPTH)  # deep-chain text refused while read
     if isinstance(obj, NodeVector):
         return obj
     return obj.sync_to_nodes() if hasattr(obj, "sync_to_nodes") else obj.root
