@@ -2,12 +2,18 @@
 
 from engine.distributions import (
     Bernoulli,
+    Binomial,
     Categorical,
+    DiscreteLogistic,
     Distribution,
     Gaussian,
+    Indicator,
     from_json,
     register,
     registered,
 )
 
-__all__ = ["Distribution", "Categorical", "Bernoulli", "Gaussian", "register", "registered", "from_json"]
+__all__ = [
+    "Distribution", "Bernoulli", "Binomial", "Categorical", "DiscreteLogistic", "Gaussian", "Indicator",
+    "register", "registered", "from_json",
+]

@@ -15,7 +15,6 @@ import os
 import zipfile
 import zlib
 
-from engine.distributions import binomial, discrete_logistic, indicator  # noqa: F401  (registers them for load)
 from engine.io import limits
 from engine.io.clt import looks_like_clt, read_clt
 from engine.io.format import load_native, save
