@@ -55,6 +55,8 @@ class RankPlots:
             pn.pane.Bokeh(self.memory, sizing_mode="stretch_width"),
             visible=False, sizing_mode="stretch_width",
         )
+        self._rank_sources(0)  # every data-parallel run has a rank 0: its legends exist before the
+        # page draws them (a Legend added to a drawn figure has no view in BokehJS: "cannot find a view")
 
     def _rank_sources(self, r: int) -> None:
         """Line renderers of a rank seen for the first time."""

@@ -232,7 +232,8 @@ class TrainingView(pn.viewable.Viewer):
 
     def _set_running(self, running: bool) -> None:
         self.start_btn.disabled = running
-        self.pause_btn.param.update(disabled=not running, name="Pause")
+        lockstep = self.run is not None and int(self.run.spec.get("gpus") or 1) > 1  # ranks cannot pause
+        self.pause_btn.param.update(disabled=not running or lockstep, name="Pause")
         self.stop_btn.disabled = not running
         self.download_metrics.disabled = running
         self.download_model.disabled = running or self.run is None or not self._has_model()
