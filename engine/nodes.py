@@ -12,6 +12,7 @@ level, so a fully connected 512x512 sum vector costs one block edge per tile, no
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Sequence
 
@@ -64,6 +65,23 @@ class NodeVector:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_nodes={self.num_nodes}, block_size={self.block_size})"
+
+    def __deepcopy__(self, memo: dict) -> "NodeVector":
+        """Copy the DAG under this vector children first, without recursion (a 1000-step HMM is a
+        chain deeper than Python's recursion limit); shared tensors and ties stay shared."""
+        if id(self) in memo:
+            return memo[id(self)]
+        order = [v for v in self.topological() if id(v) not in memo]
+        for v in order:
+            memo[id(v)] = type(v).__new__(type(v))
+        for v in order:
+            new = memo[id(v)]
+            for key, val in v.__dict__.items():
+                if key == "children":
+                    new.children = [memo[id(c)] for c in val]
+                else:  # tied_to outside this DAG copies its own DAG the same way
+                    setattr(new, key, copy.deepcopy(val, memo))
+        return memo[id(self)]
 
     def tie_to(self, source: "NodeVector") -> "NodeVector":
         """Share `source`'s parameters (PyJuice's `tie_params`); returns self.

@@ -308,3 +308,17 @@ def test_cli_plan_counts_a_homogeneous_hmm_once(capsys):
     assert counts[True] == 4 * 2 + 4 * 4 + 4 and counts[False] == 16 * 4 * 2 + 15 * 4 * 4 + 4
     assert main(["plan", "--structure", "hclt", "--data", "nltcs", "--homogeneous"]) == 2
     assert "--homogeneous applies to --structure hmm only" in capsys.readouterr().err
+
+
+def test_deepcopy_of_a_long_tied_chain_keeps_ties_without_recursion():
+    import copy
+
+    root = hmm(300, 4, 3, homogeneous=True)  # a chain far deeper than Python's recursion limit
+    twin = copy.deepcopy(root)
+    a, b = root.topological(), twin.topological()
+    assert len(a) == len(b) and all(u.uid == v.uid and u is not v for u, v in zip(a, b))
+    srcs = {id(v.tied_to) for v in b if v.tied_to is not None}
+    assert srcs <= {id(v) for v in b} and len(srcs) == 2  # ties point inside the copy: one per set
+    assert all(v.params is v.tied_to.params for v in b if v.tied_to is not None)  # still one tensor
+    x = torch.randint(0, 3, (8, 300))
+    torch.testing.assert_close(engine.compile(twin)(x), engine.compile(root)(x), rtol=0, atol=0)
