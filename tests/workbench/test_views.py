@@ -341,3 +341,25 @@ def test_flows_view_says_so_when_the_dataset_no_longer_fits_the_circuit():
     ses.build.data.dataset = "digits"  # 64 variables; the demo covers nltcs's 16, not rebuilt
     ses.plan.block_size = 2  # a what-if reruns the step on the chosen dataset's rows
     assert view.result is None and "No flows: data must have shape" in view.info.object
+
+
+def test_compare_list_follows_a_run_that_finishes(tmp_path):
+    """The stored-run list said 'running' for a run the plots showed done."""
+    from workbench.services.store import RunRecord
+
+    class Store(RunStore):
+        status_now = "running"
+
+        def list_runs(self):
+            return [RunRecord("r1", "first", self.status_now, "", 0.0, 0.0, False, {})]
+
+    store = Store(tmp_path / "runs")
+    view = CompareView(store=store)
+    run = RunState(run_id="r1", name="first")
+    run.apply(_events(range(1, 2)))
+    view.compare.add(run)
+    assert list(view.picker.options) == ["first · running · r1"]
+    store.status_now = "done"
+    run.apply(_events(range(2, 3)))  # a new epoch: the plots redraw, and the list with them
+    view.redraw()
+    assert list(view.picker.options) == ["first · done · r1"]

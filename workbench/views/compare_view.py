@@ -155,6 +155,8 @@ class CompareView(pn.viewable.Viewer):
 
     def redraw(self) -> None:
         runs = self.compare.runs
+        if self._drawn and self._signature() != self._drawn:
+            self.refresh_list()  # a run's epoch count or status changed: the list says "running" no more
         self._drawn, self._drawn_at, self._stale = self._signature(), time.monotonic(), False
         self._follow_live_runs()
         if not runs:
