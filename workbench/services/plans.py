@@ -185,6 +185,55 @@ def _pass_cost(layer: Layer, pass_name: str, batch_size: int) -> tuple[int, int]
     return flops, bytes_
 
 
+def plan_from_dict(d: dict | list) -> LayerPlan:
+    """A skeleton `LayerPlan` from `plan.to_dict()` (or its `layers` list): kinds, sizes, buffer rows
+    and per-example costs, with partition *summaries* (dicts) instead of index tables. Enough for the
+    one traversal (`steps()`), `schedule` and the memory timeline of a plan compiled elsewhere (a run's
+    plan event), not for running it. Raises ValueError naming what is missing."""
+    if isinstance(d, list):
+        d = {"layers": d}
+    if not isinstance(d, dict) or not isinstance(d.get("layers"), list) or not d["layers"]:
+        raise ValueError("plan dict has no layers (expected plan.to_dict())")
+    layers = []
+    for i, la in enumerate(d["layers"]):
+        try:
+            layers.append(
+                Layer(
+                    index=int(la["index"]),
+                    kind=str(la["kind"]),
+                    depth=int(la.get("depth", 0)),
+                    num_nodes=int(la["num_nodes"]),
+                    num_edges=int(la["num_edges"]),
+                    partitions=list(la.get("partitions", [])),
+                    reads=tuple(la["reads"]) if la.get("reads") else None,
+                    writes=tuple(la["writes"]) if la.get("writes") else None,
+                    flops=int(la.get("flops_per_example", 0)),
+                    bytes=int(la.get("bytes_per_example", 0)),
+                    param_bytes=int(la.get("param_bytes", 0)),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"plan dict layer {i} is malformed: {err!r}") from None
+        if layers[-1].kind not in ("input", "product", "sum"):
+            raise ValueError(f"plan dict layer {i} has unknown kind {layers[-1].kind!r}")
+    return LayerPlan(
+        layers=layers,
+        num_vars=int(d.get("num_vars", 0)),
+        num_node_rows=int(d.get("num_node_rows", 0)),
+        num_element_rows=int(d.get("num_element_rows", 0)),
+        num_params=int(d.get("num_params", 0)),
+        num_input_params=int(d.get("num_input_params", 0)),
+        root_row=-1,
+        block_size=d.get("block_size"),
+        tolerance=float(d.get("tolerance", 0.0)),
+    )
+
+
+def plan_batch_size(d: dict, default: int) -> int:
+    """The batch size `plan.to_dict(batch_size)` was written for (its memory estimate's), else `default`."""
+    return int((d.get("memory_bytes") or {}).get("batch_size") or default) if isinstance(d, dict) else default
+
+
 def pass_order(plan: LayerPlan) -> list[tuple[Layer, str]]:
     """Execution order of a training step, as the executor runs it: the plan's own traversal
     (`LayerPlan.steps()`: forward bottom-up, then per sum layer top-down the recompute of the product
@@ -193,7 +242,7 @@ def pass_order(plan: LayerPlan) -> list[tuple[Layer, str]]:
 
 
 def schedule(
-    plan: LayerPlan,
+    plan: LayerPlan | dict,
     batch_size: int = 512,
     peak_flops: float = DEFAULT_PEAK_FLOPS,
     bandwidth: float = DEFAULT_BANDWIDTH,
@@ -205,8 +254,11 @@ def schedule(
     Each record: {"step", "layer", "kind", "pass", "flops", "bytes", "launches" (partitions, at
     least 1), "predicted_ms", "bound"
     ("compute"|"memory"), "measured_ms" (mean ms from profiling, or None)}. predicted_ms =
-    max(flops / peak_flops, bytes / bandwidth) + launch_us per partition (roofline).
+    max(flops / peak_flops, bytes / bandwidth) + launch_us per partition (roofline). `plan` may be
+    `plan.to_dict()` (a run's plan event): it is laid out by `plan_from_dict`'s skeleton.
     """
+    if isinstance(plan, dict):
+        plan = plan_from_dict(plan)
     measured = measured or {}
     out = []
     for step, (layer, pass_name) in enumerate(pass_order(plan)):

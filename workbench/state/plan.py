@@ -135,3 +135,9 @@ class PlanState(param.Parameterized):
         return plans.schedule(
             self.plan, self.batch_size, self.peak_flops, self.bandwidth, self.launch_us, measured
         )
+
+    def schedule_of(self, plan: dict, measured: dict[tuple[int, str], float] | None = None) -> list[dict]:
+        """`schedule` of another plan given as `plan.to_dict()` (a run's plan event), at the batch size
+        it was written for, under this session's device model: lays out a run's own plan."""
+        bs = plans.plan_batch_size(plan, self.batch_size)
+        return plans.schedule(plan, bs, self.peak_flops, self.bandwidth, self.launch_us, measured)

@@ -2,7 +2,10 @@
 
 Draws `PlanState.schedule(measured)` as a timeline (x: predicted or measured time, one lane per pass,
 coloured by layer kind), a compute-vs-IO scatter per layer and a table with predicted and measured
-milliseconds. `measured` ({(layer, pass): mean ms}) is set by the app from the training run.
+milliseconds. `measured` ({(layer, pass): mean ms}) is set by the app from the training run, with
+`run_plan` (the plan event the worker sent, `plan.to_dict()`). When that run's plan differs from the
+current one, a switch draws the run's own plan (laid out from the dict by `plans.schedule`) with its
+measured times; the current what-if plan is never drawn against another plan's measurements.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import panel as pn
 import param
 
 from workbench.services import calibrate, memory
-from workbench.services.plans import plan_signature
+from workbench.services.plans import plan_batch_size, plan_from_dict, plan_signature
 from workbench.state.plan import PlanState
 from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_bytes, fmt_count, learn
 from workbench.views._deferred import DeferWhileHidden
@@ -31,7 +34,8 @@ bandwidth, plus a launch cost per partition); once this very plan has been train
 its measured times appear below on the same time axis, with the device model *calibrated* to them
 (throughput, bandwidth and launch cost fitted to the run) in between. The memory plot stacks the
 buffers live at each step; the dashed line is what storing every product layer would take instead
-of recomputing it. The roofline plot places every step by arithmetic intensity: left of the ridge,
+of recomputing it. A run of another plan (another circuit, block size or tolerance) is not lined up
+against this one: switch *Plan* to the run's own plan to see its layers with its measured times. The roofline plot places every step by arithmetic intensity: left of the ridge,
 memory traffic bounds it (input and product layers); right of it, compute. Tap a bar to highlight its
 layer in every tab."""
 
@@ -109,6 +113,14 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
     measured_plan = param.List(
         default=[], doc="plan.to_dict()['layers'] of the run the measured times come from"
     )
+    run_plan = param.Dict(
+        default={}, doc="plan.to_dict() of that run (the worker's plan event; its batch size included)"
+    )
+    show = param.Selector(
+        default="current",
+        objects=["current", "run"],
+        doc="Which plan the timelines draw: the current what-if plan, or the profiled run's own plan",
+    )
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -144,6 +156,11 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             margin=(0, 10),
         )
         self.info = pn.pane.Markdown("", margin=(0, 10))
+        # disabled (not hidden) while there is no other plan to show: see `measured_plot` above
+        self.plan_switch = pn.widgets.RadioButtonGroup(
+            options=self._switch_options(), value="current", disabled=True, width=520
+        )
+        self.plan_switch.param.watch(lambda e: setattr(self, "show", e.new), "value")
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(columns=TABLE_COLUMNS),
             show_index=False,
@@ -156,7 +173,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         self.plan.param.watch(
             redraw, ["plan", "peak_flops", "bandwidth", "launch_us", "absent", "selected_layer"]
         )
-        self.param.watch(redraw, ["measured", "measured_plan"])
+        self.param.watch(redraw, ["measured", "measured_plan", "run_plan", "show"])
         self.refresh()
 
     def _on_device(self, event) -> None:
@@ -167,7 +184,35 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         """Whether the measured times are of this very plan (same layers and partitions)."""
         return bool(self.measured) and plan_signature(self.measured_plan) == plan_signature(self.plan.layers)
 
+    def _run_layers(self) -> list[dict]:
+        """The profiled run's layers: from its plan event, else `measured_plan`."""
+        return list(self.run_plan.get("layers") or self.measured_plan)
+
+    def _switch_options(self) -> dict[str, str]:
+        n = len(self._run_layers())
+        run = (
+            f"the run's plan ({self.measured_source}, {n} layers)" if n else "the run's plan (none profiled)"
+        )
+        return {"Plan: current circuit": "current", run: "run"}
+
+    def other_run_plan(self) -> bool:
+        """Whether a profiled run of another plan than the current one can be drawn on its own plan."""
+        return bool(self.measured) and bool(self._run_layers()) and not self.matches()
+
+    def showing_run(self) -> bool:
+        """Whether the timelines draw the run's own plan (the switch is on it and it is another plan)."""
+        return self.show == "run" and self.other_run_plan()
+
+    def _sync_switch(self) -> None:
+        opts = self._switch_options()
+        if opts != self.plan_switch.options:
+            self.plan_switch.options = opts
+        self.plan_switch.param.update(value=self.show, disabled=not self.other_run_plan())
+
     def refresh(self) -> None:
+        self._sync_switch()
+        if self.showing_run():
+            return self._refresh_run()
         if self.plan.plan is None:
             self.info.object = self.plan.absent
             for pane in (self.predicted, self.measured_plot, self.calibrated_plot, self.scatter, self.memory):
@@ -178,23 +223,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             return
         ok = self.matches()
         records = self.plan.schedule(self.measured if ok else None)
-        p = self.plan
-        cal = calibrate.calibrate(records, p.peak_flops, p.bandwidth, p.launch_us) if ok else None
-        self.calibration = cal
-        for r in records:
-            r["calibrated_ms"] = (
-                float(
-                    calibrate.predict_ms(
-                        r["flops"], r["bytes"], r["launches"], cal.peak_flops, cal.bandwidth, cal.launch_us
-                    )
-                )
-                if cal is not None
-                else None
-            )
-        df = pd.DataFrame(records, columns=TABLE_COLUMNS)
-        for c in ("predicted_ms", "calibrated_ms", "measured_ms"):
-            df[c] = pd.to_numeric(df[c]).round(4)
-        self.table.value = df
+        cal = self._calibrate(records, ok)
         predicted = sum(r["predicted_ms"] for r in records)
         measured = sum(r["measured_ms"] or 0.0 for r in records) if ok else 0.0
         calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
@@ -217,6 +246,70 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             memory.memory_timeline(self.plan.plan, records, self.plan.batch_size)
         )
         self.info.object = self._summary(records) + self._measured_line(ok, predicted, measured)
+
+    def _refresh_run(self) -> None:
+        """Draw the profiled run's own plan (another circuit or options than the current one): its
+        predicted and measured times on one axis, calibration and memory of that plan. No tap-to-select:
+        its layer indices are not the current plan's."""
+        d = self.run_plan or {"layers": self._run_layers()}
+        try:
+            records = self.plan.schedule_of(d, self.measured)
+            skeleton = plan_from_dict(d)
+        except ValueError as err:
+            self.info.object = f"*The run's plan cannot be drawn: {err}*"
+            return
+        bs = plan_batch_size(d, self.plan.batch_size)
+        p = self.plan
+        cal = self._calibrate(records, True)
+        predicted = sum(r["predicted_ms"] for r in records)
+        measured = sum(r["measured_ms"] or 0.0 for r in records)
+        calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
+        x_end = max(predicted, measured, calibrated)
+        src = self.measured_source
+        self._tap = None
+        self.predicted.object = timeline(
+            records, "predicted_ms", f"Predicted (roofline), plan of {src}", x_end
+        )
+        self.measured_plot.object = timeline(
+            records, "measured_ms", f"Measured ({src}) on its own plan", x_end
+        )
+        self.calibrated_plot.object = (
+            timeline(records, "calibrated_ms", "Calibrated model", x_end) if cal is not None else None
+        )
+        self.calibration_info.object = self._calibration_line(cal)
+        self.use_calibrated.disabled = cal is None
+        self.scatter.object = roofline(records, p.peak_flops, p.bandwidth, True)
+        self.memory.object = memory_plot(memory.memory_timeline(skeleton, records, bs))
+        n_re = sum(r["pass"] == "recompute" for r in records)
+        self.info.object = (
+            f"**The plan of run {src}** (not the current circuit's): **{len(skeleton.layers)}** layers, "
+            f"{len(records)} steps per training step ({n_re} product-layer recomputations), batch {bs}. "
+            f"Measured **{measured:.3g} ms per step**, predicted {predicted:.3g} ms for this plan "
+            f"({measured / max(predicted, 1e-12):.3g}x): both timelines share one time axis. "
+            "Switch *Plan* back to the current circuit for its what-if timeline."
+        )
+
+    def _calibrate(self, records: list[dict], fit: bool) -> calibrate.Calibration | None:
+        """Fit (`fit`: records of one plan with its run's measured times) the device model, add each
+        record's calibrated_ms (None unfitted) and fill the table."""
+        p = self.plan
+        cal = calibrate.calibrate(records, p.peak_flops, p.bandwidth, p.launch_us) if fit else None
+        self.calibration = cal
+        for r in records:
+            r["calibrated_ms"] = (
+                float(
+                    calibrate.predict_ms(
+                        r["flops"], r["bytes"], r["launches"], cal.peak_flops, cal.bandwidth, cal.launch_us
+                    )
+                )
+                if cal is not None
+                else None
+            )
+        df = pd.DataFrame(records, columns=TABLE_COLUMNS)
+        for c in ("predicted_ms", "calibrated_ms", "measured_ms"):
+            df[c] = pd.to_numeric(df[c]).round(4)
+        self.table.value = df
+        return cal
 
     def _calibration_line(self, cal: calibrate.Calibration | None) -> str:
         """What the device model is calibrated to, or that it is not."""
@@ -265,7 +358,8 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         if self.measured:
             return (
                 f" *The last profiled run ({self.measured_source}) ran a different plan (another circuit, "
-                "block size or tolerance), so its times are not drawn here: train this plan to measure it.*"
+                "block size or tolerance), so its times are not drawn against this one: train this plan "
+                "to measure it, or switch Plan to the run's plan to see its times on its own layers.*"
             )
         return " *Measured times appear once a run of this plan is profiled (Train tab).*"
 
@@ -273,6 +367,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         return pn.Column(
             learn(LEARN),
             pn.Row(self.peak, self.legend, align="end"),
+            self.plan_switch,
             self.info,
             self.predicted,
             self.calibrated_plot,

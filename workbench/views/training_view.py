@@ -334,6 +334,7 @@ class TrainingView(pn.viewable.Viewer):
             self.schedule.param.update(
                 measured_source=run.name,
                 measured_plan=list(run.plan.get("layers", [])),
+                run_plan=dict(run.plan),
                 measured=dict(run.layer_means),
             )
         self._progress_text()
