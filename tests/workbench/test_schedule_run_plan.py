@@ -151,3 +151,18 @@ def test_the_switch_follows_the_current_plan():
     ses.plan.block_size = None
     assert view.matches() and view.plan_switch.disabled and not view.showing_run()
     assert "Measured (run-a): " in view.info.object
+
+
+def test_a_run_plan_that_cannot_be_laid_out_is_said_and_nothing_stale_stays():
+    from workbench.views.schedule_view import ScheduleView
+
+    ses = _session()
+    view = ScheduleView(plan=ses.plan)
+    bad = [{"index": 0, "kind": "conv", "num_nodes": 1, "num_edges": 0}]
+    view.param.update(
+        measured_source="run-x", measured_plan=bad, run_plan={"layers": bad}, measured={(0, "forward"): 1.0}
+    )
+    assert view.predicted.object is not None and not view.plan_switch.disabled
+    view.plan_switch.value = "run"
+    assert "The run's plan cannot be drawn: plan dict layer 0 has unknown kind 'conv'" in view.info.object
+    assert view.predicted.object is None and view.measured_plot.object is None and len(view.table.value) == 0

@@ -35,9 +35,9 @@ its measured times appear below on the same time axis, with the device model *ca
 (throughput, bandwidth and launch cost fitted to the run) in between. The memory plot stacks the
 buffers live at each step; the dashed line is what storing every product layer would take instead
 of recomputing it. A run of another plan (another circuit, block size or tolerance) is not lined up
-against this one: switch *Plan* to the run's own plan to see its layers with its measured times. The roofline plot places every step by arithmetic intensity: left of the ridge,
-memory traffic bounds it (input and product layers); right of it, compute. Tap a bar to highlight its
-layer in every tab."""
+against this one: switch *Plan* to the run's own plan to see its layers with its measured times. The
+roofline plot places every step by arithmetic intensity: left of the ridge, memory traffic bounds it
+(input and product layers); right of it, compute. Tap a bar to highlight its layer in every tab."""
 
 LANES = ["forward", "recompute", "backward"]
 TABLE_COLUMNS = [
@@ -214,12 +214,8 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         if self.showing_run():
             return self._refresh_run()
         if self.plan.plan is None:
+            self._clear()
             self.info.object = self.plan.absent
-            for pane in (self.predicted, self.measured_plot, self.calibrated_plot, self.scatter, self.memory):
-                pane.object = None
-            self.table.value = pd.DataFrame(columns=TABLE_COLUMNS)
-            self.calibration, self.calibration_info.object = None, ""
-            self.use_calibrated.disabled = True
             return
         ok = self.matches()
         records = self.plan.schedule(self.measured if ok else None)
@@ -247,6 +243,13 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         )
         self.info.object = self._summary(records) + self._measured_line(ok, predicted, measured)
 
+    def _clear(self) -> None:
+        for pane in (self.predicted, self.measured_plot, self.calibrated_plot, self.scatter, self.memory):
+            pane.object = None
+        self.table.value = pd.DataFrame(columns=TABLE_COLUMNS)
+        self.calibration, self.calibration_info.object = None, ""
+        self.use_calibrated.disabled = True
+
     def _refresh_run(self) -> None:
         """Draw the profiled run's own plan (another circuit or options than the current one): its
         predicted and measured times on one axis, calibration and memory of that plan. No tap-to-select:
@@ -256,6 +259,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             records = self.plan.schedule_of(d, self.measured)
             skeleton = plan_from_dict(d)
         except ValueError as err:
+            self._clear()
             self.info.object = f"*The run's plan cannot be drawn: {err}*"
             return
         bs = plan_batch_size(d, self.plan.batch_size)
