@@ -1,4 +1,4 @@
-"""Data-parallel EM on CPU (gloo), as users launch it: `torchrun -m engine train`.
+"""Data-parallel EM on CPU (gloo, also on a machine with GPUs), as users launch it: `torchrun -m engine train`.
 
 Two ranks with batch B must train exactly what one process trains with batch 2B on the same global
 batches (drop-last), up to float summation order; a rank that dies makes the other exit with a
@@ -22,7 +22,7 @@ import engine
 from engine.distributed import Ranks, shard_batches, shard_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["train", "--data", "nltcs", "--latents", "4", "--epochs", "2", "--full-batch-epochs", "1",
+TRAIN = ["train", "--device", "cpu", "--data", "nltcs", "--latents", "4", "--epochs", "2", "--full-batch-epochs", "1",
          "--step-size", "0.5", "--final-step-size", "0.2", "--quiet"]
 
 
