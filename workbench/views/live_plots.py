@@ -124,6 +124,8 @@ class LivePlots:
             self._run_id, self._t0 = run.run_id, None
             self._sent = dict.fromkeys(SERIES, 0)
             self._layer_records, self._layer_factors = None, []
+            self.sources["layers"].data = {c: [] for c in LAYER_COLUMNS}  # no bars of the last run
+            self.figures["layers"].x_range.factors = []
         self._device_note(run.device)
         mem = run.memory_series
         if self._t0 is None and mem["t"]:

@@ -34,6 +34,15 @@ POLL_MS = 500  # the progress line follows every poll: two updates a second
 # all rows on any change) cost the most (measured: benchmarks/workbench_ui_metrics.py).
 PACE = {"progress": 0.0, "plots": 0.5, "tables": 6.0}  # plots: two updates a second
 DEVICES = {"auto (GPU if present, else CPU)": "auto", "CPU": "cpu", "GPU (cuda)": "cuda"}
+
+
+def device_options() -> dict:
+    """The devices to offer: "GPU (cuda)" only when a GPU is visible (counted in a child process by
+    `services.ranks.visible_gpus`, so the server never initialises CUDA); offered without one, a
+    run failed only after Start."""
+    from workbench.services.ranks import visible_gpus
+
+    return {k: v for k, v in DEVICES.items() if v != "cuda" or visible_gpus() > 0}
 # Table columns with their dtypes: the empty tables start with them, because a change of columns or
 # dtypes makes Tabulator rebuild itself and the browser lay out the whole page again
 LAYER_COLUMNS = {"layer": "int64", "kind": "object", "pass": "object", "ms": "float64", "calls": "int64"}
@@ -72,6 +81,14 @@ def _frame(records: list[dict], columns: dict) -> pd.DataFrame:
     )
 
 
+def _device_text(run) -> str:
+    """The device the worker reported, or what was asked for while it has not said (never '…')."""
+    if run.device:
+        return run.device
+    asked = run.spec.get("device") or "auto"
+    return f"{asked} (not started)" if not run.live and run.status in ("failed", "stopped") else f"{asked} (starting)"
+
+
 class TrainingView(pn.viewable.Viewer):
     """EM settings, job controls, live plots, per-layer table and downloads of the current run."""
 
@@ -82,7 +99,10 @@ class TrainingView(pn.viewable.Viewer):
     def __init__(self, **params):
         super().__init__(**params)
         t = self.session.training
-        self.device = pn.widgets.Select.from_param(t.param.device, options=DEVICES, name="Device", width=230)
+        offered = device_options()
+        if t.device not in offered.values():
+            t.device = "auto"
+        self.device = pn.widgets.Select.from_param(t.param.device, options=offered, name="Device", width=230)
         self.gpus = gpu_selector(t)  # hidden unless several GPUs (or CW_RANKS_ON_CPU=1) are offered
         self.rank_plots = RankPlots()  # per-rank step split, layer times and memory of a multi-GPU run
         self.epochs = pn.widgets.IntInput.from_param(t.param.epochs, name="Mini-batch epochs", width=130)
@@ -213,6 +233,13 @@ class TrainingView(pn.viewable.Viewer):
         set_status(self.alert, "")
         self._drawn = dict.fromkeys(PACE, (-1, 0.0))
         self._finished_ticks = 0
+        self._tables = {"layers": None, "epochs": None}
+        # nothing of the previous run may stay on screen: empty bar, plots and tables at once
+        self.progress.param.update(value=0, bar_color="success")
+        self.layer_table.value = _frame([], LAYER_COLUMNS)
+        self.epoch_table.value = _frame([], EPOCH_COLUMNS)
+        self._draw_plots()
+        self._progress_text()
         self._set_running(True)
         if self._callback is None:
             self._callback = pn.state.add_periodic_callback(self.poll, period=POLL_MS)
@@ -298,9 +325,11 @@ class TrainingView(pn.viewable.Viewer):
         run, p = self.run, self.run.progress
         total_epochs = int(run.spec.get("epochs", 0)) + int(run.spec.get("full_batch_epochs", 0))
         done = len(run.epochs["epoch"])
+        frac = done / max(total_epochs, 1)  # a run that has not made a batch yet: its finished epochs
         if p.get("num_batches"):
-            frac = ((p["epoch"] - 1) + p["batch"] / p["num_batches"]) / max(total_epochs, 1)
-            self.progress.value = int(1000 * min(1.0, max(frac, done / max(total_epochs, 1))))
+            frac = max(frac, ((p["epoch"] - 1) + p["batch"] / p["num_batches"]) / max(total_epochs, 1))
+        bar = "danger" if run.status == "failed" else "success"
+        self.progress.param.update(value=int(1000 * min(1.0, frac)), bar_color=bar)
         last = run.epochs
         ll = (
             f" · train LL <b>{last['train_ll'][-1]:.4f}</b>, valid LL <b>{last['valid_ll'][-1]:.4f}</b> nats"
@@ -314,7 +343,7 @@ class TrainingView(pn.viewable.Viewer):
             else ""
         )
         batch = f" · batch {p.get('batch')}/{p.get('num_batches')}" if p else ""
-        device, status = escape(run.device or "…"), escape(run.status)
+        device, status = escape(_device_text(run)), escape(run.status)
         if run.status == "queued" and run.message:  # its place in the worker queue
             status += f"</b> ({escape(run.message)})<b>"
         self.progress_text.object = (
