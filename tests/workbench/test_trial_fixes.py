@@ -76,3 +76,73 @@ def test_gpu_is_offered_only_when_one_is_visible(monkeypatch, gpus, offered):
     _, view = _training_view(monkeypatch, gpus)
     assert ("cuda" in view.device.options.values()) is offered
     assert "cpu" in view.device.options.values() and "auto" in view.device.options.values()
+
+
+# ---- Compare (trial defects 3-6)
+
+
+def _stored(store: RunStore, name: str, epochs: int, **spec) -> str:
+    """A run written to `store` as the worker writes one: spec, events, final status; its id."""
+    run_id = store.create({"name": name, "epochs": epochs, **spec})
+    events = []
+    for ep in range(1, epochs + 1):
+        events.append({"type": "epoch", "epoch": ep, "train_ll": -6.0, "valid_ll": -6.1, "seconds": 1.0})
+    events.append(
+        {"type": "done", "status": "done"} if epochs else {"type": "error", "message": "no data"}
+    )
+    store.append_events(run_id, events)
+    store.set_status(run_id, "done" if epochs else "failed")
+    return run_id
+
+
+def _compare_view(tmp_path, runs):
+    """A CompareView over a store of `runs` [(name, epochs[, spec])], all of them picked."""
+    from workbench.views.compare_view import CompareView
+
+    store = RunStore(tmp_path / "runs")
+    ids = [_stored(store, *r[:2], **(r[2] if len(r) > 2 else {})) for r in runs]
+    view = CompareView(store=store)
+    view.picker.value = ids
+    return ids, view
+
+
+def test_clear_removes_the_plots(tmp_path):
+    _, view = _compare_view(tmp_path, [("a", 2), ("b", 2)])
+    view.add_selected()
+    assert view.curves.object is not None and "Comparing **2** runs" in view.info.object
+    view.clear_btn.clicks += 1
+    assert "Pick two or more runs" in view.info.object
+    assert view.curves.object is None and view.timing.object is None and view.layers.object is None
+
+
+def test_picked_runs_are_drawn_once_when_all_are_read(tmp_path):
+    """Nine runs were added one by one, each a redraw: 'Comparing 4 runs' with two lines for 3 s."""
+    import asyncio
+
+    _, view = _compare_view(tmp_path, [(f"n{i}", 2) for i in range(9)])
+    drawn = []
+    view.compare.param.watch(lambda e: drawn.append(len(e.new)), "runs")
+    asyncio.run(view._add_clicked())
+    assert drawn == [9] and "Comparing **9** runs" in view.info.object and not view.add_btn.disabled
+
+
+def test_legend_sits_beside_the_plot_and_same_named_runs_say_how_they_differ(tmp_path):
+    runs = [("hclt-nltcs", 2, {"block_size": i}) for i in range(8)] + [("other", 1)]
+    ids, view = _compare_view(tmp_path, runs)
+    view.add_selected()
+    opts = view.curves.object.opts.get().kwargs
+    assert opts["legend_position"] == "right"
+    labels = {el.label for el in view.curves.object}
+    assert f"hclt-nltcs [bs 3] ({ids[3][-6:]})" in labels and f"other ({ids[8][-6:]})" in labels
+    assert len(labels) == 9
+    assert view.timing.object.opts.get().kwargs["xrotation"] > 0  # nine names side by side overlapped
+
+
+def test_a_failed_run_without_data_is_named_not_drawn(tmp_path):
+    """README: a missing metric is named in the title; a failed run was an empty bar."""
+    (good, bad), view = _compare_view(tmp_path, [("good", 2), ("broken", 0)])
+    view.add_selected()
+    bars = view.timing.object
+    assert list(bars.dimension_values("run")) == [f"good ({good[-6:]})"]
+    assert f"no epochs: broken ({bad[-6:]})" in bars.opts.get().kwargs["title"]
+    assert f"broken ({bad[-6:]})" in view.curves.object.opts.get().kwargs["title"]

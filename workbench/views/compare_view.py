@@ -42,8 +42,32 @@ METRIC_LABELS = {
 RUN_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
-def _label(r: RunState) -> str:
-    return f"{r.name} ({r.run_id[-6:]})"
+# Settings that tell apart runs of one name (say the same circuit at two block sizes), in this order
+TELLING_SETTINGS = {
+    "block_size": "bs",
+    "batch_size": "batch",
+    "epochs": "epochs",
+    "full_batch_epochs": "full-batch",
+    "step_size": "step",
+    "tolerance": "tol",
+    "device": "on",
+    "gpus": "gpus",
+}
+
+
+def run_labels(runs: list[RunState]) -> dict[str, str]:
+    """{run_id: label}: the run's name, with the id suffix; runs of one name also say the settings
+    in which they differ ('hclt-nltcs [bs 2] (a1b2c3)'), so a legend does not rest on ids alone."""
+    by_name: dict[str, list[RunState]] = {}
+    for r in runs:
+        by_name.setdefault(r.name, []).append(r)
+    out = {}
+    for name, group in by_name.items():
+        differ = [k for k in TELLING_SETTINGS if len({str(r.spec.get(k)) for r in group}) > 1]
+        for r in group:
+            extra = ", ".join(f"{TELLING_SETTINGS[k]} {r.spec.get(k, '-')}" for k in differ)
+            out[r.run_id] = f"{name}{f' [{extra}]' if extra else ''} ({r.run_id[-6:]})"
+    return out
 
 
 class CompareView(pn.viewable.Viewer):
@@ -63,8 +87,9 @@ class CompareView(pn.viewable.Viewer):
         self.clear_btn = pn.widgets.Button(name="Clear", width=80)
         self.metric = pn.widgets.Select.from_param(self.compare.param.metric, name="Metric", width=160)
         self.refresh_btn.on_click(lambda e: self.refresh_list())
-        self.add_btn.on_click(lambda e: self.add_selected())
+        self.add_btn.on_click(self._add_clicked)
         self.clear_btn.on_click(lambda e: setattr(self.compare, "runs", []))
+        self._labels: dict[str, str] = {}
         self.curves = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
         self.timing = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
         self.layers = pn.pane.HoloViews(sizing_mode="stretch_width", height=320)
@@ -100,16 +125,41 @@ class CompareView(pn.viewable.Viewer):
         records = self.store.list_runs()
         self.picker.options = {f"{r.name} · {r.status} · {r.run_id}": r.run_id for r in records}
 
+    def _load(self, run_id: str) -> RunState:
+        """One picked run: followed live if this server still trains it, else read from the store."""
+        job = self.jobs.get(run_id) if self.jobs is not None else None
+        if job is not None and not job.finished:
+            run = RunState.for_job(job)
+            run.apply(self.store.events(run_id))
+            run._since = job.drain(0)[1]  # events so far came from the store
+            return run
+        return RunState.from_store(self.store, run_id)
+
     def add_selected(self) -> None:
-        for run_id in self.picker.value:
-            job = self.jobs.get(run_id) if self.jobs is not None else None
-            if job is not None and not job.finished:
-                run = RunState.for_job(job)
-                run.apply(self.store.events(run_id))
-                run._since = job.drain(0)[1]  # events so far came from the store
-                self.compare.add(run)
-            else:
-                self.compare.add_from_store(self.store, run_id)
+        """Read every picked run, then add them all at once: one redraw, not one per run (adding
+        nine one by one drew 'Comparing 4 runs' with two lines for seconds)."""
+        self._add_all([self._load(run_id) for run_id in self.picker.value])
+
+    def _add_all(self, runs: list[RunState]) -> None:
+        ids = {r.run_id for r in runs}
+        self.compare.runs = [r for r in self.compare.runs if r.run_id not in ids] + runs
+
+    async def _add_clicked(self, event=None) -> None:
+        """The button: read the runs off the event loop, saying how far it got, then draw once."""
+        import asyncio
+
+        picked = list(self.picker.value)
+        if not picked:
+            return
+        self.add_btn.disabled = True
+        runs = []
+        try:
+            for i, run_id in enumerate(picked):
+                self.info.object = f"Loading run {i + 1} of {len(picked)}…"
+                runs.append(await asyncio.to_thread(self._load, run_id))
+        finally:
+            self.add_btn.disabled = False
+        self._add_all(runs)
 
     def _signature(self) -> tuple:
         """What the plots show changes per epoch (and status), not per streamed batch."""
@@ -161,8 +211,11 @@ class CompareView(pn.viewable.Viewer):
         self._follow_live_runs()
         if not runs:
             self.info.object = "Pick two or more runs above (train some in the Train tab first)."
-            self.table.value = pd.DataFrame()
+            with pn.io.hold():  # Clear: no plot of the runs just removed stays
+                self.curves.object = self.timing.object = self.layers.object = None
+                self.table.value = pd.DataFrame()
             return
+        self._labels = run_labels(runs)
         self.info.object = f"Comparing **{len(runs)}** {plural(len(runs), 'run')}."
         with pn.io.hold(freeze=True):  # one document model recompute for all four panes
             self.curves.object = self._curves()
@@ -179,12 +232,10 @@ class CompareView(pn.viewable.Viewer):
         for r in self.compare.runs:
             ep = [int(e) for e in r.epochs["epoch"]]
             vals = [math.nan if v is None else float(v) for v in r.epochs[m]]
-            if not ep:
+            if not ep or all(math.isnan(v) for v in vals):
+                without.append(self._label(r))
                 continue
-            if all(math.isnan(v) for v in vals):
-                without.append(_label(r))
-                continue
-            c, label = self.color(r), _label(r)
+            c, label = self.color(r), self._label(r)
             items.append(hv.Curve((ep, vals), "epoch", m, label=label).opts(color=c))
             items.append(hv.Scatter((ep, vals), "epoch", m, label=label).opts(color=c, size=6))
         note = f" (no {m}: {', '.join(without)})" if without else ""
@@ -195,41 +246,50 @@ class CompareView(pn.viewable.Viewer):
             ylabel=METRIC_LABELS.get(m, m),
             responsive=True,
             height=290,
-            legend_position="bottom_right",
+            legend_position="right",  # beside the plot: inside, eight or more runs covered the lines
+            legend_opts={"click_policy": "hide"},  # click a run in the legend to hide its line
             xticks=integer_ticks(),
             **NO_WHEEL,
         )
 
+    def _label(self, r: RunState) -> str:
+        return self._labels.get(r.run_id) or run_labels([r])[r.run_id]
+
     def _epoch_seconds(self):
-        rows = [
-            (
-                _label(r),
-                sum(s for s in r.epochs["seconds"] if s) / max(len(r.epochs["seconds"]), 1),
-                self.color(r),
-            )
-            for r in self.compare.runs
-        ]
+        """A bar per run with timed epochs; a run without (failed before its first epoch) is named in
+        the title, not drawn as an empty bar."""
+        rows, without = [], []
+        for r in self.compare.runs:
+            secs = [s for s in r.epochs["seconds"] if s is not None]
+            if secs:
+                rows.append((self._label(r), sum(secs) / len(secs), self.color(r)))
+            else:
+                without.append(self._label(r))
+        note = f" (no epochs: {', '.join(without)})" if without else ""
         return hv.Bars(rows, "run", ["seconds per epoch", "color"]).opts(
-            title="Mean seconds per epoch",
+            title=f"Mean seconds per epoch{note}",
             responsive=True,
             height=290,
             tools=["hover"],
-            xrotation=10,
+            xrotation=0 if len(rows) <= 3 else 60,  # several run names side by side overlapped
             color="color",
             **NO_WHEEL,
         )
 
     def _layer_times(self):
-        rows = []
+        rows, without = [], []
         for r in self.compare.runs:
             by_pass: dict[str, float] = {}
             for (layer, p), ms in r.layer_means.items():
                 by_pass[p] = by_pass.get(p, 0.0) + ms
-            rows += [(_label(r), p, by_pass[p]) for p in PASS_COLORS if p in by_pass]
+            rows += [(self._label(r), p, by_pass[p]) for p in PASS_COLORS if p in by_pass]
+            if not by_pass:
+                without.append(self._label(r))
+        note = f" (no layer times: {', '.join(without)})" if without else ""
         if not rows:
-            return hv.Bars([], ["run", "pass"], "ms").opts(title="No layer times recorded")
+            return hv.Bars([], ["run", "pass"], "ms").opts(title=f"No layer times recorded{note}")
         return hv.Bars(rows, ["run", "pass"], "ms per step").opts(
-            title="Time per training step by pass (sum of mean per-layer ms)",
+            title=f"Time per training step by pass (sum of mean per-layer ms){note}",
             responsive=True,
             height=310,
             tools=["hover"],
