@@ -52,6 +52,9 @@ class JobSpec:
     seed: int = 0
     name: str = ""
     gpus: int = 1  # data-parallel ranks (services.ranks); batch_size is then per rank
+    # continue_run: {"run_id", "epochs_before" (epochs the earlier runs made), "circuit" (their circuit
+    # spec, the template a listing names)}; the run's epochs are numbered on from epochs_before
+    continues: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ValueError with a readable message for an unusable spec."""
@@ -256,7 +259,13 @@ class JobRunner:
         full = int(spec.get("full_batch_epochs", 0)) - max(done - mini, 0)
         if max(mini - done, 0) + max(full, 0) < 1:
             raise ValueError(f"run {run_id} has no epochs left to train")
+        before = dict(spec.get("continues") or {})
         spec.update(
+            continues={
+                "run_id": run_id,
+                "epochs_before": int(before.get("epochs_before", 0)) + done,
+                "circuit": before.get("circuit") or spec.get("circuit", {}),
+            },
             circuit={"source": "file", "path": str(model)},
             dataset=_stored_dataset(str(spec.get("dataset", ""))),
             epochs=max(mini - done, 0),

@@ -120,6 +120,11 @@ class RunState(param.Parameterized):
         self.param.trigger(*upd, *grown)  # one batch of events, the grown series included
         return True
 
+    @property
+    def epochs_before(self) -> int:
+        """Epochs the runs this one continues made: its own count on from there (continue_run)."""
+        return int((self.spec.get("continues") or {}).get("epochs_before", 0))
+
     def _fold(self, e: dict, upd: dict) -> None:
         if "rank" in e:  # a data-parallel run: every rank's times and memory, rank 0's the run's own
             upd["ranks"] = self.ranks
@@ -127,6 +132,8 @@ class RunState(param.Parameterized):
             if e is None:
                 return
         kind = e.get("type")
+        if kind in ("epoch", "batch") and self.epochs_before and e.get("epoch") is not None:
+            e = {**e, "epoch": e["epoch"] + self.epochs_before}  # the worker counts from 1
         if kind == "epoch":
             for k in EPOCH_KEYS:
                 self.epochs[k].append(e.get(k))
@@ -167,7 +174,7 @@ class RunState(param.Parameterized):
     def summary(self) -> dict:
         """One row for run tables: final metrics and key settings."""
         last = {k: (v[-1] if v else None) for k, v in self.epochs.items()}
-        c = self.spec.get("circuit", {})
+        c = (self.spec.get("continues") or {}).get("circuit") or self.spec.get("circuit", {})
         return {
             "run_id": self.run_id,
             "name": self.name,

@@ -127,8 +127,14 @@ class SessionState(param.Parameterized):
 
     def continuable_runs(self) -> list:
         """This session's stored runs that can train on: stopped or interrupted, with a checkpoint
-        (RunRecords, newest first)."""
-        return [r for r in self.store.list_runs() if r.status in ("stopped", "interrupted") and r.has_model]
+        (RunRecords, newest first); not one already continued by a run that did not fail."""
+        runs = self.store.list_runs()
+        continued = {(r.spec.get("continues") or {}).get("run_id") for r in runs if r.status != "failed"}
+        return [
+            r
+            for r in runs
+            if r.status in ("stopped", "interrupted") and r.has_model and r.run_id not in continued
+        ]
 
     def continue_run(self, run_id: str | None = None) -> RunState | None:
         """Train on from the last checkpoint of run `run_id` (default: the open run), stopped or
