@@ -45,7 +45,7 @@ def create_views(session: SessionState) -> dict:
     services = session.services
     schedule = ScheduleView(plan=session.plan)
     return {
-        "Build": BuilderView(build=session.build),
+        "Build": BuilderView(build=session.build, plan=session.plan),
         "Circuit": CircuitView(plan=session.plan),
         "Partitions": PartitionView(plan=session.plan),
         "Schedule": schedule,

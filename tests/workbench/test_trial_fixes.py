@@ -146,3 +146,104 @@ def test_a_failed_run_without_data_is_named_not_drawn(tmp_path):
     assert list(bars.dimension_values("run")) == [f"good ({good[-6:]})"]
     assert f"no epochs: broken ({bad[-6:]})" in bars.opts.get().kwargs["title"]
     assert f"broken ({bad[-6:]})" in view.curves.object.opts.get().kwargs["title"]
+
+
+# ---- Continue (trial defect 7)
+
+
+def test_continue_numbers_epochs_on_names_the_template_and_is_offered_once(tmp_path, monkeypatch):
+    """The continued run counted 'Epoch 3/25' from 1 (Compare drew it over the original from epoch
+    1), its template read `file`, and the stopped run stayed listed as continuable."""
+    from workbench.services import Services
+    from workbench.services.jobs import JobRunner
+    from workbench.state import SessionState
+    from workbench.views.compare_view import CompareView
+
+    store = RunStore(tmp_path / "runs")
+    runner = JobRunner(store)
+    ses = SessionState(Services(store, runner))
+    circuit = {"source": "template", "template": "hclt", "num_latents": 4}
+    first = store.create({"name": "hclt-nltcs", "circuit": circuit, "dataset": "nltcs", "epochs": 25,
+                          "full_batch_epochs": 1}, owner=ses.owner)
+    store.append_events(first, [{"type": "epoch", "epoch": e, "train_ll": -6.0} for e in (1, 2)])
+    store.set_status(first, "stopped")
+    store.model_path(first).write_bytes(b"checkpoint")
+    assert [r.run_id for r in ses.continuable_runs()] == [first]
+
+    started = {}
+
+    def start(spec, name=None, owner=None):  # the worker is not needed: record what it would get
+        started["spec"] = spec
+        return type("Job", (), {"job_id": store.create(spec, owner=owner), "spec": None})()
+
+    monkeypatch.setattr(runner, "start", start)
+    job = runner.continue_run(first, owner=ses.owner)
+    spec = started["spec"]
+    assert spec["continues"] == {"run_id": first, "epochs_before": 2, "circuit": circuit}
+    assert spec["epochs"] == 23 and spec["circuit"]["source"] == "file"
+    assert ses.continuable_runs() == []  # continued: not offered again
+
+    store.append_events(job.job_id, [{"type": "epoch", "epoch": 1, "train_ll": -5.0}])
+    run = RunState.from_store(store, job.job_id)
+    assert run.epochs["epoch"] == [3] and run.summary()["template"] == "hclt"
+
+    from workbench.views.training_view import epoch_label
+
+    assert epoch_label(run.spec, 3, 4) == "Epoch 4/26 (mini-batch 4/25)"
+    view = CompareView(store=ses.store)
+    view.compare.metric = "train_ll"
+    view.compare.runs = [RunState.from_store(store, first), run]
+    lines = [el for el in view.curves.object if type(el).__name__ == "Curve"]
+    assert [list(c.dimension_values(0)) for c in lines] == [[1, 2], [3]]
+
+
+# ---- Build tab (trial defects 8, 9, 10)
+
+
+def _builder(template: str = "hmm"):
+    from workbench.state import SessionState
+    from workbench.views.builder import BuilderView, TEMPLATE_LABELS
+
+    ses = SessionState(_Services())
+    view = BuilderView(build=ses.build, plan=ses.plan)
+    view.template.value = {v: k for k, v in TEMPLATE_LABELS.items()}[template]
+    return ses, view
+
+
+def test_homogeneous_hmm_is_said_in_the_report_the_run_name_and_a_help_line(monkeypatch):
+    """The build report of a homogeneous HMM was the plain HMM's, word for word."""
+    import panel as pn
+
+    ses, view = _builder("hmm")
+    assert view.help.visible and "shares one transition matrix" in view.help.object
+    view._on_build(None)
+    plain = view.outcome.object
+    assert "Built HMM-" in plain and "learnable." in plain and "tied" not in plain
+    box = next(w for w in view.template_params.select(pn.widgets.Checkbox) if w.name == "Homogeneous")
+    box.value = True
+    view._on_build(None)
+    tied = view.outcome.object
+    assert "HMM-16 homogeneous" in tied and "learnable (tied" in tied
+    count = lambda text: int(text.split("Parameters: **")[1].split("**")[0].replace(",", ""))  # noqa: E731
+    assert count(tied) == ses.plan.plan.num_learnable_params < count(plain)
+
+    from workbench.views.training_view import TrainingView
+
+    _, tv = _training_view(monkeypatch)
+    tv.session = ses
+    names = []
+    monkeypatch.setattr(ses, "start_training", lambda: names.append(ses.training.run_name))
+    monkeypatch.setattr(tv, "_follow_new_run", lambda *a: None)
+    tv.start()
+    assert names == ["hmm-homogeneous-nltcs-bsauto"]
+    view.template.value = "HCLT"
+    assert not view.help.visible
+
+
+def test_an_unreadable_grid_is_said_once(monkeypatch):
+    """'4 x four': the same sentence stood above and below Build circuit."""
+    ses, view = _builder("pd")
+    view._checked["data_shape"].value = "4 x four"
+    assert "4 x four" in view.field_alert.object
+    view._on_build(None)
+    assert "four" not in view.outcome.object and "fix Data shape (H x W) above" in view.outcome.object

@@ -44,6 +44,11 @@ TEMPLATE_LABELS = {"HCLT": "hclt", "PD": "pd", "RAT-SPN": "rat_spn", "HMM": "hmm
 NODE_COLUMNS = ["id", "kind", "num_nodes", "block_size", "var", "dist", "num_cats"]
 EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "assets" / "circuits"
 CHECKED_FIELDS = ("num_latents", "data_shape")  # typed values the view checks itself
+HELP = {  # a line under a template's fields, for a choice its name alone does not explain
+    "hmm": "**Homogeneous**: every time step shares one transition matrix and one emission table "
+    "(tied parameters), so the number of learnable parameters does not grow with the sequence length; "
+    "unticked, each step learns its own.",
+}
 
 
 def parse_grid(text: str) -> list[int]:
@@ -269,11 +274,13 @@ class BuilderView(pn.viewable.Viewer):
     """Template / compose / import, a Build button and the build's outcome."""
 
     build = param.ClassSelector(class_=BuildState)
+    plan = param.Parameter(default=None, doc="The session's PlanState: the report's learnable parameter count")
 
     def __init__(self, **params):
         super().__init__(**params)
         spec = self.build.template
         self.data = DataPicker(build=self.build)
+        self.help = pn.pane.Markdown("", margin=(0, 10), styles={"color": "#555"})
         label = {v: k for k, v in TEMPLATE_LABELS.items()}[spec.template]
         self.template = pn.widgets.RadioButtonGroup(
             name="Template", options=list(TEMPLATE_LABELS), value=label
@@ -307,6 +314,8 @@ class BuilderView(pn.viewable.Viewer):
         rest = [f for f in fields if f not in CHECKED_FIELDS]
         checked = [self._checked[f] for f in CHECKED_FIELDS if f in fields]
         self._follow_spec()
+        self.help.object = HELP.get(spec.template, "")
+        self.help.visible = spec.template in HELP
         self.template_params[:] = [
             pn.Row(
                 *checked,
@@ -318,6 +327,7 @@ class BuilderView(pn.viewable.Viewer):
                     default_layout=pn.Row,
                 ),
             ),
+            self.help,
             self.field_alert,
         ]
 
@@ -396,9 +406,10 @@ class BuilderView(pn.viewable.Viewer):
         could not be read refuses the build (it would otherwise build with the field's old value)."""
         self.build.source = ("template", "graph", "file")[self.sources.active]
         fields = TEMPLATE_FIELDS[self.build.template.template]
-        bad = [m for f, m in self._invalid.items() if f in fields]
-        if self.build.source == "template" and bad:
-            set_status(self.outcome, f"**Not built:** {' '.join(bad)}", "danger")
+        bad = [f for f in self._invalid if f in fields]
+        if self.build.source == "template" and bad:  # the reason stands above, beside the field
+            names = " and ".join(self._checked[f].name for f in bad)
+            set_status(self.outcome, f"**Not built:** fix {names} above first.", "danger")
             return
         self._start_build()
 
@@ -434,7 +445,8 @@ class BuilderView(pn.viewable.Viewer):
             t = b.template
             sparse = f", sum density {t.sum_density:g}" if t.sum_density < 1 else ""
             label = {v: k for k, v in TEMPLATE_LABELS.items()}[t.template]
-            return f"{label}-{t.num_latents}{sparse} on {Path(b.data.dataset).name}"
+            tied = " homogeneous" if t.template == "hmm" and t.homogeneous else ""
+            return f"{label}-{t.num_latents}{tied}{sparse} on {Path(b.data.dataset).name}"
         return "the composed circuit" if b.source == "graph" else Path(b.file_path).name or "the file"
 
     def report(self, res) -> None:
@@ -447,12 +459,12 @@ class BuilderView(pn.viewable.Viewer):
         set_status(self.data.alert, "")
         set_status(self.importer.alert, "")
         i = res.info
-        kinds = ", ".join(f"{v} {k}" for k, v in i.get("vectors_by_kind", {}).items())
+        kinds = ", ".join(f"{v:,} {k}" for k, v in i.get("vectors_by_kind", {}).items())
         text = (
             f"Built {self._what()} in **{b.seconds:.2f} s** (circuit {res.seconds:.2f} s, plan and views "
             f"{max(b.seconds - res.seconds, 0):.2f} s): a valid circuit of **{i.get('num_nodes'):,}** "
             f"{plural(i.get('num_nodes'), 'node')} in {plural_n(i.get('num_vectors'), 'node vector')} "
-            f"({kinds}) over {plural_n(i.get('num_vars'), 'variable')}."
+            f"({kinds}) over {plural_n(i.get('num_vars'), 'variable')}.{self._parameters()}"
         )
         if i.get("num_nodes") == i.get("num_vectors"):  # a PSDD import: one node per vector
             text += (
@@ -463,6 +475,15 @@ class BuilderView(pn.viewable.Viewer):
             set_status(self.outcome, f"{text} **Cannot train:** {safe_text(b.mismatch)}.", "warning")
         else:
             set_status(self.outcome, text, "success")
+
+    def _parameters(self) -> str:
+        """' Parameters: 1,234 learnable (tied).' from the session's compiled plan ('' without one);
+        a tied set (a homogeneous HMM's steps) counts once, which is what tells it from the plain one."""
+        plan = getattr(self.plan, "plan", None)
+        if plan is None:
+            return ""
+        tied = " (tied: one set shared by every step)" if plan.ties.num_tied_params else ""
+        return f" Parameters: **{plan.num_learnable_params:,}** learnable{tied}."
 
     def build_demo(self) -> None:
         """Open on a built circuit, so every tab has something to show at once."""

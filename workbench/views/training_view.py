@@ -60,15 +60,20 @@ def epoch_phase(spec: dict, epoch: int) -> str:
     """Which EM phase `epoch` (1-based, over both phases) of a run with `spec` is in:
     'mini-batch 3/5' or 'full-batch 2/10' (the run makes the mini-batch epochs first)."""
     mini, full = int(spec.get("epochs", 0)), int(spec.get("full_batch_epochs", 0))
-    if epoch <= mini or not full:
-        return f"mini-batch {max(epoch, 0)}/{mini}"
-    return f"full-batch {epoch - mini}/{full}"
+    before = _epochs_before(spec)  # a continued run counts on from the run it continues
+    if epoch - before <= mini or not full:
+        return f"mini-batch {max(epoch, 0)}/{before + mini}"
+    return f"full-batch {epoch - before - mini}/{full}"
+
+
+def _epochs_before(spec: dict) -> int:
+    return int((spec.get("continues") or {}).get("epochs_before", 0))
 
 
 def epoch_label(spec: dict, finished: int, in_progress: int | None) -> str:
     """'Epoch 3/15 (mini-batch 3/5)': one count for both halves, the epoch in progress (or the last
     one finished when none is), so the total and the phase never disagree."""
-    total = int(spec.get("epochs", 0)) + int(spec.get("full_batch_epochs", 0))
+    total = _epochs_before(spec) + int(spec.get("epochs", 0)) + int(spec.get("full_batch_epochs", 0))
     current = max(in_progress or 0, finished)
     return f"Epoch {current}/{total} ({epoch_phase(spec, current)})"
 
@@ -208,7 +213,8 @@ class TrainingView(pn.viewable.Viewer):
             return
         c = ses.build.spec()
         data = ses.build.data.dataset.split("/")[-1]
-        name = f"{c.get('template', c['source'])}-{data}-bs{ses.plan.block_size or 'auto'}"
+        tied = "-homogeneous" if c.get("template") == "hmm" and c.get("homogeneous") else ""
+        name = f"{c.get('template', c['source'])}{tied}-{data}-bs{ses.plan.block_size or 'auto'}"
         user_name = ses.training.run_name
         ses.training.run_name = user_name or name  # default: structure, data and block size
         run = ses.start_training()
@@ -234,6 +240,7 @@ class TrainingView(pn.viewable.Viewer):
         self._drawn = dict.fromkeys(PACE, (-1, 0.0))
         self._finished_ticks = 0
         self._tables = {"layers": None, "epochs": None}
+        self._list_continuable()  # a run just continued is continuable no more
         # nothing of the previous run may stay on screen: empty bar, plots and tables at once
         self.progress.param.update(value=0, bar_color="success")
         self.layer_table.value = _frame([], LAYER_COLUMNS)
@@ -323,8 +330,9 @@ class TrainingView(pn.viewable.Viewer):
     def _progress_text(self) -> None:
         """The progress bar and line (HTML: no markdown parse on the server per update)."""
         run, p = self.run, self.run.progress
-        total_epochs = int(run.spec.get("epochs", 0)) + int(run.spec.get("full_batch_epochs", 0))
-        done = len(run.epochs["epoch"])
+        before = _epochs_before(run.spec)  # a continued run: the epochs of the run it continues
+        total_epochs = before + int(run.spec.get("epochs", 0)) + int(run.spec.get("full_batch_epochs", 0))
+        done = before + len(run.epochs["epoch"])
         frac = done / max(total_epochs, 1)  # a run that has not made a batch yet: its finished epochs
         if p.get("num_batches"):
             frac = max(frac, ((p["epoch"] - 1) + p["batch"] / p["num_batches"]) / max(total_epochs, 1))
@@ -333,7 +341,7 @@ class TrainingView(pn.viewable.Viewer):
         last = run.epochs
         ll = (
             f" · train LL <b>{last['train_ll'][-1]:.4f}</b>, valid LL <b>{last['valid_ll'][-1]:.4f}</b> nats"
-            if done and last["valid_ll"][-1] is not None
+            if last["epoch"] and last["valid_ll"][-1] is not None
             else ""
         )
         mem = run.memory
