@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workbench.services.store import RunStore
+from workbench.services.memory import BUFFERS as BUFFER_NAMES
 from workbench.state import RunState
 
 
@@ -247,3 +248,39 @@ def test_an_unreadable_grid_is_said_once(monkeypatch):
     assert "4 x four" in view.field_alert.object
     view._on_build(None)
     assert "four" not in view.outcome.object and "fix Data shape (H x W) above" in view.outcome.object
+
+
+def test_units_memory_axes_in_kb_mb_clamped_at_zero_and_one_epoch(monkeypatch):
+    """'live memory (bytes)' with 500k / 2.5M ticks; a CPU memory axis from -1 to 1 MB; '= 1 epochs'."""
+    import numpy as np
+
+    from workbench.views.memory_plot import memory_plot
+
+    rec = [{"pass": "forward", "total": 0, **{b: 5e5 * (i + 1) / 5 for b in BUFFER_NAMES}} for i in range(3)]
+    store = [{"total": 2.5e6 + i} for i in range(3)]
+    plot = memory_plot({"recompute": rec, "store": store})
+    opts = plot.opts.get().kwargs
+    assert opts["ylabel"] == "live memory (MB)" and "yformatter" not in opts
+    stored = next(el for el in plot if el.label == "store every product layer")
+    assert np.allclose(stored.dimension_values(1), 2.5, atol=1e-5)  # MB, as the label says
+
+    ses, view = _training_view(monkeypatch)
+    assert view.live.figures["memory"].y_range.start == 0
+    ses.training.param.update(epochs=1, full_batch_epochs=0)
+    assert "**1** epoch:" in view.epoch_total.object
+    ses.training.full_batch_epochs = 2
+    assert "**3** epochs:" in view.epoch_total.object
+
+
+def test_vector_counts_are_written_like_the_variable_count():
+    """'1058 input' beside '1,058 variables'."""
+    from workbench.views.builder import BuilderView
+
+    class Res:
+        ok, error, seconds = True, None, 0.1
+        info = {"num_nodes": 5000, "num_vectors": 2500, "vectors_by_kind": {"input": 1058, "sum": 20},
+                "num_vars": 1058}
+
+    ses, view = _builder("hclt")
+    view.report(Res())
+    assert "(1,058 input, 20 sum) over 1,058 variables" in view.outcome.object

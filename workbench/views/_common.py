@@ -105,5 +105,14 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def byte_unit(peak: float) -> tuple[str, float]:
+    """The unit a byte axis that reaches `peak` is labelled in, and its size: ('MB', 1e6) for 2.5e6,
+    so ticks read 0.5, 1, 2.5 beside 'memory (MB)' rather than 500k, 2.5M beside '(bytes)'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(peak) >= scale:
+            return unit, scale
+    return "B", 1.0
+
+
 def _num(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"

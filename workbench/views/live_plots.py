@@ -115,6 +115,7 @@ class LivePlots:
         fig.line("t", "allocated", source=src, color="#4c78a8", line_width=2, legend_label="in use")
         fig.line("t", "peak_allocated", source=src, color="#e45756", line_width=2, legend_label="peak")
         fig.legend.location = "top_left"
+        fig.y_range.start = 0  # memory is never negative (an empty CPU plot ran from -1 MB)
         return fig
 
     # ------------------------------------------------------------------ updates

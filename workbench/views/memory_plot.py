@@ -6,7 +6,7 @@ import holoviews as hv
 import numpy as np
 
 from workbench.services.memory import BUFFERS
-from workbench.views._common import NO_WHEEL, PASS_COLORS, fmt_bytes, si_ticks
+from workbench.views._common import NO_WHEEL, PASS_COLORS, byte_unit, fmt_bytes
 
 BUFFER_COLORS = {
     "parameters": "#bab0ac",
@@ -23,18 +23,20 @@ def memory_plot(timeline: dict[str, list[dict]]):
     product layer were stored instead; pass boundaries shaded in the pass colours."""
     rec, store = timeline["recompute"], timeline["store"]
     steps = np.arange(len(rec), dtype=float)
+    totals = np.array([d["total"] for d in store], dtype=float)
+    recomputed = np.array([sum(d[b] for b in BUFFERS) for d in rec], dtype=float)
+    unit, scale = byte_unit(max(totals.max(initial=0), recomputed.max(initial=0)))  # axis in kB/MB/GB
     layers = []
     base = np.zeros(len(rec))
     for b in BUFFERS:
         top = base + np.array([d[b] for d in rec], dtype=float)
         layers.append(
-            hv.Area((steps, base, top), "step", ["bytes", "base"], label=b).opts(
+            hv.Area((steps, base / scale, top / scale), "step", ["memory", "base"], label=b).opts(
                 color=BUFFER_COLORS[b], alpha=0.85, line_width=0
             )
         )
         base = top
-    totals = np.array([d["total"] for d in store], dtype=float)
-    stored = hv.Curve((steps, totals), "step", "bytes", label="store every product layer").opts(
+    stored = hv.Curve((steps, totals / scale), "step", "memory", label="store every product layer").opts(
         color=STORE_COLOR, line_dash="dashed", line_width=2, interpolation="steps-post"
     )
     spans = _pass_spans(rec)
@@ -46,8 +48,7 @@ def memory_plot(timeline: dict[str, list[dict]]):
     return hv.Overlay([*spans, *layers, stored]).opts(
         title=title,
         xlabel="step of the training step (forward, then recompute + backward)",
-        ylabel="live memory (bytes)",
-        yformatter=si_ticks(),
+        ylabel=f"live memory ({unit})",
         responsive=True,
         height=300,
         legend_position="top_left",

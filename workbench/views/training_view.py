@@ -18,7 +18,7 @@ import param
 
 from workbench.state.runs import RunState
 from workbench.state.session import SessionState
-from workbench.views._common import fmt_bytes, learn, safe_text, set_status, status
+from workbench.views._common import fmt_bytes, learn, plural, safe_text, set_status, status
 from workbench.views.live_plots import LivePlots
 from workbench.views.ranks_view import RankPlots, gpu_selector
 
@@ -123,7 +123,7 @@ class TrainingView(pn.viewable.Viewer):
             t.param.full_batch_epochs, name="Full-batch epochs", width=120
         )
         self.epoch_total = pn.pane.Markdown("", margin=(22, 5, 0, 5), width=230)
-        t.param.watch(lambda e: self._describe_epochs(), ["epochs", "full_batch_epochs"])
+        t.param.watch(lambda *e: self._describe_epochs(), ["epochs", "full_batch_epochs"])
         self._describe_epochs()
         self.start_btn = pn.widgets.Button(name="Start", button_type="success", width=90)
         self.pause_btn = pn.widgets.Button(name="Pause", button_type="warning", width=90, disabled=True)
@@ -190,7 +190,8 @@ class TrainingView(pn.viewable.Viewer):
         """Say how many epochs the run will make in all: mini-batch EM, then full-batch EM."""
         t = self.session.training
         self.epoch_total.object = (
-            f"= **{t.epochs + t.full_batch_epochs}** epochs: {t.epochs} mini-batch EM, "
+            f"= **{t.epochs + t.full_batch_epochs}** {plural(t.epochs + t.full_batch_epochs, 'epoch')}: "
+            f"{t.epochs} mini-batch EM, "
             f"then {t.full_batch_epochs} full-batch EM"
         )
 
