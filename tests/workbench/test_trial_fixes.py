@@ -284,3 +284,21 @@ def test_vector_counts_are_written_like_the_variable_count():
     ses, view = _builder("hclt")
     view.report(Res())
     assert "(1,058 input, 20 sum) over 1,058 variables" in view.outcome.object
+
+
+def test_no_empty_legends_before_the_first_run():
+    """Before any run the Train plots showed legends of labels without swatches."""
+    from workbench.views.live_plots import LivePlots
+
+    plots = LivePlots()
+    assert not any(plots.figures[k].legend.visible for k in ("ll", "layers", "memory"))
+    run = RunState(run_id="a", spec={"epochs": 2})
+    run.apply([{"type": "memory", "t": 1.0, "allocated": 1e6, "peak_allocated": 2e6}])
+    plots.update(run)
+    assert plots.figures["memory"].legend.visible and not plots.figures["ll"].legend.visible
+    _epochs(run, 2)
+    plots.update(run)
+    assert plots.figures["ll"].legend.visible and plots.figures["layers"].legend.visible
+    assert not plots.figures["memory"].legend.visible  # the run reported cpu: no device memory
+    plots.update(RunState(run_id="b"))  # a new run: empty again
+    assert not any(plots.figures[k].legend.visible for k in ("ll", "layers", "memory"))

@@ -71,6 +71,7 @@ class LivePlots:
         self._layer_records: list | None = None
         self._layer_factors: list[str] = []
         self._t0: float | None = None
+        self._legends()  # none before the first run: with no data Bokeh draws labels without swatches
 
     # ------------------------------------------------------------------ figures
     def _ll_figure(self):
@@ -144,6 +145,15 @@ class LivePlots:
         for key, cols in series.items():
             self._stream(key, cols)
         self._update_layers(run.layer_times)
+        self._legends(cpu=run.device == "cpu")
+
+    def _legends(self, cpu: bool = False) -> None:
+        """A plot's legend only once it has data to draw swatches from (and none on the CPU memory plot)."""
+        for key, col in (("ll", "epoch"), ("layers", "layer"), ("memory", "t")):
+            legend = self.figures[key].legend
+            shown = bool(len(self.sources[key].data[col])) and not (cpu and key == "memory")
+            if legend.visible != shown:
+                legend.visible = shown
 
     def _device_note(self, device: str) -> None:
         """On CPU there is no device memory to plot: say so instead of drawing a flat 0 line."""
@@ -159,7 +169,6 @@ class LivePlots:
             )
             for r in fig.renderers:
                 r.visible = not cpu
-            fig.legend.visible = not cpu
 
     def _stream(self, key: str, cols: dict) -> None:
         n, sent, src = len(next(iter(cols.values()))[0]), self._sent[key], self.sources[key]
