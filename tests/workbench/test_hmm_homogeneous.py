@@ -16,9 +16,10 @@ def test_build_tab_has_a_homogeneous_checkbox_that_ties_the_hmm():
     view = BuilderView(build=b)
     view.template.value = "HMM"
     assert b.template.template == "hmm"
-    boxes = [w for w in view.template_params.select(pn.widgets.Checkbox) if w.name == "Homogeneous"]
-    assert len(boxes) == 1 and boxes[0].value is False
-    boxes[0].value = True
+    # a one-box group: its word is a <label> around the box, so clicking the word ticks it
+    boxes = [w for w in view.template_params.select(pn.widgets.CheckBoxGroup) if w.options == ["Homogeneous"]]
+    assert len(boxes) == 1 and boxes[0].value == []
+    boxes[0].value = ["Homogeneous"]
     assert b.template.homogeneous is True
     b.template.sum_density = 1.0  # dense transitions: the count below is exact
     res = b.build()

@@ -220,8 +220,8 @@ def test_homogeneous_hmm_is_said_in_the_report_the_run_name_and_a_help_line(monk
     view._on_build(None)
     plain = view.outcome.object
     assert "Built HMM-" in plain and "learnable." in plain and "tied" not in plain
-    box = next(w for w in view.template_params.select(pn.widgets.Checkbox) if w.name == "Homogeneous")
-    box.value = True
+    box = next(w for w in view.template_params.select(pn.widgets.CheckBoxGroup) if w.options == ["Homogeneous"])
+    box.value = ["Homogeneous"]
     view._on_build(None)
     tied = view.outcome.object
     assert "HMM-16 homogeneous" in tied and "learnable (tied" in tied

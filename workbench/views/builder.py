@@ -311,8 +311,10 @@ class BuilderView(pn.viewable.Viewer):
         range or unreadable is said, not silently replaced), the rest come from pn.Param."""
         spec = self.build.template
         fields = TEMPLATE_FIELDS[spec.template]
-        rest = [f for f in fields if f not in CHECKED_FIELDS]
+        rest = [f for f in fields if f not in CHECKED_FIELDS and f != "homogeneous"]
         checked = [self._checked[f] for f in CHECKED_FIELDS if f in fields]
+        if "homogeneous" in fields:
+            checked.append(self.homogeneous)
         self._follow_spec()
         self.help.object = HELP.get(spec.template, "")
         self.help.visible = spec.template in HELP
@@ -341,6 +343,15 @@ class BuilderView(pn.viewable.Viewer):
         latents.param.watch(lambda e: self._on_latents(e.new), "value")
         shape.param.watch(lambda e: self._on_shape(e.new), "value")
         self._checked = {"num_latents": latents, "data_shape": shape}
+        # a one-box CheckBoxGroup, not a Checkbox: Bokeh draws a Checkbox's text as a <div> beside the
+        # box, so clicking the word did nothing; the group wraps box and word in one <label>
+        self.homogeneous = pn.widgets.CheckBoxGroup(options=["Homogeneous"], value=[], margin=(28, 10, 5, 10))
+        self.homogeneous.param.watch(
+            lambda e: setattr(self.build.template, "homogeneous", "Homogeneous" in e.new), "value"
+        )
+        self.build.template.param.watch(
+            lambda e: setattr(self.homogeneous, "value", ["Homogeneous"] if e.new else []), "homogeneous"
+        )
         self._invalid: dict[str, str] = {}  # field -> why the typed value cannot be used
         self._clamping = False  # the view itself is writing a clamped value back
         self.field_alert = status()
