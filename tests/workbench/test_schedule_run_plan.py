@@ -166,3 +166,31 @@ def test_a_run_plan_that_cannot_be_laid_out_is_said_and_nothing_stale_stays():
     view.plan_switch.value = "run"
     assert "The run's plan cannot be drawn: plan dict layer 0 has unknown kind 'conv'" in view.info.object
     assert view.predicted.object is None and view.measured_plot.object is None and len(view.table.value) == 0
+
+
+def test_an_earlier_run_of_this_plan_is_drawn_after_a_later_run_of_another_plan():
+    """New-user trial: run plan A, then run another circuit B, then build A again: the Schedule
+    draws A's own earlier measurements (it said "the last profiled run ran a different plan")."""
+    from workbench.views.schedule_view import ScheduleView
+
+    ses = _session()
+    view = ScheduleView(plan=ses.plan)
+    pn.panel(view).get_root()
+    run_a, ms_a = _run_of(ses, "run-a")
+    view.param.update(measured_source=run_a.name, measured_plan=run_a.plan["layers"], run_plan=run_a.plan,
+                      measured=run_a.layer_means)
+    ses.build.template.num_latents = 4  # circuit B, trained: the Schedule's last run is now B's
+    assert ses.build.build().ok
+    run_b, _ = _run_of(ses, "run-b")
+    view.param.update(measured_source=run_b.name, measured_plan=run_b.plan["layers"], run_plan=run_b.plan,
+                      measured=run_b.layer_means)
+    ses.build.template.num_latents = 16  # circuit A again (the demo's latents)
+    assert ses.build.build().ok
+    assert not view.matches()  # the last run is B's ...
+    assert view.this_plan_measured()[0] == "run-a"  # ... but A was measured earlier in this session
+    assert view.measured_plot.object is not None
+    assert "Measured (run-a)" in view.measured_plot.object.opts.get().kwargs["title"]
+    assert [x[3] for x in _rects(view.measured_plot)] == pytest.approx(
+        [ms_a[(r["layer"], r["pass"])] for r in plans.schedule(ses.plan.plan, ses.plan.batch_size)])
+    assert "ran a different plan" not in view.info.object and "Measured (run-a)" in view.info.object
+    assert view.calibration is not None and "calibrated** to run-a" in view.calibration_info.object

@@ -145,6 +145,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         )
         self.use_calibrated.on_click(lambda e: self._apply_calibration())
         self.calibration: calibrate.Calibration | None = None
+        self._calibration_source = ""  # the run the calibration was fitted to
         self.memory = pn.pane.HoloViews(sizing_mode="stretch_width", height=310)
         self.scatter = pn.pane.HoloViews(sizing_mode="stretch_width", height=300)
         self.legend = pn.pane.HTML(
@@ -169,6 +170,10 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             sizing_mode="stretch_width",
             pagination=None,
         )
+        # every profiled run of this session, by plan: a later run of another circuit must not hide
+        # the measurements of an earlier run of the plan the user has built again
+        self._runs_by_plan: dict[tuple, tuple[str, dict]] = {}
+        self.param.watch(self._remember, ["measured"])
         redraw = lambda *e: self.when_shown("plan", self.refresh)  # noqa: E731
         self.plan.param.watch(
             redraw, ["plan", "peak_flops", "bandwidth", "launch_us", "absent", "selected_layer"]
@@ -179,6 +184,17 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
     def _on_device(self, event) -> None:
         flops, bw, launch = event.new
         self.plan.param.update(peak_flops=flops, bandwidth=bw, launch_us=launch)
+
+    def _remember(self, _event=None) -> None:
+        if self.measured and self.measured_plan:
+            self._runs_by_plan[plan_signature(self.measured_plan)] = (self.measured_source, dict(self.measured))
+
+    def this_plan_measured(self) -> tuple[str, dict] | None:
+        """(run name, mean ms per (layer, pass)) of the latest profiled run of exactly the current plan:
+        the last run if it is one, else an earlier run of this session; None when no run measured it."""
+        if self.matches():
+            return self.measured_source, self.measured
+        return self._runs_by_plan.get(plan_signature(self.plan.layers))
 
     def matches(self) -> bool:
         """Whether the measured times are of this very plan (same layers and partitions)."""
@@ -217,9 +233,11 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             self._clear()
             self.info.object = self.plan.absent
             return
-        ok = self.matches()
-        records = self.plan.schedule(self.measured if ok else None)
-        cal = self._calibrate(records, ok)
+        found = self.this_plan_measured()
+        ok = found is not None
+        src, times = found or ("", {})
+        records = self.plan.schedule(times if ok else None)
+        cal = self._calibrate(records, ok, src)
         predicted = sum(r["predicted_ms"] for r in records)
         measured = sum(r["measured_ms"] or 0.0 for r in records) if ok else 0.0
         calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
@@ -230,7 +248,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         self._tap.add_subscriber(lambda index: self._select(records, index))
         self.predicted.object = el
         self.measured_plot.object = (
-            timeline(records, "measured_ms", f"Measured ({self.measured_source})", x_end, sel) if ok else None
+            timeline(records, "measured_ms", f"Measured ({src})", x_end, sel) if ok else None
         )
         self.calibrated_plot.object = (
             timeline(records, "calibrated_ms", "Calibrated model", x_end, sel) if cal is not None else None
@@ -241,7 +259,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         self.memory.object = memory_plot(
             memory.memory_timeline(self.plan.plan, records, self.plan.batch_size)
         )
-        self.info.object = self._summary(records) + self._measured_line(ok, predicted, measured)
+        self.info.object = self._summary(records) + self._measured_line(src, predicted, measured)
 
     def _clear(self) -> None:
         for pane in (self.predicted, self.measured_plot, self.calibrated_plot, self.scatter, self.memory):
@@ -264,7 +282,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             return
         bs = plan_batch_size(d, self.plan.batch_size)
         p = self.plan
-        cal = self._calibrate(records, True)
+        cal = self._calibrate(records, True, self.measured_source)
         predicted = sum(r["predicted_ms"] for r in records)
         measured = sum(r["measured_ms"] or 0.0 for r in records)
         calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
@@ -293,12 +311,12 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             "Switch *Plan* back to the current circuit for its what-if timeline."
         )
 
-    def _calibrate(self, records: list[dict], fit: bool) -> calibrate.Calibration | None:
+    def _calibrate(self, records: list[dict], fit: bool, source: str = "") -> calibrate.Calibration | None:
         """Fit (`fit`: records of one plan with its run's measured times) the device model, add each
         record's calibrated_ms (None unfitted) and fill the table."""
         p = self.plan
         cal = calibrate.calibrate(records, p.peak_flops, p.bandwidth, p.launch_us) if fit else None
-        self.calibration = cal
+        self.calibration, self._calibration_source = cal, source
         for r in records:
             r["calibrated_ms"] = (
                 float(
@@ -323,7 +341,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
                 "(Train tab) and its measured times calibrate the model."
             )
         return (
-            f"Device model **calibrated** to {self.measured_source} ({cal.num_steps} measured steps): "
+            f"Device model **calibrated** to {self._calibration_source} ({cal.num_steps} measured steps): "
             f"throughput **{fmt_count(cal.peak_flops)}FLOP/s**, bandwidth **{fmt_bytes(cal.bandwidth)}/s**, "
             f"launch **{cal.launch_us:.3g} us** per partition. Calibrated prediction "
             f"**{cal.predicted_ms:.3g} ms** per step against {cal.measured_ms:.3g} ms measured "
@@ -352,10 +370,11 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             f"{self.plan.batch_size}; recomputation adds {100 * recompute / max(total_flops, 1):.2f}% FLOPs."
         )
 
-    def _measured_line(self, ok: bool, predicted: float, measured: float) -> str:
-        if ok:
+    def _measured_line(self, source: str, predicted: float, measured: float) -> str:
+        """`source`: the run whose times of this plan are drawn ("" when none)."""
+        if source:
             return (
-                f" Measured ({self.measured_source}): **{measured:.3g} ms per step**, predicted "
+                f" Measured ({source}): **{measured:.3g} ms per step**, predicted "
                 f"{predicted:.3g} ms ({measured / max(predicted, 1e-12):.3g}x): both timelines share one "
                 "time axis."
             )
