@@ -247,7 +247,9 @@ def test_an_unreadable_grid_is_said_once(monkeypatch):
     view._checked["data_shape"].value = "4 x four"
     assert "4 x four" in view.field_alert.object
     view._on_build(None)
-    assert "four" not in view.outcome.object and "fix Data shape (H x W) above" in view.outcome.object
+    said = view.field_alert.object.split("4 x four")[1]  # the reason, stated once, above the button
+    assert said not in view.outcome.object
+    assert "Not built:** Data shape '4 x four' cannot be used; the reason stands above" in view.outcome.object
 
 
 def test_units_memory_axes_in_kb_mb_clamped_at_zero_and_one_epoch(monkeypatch):

@@ -419,8 +419,11 @@ class BuilderView(pn.viewable.Viewer):
         fields = TEMPLATE_FIELDS[self.build.template.template]
         bad = [f for f in self._invalid if f in fields]
         if self.build.source == "template" and bad:  # the reason stands above, beside the field
-            names = " and ".join(self._checked[f].name for f in bad)
-            set_status(self.outcome, f"**Not built:** fix {names} above first.", "danger")
+            names = " and ".join(
+                f"{self._checked[f].name.split(' (')[0]} '{safe_text(str(self._checked[f].value or ''))}'"
+                for f in bad
+            )
+            set_status(self.outcome, f"**Not built:** {names} cannot be used; the reason stands above.", "danger")
             return
         self._start_build()
 
