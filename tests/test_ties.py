@@ -322,3 +322,24 @@ def test_deepcopy_of_a_long_tied_chain_keeps_ties_without_recursion():
     assert all(v.params is v.tied_to.params for v in b if v.tied_to is not None)  # still one tensor
     x = torch.randint(0, 3, (8, 300))
     torch.testing.assert_close(engine.compile(twin)(x), engine.compile(root)(x), rtol=0, atol=0)
+
+
+def test_tied_totals_are_one_fixed_order_sum_of_source_and_copies():
+    """A tied set's total is a plain sum over [source, copies...] (no repeated-index index_add_, whose
+    CUDA atomics made data-parallel ranks' homogeneous HMMs drift apart by ~1e-7 per run)."""
+    import numpy as np
+
+    from engine.executor.ties import TieIndex
+
+    src = np.array([0, 0, 3, 0, 3])
+    dst = np.array([5, 6, 7, 8, 9])
+    t = TieIndex.of(src, dst)
+    members = {int(r[0]): sorted(int(v) for v, m in zip(r, k) if m) for r, k in zip(t.members, t.mask)}
+    assert members == {0: [0, 5, 6, 8], 3: [3, 7, 9]}
+    flows = torch.randn(10, 3, dtype=torch.float64)
+    want = flows.clone()
+    want[0] = flows[0] + flows[5] + flows[6] + flows[8]
+    want[3] = flows[3] + flows[7] + flows[9]
+    own = t.gather(flows)
+    torch.testing.assert_close(flows, want, rtol=0, atol=1e-12)
+    assert own.shape == (2, 3)

@@ -2,7 +2,7 @@
 copy the sources back (the plan's `Ties`, engine/compiler/ties.py).
 
 All index tensors live on the circuit's device and have fixed shapes; the reduction is
-`index_select` + `index_add_` + `index_copy_` only (no host sync, no data-dependent shape), so it is
+`index_select`, a fixed-order sum and `index_copy_` only (no host sync, no data-dependent shape), so it is
 captured with the rest of the EM step in a CUDA graph (engine/kernels/graph.py). Data-parallel
 training all-reduces flows before `em_step`, so each rank reduces the same totals.
 """
@@ -23,20 +23,39 @@ def _long(a: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class TieIndex:
-    """One buffer's ties: `src, dst: [K]` rows (source <- copy) and `own: [U]` the unique sources."""
+    """One buffer's ties: `src, dst: [K]` rows (source <- copy), `own: [U]` the unique sources, and
+    `members: [U, M]` each source's row followed by its copies' (padded by repeating a row, `mask`
+    0 there), so a tied set's total is one fixed-order sum: deterministic on CUDA, unlike an
+    `index_add_` with repeated indices, whose atomics would let data-parallel ranks drift apart."""
 
     src: torch.Tensor
     dst: torch.Tensor
     own: torch.Tensor
+    members: torch.Tensor
+    mask: torch.Tensor
 
     @classmethod
     def of(cls, src: np.ndarray, dst: np.ndarray) -> TieIndex:
-        return cls(_long(src), _long(dst), _long(np.unique(src)))
+        own = np.unique(src)
+        order = np.argsort(src, kind="stable")
+        starts = np.searchsorted(src[order], own)
+        counts = np.diff(np.append(starts, len(src)))
+        width = 1 + int(counts.max(initial=0))
+        members = np.repeat(own[:, None], width, axis=1)
+        mask = np.zeros((len(own), width), dtype=np.float32)
+        mask[:, 0] = 1.0
+        for u, (a, n) in enumerate(zip(starts, counts)):
+            members[u, 1 : 1 + n] = dst[order[a : a + n]]
+            mask[u, 1 : 1 + n] = 1.0
+        return cls(_long(src), _long(dst), _long(own), _long(members), torch.as_tensor(mask))
 
     def gather(self, flows: torch.Tensor) -> torch.Tensor:
-        """flows[sources] += the copies' flows; returns the sources' own flows (to restore)."""
+        """flows[sources] = the sum over the source and its copies; returns the sources' own flows."""
         own = flows.index_select(0, self.own)
-        flows.index_add_(0, self.src, flows.index_select(0, self.dst))
+        u, m = self.members.shape
+        rows = flows.index_select(0, self.members.reshape(-1)).reshape(u, m, *flows.shape[1:])
+        mask = self.mask.to(flows.dtype).reshape(u, m, *([1] * (flows.dim() - 1)))
+        flows.index_copy_(0, self.own, (rows * mask).sum(1))
         return own
 
     def scatter(self, params: torch.Tensor, flows: torch.Tensor, own: torch.Tensor) -> None:
