@@ -64,12 +64,9 @@ def _apply_soft(pc, views, node_mars, lam, use):
         lv = lam[:, v.vars, :kd]  # [B, n, Kd]
         u = torch.einsum("bnk,nk->nb", lv, probs)  # [n, B]
         on = use[:, v.vars].T  # [n, B]
-        if on.any():
-            if (on & (u <= 0)).any():
-                raise ValueError("soft_evidence gives some example probability zero under an input node family "
-                                 "(every likelihood vector is zero where the node puts its mass)")
+        if on.any():  # a node the evidence rules out gets log 0 = -inf; the root check catches a zero example
             rows = node_mars[v.rows]
-            node_mars[v.rows] = torch.where(on, u.clamp_min(1e-300).log().to(rows.dtype), rows)
+            node_mars[v.rows] = torch.where(on, u.log().to(rows.dtype), rows)
         us.append(torch.where(on, u, torch.ones_like(u)))
     return us
 
@@ -104,7 +101,8 @@ def conditional(pc, x, missing, target_vars=None, soft_evidence=None) -> torch.T
     for v, u in zip(views, us):
         probs = v.dist.value_probs(v.params).double()  # [n, Kd]
         kd = probs.shape[1]
-        f = flows[v.rows].double() / u  # [n, B]
+        f = flows[v.rows].double()
+        f = torch.where(u > 0, f / u, torch.zeros_like(f))  # [n, B]; a ruled-out node has no flow
         contrib = f[:, :, None] * probs[:, None, :] * lam[:, v.vars, :kd].permute(1, 0, 2)  # [n, B, Kd]
         padded = torch.zeros(contrib.shape[0], bsz, k, device=pc.device, dtype=torch.float64)
         padded[:, :, :kd] = contrib

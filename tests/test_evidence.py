@@ -108,3 +108,21 @@ def test_bad_soft_evidence_is_one_clear_error(bad, fragment):
     x = torch.zeros(3, 5, dtype=torch.long)
     with pytest.raises(ValueError, match=fragment):
         conditional(pc, x, torch.ones(3, 5, dtype=torch.bool), soft_evidence=bad)
+
+
+def test_soft_evidence_that_rules_out_some_leaves_but_not_the_example():
+    """Indicator leaves and a likelihood vector with a zero: the ruled-out leaves get log 0, the
+    example keeps probability 0.3 (it was refused as 'probability zero')."""
+    from engine.dists import Indicator
+
+    def leaf(var, value):
+        return engine.inputs(var, 1, Indicator(2), params=[[float(value)]])
+
+    root = engine.summate(engine.multiply(leaf(0, 0), leaf(1, 0)), engine.multiply(leaf(0, 1), leaf(1, 1)),
+                          num_nodes=1, params=[[[0.3]], [[0.7]]])
+    pc = engine.compile(root)
+    x, m = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool)
+    post = conditional(pc, x, m, soft_evidence={0: [1.0, 0.0]})
+    torch.testing.assert_close(post[0], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="probability zero"):
+        conditional(pc, x, m, soft_evidence={0: [0.0, 0.0]})
