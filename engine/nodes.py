@@ -93,9 +93,9 @@ class NodeVector:
         learnable set does not grow (`CompiledCircuit.num_parameters`)."""
         if not isinstance(source, NodeVector):
             raise CircuitError(f"tie_to needs a node vector, got {type(source).__name__}")
-        root = source.tied_to or source
+        root = tie_source(source)  # the whole chain: ties never form a cycle
         if root is self:
-            raise CircuitError("a node vector cannot be tied to itself")
+            raise CircuitError("a node vector cannot be tied to itself (directly or through a chain of ties)")
         if self.tied_to is not None and self.tied_to is not root:
             raise CircuitError("this node vector is already tied to another vector")
         mine, theirs = self._tie_signature(), root._tie_signature()

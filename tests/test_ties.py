@@ -343,3 +343,18 @@ def test_tied_totals_are_one_fixed_order_sum_of_source_and_copies():
     own = t.gather(flows)
     torch.testing.assert_close(flows, want, rtol=0, atol=1e-12)
     assert own.shape == (2, 3)
+
+
+def test_ties_never_form_a_cycle_and_fixed_leaves_are_not_learnable():
+    import engine
+    from engine.dists import Categorical, Indicator
+    from engine.nodes import CircuitError
+
+    v = [engine.inputs(i, 2, Categorical(3)) for i in range(3)]
+    v[0].tie_to(v[1])
+    v[1].tie_to(v[2])
+    with pytest.raises(CircuitError, match="itself"):
+        v[2].tie_to(v[0])  # v0 -> v1 -> v2 already: closing the loop is refused at once
+    a, b = engine.inputs(0, 2, Indicator(2), params=[[0.0], [1.0]]), engine.inputs(1, 2, Indicator(2), params=[[0.0], [1.0]])
+    pc = engine.compile(engine.summate(engine.multiply(a, b), num_nodes=1))
+    assert pc.num_parameters() == 2  # the two sum weights; indicator values are fixed, not learnt

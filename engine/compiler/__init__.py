@@ -52,6 +52,8 @@ def compile_plan(
     layers = run("cost_model", lambda: [cost.annotate(layer) for layer in lay.layers])
     ties = run("ties", build_ties, layers, ir.sums, ir.inputs)
     num_input_params = sum(v.params.numel() for v in ir.inputs)
+    # a tied fixed set: its copies are in ties.num_tied_params, so count only untied vectors and sources
+    num_fixed = sum(v.params.numel() for v in ir.inputs if v.dist.fixed and v.tied_to is None)
     plan = LayerPlan(
         layers=layers,
         num_vars=ir.num_vars,
@@ -59,6 +61,7 @@ def compile_plan(
         num_element_rows=lay.num_element_rows,
         num_params=lay.num_params,
         num_input_params=num_input_params,
+        num_fixed_input_params=num_fixed,
         root_row=lay.node_row[ir.root.uid],
         block_size=block_size,
         tolerance=tolerance,

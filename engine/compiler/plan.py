@@ -185,13 +185,14 @@ class LayerPlan:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     node_row: dict[int, int] = field(default_factory=dict)  # vector uid -> its first node_mars row
     ties: Ties = field(default_factory=Ties)  # tied parameter slots (engine/compiler/ties.py)
+    num_fixed_input_params: int = 0  # of fixed families (Indicator): held, never learnt; untied ones and sources
 
     @property
     def num_learnable_params(self) -> int:
-        """Sum weights (real edges, no padding) plus input parameters, each tied set counted once.
-        Tied copies keep their own slots, so `num_params` and memory still grow with copies."""
+        """Sum weights (real edges, no padding) plus input parameters of learnt families, each tied set
+        counted once. Tied copies keep their own slots, so `num_params` and memory still grow with copies."""
         sums = sum(layer.num_edges for layer in self.layers if layer.kind == "sum")
-        return int(sums + self.num_input_params - self.ties.num_tied_params)
+        return int(sums + self.num_input_params - self.ties.num_tied_params - self.num_fixed_input_params)
 
     @property
     def sum_layers(self) -> list[Layer]:

@@ -64,6 +64,7 @@ class Distribution:
     num_params = 0
     num_stats = 0
     discrete = True
+    fixed = False  # True: nothing to learn (EM leaves it alone; not counted as a learnable parameter)
     kernel_log_prob = None
     kernel_stats_tile = None
     # the constructor's arguments, kept as attributes of the same names: they tell two instances of
