@@ -181,6 +181,12 @@ class FlowReducer:
             else:
                 self._reduce()
 
+    def cancel(self) -> None:
+        """Forget a started reduction without waiting (a CUDA-graph capture that failed midway)."""
+        self.pc.flow_listener = None
+        self._armed = False
+        self._pending = []
+
     def _on_step(self, step) -> None:
         what = self.buckets.get((step.layer.index, step.pass_name))
         if what is not None:
@@ -188,9 +194,8 @@ class FlowReducer:
                                              async_op=True))
 
     def _finish(self) -> None:
-        self.pc.flow_listener = None
-        self._armed = False
-        pending, self._pending = self._pending, []
+        pending = self._pending
+        self.cancel()
         for work in pending:  # on CUDA: the compute stream waits for NCCL's stream, the host does not
             _collective("all-reduce of the parameter flows", work.wait)
 

@@ -199,3 +199,16 @@ def test_overlapped_reduction_trains_exactly_what_the_plain_one_trains(tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0[0], r1[0]) and torch.equal(r0[1], r1[1])  # ranks agree
     assert torch.equal(r0[0], r0[1])  # overlap changes when the sums are made, not what they are
+
+
+def test_a_cancelled_reduction_leaves_nothing_armed():
+    from engine.distributed import FlowReducer
+    from engine.structures import hclt
+
+    pc = engine.compile(hclt(torch.randint(0, 2, (100, 5)), 3))
+    r = FlowReducer(pc, overlap=True)
+    r.start()
+    assert pc.flow_listener is not None
+    r._pending.append(object())  # a work handle of a capture that failed midway
+    r.cancel()
+    assert pc.flow_listener is None and not r._armed and r._pending == []

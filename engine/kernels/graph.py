@@ -91,6 +91,8 @@ class CapturedStep:
                 self.static_ll = self._eager(self.static_x, self.static_m)
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
             self.failed = f"{type(err).__name__}: {err}"
+            if self.reduce is not None:
+                self.reduce.cancel()  # no half-recorded all-reduce may be waited on by the next eager step
             return
         finally:
             pc.profiler = prof
