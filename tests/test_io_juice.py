@@ -371,3 +371,23 @@ def test_pyjuice_conversion_script_against_pyjuice(tmp_path):
     assert script.main([str(tmp_path / "m.jpc"), str(tmp_path / "text.jpc")]) == 0
     x = grid(3, 2, 4, 2)
     assert_close_ll(engine_ll(load(tmp_path / "text.jpc"), x), engine_ll(root, x))
+
+
+@pytest.mark.parametrize("line", ["I 1 0 4000000000 1", "I 1 0 1 300000000", "B 1 0 1 10000000 -0.7"])
+def test_tiny_files_asking_for_huge_variables_or_domains_are_refused(tmp_path, line):
+    """24-byte files made the reader allocate ~1 GB (a scope bit per variable) or overflow a float."""
+    path = tmp_path / "hostile.jpc"
+    path.write_text(f"jpc 1\n{line}\n")
+    with pytest.raises(FileFormatError, match="past this reader's limits"):
+        engine.load(path)
+
+
+def test_binomial_pmf_in_log_space_matches_the_closed_form():
+    import math
+
+    from engine.io.jpc import _binomial_pmf
+
+    for n, p in [(1, 0.3), (7, 0.5), (40, 0.01), (3, 0.0), (3, 1.0)]:
+        want = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+        assert _binomial_pmf(n, p) == pytest.approx(want, rel=1e-9, abs=1e-300)
+    assert sum(_binomial_pmf(5000, 0.3)) == pytest.approx(1.0)  # math.comb overflowed a float here

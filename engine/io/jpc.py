@@ -45,7 +45,7 @@ from engine.io.pernode import (
     parse_ints,
     text_lines,
 )
-from engine.nodes import InputNodes, NodeVector, ProdNodes, SumNodes
+from engine.nodes import CircuitError, InputNodes, NodeVector, ProdNodes, SumNodes
 
 _LEAF_ARITY = {"L": 4, "I": 5, "B": 6, "G": 6}  # exact token counts; C, P and S are variable
 
@@ -69,7 +69,12 @@ def read_jpc(path, data: bytes | None = None, max_depth: int | None = None) -> N
     b = PerNodeBuilder(path, max_depth)
     node = None
     for lineno, tok in body:
-        node = _node(b, tok, lineno, domains)
+        try:
+            node = _node(b, tok, lineno, domains)
+        except (FileFormatError, CircuitError):
+            raise
+        except (ValueError, OverflowError) as err:  # a value the leaf families refuse: one line, not a traceback
+            raise FileFormatError(f"{path}, line {lineno}: {err}") from err
     return node
 
 
@@ -79,6 +84,10 @@ def _check_shape(tok: list[str], where: str) -> None:
         kind == "C" and len(tok) >= 6) or (kind in "PS" and len(tok) >= 5 and len(kind) == 1)
     if not ok:
         raise FileFormatError(f"{where}: malformed JPC line {' '.join(tok)!r:.80}")
+
+
+MAX_VARIABLE = 2**20  # variable numbers and discrete domain sizes past these are refused before
+MAX_VALUES = 2**16  # anything is allocated for them (a 24-byte file could ask for gigabytes)
 
 
 def _domains(body: list, path: str) -> dict[int, int]:
@@ -110,6 +119,9 @@ def _domains(body: list, path: str) -> dict[int, int]:
                 k = -1
         if var < 1:
             raise FileFormatError(f"{where}: variable {var} must be >= 1 (JPC variables are numbered from 1)")
+        if var > MAX_VARIABLE or k > MAX_VALUES:
+            raise FileFormatError(f"{where}: variable {var} with {k} values is past this reader's limits "
+                                  f"({MAX_VARIABLE} variables, {MAX_VALUES} values)")
         old = dom.get(var, k)
         if (old < 0) != (k < 0):
             raise FileFormatError(f"{where}: variable {var} has both Gaussian and discrete leaves")
@@ -165,7 +177,11 @@ def _node(b: PerNodeBuilder, tok: list[str], lineno: int, domains: dict[int, int
 
 
 def _binomial_pmf(n: int, p: float) -> list[float]:
-    return [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    """In log space: math.comb(n, k) overflows a float past n ~ 1030."""
+    if p <= 0.0 or p >= 1.0:
+        return [float(k == (0 if p <= 0.0 else n)) for k in range(n + 1)]
+    lp, lq, lgn = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return [math.exp(lgn - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq) for k in range(n + 1)]
 
 
 # ------------------------------------------------------------------------------------------ write
