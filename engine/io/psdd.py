@@ -25,6 +25,7 @@ from engine import budget
 from engine.distributions.indicator import Indicator
 from engine.dists import Bernoulli
 from engine.io.limits import PSDD_BYTES_PER_BYTE, FileFormatError, read_capped
+from engine.io.pernode import text_lines
 from engine.nodes import CircuitError, NodeVector, inputs, multiply, summate
 
 WEIGHT_SUM_TOL = 1e-3  # decision-node weights must sum to 1 within this (files print 6 decimals)
@@ -37,7 +38,7 @@ def read_psdd(path, vtree_path=None) -> NodeVector:
     data = read_capped(path)
     if budget.exceeds(len(data) * PSDD_BYTES_PER_BYTE):
         raise FileFormatError(f"{path}: this PSDD {budget.describe(len(data) * PSDD_BYTES_PER_BYTE)}")
-    lines = _content_lines(data, path)
+    lines = text_lines(data, path)
     vtree = read_vtree(vtree_path) if vtree_path is not None else None
     count = _header(lines, "psdd", path)
     body = lines[1:]
@@ -51,7 +52,7 @@ def read_psdd(path, vtree_path=None) -> NodeVector:
 def read_vtree(path) -> dict[int, tuple]:
     """vtree id -> ("L", var) or ("I", left, right); variables stay numbered from 1 as in the file."""
     path = os.fspath(path)
-    lines = _content_lines(read_capped(path), path)
+    lines = text_lines(read_capped(path), path)
     count = _header(lines, "vtree", path)
     nodes: dict[int, tuple] = {}
     for lineno, tok in lines[1:]:
@@ -95,20 +96,6 @@ def first_keyword(data: bytes) -> str | None:
             except UnicodeDecodeError:
                 return None
     return None
-
-
-def _content_lines(data: bytes, path: str) -> list[tuple[int, list[str]]]:
-    """(1-based line number, tokens) of every non-blank, non-comment line."""
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError as e:
-        raise FileFormatError(f"{path}: not a text file ({e})") from e
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        tok = line.split()
-        if tok and tok[0] != "c":
-            out.append((i, tok))
-    return out
 
 
 def _header(lines: list, keyword: str, path: str) -> int:
