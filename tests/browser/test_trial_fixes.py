@@ -28,3 +28,29 @@ def test_clicking_the_homogeneous_label_ticks_it_and_the_report_says_tied(page):
     expect(page.get_by_text(re.compile(r"Built HMM-\d+ homogeneous"))).to_be_visible(timeout=60_000)
     expect(page.get_by_text(re.compile(r"Parameters: [\d,]+ learnable \(tied"))).to_be_visible()
     assert page.watch.console_errors == [], page.watch.console_errors
+
+
+def test_compare_draws_the_picked_runs_once_and_clear_removes_the_plots(page):
+    """Trial: Clear said 'Pick two or more runs' beside eight plotted runs."""
+    from tests.browser.test_workbench_more import figures, start_cpu_run
+
+    wait_for_demo(page)
+    for _ in range(2):
+        start_cpu_run(page, 1)
+        expect(page.get_by_text(re.compile(r": done · Epoch 1/1"))).to_be_visible(timeout=180_000)
+    open_tab(page, "Compare")
+    page.get_by_role("button", name="Refresh list").click()
+    runs = page.get_by_label("Stored runs", exact=True)
+    expect(runs.locator("option").nth(1)).to_be_attached()
+    runs.select_option(index=[0, 1])
+    page.get_by_role("button", name="Compare selected").click()
+    expect(page.get_by_text(re.compile(r"Comparing 2 runs"))).to_be_visible(timeout=30_000)
+    page.wait_for_function(
+        "() => [...window.Bokeh.index.all_views()].some((v) => v.model.title"
+        " && String(v.model.title.text).startsWith('Mean seconds per epoch'))"
+    )
+    page.get_by_role("button", name="Clear").click()
+    expect(page.get_by_text(re.compile("Pick two or more runs"))).to_be_visible()
+    page.wait_for_timeout(1000)
+    assert figures(page, "Mean seconds per epoch") == [] and figures(page, "valid_ll per epoch") == []
+    assert page.watch.console_errors == [], page.watch.console_errors

@@ -60,6 +60,7 @@ def test_a_new_or_failed_run_shows_nothing_of_the_previous_run(monkeypatch):
     new = RunState(run_id="new", status="starting", spec={"epochs": 1, "full_batch_epochs": 0, "device": "cpu"})
     ses.run = new
     view._follow_new_run(new, "x")
+    view.poll()  # the first tick of the new run
     assert view.progress.value == 0 and view.progress.bar_color == "success"
     assert view.live.sources["layers"].data["layer"] == [] and view.live.figures["layers"].x_range.factors == []
     assert view.live.sources["ll"].data["epoch"] == [] and len(view.epoch_table.value) == 0

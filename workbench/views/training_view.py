@@ -242,11 +242,12 @@ class TrainingView(pn.viewable.Viewer):
         self._finished_ticks = 0
         self._tables = {"layers": None, "epochs": None}
         self._list_continuable()  # a run just continued is continuable no more
-        # nothing of the previous run may stay on screen: empty bar, plots and tables at once
+        # nothing of the previous run may stay on screen: empty bar and tables at once; the plots
+        # (plain Bokeh models, which a button callback may not write outside the document lock)
+        # start over at the first poll, LivePlots.update seeing a new run id
         self.progress.param.update(value=0, bar_color="success")
         self.layer_table.value = _frame([], LAYER_COLUMNS)
         self.epoch_table.value = _frame([], EPOCH_COLUMNS)
-        self._draw_plots()
         self._progress_text()
         self._set_running(True)
         if self._callback is None:
