@@ -71,7 +71,9 @@ def main() -> int:
     print(f"cuda graph replay vs eager: rel err {g:.1e}")
     bad = bad or not g < 1e-6
     lp, lo, nev = profiled_training(cases["hclt64_mnist"][0], data)
-    print(f"sampled profiler (every 3) during graph training: LL {lp:.4f} vs {lo:.4f} without, {nev} layer events")
+    print(
+        f"sampled profiler (every 3) during graph training: LL {lp:.4f} vs {lo:.4f} without, {nev} layer events"
+    )
     bad = bad or not abs(lp - lo) < 1e-4 * abs(lo) or nev == 0
     if args.json:
         with open(args.json, "w") as f:

@@ -100,18 +100,34 @@ def circuits(sizes, device):
         x8 = torch.randint(0, 3, (256, 8), generator=g)
         out.append(("hclt4-8vars", lambda: engine.structures.hclt(x8, 4, input_dist=Categorical(3)), x8))
         x16 = torch.randint(0, 4, (256, 16), generator=g)
-        out.append(("pd4x4-4-split1", lambda: engine.structures.pd((4, 4), 4, 1, input_dist=Categorical(4)), x16))
-        out.append(("pd4x4-8-split2", lambda: engine.structures.pd((4, 4), 8, 2, input_dist=Categorical(4)), x16))
+        out.append(
+            ("pd4x4-4-split1", lambda: engine.structures.pd((4, 4), 4, 1, input_dist=Categorical(4)), x16)
+        )
+        out.append(
+            ("pd4x4-8-split2", lambda: engine.structures.pd((4, 4), 8, 2, input_dist=Categorical(4)), x16)
+        )
         x3 = torch.randint(0, 3, (256, 3), generator=g)
         out.append(("passthrough-min", lambda: _passthrough_min(), x3))
     if "mnist" in sizes:
         from engine.data import mnist_like
 
         data = mnist_like(12288).to(torch.uint8)
-        out.append(("hclt16-mnist", lambda: engine.structures.hclt(
-            data[:8192].to(device).long(), 16, input_dist=Categorical(256), device=device), data))
-        out.append(("pd16-mnist", lambda: engine.structures.pd(
-            (28, 28), 16, (4, 4), input_dist=Categorical(256)), data))
+        out.append(
+            (
+                "hclt16-mnist",
+                lambda: engine.structures.hclt(
+                    data[:8192].to(device).long(), 16, input_dist=Categorical(256), device=device
+                ),
+                data,
+            )
+        )
+        out.append(
+            (
+                "pd16-mnist",
+                lambda: engine.structures.pd((28, 28), 16, (4, 4), input_dist=Categorical(256)),
+                data,
+            )
+        )
     return out
 
 
@@ -128,8 +144,11 @@ def _passthrough_min():
 def reference_flows(root, x):
     """Sum-parameter flows of batch `x` by autograd in float64: {sum uid: [E, bs, bs]}."""
     order = root.topological()
-    P = {v.uid: v.params.double().clone().requires_grad_(True)
-         for v in order if isinstance(v, (SumNodes, InputNodes))}
+    P = {
+        v.uid: v.params.double().clone().requires_grad_(True)
+        for v in order
+        if isinstance(v, (SumNodes, InputNodes))
+    }
     val = {}
     for v in order:
         if isinstance(v, InputNodes):
@@ -190,8 +209,13 @@ def flow_errors(root, ours, pj, x, bridge):
         err = float((ns._param_flows.double().cpu() - rt.double()).abs().max())
         bad += err > 1e-3 * max(1.0, float(rt.abs().max()))
         e_pj = max(e_pj, err)
-    return {"ref_max": scale, "ours_max_err": e_ours, "pj_max_err": e_pj, "pj_bad_vectors": bad,
-            "num_sum_vectors": len(ref)}
+    return {
+        "ref_max": scale,
+        "ours_max_err": e_ours,
+        "pj_max_err": e_pj,
+        "pj_bad_vectors": bad,
+        "num_sum_vectors": len(ref),
+    }
 
 
 # ----------------------------------------------------------------------------- EM
@@ -215,11 +239,22 @@ def em_both(name, build, x, juice, bridge, device, steps, batch, keep_zero_param
     if ev.shape[0] == 0:
         ev = x[: 4 * batch].to(device).long()
     gap = bridge.max_ll_gap(ours, pj, ev, batch_size=batch)
-    mo = float(torch.cat([ours(ev[i : i + batch], validate=False) for i in range(0, ev.shape[0], batch)]).double().mean())
+    mo = float(
+        torch.cat([ours(ev[i : i + batch], validate=False) for i in range(0, ev.shape[0], batch)])
+        .double()
+        .mean()
+    )
     mp = float(bridge.pj_lls(pj, ev, batch_size=batch).double().mean())
-    return {"keep_zero_params": keep_zero_params, "step_lls_ours": ll_o, "step_lls_pj": ll_p,
-            "eval_ll_ours": mo, "eval_ll_pj": mp, "eval_rel_diff": abs(mo - mp) / abs(mo),
-            "eval_max_gap_after": gap, "passthrough_sums": bridge.passthrough_sums(pj)}
+    return {
+        "keep_zero_params": keep_zero_params,
+        "step_lls_ours": ll_o,
+        "step_lls_pj": ll_p,
+        "eval_ll_ours": mo,
+        "eval_ll_pj": mp,
+        "eval_rel_diff": abs(mo - mp) / abs(mo),
+        "eval_max_gap_after": gap,
+        "passthrough_sums": bridge.passthrough_sums(pj),
+    }
 
 
 def choose_device(cpu: bool) -> torch.device:
@@ -249,9 +284,14 @@ def main():
 
     from benchmarks import pyjuice_bridge as bridge
 
-    info = {"device": "cpu (Triton interpreter)" if args.cpu else torch.cuda.get_device_name(),
-            "torch": torch.__version__, "pyjuice": version("pyjuice"), "step_size": STEP,
-            "pseudocount": PSEUDO, "steps": args.steps}
+    info = {
+        "device": "cpu (Triton interpreter)" if args.cpu else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "pyjuice": version("pyjuice"),
+        "step_size": STEP,
+        "pseudocount": PSEUDO,
+        "steps": args.steps,
+    }
     print(info, flush=True)
     results, failures = [], []
     for name, build, data in circuits(sizes, device):
@@ -265,17 +305,26 @@ def main():
         ns, binfo = bridge.to_pyjuice(root, juice, return_info=True)
         pj, t_pj = pj_compile(juice, ns, device)
         x = data[: 4 * batch].to(device)
-        row = {"circuit": name, "batch": batch, "compile_s_ours": t_ours, "compile_s_pj": t_pj,
-               "pj_block_sizes": sorted(set(binfo.block_sizes.values())),
-               "sparse_products": binfo.sparse_products, "reduced_vectors": len(binfo.reduced),
-               "dangling_children_dropped": binfo.dangling_children, "partly_dangling": binfo.partly_dangling,
-               "passthrough_sums": bridge.passthrough_sums(pj)}
+        row = {
+            "circuit": name,
+            "batch": batch,
+            "compile_s_ours": t_ours,
+            "compile_s_pj": t_pj,
+            "pj_block_sizes": sorted(set(binfo.block_sizes.values())),
+            "sparse_products": binfo.sparse_products,
+            "reduced_vectors": len(binfo.reduced),
+            "dangling_children_dropped": binfo.dangling_children,
+            "partly_dangling": binfo.partly_dangling,
+            "passthrough_sums": bridge.passthrough_sums(pj),
+        }
         ll = torch.cat([ours(x[i : i + batch], validate=False) for i in range(0, x.shape[0], batch)])
         row["mean_ll"] = float(ll.double().mean())
         row["init_gap_fp32"] = bridge.max_ll_gap(ours, pj, x, batch_size=batch)
         row["init_rel_gap_fp32"] = row["init_gap_fp32"] / float(ll.abs().max())
         if not args.cpu:
-            row["init_gap_pj_default_bf16"] = bridge.max_ll_gap(ours, pj, x, batch_size=batch, force_use_fp32=False)
+            row["init_gap_pj_default_bf16"] = bridge.max_ll_gap(
+                ours, pj, x, batch_size=batch, force_use_fp32=False
+            )
         if tiny:
             row["flows"] = flow_errors(root, ours, pj, x[:batch], bridge)
             if binfo.dangling_children:  # PyJuice with the unconnected children kept: its flows go wrong
@@ -284,8 +333,9 @@ def main():
                 del pj2
         del pj, ours
         for kzp in (False, True):
-            row[f"em_kzp_{kzp}"] = em_both(name, build, data, juice, bridge, device, args.steps, batch, kzp,
-                                           graphs=not args.cpu)
+            row[f"em_kzp_{kzp}"] = em_both(
+                name, build, data, juice, bridge, device, args.steps, batch, kzp, graphs=not args.cpu
+            )
         results.append(row)
         print(json.dumps(row, indent=1), flush=True)
         if not row["init_rel_gap_fp32"] < 1e-3:
@@ -293,16 +343,23 @@ def main():
         for kzp in (False, True):
             r = row[f"em_kzp_{kzp}"]
             if r["eval_rel_diff"] > 5e-3:
-                print(f"WARNING {name} keep_zero_params={kzp}: LLs after {args.steps} EM steps differ by "
-                      f"{100 * r['eval_rel_diff']:.2f}% (issue 8 asks for < 0.5%)", flush=True)
-    print(f"{'circuit':16s} {'init gap fp32':>13s} {'rel':>9s} | flows err ours / pj | "
-          f"EM LL ours / pj (kzp False) | ours / pj (kzp True)")
+                print(
+                    f"WARNING {name} keep_zero_params={kzp}: LLs after {args.steps} EM steps differ by "
+                    f"{100 * r['eval_rel_diff']:.2f}% (issue 8 asks for < 0.5%)",
+                    flush=True,
+                )
+    print(
+        f"{'circuit':16s} {'init gap fp32':>13s} {'rel':>9s} | flows err ours / pj | "
+        f"EM LL ours / pj (kzp False) | ours / pj (kzp True)"
+    )
     for r in results:
         f = r.get("flows", {})
         a, b = r["em_kzp_False"], r["em_kzp_True"]
-        print(f"{r['circuit']:16s} {r['init_gap_fp32']:13.2e} {r['init_rel_gap_fp32']:9.1e} | "
-              f"{f.get('ours_max_err', float('nan')):.1e} / {f.get('pj_max_err', float('nan')):.1e} | "
-              f"{a['eval_ll_ours']:.4f} / {a['eval_ll_pj']:.4f} | {b['eval_ll_ours']:.4f} / {b['eval_ll_pj']:.4f}")
+        print(
+            f"{r['circuit']:16s} {r['init_gap_fp32']:13.2e} {r['init_rel_gap_fp32']:9.1e} | "
+            f"{f.get('ours_max_err', float('nan')):.1e} / {f.get('pj_max_err', float('nan')):.1e} | "
+            f"{a['eval_ll_ours']:.4f} / {a['eval_ll_pj']:.4f} | {b['eval_ll_ours']:.4f} / {b['eval_ll_pj']:.4f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({**info, "results": results}, fh, indent=1)

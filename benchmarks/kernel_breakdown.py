@@ -88,9 +88,14 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     data = mnist_like(60000).to(torch.uint8).cuda()
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "batch_size": BATCH, "results": []}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "batch_size": BATCH,
+        "results": [],
+    }
     print({k: v for k, v in info.items() if k != "results"}, flush=True)
     for spec in args.configs:
         kind, nl = spec.split(":")
@@ -109,9 +114,14 @@ def main() -> int:
             except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
                 row["error"] = f"{type(err).__name__}: {err}"
             info["results"].append(row)
-            print(f"\n{spec} [{variant}]: " + (row.get("error") or
-                  f"graph {row['graph_ms_per_batch']:.2f} ms/batch, eager kernels {row['eager_kernel_ms']:.2f} ms"),
-                  flush=True)
+            print(
+                f"\n{spec} [{variant}]: "
+                + (
+                    row.get("error")
+                    or f"graph {row['graph_ms_per_batch']:.2f} ms/batch, eager kernels {row['eager_kernel_ms']:.2f} ms"
+                ),
+                flush=True,
+            )
             for name, r in list(row.get("kernels", {}).items())[:12]:
                 print(f"  {r['ms']:8.3f} ms {r['calls']:5d}x  {name}")
             pc = step = None  # noqa: F841 - drop both before the next variant compiles

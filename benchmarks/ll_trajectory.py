@@ -35,7 +35,9 @@ def build(config: str, data):
 
 def mean_ll(pc, x) -> float:
     with torch.no_grad():
-        return sum(pc(x[i : i + BATCH], validate=False).double().sum().item() for i in range(0, len(x), BATCH)) / len(x)
+        return sum(
+            pc(x[i : i + BATCH], validate=False).double().sum().item() for i in range(0, len(x), BATCH)
+        ) / len(x)
 
 
 def trajectory(root, backend: str, data, held, batches: int, every: int) -> list[dict]:
@@ -60,7 +62,8 @@ def trajectory(root, backend: str, data, held, batches: int, every: int) -> list
             pc.em_step(STEP, PSEUDO)
         if (b + 1) % every == 0 or b + 1 == batches:
             finite = bool(torch.isfinite(pc.params).all()) and all(
-                bool(torch.isfinite(pc.input_params(i)).all()) for i in range(len(pc.input_layers)))
+                bool(torch.isfinite(pc.input_params(i)).all()) for i in range(len(pc.input_layers))
+            )
             row = {"backend": backend, "batch": b + 1, "ll": mean_ll(pc, held), "finite": finite}
             print(json.dumps(row), flush=True)
             out.append(row)

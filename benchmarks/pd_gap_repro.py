@@ -82,8 +82,10 @@ def run_variant(variant, args, juice, bridge, device, batches, ev):
     finally:
         bridge._drop_dangling = original
     pj = pj_compile(juice, ns, device)
-    init = {"ours": float(torch.cat([ours(e, validate=False) for e in ev]).double().mean()),
-            "pj": float(torch.cat([bridge.pj_lls(pj, e) for e in ev]).double().mean())}
+    init = {
+        "ours": float(torch.cat([ours(e, validate=False) for e in ev]).double().mean()),
+        "pj": float(torch.cat([bridge.pj_lls(pj, e) for e in ev]).double().mean()),
+    }
     opt = bridge.make_optimizer(juice, pj, STEP, PSEUDO, keep_zero_params=True)
     if device.type == "cuda" and args.graphs:
         bridge.record_graphs(pj, batches[0])  # the tutorial's dry run (flows cleared after it)
@@ -95,16 +97,27 @@ def run_variant(variant, args, juice, bridge, device, batches, ev):
         ll_o.append(float(ours.accumulate_flows(xb, validate=False).double().sum()) / xb.shape[0])
         ours.em_step(STEP, PSEUDO)
         if args.verbose and (i < 10 or (i + 1) % 10 == 0):
-            print(f"  {variant} step {i + 1:4d}: train LL ours {ll_o[-1]:.4f} pj {ll_p[-1]:.4f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-    fin = {"ours": float(torch.cat([ours(e, validate=False) for e in ev]).double().mean()),
-           "pj": float(torch.cat([bridge.pj_lls(pj, e) for e in ev]).double().mean())}
-    return {"variant": variant, "dangling_children_dropped": info.dangling_children,
-            "passthrough_sums": bridge.passthrough_sums(pj), "num_sums": info.num_sums,
-            "init_ll": init, "final_ll": fin,
-            "final_gap_pct": 100 * (fin["ours"] - fin["pj"]) / abs(fin["pj"]),
-            "step_ll_ours": ll_o, "step_ll_pj": ll_p,
-            "max_step_gap": max(abs(a - b) for a, b in zip(ll_o, ll_p))}
+            print(
+                f"  {variant} step {i + 1:4d}: train LL ours {ll_o[-1]:.4f} pj {ll_p[-1]:.4f} "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
+    fin = {
+        "ours": float(torch.cat([ours(e, validate=False) for e in ev]).double().mean()),
+        "pj": float(torch.cat([bridge.pj_lls(pj, e) for e in ev]).double().mean()),
+    }
+    return {
+        "variant": variant,
+        "dangling_children_dropped": info.dangling_children,
+        "passthrough_sums": bridge.passthrough_sums(pj),
+        "num_sums": info.num_sums,
+        "init_ll": init,
+        "final_ll": fin,
+        "final_gap_pct": 100 * (fin["ours"] - fin["pj"]) / abs(fin["pj"]),
+        "step_ll_ours": ll_o,
+        "step_ll_pj": ll_p,
+        "max_step_gap": max(abs(a - b) for a, b in zip(ll_o, ll_p)),
+    }
 
 
 def main():
@@ -135,19 +148,32 @@ def main():
     perm = torch.randperm(n, generator=g)
     batches = [data[perm[i * args.batch : (i + 1) * args.batch]].to(device) for i in range(args.steps)]
     ev = [data[n + i : n + i + args.batch].to(device) for i in range(0, args.eval_rows, args.batch)]
-    info = {"device": "cpu (Triton interpreter)" if args.cpu else torch.cuda.get_device_name(),
-            "torch": torch.__version__, "command": " ".join(sys.argv), "step_size": STEP, "pseudocount": PSEUDO,
-            "shape": args.shape, "split": args.split, "latents": args.latents, "cats": args.cats,
-            "batch": args.batch, "steps": args.steps, "eval_rows": args.eval_rows}
+    info = {
+        "device": "cpu (Triton interpreter)" if args.cpu else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "step_size": STEP,
+        "pseudocount": PSEUDO,
+        "shape": args.shape,
+        "split": args.split,
+        "latents": args.latents,
+        "cats": args.cats,
+        "batch": args.batch,
+        "steps": args.steps,
+        "eval_rows": args.eval_rows,
+    }
     print(info, flush=True)
     out = []
     for variant in args.variants.split(","):
         r = run_variant(variant, args, juice, bridge, device, batches, ev)
         out.append(r)
-        print(f"{variant:17s} dangling dropped {r['dangling_children_dropped']:4d} | init LL ours "
-              f"{r['init_ll']['ours']:.4f} pj {r['init_ll']['pj']:.4f} | after {args.steps} steps ours "
-              f"{r['final_ll']['ours']:.4f} pj {r['final_ll']['pj']:.4f} gap {r['final_gap_pct']:+.3f}% | "
-              f"max per-step train-LL gap {r['max_step_gap']:.2e}", flush=True)
+        print(
+            f"{variant:17s} dangling dropped {r['dangling_children_dropped']:4d} | init LL ours "
+            f"{r['init_ll']['ours']:.4f} pj {r['init_ll']['pj']:.4f} | after {args.steps} steps ours "
+            f"{r['final_ll']['ours']:.4f} pj {r['final_ll']['pj']:.4f} gap {r['final_gap_pct']:+.3f}% | "
+            f"max per-step train-LL gap {r['max_step_gap']:.2e}",
+            flush=True,
+        )
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({**info, "results": out}, fh, indent=1)

@@ -77,8 +77,14 @@ from engine.dists import Bernoulli, Categorical, Gaussian
 from engine.nodes import InputNodes, NodeVector, ProdNodes, SumNodes
 
 __all__ = [
-    "to_pyjuice", "max_ll_gap", "make_optimizer", "record_graphs", "tutorial_epoch", "pj_lls",
-    "passthrough_sums", "BridgeInfo",
+    "to_pyjuice",
+    "max_ll_gap",
+    "make_optimizer",
+    "record_graphs",
+    "tutorial_epoch",
+    "pj_lls",
+    "passthrough_sums",
+    "BridgeInfo",
 ]
 
 
@@ -222,7 +228,7 @@ def _drop_dangling(s: SumNodes, info) -> tuple:
     used = np.zeros(sum(hi - lo for lo, hi in ranges), dtype=bool)
     used[s.edge_ids[1]] = True
     keep = [k for k, (lo, hi) in enumerate(ranges) if used[lo:hi].any()]
-    info.partly_dangling += sum(1 for k in keep if not used[ranges[k][0]:ranges[k][1]].all())
+    info.partly_dangling += sum(1 for k in keep if not used[ranges[k][0] : ranges[k][1]].all())
     if len(keep) == len(ranges):
         return s, list(s.children)
     info.dangling_children += len(ranges) - len(keep)
@@ -239,8 +245,13 @@ def _drop_dangling(s: SumNodes, info) -> tuple:
     return view, view.children
 
 
-def to_pyjuice(root: NodeVector, juice, block_size: int | None = None, return_info: bool = False,
-               drop_dangling: bool = True):
+def to_pyjuice(
+    root: NodeVector,
+    juice,
+    block_size: int | None = None,
+    return_info: bool = False,
+    drop_dangling: bool = True,
+):
     """Build the circuit under `root` in PyJuice (`juice` is the imported `pyjuice` module).
 
     The result is PyJuice's root node vector, carrying the parameters currently stored in our node
@@ -276,7 +287,9 @@ def to_pyjuice(root: NodeVector, juice, block_size: int | None = None, return_in
             if isinstance(c, ProdNodes):
                 pr = _flatten(c, memo)
             else:  # identity product over a sum or input child (one per child vector, shared)
-                pr = prods.get(("i", c.uid)) or _Prod(("i", c.uid), c.num_nodes, [(c, np.arange(c.num_nodes))])
+                pr = prods.get(("i", c.uid)) or _Prod(
+                    ("i", c.uid), c.num_nodes, [(c, np.arange(c.num_nodes))]
+                )
             prods.setdefault(pr.key, pr)
             kids.append(pr)
             for f, _ in pr.factors:
@@ -322,7 +335,9 @@ def to_pyjuice(root: NodeVector, juice, block_size: int | None = None, return_in
             P, C = cls_bs[rp], cls_bs[rc]
             if checked.get(s.uid) == (P, C):
                 continue
-            if (s.block_size % P == 0 and s.block_size % C == 0) or _retile(sum_view[s.uid], P, C, check_only=True):
+            if (s.block_size % P == 0 and s.block_size % C == 0) or _retile(
+                sum_view[s.uid], P, C, check_only=True
+            ):
                 checked[s.uid] = (P, C)
                 continue
             if s.block_size % P:  # shrink the side that does not divide our block size
@@ -382,7 +397,9 @@ def to_pyjuice(root: NodeVector, juice, block_size: int | None = None, return_in
 
 # ----------------------------------------------------------------------------- checks
 @torch.no_grad()
-def pj_lls(pj_pc, x: torch.Tensor, batch_size: int | None = None, force_use_fp32: bool = True) -> torch.Tensor:
+def pj_lls(
+    pj_pc, x: torch.Tensor, batch_size: int | None = None, force_use_fp32: bool = True
+) -> torch.Tensor:
     """PyJuice log-likelihoods `[N]` (float32, on PyJuice's device), in chunks of `batch_size`.
 
     `force_use_fp32=True` turns off PyJuice's default bf16 tiles in the block-sparse sum forward
@@ -405,8 +422,14 @@ def pj_lls(pj_pc, x: torch.Tensor, batch_size: int | None = None, force_use_fp32
 
 
 @torch.no_grad()
-def max_ll_gap(our_pc, pj_pc, x: torch.Tensor, batch_size: int | None = None, force_use_fp32: bool = True,
-               relative: bool = False) -> float:
+def max_ll_gap(
+    our_pc,
+    pj_pc,
+    x: torch.Tensor,
+    batch_size: int | None = None,
+    force_use_fp32: bool = True,
+    relative: bool = False,
+) -> float:
     """Largest |LL_ours - LL_pyjuice| over the rows of `x` (nats), or that divided by max |LL_ours|.
 
     Ours run through `our_pc(x)` (its default precision), PyJuice's in fp32 unless
@@ -438,8 +461,9 @@ def make_optimizer(juice, pc, step_size: float, pseudocount: float, keep_zero_pa
     keep_zero_params)` and then zeroes the flows; `step(step_size=s)` overrides the step size for one
     update (how PyJuice's own tests run a schedule). See the module docstring on keep_zero_params.
     """
-    return juice.optim.MiniBatchEM(pc, step_size=step_size, pseudocount=pseudocount,
-                                   keep_zero_params=keep_zero_params)
+    return juice.optim.MiniBatchEM(
+        pc, step_size=step_size, pseudocount=pseudocount, keep_zero_params=keep_zero_params
+    )
 
 
 def record_graphs(pc, x: torch.Tensor, zero_flows: bool = True) -> None:

@@ -43,17 +43,41 @@ def allreduce_ms(pc, reduce_dtype="fp32", reps=50) -> float:
 
 def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True) -> dict:
     pc = engine.compile(root, device="cuda")
-    sched = optim.EMSchedule(batch_size=BATCH, step_size=STEP, final_step_size=STEP, pseudocount=PSEUDO,
-                             full_batch_epochs=0, drop_last=True)
-    hist = optim.fit(pc, data_cpu, epochs=epochs, schedule=sched, generator=torch.Generator().manual_seed(SEED),
-                     distributed=ranks.world > 1, reduce_dtype=reduce_dtype, reduce_overlap=overlap)
+    sched = optim.EMSchedule(
+        batch_size=BATCH,
+        step_size=STEP,
+        final_step_size=STEP,
+        pseudocount=PSEUDO,
+        full_batch_epochs=0,
+        drop_last=True,
+    )
+    hist = optim.fit(
+        pc,
+        data_cpu,
+        epochs=epochs,
+        schedule=sched,
+        generator=torch.Generator().manual_seed(SEED),
+        distributed=ranks.world > 1,
+        reduce_dtype=reduce_dtype,
+        reduce_overlap=overlap,
+    )
     steps = data_cpu.shape[0] // (BATCH * ranks.world)
-    out = {"epoch_s": None, "ll": None, "steps_per_epoch": steps, "reduce_dtype": reduce_dtype, "overlap": overlap}
+    out = {
+        "epoch_s": None,
+        "ll": None,
+        "steps_per_epoch": steps,
+        "reduce_dtype": reduce_dtype,
+        "overlap": overlap,
+    }
     if ranks.world > 1:
         out["allreduce_ms"] = allreduce_ms(pc, reduce_dtype)
     if hist:  # rank 0
-        out.update(epoch_s=statistics.median(h["seconds"] for h in hist[1:]), pass_ll=hist[-1]["pass_ll"],
-                   train_ll=hist[-1]["train_ll"], graph_batches=hist[-1].get("graph_batches"))
+        out.update(
+            epoch_s=statistics.median(h["seconds"] for h in hist[1:]),
+            pass_ll=hist[-1]["pass_ll"],
+            train_ll=hist[-1]["train_ll"],
+            graph_batches=hist[-1].get("graph_batches"),
+        )
         if ranks.world > 1:
             out["allreduce_share"] = out["allreduce_ms"] / 1e3 / (out["epoch_s"] / steps)
     return out
@@ -62,8 +86,9 @@ def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True) -
 def run_pyjuice(juice, bridge, root, data_u8, ranks, epochs) -> dict:
     pc = juice.compile(bridge.to_pyjuice(root, juice), verbose=False)
     pc.to("cuda")
-    opt = juice.optim.MiniBatchEM(pc, step_size=STEP, pseudocount=PSEUDO, keep_zero_params=True,
-                                  ddp=ranks.world > 1)
+    opt = juice.optim.MiniBatchEM(
+        pc, step_size=STEP, pseudocount=PSEUDO, keep_zero_params=True, ddp=ranks.world > 1
+    )
     orders = epoch_orders(data_u8.shape[0], epochs)
     g = BATCH * ranks.world
     steps = data_u8.shape[0] // g
@@ -85,11 +110,17 @@ def main():
     ap.add_argument("--configs", nargs="+", default=["hclt:256", "hclt:512", "pd:128", "pd:256"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-pyjuice", action="store_true")
-    ap.add_argument("--overlap-ab", action="store_true",
-                    help="also time ours with the flows all-reduced after the flows pass instead of bucket by "
-                         "bucket during it (2+ GPUs), in the same run, in alternating order")
-    ap.add_argument("--bf16-reduce", action="store_true",
-                    help="also time ours with the flows summed in bfloat16 (2+ GPUs), in the same run")
+    ap.add_argument(
+        "--overlap-ab",
+        action="store_true",
+        help="also time ours with the flows all-reduced after the flows pass instead of bucket by "
+        "bucket during it (2+ GPUs), in the same run, in alternating order",
+    )
+    ap.add_argument(
+        "--bf16-reduce",
+        action="store_true",
+        help="also time ours with the flows summed in bfloat16 (2+ GPUs), in the same run",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these result files")
     args = ap.parse_args()
@@ -103,9 +134,15 @@ def main():
     data_u8 = mnist_like(60000).to(torch.uint8)
     data_cpu = data_u8.clone()
     data_u8 = data_u8.to(device)
-    info = {"device": torch.cuda.get_device_name(), "gpus": ranks.world, "torch": torch.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "per_gpu_batch": BATCH,
-            "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "results": []}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "gpus": ranks.world,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "per_gpu_batch": BATCH,
+        "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+        "results": [],
+    }
     for spec in args.configs:
         kind, nl = spec.split(":")
         torch.manual_seed(0)  # the same circuit and initial parameters on every rank
@@ -115,8 +152,9 @@ def main():
             row_overlap = run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
         row = {"config": f"{kind}-{nl}", "ours": run_ours(root, data_cpu, ranks, args.epochs)}
         if args.overlap_ab and ranks.world > 1:  # "ours" is the default (overlapped); this is the plain one
-            row["ours_plain_reduce"] = row_overlap if overlap_first else run_ours(root, data_cpu, ranks, args.epochs,
-                                                                                  overlap=False)
+            row["ours_plain_reduce"] = (
+                row_overlap if overlap_first else run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
+            )
         if args.bf16_reduce and ranks.world > 1:
             row["ours_bf16_reduce"] = run_ours(root, data_cpu, ranks, args.epochs, "bf16")
         if juice is not None:
@@ -134,8 +172,10 @@ def main():
 def print_table(runs):
     runs = sorted(runs, key=lambda r: r["gpus"])
     base = {r["config"]: r for r in runs[0]["results"]}
-    print(f"{'config':9s} {'GPUs':>4s} | {'ours s/ep':>9s} {'scale':>5s} {'allred%':>7s} | {'PJ s/ep':>8s} "
-          f"{'scale':>5s} | {'ours vs PJ':>10s} | {'bf16-red s/ep':>13s} {'scale':>5s} {'allred%':>7s} {'train LL':>9s}")
+    print(
+        f"{'config':9s} {'GPUs':>4s} | {'ours s/ep':>9s} {'scale':>5s} {'allred%':>7s} | {'PJ s/ep':>8s} "
+        f"{'scale':>5s} | {'ours vs PJ':>10s} | {'bf16-red s/ep':>13s} {'scale':>5s} {'allred%':>7s} {'train LL':>9s}"
+    )
     for run in runs:
         for row in run["results"]:
             o, p = row["ours"], row.get("pyjuice", {})
@@ -144,16 +184,25 @@ def print_table(runs):
             so = b["ours"]["epoch_s"] / o["epoch_s"]
             sp = b.get("pyjuice", {}).get("epoch_s", nan) / p.get("epoch_s", nan)
             share = 100 * o.get("allreduce_share", 0.0)
-            print(f"{row['config']:9s} {run['gpus']:4d} | {o['epoch_s']:9.3f} {so:5.2f} {share:7.1f} | "
-                  f"{p.get('epoch_s', nan):8.3f} {sp:5.2f} | {p.get('epoch_s', nan) / o['epoch_s']:10.2f}", end="")
+            print(
+                f"{row['config']:9s} {run['gpus']:4d} | {o['epoch_s']:9.3f} {so:5.2f} {share:7.1f} | "
+                f"{p.get('epoch_s', nan):8.3f} {sp:5.2f} | {p.get('epoch_s', nan) / o['epoch_s']:10.2f}",
+                end="",
+            )
             v = row.get("ours_plain_reduce") or row.get("ours_overlap")
             if v:
-                print(f" | overlap={v['overlap']} {v['epoch_s']:.3f} s/ep, scaling {b['ours']['epoch_s'] / v['epoch_s']:.2f}, "
-                      f"train LL {v['train_ll']:.4f}", end="")
+                print(
+                    f" | overlap={v['overlap']} {v['epoch_s']:.3f} s/ep, scaling {b['ours']['epoch_s'] / v['epoch_s']:.2f}, "
+                    f"train LL {v['train_ll']:.4f}",
+                    end="",
+                )
             h = row.get("ours_bf16_reduce")
             if h:
-                print(f" | {h['epoch_s']:13.3f} {b['ours']['epoch_s'] / h['epoch_s']:5.2f} "
-                      f"{100 * h.get('allreduce_share', 0.0):7.1f} {h['train_ll']:9.4f} (fp32 {o['train_ll']:.4f})", end="")
+                print(
+                    f" | {h['epoch_s']:13.3f} {b['ours']['epoch_s'] / h['epoch_s']:5.2f} "
+                    f"{100 * h.get('allreduce_share', 0.0):7.1f} {h['train_ll']:9.4f} (fp32 {o['train_ll']:.4f})",
+                    end="",
+                )
             print()
 
 

@@ -62,8 +62,14 @@ from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.graph import CapturedStep  # noqa: E402
 
 BATCH, STEP, PSEUDO, SEED, LL_ROWS = 512, 0.1, 0.1, 0, 10000
-SCHEDULE = optim.EMSchedule(batch_size=BATCH, step_size=STEP, final_step_size=STEP, pseudocount=PSEUDO,
-                            full_batch_epochs=0, drop_last=True)
+SCHEDULE = optim.EMSchedule(
+    batch_size=BATCH,
+    step_size=STEP,
+    final_step_size=STEP,
+    pseudocount=PSEUDO,
+    full_batch_epochs=0,
+    drop_last=True,
+)
 
 
 def sync_time() -> float:
@@ -142,16 +148,31 @@ def run_ours(root, data_cpu, data_u8, epochs, opts=None) -> dict:
         compile_s = sync_time() - t0
         init_ll = ours_ll(pc, data_u8)
         t_fit = time.time()
-        hist = optim.fit(pc, data_cpu, epochs=epochs, schedule=SCHEDULE, callback=events.append,
-                         generator=torch.Generator().manual_seed(SEED))
+        hist = optim.fit(
+            pc,
+            data_cpu,
+            epochs=epochs,
+            schedule=SCHEDULE,
+            callback=events.append,
+            generator=torch.Generator().manual_seed(SEED),
+        )
         data_GB = data_cpu.numel() * data_cpu.element_size() / 1e9  # fit's resident copy (uint8)
     ends = [t_fit] + [h["time"] for h in hist]
     walls = [b - a for a, b in zip(ends, ends[1:])]
-    res = {"system": "ours (optim.fit)", "compile_s": compile_s, "peak_alloc_GB": m.peak_GB, "data_GB": data_GB,
-           "warmup_s": hist[0]["seconds"], "epoch_s": statistics.median(h["seconds"] for h in hist[1:]),
-           "wall_s": statistics.median(walls[1:]), "eval_s": statistics.median(h["eval_seconds"] for h in hist[1:]),
-           "epoch_all_s": [h["seconds"] for h in hist], "pass_ll": [h["pass_ll"] for h in hist],
-           "init_ll": init_ll, "ll": ours_ll(pc, data_u8)}
+    res = {
+        "system": "ours (optim.fit)",
+        "compile_s": compile_s,
+        "peak_alloc_GB": m.peak_GB,
+        "data_GB": data_GB,
+        "warmup_s": hist[0]["seconds"],
+        "epoch_s": statistics.median(h["seconds"] for h in hist[1:]),
+        "wall_s": statistics.median(walls[1:]),
+        "eval_s": statistics.median(h["eval_seconds"] for h in hist[1:]),
+        "epoch_all_s": [h["seconds"] for h in hist],
+        "pass_ll": [h["pass_ll"] for h in hist],
+        "init_ll": init_ll,
+        "ll": ours_ll(pc, data_u8),
+    }
     res["step"] = run_ours_step(pc, data_u8)
     del pc
     return res
@@ -195,10 +216,16 @@ def run_pyjuice(juice, bridge, root, data_u8, epochs, fp32=False) -> dict:
             t0 = sync_time()
             bridge.tutorial_epoch(pc, opt, batches)
             times.append(sync_time() - t0)
-    res = {"system": "pyjuice (tutorial: recorded CUDA graphs, MiniBatchEM)" + (", fp32 tiles" if fp32 else ""),
-           "compile_s": compile_s,
-           "peak_alloc_GB": m.peak_GB, "warmup_s": times[0], "epoch_s": statistics.median(times[1:]),
-           "epoch_all_s": times, "init_ll": init_ll, "ll": pj_ll(bridge, pc, data_u8)}
+    res = {
+        "system": "pyjuice (tutorial: recorded CUDA graphs, MiniBatchEM)" + (", fp32 tiles" if fp32 else ""),
+        "compile_s": compile_s,
+        "peak_alloc_GB": m.peak_GB,
+        "warmup_s": times[0],
+        "epoch_s": statistics.median(times[1:]),
+        "epoch_all_s": times,
+        "init_ll": init_ll,
+        "ll": pj_ll(bridge, pc, data_u8),
+    }
     del pc, ns, opt
     return res
 
@@ -215,14 +242,18 @@ def run_pyjuice_eager(juice, bridge, root, data_u8, batches) -> dict:
         pc(x)
         pc.backward(x, flows_memory=1.0)
         pc.mini_batch_em(step_size=STEP, pseudocount=PSEUDO)
+
     for i in range(3):
         one(i)
     t0 = sync_time()
     for i in range(3, 3 + batches):
         one(i)
     per_batch = (sync_time() - t0) / batches
-    return {"system": "pyjuice (previous harness: eager, no graphs)", "batches_timed": batches,
-            "epoch_s": per_batch * data_u8.shape[0] / BATCH}
+    return {
+        "system": "pyjuice (previous harness: eager, no graphs)",
+        "batches_timed": batches,
+        "epoch_s": per_batch * data_u8.shape[0] / BATCH,
+    }
 
 
 def pj_ll(bridge, pc, data_u8) -> float:
@@ -238,10 +269,33 @@ def cli_vs_fit(kind, nl, data_u8, epochs=3) -> dict:
         np.savez(path, train=x, valid=x[:2000], test=x[2000:4000])
         metrics = os.path.join(tmp, "m.jsonl")
         t0 = time.time()
-        cmd = [sys.executable, "-m", "engine", "train", "--structure", kind, "--data", path, "--latents", str(nl),
-               "--epochs", str(epochs), "--full-batch-epochs", "0", "--step-size", str(STEP),
-               "--final-step-size", str(STEP), "--pseudocount", str(PSEUDO), "--batch-size", str(BATCH),
-               "--metrics", metrics, "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "engine",
+            "train",
+            "--structure",
+            kind,
+            "--data",
+            path,
+            "--latents",
+            str(nl),
+            "--epochs",
+            str(epochs),
+            "--full-batch-epochs",
+            "0",
+            "--step-size",
+            str(STEP),
+            "--final-step-size",
+            str(STEP),
+            "--pseudocount",
+            str(PSEUDO),
+            "--batch-size",
+            str(BATCH),
+            "--metrics",
+            metrics,
+            "--quiet",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         total = time.time() - t0
         if proc.returncode:
@@ -254,26 +308,39 @@ def cli_vs_fit(kind, nl, data_u8, epochs=3) -> dict:
         ds = load_dataset(path)
         torch.manual_seed(0)
         pc = engine.compile(build_structure(kind, ds, nl, 0, "cuda"), device="cuda")
-        sched = optim.EMSchedule(batch_size=BATCH, step_size=STEP, final_step_size=STEP, pseudocount=PSEUDO,
-                                 full_batch_epochs=0)
+        sched = optim.EMSchedule(
+            batch_size=BATCH, step_size=STEP, final_step_size=STEP, pseudocount=PSEUDO, full_batch_epochs=0
+        )
         hist = optim.fit(pc, ds.train, ds.valid, ds.test, epochs=epochs, schedule=sched)
     fit_walls = [b["time"] - a["time"] for a, b in zip(hist, hist[1:])]
-    return {"config": f"{kind}-{nl}", "epochs": epochs, "cli_total_s": total,
-            "cli_wall_per_epoch_s": statistics.median(cli_walls), "cli_epoch_s": [r["seconds"] for r in rows],
-            "fit_wall_per_epoch_s": statistics.median(fit_walls), "fit_epoch_s": [h["seconds"] for h in hist],
-            "ratio": statistics.median(cli_walls) / statistics.median(fit_walls)}
+    return {
+        "config": f"{kind}-{nl}",
+        "epochs": epochs,
+        "cli_total_s": total,
+        "cli_wall_per_epoch_s": statistics.median(cli_walls),
+        "cli_epoch_s": [r["seconds"] for r in rows],
+        "fit_wall_per_epoch_s": statistics.median(fit_walls),
+        "fit_epoch_s": [h["seconds"] for h in hist],
+        "ratio": statistics.median(cli_walls) / statistics.median(fit_walls),
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=["hclt:16,32,64,128,256,512", "pd:16,32,64,128,256"])
     ap.add_argument("--epochs", type=int, default=2, help="epochs per system; the first is the warm-up")
-    ap.add_argument("--eager-batches", type=int, default=30, help="batches timed for the pyjuice_eager column")
+    ap.add_argument(
+        "--eager-batches", type=int, default=30, help="batches timed for the pyjuice_eager column"
+    )
     ap.add_argument("--extra-precision", default=None, help="also run ours with this precision (e.g. bf16)")
     ap.add_argument("--no-pyjuice", action="store_true")
     ap.add_argument("--cli-config", default=None, help="e.g. hclt:128: also time the CLI end to end")
-    ap.add_argument("--pj-fp32-configs", nargs="*", default=[],
-                    help="e.g. pd:16: also run PyJuice's loop with fp32 sum tiles (is a LL gap bf16's?)")
+    ap.add_argument(
+        "--pj-fp32-configs",
+        nargs="*",
+        default=[],
+        help="e.g. pd:16: also run PyJuice's loop with fp32 sum tiles (is a LL gap bf16's?)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     juice = bridge = None
@@ -282,11 +349,20 @@ def main():
         import pyjuice_bridge as bridge
     from importlib.metadata import version
 
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "pyjuice": None if juice is None else version("pyjuice"),
-            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "batch_size": BATCH, "step_size": STEP, "pseudocount": PSEUDO, "epochs": args.epochs,
-            "tail": "dropped on every system (drop_last)", "command": " ".join(sys.argv)}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "pyjuice": None if juice is None else version("pyjuice"),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "batch_size": BATCH,
+        "step_size": STEP,
+        "pseudocount": PSEUDO,
+        "epochs": args.epochs,
+        "tail": "dropped on every system (drop_last)",
+        "command": " ".join(sys.argv),
+    }
     print(info, flush=True)
     info["ceilings"] = ceilings()
     print(info["ceilings"], flush=True)
@@ -301,7 +377,9 @@ def main():
             with open(args.out, "w") as f:
                 json.dump({**info, "results": results}, f, indent=1)
 
-    for k, (kind, nl) in enumerate((s.split(":")[0], int(n)) for s in args.configs for n in s.split(":")[1].split(",")):
+    for k, (kind, nl) in enumerate(
+        (s.split(":")[0], int(n)) for s in args.configs for n in s.split(":")[1].split(",")
+    ):
         root = ours_build(kind, nl, tree_data)
         row = {"config": f"{kind}-{nl}"}
         order = ["ours", "pyjuice"] if k % 2 == 0 else ["pyjuice", "ours"]
@@ -323,8 +401,9 @@ def main():
             row["pyjuice_fp32"] = run_pyjuice(juice, bridge, root, data_u8, args.epochs, fp32=True)
             print(f"  {row['config']} pyjuice fp32: {_short(row['pyjuice_fp32'])}", flush=True)
         if args.extra_precision:
-            row["ours_" + args.extra_precision] = run_ours(root, data_cpu, data_u8, args.epochs,
-                                                           KernelOptions(precision=args.extra_precision))
+            row["ours_" + args.extra_precision] = run_ours(
+                root, data_cpu, data_u8, args.epochs, KernelOptions(precision=args.extra_precision)
+            )
         results.append(row)
         save()
     if args.cli_config:
@@ -342,18 +421,22 @@ def _short(r) -> str:
 
 
 def print_table(results, extra=None):
-    hdr = (f"{'config':9s} | {'fit s/ep':>8s} {'step':>6s} {'fit/step':>8s} | {'PJ tut':>7s} {'x':>5s} | "
-           f"{'PJ eager':>8s} {'x':>5s} | {'peak GB':>7s} {'PJ':>5s} | {'LL ours':>8s} {'PJ':>8s} {'gap%':>5s}")
+    hdr = (
+        f"{'config':9s} | {'fit s/ep':>8s} {'step':>6s} {'fit/step':>8s} | {'PJ tut':>7s} {'x':>5s} | "
+        f"{'PJ eager':>8s} {'x':>5s} | {'peak GB':>7s} {'PJ':>5s} | {'LL ours':>8s} {'PJ':>8s} {'gap%':>5s}"
+    )
     print(hdr + (f" | {extra}" if extra else ""))
     nan = float("nan")
     for row in results:
         o, p, e = row["ours"], row.get("pyjuice", {}), row.get("pyjuice_eager", {})
         pe, ee = p.get("epoch_s", nan), e.get("epoch_s", nan)
         gap = 100 * abs(o["ll"] - p.get("ll", nan)) / abs(p.get("ll", nan))
-        line = (f"{row['config']:9s} | {o['epoch_s']:8.3f} {o['step']['epoch_s']:6.3f} "
-                f"{o['epoch_s'] / o['step']['epoch_s']:8.2f} | {pe:7.3f} {pe / o['epoch_s']:5.2f} | "
-                f"{ee:8.3f} {ee / o['epoch_s']:5.2f} | {o['peak_alloc_GB']:7.2f} {p.get('peak_alloc_GB', nan):5.2f} | "
-                f"{o['ll']:8.2f} {p.get('ll', nan):8.2f} {gap:5.2f}")
+        line = (
+            f"{row['config']:9s} | {o['epoch_s']:8.3f} {o['step']['epoch_s']:6.3f} "
+            f"{o['epoch_s'] / o['step']['epoch_s']:8.2f} | {pe:7.3f} {pe / o['epoch_s']:5.2f} | "
+            f"{ee:8.3f} {ee / o['epoch_s']:5.2f} | {o['peak_alloc_GB']:7.2f} {p.get('peak_alloc_GB', nan):5.2f} | "
+            f"{o['ll']:8.2f} {p.get('ll', nan):8.2f} {gap:5.2f}"
+        )
         if extra:
             line += f" | {row['ours_' + extra]['epoch_s']:.3f}"
         print(line)

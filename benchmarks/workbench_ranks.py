@@ -34,22 +34,43 @@ def main() -> None:
     runner = JobRunner(RunStore(tempfile.mkdtemp(prefix="cw-ranks-bench-")))
     try:
         for gpus in sorted({1, args.gpus}):
-            spec = JobSpec(circuit={"source": "template", "template": args.template, "num_latents": args.latents},
-                           dataset=args.data, epochs=args.epochs, full_batch_epochs=0, batch_size=args.batch_size,
-                           device=args.device, gpus=gpus, profile_interval_s=1.0)
+            spec = JobSpec(
+                circuit={"source": "template", "template": args.template, "num_latents": args.latents},
+                dataset=args.data,
+                epochs=args.epochs,
+                full_batch_epochs=0,
+                batch_size=args.batch_size,
+                device=args.device,
+                gpus=gpus,
+                profile_interval_s=1.0,
+            )
             job = runner.start(spec)
             if not runner.wait(job.job_id, 3600) or job.status != "done":
                 print(json.dumps({"gpus": gpus, "status": job.status, "message": job.message}))
                 continue
             run = RunState.from_store(runner.store, job.job_id)
             seconds = run.epochs["seconds"][1:] or run.epochs["seconds"]
-            print(json.dumps({
-                "gpus": gpus, "template": args.template, "latents": args.latents, "data": args.data,
-                "batch_per_rank": args.batch_size, "epoch_s_median": statistics.median(seconds),
-                "train_ll": run.epochs["train_ll"][-1], "device": run.device,
-                "allreduce_share": {r: round(st["allreduce_share"], 4) for r, st in sorted(run.ranks.items())},
-                "allreduce_ms": {r: round(st["allreduce_ms"], 4) for r, st in sorted(run.ranks.items())},
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "gpus": gpus,
+                        "template": args.template,
+                        "latents": args.latents,
+                        "data": args.data,
+                        "batch_per_rank": args.batch_size,
+                        "epoch_s_median": statistics.median(seconds),
+                        "train_ll": run.epochs["train_ll"][-1],
+                        "device": run.device,
+                        "allreduce_share": {
+                            r: round(st["allreduce_share"], 4) for r, st in sorted(run.ranks.items())
+                        },
+                        "allreduce_ms": {
+                            r: round(st["allreduce_ms"], 4) for r, st in sorted(run.ranks.items())
+                        },
+                    }
+                ),
+                flush=True,
+            )
     finally:
         runner.shutdown()
 

@@ -1,10 +1,10 @@
 """Circuit Workbench engine: block-sparse probabilistic circuits on CPU (PyTorch) and GPU (Triton).
 
-    import engine
-    from engine.dists import Categorical
-    root = engine.structures.hclt(train, num_latents=32, input_dist=Categorical(2))
-    pc = engine.compile(root)
-    log_p = pc(x)                      # [B], nats
+import engine
+from engine.dists import Categorical
+root = engine.structures.hclt(train, num_latents=32, input_dist=Categorical(2))
+pc = engine.compile(root)
+log_p = pc(x)                      # [B], nats
 """
 
 from engine import dists
@@ -12,8 +12,22 @@ from engine.circuit import CompiledCircuit, compile
 from engine.nodes import CircuitError, InputNodes, NodeVector, ProdNodes, SumNodes, inputs, multiply, summate
 
 __all__ = [
-    "dists", "compile", "CompiledCircuit", "CircuitError", "NodeVector", "InputNodes", "ProdNodes",
-    "SumNodes", "inputs", "multiply", "summate", "structures", "queries", "optim", "save", "load",
+    "dists",
+    "compile",
+    "CompiledCircuit",
+    "CircuitError",
+    "NodeVector",
+    "InputNodes",
+    "ProdNodes",
+    "SumNodes",
+    "inputs",
+    "multiply",
+    "summate",
+    "structures",
+    "queries",
+    "optim",
+    "save",
+    "load",
 ]
 
 

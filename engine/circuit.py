@@ -40,7 +40,7 @@ def _rows_written_by_layers(plan: LayerPlan) -> bool:
 
 
 def make_backend(backend: str | None, device: torch.device, kernel_options=None) -> Backend:
-    """"torch", "triton" (engine.kernels), or None (Triton on CUDA, else torch)."""
+    """ "torch", "triton" (engine.kernels), or None (Triton on CUDA, else torch)."""
     if backend is None:
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
@@ -56,8 +56,15 @@ class CompiledCircuit(torch.nn.Module):
     """A compiled PC: the layer plan, its parameters and an executor. `pc(x, missing)` -> log p(x) `[B]`
     in nats. `plan` names the kernels of the current executor (`set_backend`)."""
 
-    def __init__(self, root: NodeVector, block_size=None, tolerance=DEFAULT_TOLERANCE, device="cpu",
-                 backend: str | None = None, kernel_options=None):
+    def __init__(
+        self,
+        root: NodeVector,
+        block_size=None,
+        tolerance=DEFAULT_TOLERANCE,
+        device="cpu",
+        backend: str | None = None,
+        kernel_options=None,
+    ):
         super().__init__()
         plan, self._vectors = compile_circuit(root, block_size, tolerance)
         self.root, self.plan, self._compiled_plan = root, plan, plan
@@ -67,7 +74,9 @@ class CompiledCircuit(torch.nn.Module):
         self.register_buffer("params", params)
         self.register_buffer("param_mask", mask)
         self.register_buffer("param_flows", torch.zeros_like(params))
-        self.input_layers = torch.nn.ModuleList(InputLayer(layer, self._vectors) for layer in plan.input_layers)
+        self.input_layers = torch.nn.ModuleList(
+            InputLayer(layer, self._vectors) for layer in plan.input_layers
+        )
         self._input_index = {inp.layer.index: i for i, inp in enumerate(self.input_layers)}
         self._ties = TiedSlots.from_plan(plan.ties, self._input_index)  # tied slots, reduced in em_step
         self._ties.copy_sources(self)  # a tied set starts from one value: its source's
@@ -140,7 +149,9 @@ class CompiledCircuit(torch.nn.Module):
         if x.is_floating_point():
             nan = torch.isnan(x) & ~missing
             if nan.any():
-                raise ValueError(f"data contains NaN at observed entries (variable {int(nan.nonzero()[0, 1])})")
+                raise ValueError(
+                    f"data contains NaN at observed entries (variable {int(nan.nonzero()[0, 1])})"
+                )
             x = torch.where(missing, torch.zeros_like(x), x)
         for inp in self.input_layers:
             inp.check_data(x, missing)
@@ -166,10 +177,13 @@ class CompiledCircuit(torch.nn.Module):
         else:
             i = self._input_index[layer.index]
             inp = self.input_layers[i]
-            self._inputs_cache.append(self.backend.input_forward(inp, self.tables.inputs[i], x, missing,
-                                                                 node_mars[inp.rows]))
+            self._inputs_cache.append(
+                self.backend.input_forward(inp, self.tables.inputs[i], x, missing, node_mars[inp.rows])
+            )
 
-    def forward_mars(self, x, missing=None, validate=True, semiring: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_mars(
+        self, x, missing=None, validate=True, semiring: str = "sum"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run all layers; returns (node_mars [rows, B], element_mars [rows, B]) in log space.
 
         `semiring="max"`: max-product (sums take their best child, missing inputs their mode), for MPE."""
@@ -225,7 +239,9 @@ class CompiledCircuit(torch.nn.Module):
                 listener(step)
         return node_flows
 
-    def _backward_step(self, step: Step, node_mars, element_mars, node_flows, element_flows, param_flows) -> None:
+    def _backward_step(
+        self, step: Step, node_mars, element_mars, node_flows, element_flows, param_flows
+    ) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "sum":
             below = step.partner
@@ -236,14 +252,17 @@ class CompiledCircuit(torch.nn.Module):
             if step.pass_name == "recompute":
                 self.backend.prod_forward(table, node_mars, element_mars)
             elif layer.kind == "sum":
-                self.backend.sum_backward(table, self.params, element_mars, node_mars, node_flows, element_flows,
-                                          param_flows)
+                self.backend.sum_backward(
+                    table, self.params, element_mars, node_mars, node_flows, element_flows, param_flows
+                )
             elif layer.kind == "product":
                 self.backend.prod_backward(table, element_flows, node_flows)
             else:
                 i = self._input_index[layer.index]
                 inp = self.input_layers[i]
-                self.backend.input_stats(inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows])
+                self.backend.input_stats(
+                    inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows]
+                )
 
     @torch.no_grad()
     def zero_flows(self) -> None:
@@ -270,8 +289,14 @@ class CompiledCircuit(torch.nn.Module):
         ties = None if self._ties.empty else self._ties
         saved = ties.before_em(self) if ties is not None else None  # copies' flows into their sources
         for layer in self.plan.sum_layers:
-            self.backend.sum_em_update(self.tables.layers[layer.index], self.params, self.param_flows,
-                                       self.param_mask, step_size, pseudocount)
+            self.backend.sum_em_update(
+                self.tables.layers[layer.index],
+                self.params,
+                self.param_flows,
+                self.param_mask,
+                step_size,
+                pseudocount,
+            )
         for inp, table in zip(self.input_layers, self.tables.inputs):
             self.backend.input_em_update(inp, table, step_size, pseudocount)
         if ties is not None:
@@ -283,8 +308,13 @@ class CompiledCircuit(torch.nn.Module):
         return self.plan.num_learnable_params
 
     # ----------------------------------------------------------------- profiling and export
-    def profile(self, enabled: bool = True, callback: Callable[[dict], None] | None = None,
-                every: int = DEFAULT_EVERY, interval_s: float | None = None) -> LayerProfiler | None:
+    def profile(
+        self,
+        enabled: bool = True,
+        callback: Callable[[dict], None] | None = None,
+        every: int = DEFAULT_EVERY,
+        interval_s: float | None = None,
+    ) -> LayerProfiler | None:
         """Turn per-layer profiling on (returns the profiler) or off; spans of every `every`-th batch,
         or of one batch per `interval_s` seconds when that is given."""
         self.profiler = LayerProfiler(self.device, callback, every, interval_s) if enabled else None
@@ -305,8 +335,14 @@ class CompiledCircuit(torch.nn.Module):
         )
 
 
-def compile(root: NodeVector, block_size=None, device="cpu", tolerance: float = DEFAULT_TOLERANCE,
-            backend: str | None = None, kernel_options=None) -> CompiledCircuit:
+def compile(
+    root: NodeVector,
+    block_size=None,
+    device="cpu",
+    tolerance: float = DEFAULT_TOLERANCE,
+    backend: str | None = None,
+    kernel_options=None,
+) -> CompiledCircuit:
     """Compile the circuit under `root` into an executable `CompiledCircuit` on `device`.
 
     `backend`: "torch", "triton", or None (Triton kernels on CUDA, PyTorch otherwise);
@@ -318,8 +354,14 @@ def compile(root: NodeVector, block_size=None, device="cpu", tolerance: float = 
         raise ValueError(f"unknown device {device!r}: {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but no CUDA GPU is available (use device='cpu')")
-    return CompiledCircuit(root, block_size=block_size, tolerance=tolerance, device=dev, backend=backend,
-                           kernel_options=kernel_options)
+    return CompiledCircuit(
+        root,
+        block_size=block_size,
+        tolerance=tolerance,
+        device=dev,
+        backend=backend,
+        kernel_options=kernel_options,
+    )
 
 
 __all__ = ["CompiledCircuit", "compile", "LayerPlan", "PAD_ROWS"]

@@ -51,16 +51,27 @@ def cmd_train(args) -> int:
     from engine.training import TrainConfig, json_line, pick_device, run_training
 
     schedule = EMSchedule(
-        batch_size=args.batch_size, step_size=args.step_size, final_step_size=args.final_step_size,
-        pseudocount=args.pseudocount, full_batch_epochs=args.full_batch_epochs, drop_last=args.drop_last,
+        batch_size=args.batch_size,
+        step_size=args.step_size,
+        final_step_size=args.final_step_size,
+        pseudocount=args.pseudocount,
+        full_batch_epochs=args.full_batch_epochs,
+        drop_last=args.drop_last,
     )
     device, main = args.device, True
     if distributed.launched_by_torchrun():  # torchrun --nproc-per-node N -m engine train ...
         ranks, device = distributed.join(args.device)
         main = ranks.is_main
-    cfg = TrainConfig(epochs=args.epochs, schedule=schedule, device=device, block_size=args.block_size,
-                      tolerance=args.tolerance, profile=args.profile,
-                      distributed=distributed.launched_by_torchrun(), reduce_dtype=args.reduce_dtype)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        schedule=schedule,
+        device=device,
+        block_size=args.block_size,
+        tolerance=args.tolerance,
+        profile=args.profile,
+        distributed=distributed.launched_by_torchrun(),
+        reduce_dtype=args.reduce_dtype,
+    )
     cfg.check()  # bad settings fail before the data are read
     torch.manual_seed(args.seed)
     ds = load_dataset(args.data)
@@ -73,23 +84,35 @@ def cmd_train(args) -> int:
 
     def on_compiled(pc) -> None:
         if main:
-            print(f"{args.structure} on {ds.name}: {ds.num_vars} vars, {ds.train.shape[0]} train rows; "
-                  f"{pc.plan.to_dict()['num_edges']:,} edges, {len(pc.plan.layers)} layers, built in "
-                  f"{time.perf_counter() - t0:.2f}s on {pc.device.type}"
-                  + (f" x {torch.distributed.get_world_size()} ranks" if cfg.distributed else ""),
-                  file=sys.stderr)
+            print(
+                f"{args.structure} on {ds.name}: {ds.num_vars} vars, {ds.train.shape[0]} train rows; "
+                f"{pc.plan.to_dict()['num_edges']:,} edges, {len(pc.plan.layers)} layers, built in "
+                f"{time.perf_counter() - t0:.2f}s on {pc.device.type}"
+                + (f" x {torch.distributed.get_world_size()} ranks" if cfg.distributed else ""),
+                file=sys.stderr,
+            )
 
     def on_event(e: dict) -> None:
         if e["type"] == "epoch":
-            print(f"epoch {e['epoch']:3d}  train {_fmt(e['train_ll'])}  valid {_fmt(e['valid_ll'])}  "
-                  f"test {_fmt(e['test_ll'])}  ({e['seconds']:.2f}s)", file=sys.stderr)
+            print(
+                f"epoch {e['epoch']:3d}  train {_fmt(e['train_ll'])}  valid {_fmt(e['valid_ll'])}  "
+                f"test {_fmt(e['test_ll'])}  ({e['seconds']:.2f}s)",
+                file=sys.stderr,
+            )
         if metrics_file is not None and (e["type"] == "epoch" or (args.profile and e["type"] != "batch")):
             metrics_file.write(json_line(e) + "\n")
             metrics_file.flush()
 
     try:
-        result = run_training(root, ds, cfg, on_event, out=args.out if main else None,
-                              progress=not args.quiet, on_compiled=on_compiled)
+        result = run_training(
+            root,
+            ds,
+            cfg,
+            on_event,
+            out=args.out if main else None,
+            progress=not args.quiet,
+            on_compiled=on_compiled,
+        )
     finally:
         if metrics_file is not None:
             metrics_file.close()
@@ -99,8 +122,16 @@ def cmd_train(args) -> int:
         print(f"saved {args.out}", file=sys.stderr)
     if result.history:
         last = result.history[-1]
-        print(json_line({"test_ll": last["test_ll"], "valid_ll": last["valid_ll"], "train_ll": last["train_ll"],
-                         "seconds": round(sum(h["seconds"] for h in result.history), 3)}))
+        print(
+            json_line(
+                {
+                    "test_ll": last["test_ll"],
+                    "valid_ll": last["valid_ll"],
+                    "train_ll": last["train_ll"],
+                    "seconds": round(sum(h["seconds"] for h in result.history), 3),
+                }
+            )
+        )
     return 0
 
 
@@ -116,22 +147,35 @@ def cmd_plan(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine", description="Train and inspect probabilistic circuits.")
+    p = argparse.ArgumentParser(
+        prog="python -m engine", description="Train and inspect probabilistic circuits."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("train", "plan"):
         s = sub.add_parser(name)
         s.add_argument("--structure", choices=STRUCTURES, default="hclt")
-        s.add_argument("--data", required=True, help="dataset name (nltcs, plants, digits, ...) or a .npy/.npz/.csv file")
+        s.add_argument(
+            "--data", required=True, help="dataset name (nltcs, plants, digits, ...) or a .npy/.npz/.csv file"
+        )
         s.add_argument("--latents", type=POSITIVE_INT, default=32)
         s.add_argument("--block-size", type=POSITIVE_INT, default=None)
-        s.add_argument("--tolerance", type=NON_NEGATIVE, default=DEFAULT_TOLERANCE, help="partition padding tolerance")
+        s.add_argument(
+            "--tolerance", type=NON_NEGATIVE, default=DEFAULT_TOLERANCE, help="partition padding tolerance"
+        )
         s.add_argument("--batch-size", type=POSITIVE_INT, default=512)
-        s.add_argument("--homogeneous", action="store_true",
-                       help="hmm: one transition and emission parameter set shared (tied) by all steps")
+        s.add_argument(
+            "--homogeneous",
+            action="store_true",
+            help="hmm: one transition and emission parameter set shared (tied) by all steps",
+        )
     t = sub.choices["train"]
     t.add_argument("--epochs", type=COUNT, default=10, help="mini-batch EM epochs")
-    t.add_argument("--full-batch-epochs", type=COUNT, default=10, help="full-batch EM epochs after mini-batch EM")
-    t.add_argument("--step-size", type=UNIT_STEP, default=1.0, help="mini-batch EM step at epoch 1 (cosine decay)")
+    t.add_argument(
+        "--full-batch-epochs", type=COUNT, default=10, help="full-batch EM epochs after mini-batch EM"
+    )
+    t.add_argument(
+        "--step-size", type=UNIT_STEP, default=1.0, help="mini-batch EM step at epoch 1 (cosine decay)"
+    )
     t.add_argument("--final-step-size", type=UNIT_STEP, default=0.1)
     t.add_argument("--pseudocount", type=NON_NEGATIVE, default=0.1)
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -140,10 +184,17 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="save the trained model here (engine file format)")
     t.add_argument("--profile", action="store_true", help="record per-layer times and memory into --metrics")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--drop-last", action="store_true",
-                   help="skip each mini-batch epoch's short tail batch (always, under torchrun)")
-    t.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="under torchrun: the dtype the ranks' flows are summed in (bf16: half the bytes)")
+    t.add_argument(
+        "--drop-last",
+        action="store_true",
+        help="skip each mini-batch epoch's short tail batch (always, under torchrun)",
+    )
+    t.add_argument(
+        "--reduce-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="under torchrun: the dtype the ranks' flows are summed in (bf16: half the bytes)",
+    )
     return p
 
 

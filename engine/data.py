@@ -263,7 +263,13 @@ def _check_npz_headers(path: Path, zf: zipfile.ZipFile) -> None:
 
 
 def _check_declared(
-    path: Path, where: str, shape: tuple, dtype: np.dtype, data_bytes: int, expand: int = 1, split: bool = False
+    path: Path,
+    where: str,
+    shape: tuple,
+    dtype: np.dtype,
+    data_bytes: int,
+    expand: int = 1,
+    split: bool = False,
 ) -> int:
     """The estimated peak of one declared array, after checking it against the bytes stored and the budget."""
     if dtype.hasobject:

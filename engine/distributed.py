@@ -73,16 +73,19 @@ def join(device: str = "auto") -> tuple[Ranks, str]:
             raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s()))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s())
+        )
     return Ranks(dist.get_rank(), dist.get_world_size()), f"cuda:{local}" if use_cuda else "cpu"
 
 
 def current() -> Ranks:
     """The ranks of the initialised default group (for `fit(..., distributed=True)`)."""
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("distributed=True needs torch.distributed initialised: launch with torchrun "
-                         "and call engine.distributed.join() (the CLI does) or init_process_group()")
+        raise ValueError(
+            "distributed=True needs torch.distributed initialised: launch with torchrun "
+            "and call engine.distributed.join() (the CLI does) or init_process_group()"
+        )
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
@@ -90,8 +93,10 @@ def _collective(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ConnectionError) as err:
-        raise DistributedError(f"rank {dist.get_rank()}: the {what} failed, so another rank has exited or "
-                               f"stopped answering ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise DistributedError(
+            f"rank {dist.get_rank()}: the {what} failed, so another rank has exited or "
+            f"stopped answering ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
 
 
 def _plan_fingerprint(pc) -> int:
@@ -110,8 +115,10 @@ def broadcast_parameters(pc) -> None:
     t = torch.tensor([mine, -mine], dtype=torch.float64, device=pc.device)
     _collective("circuit check", dist.all_reduce, t, op=dist.ReduceOp.MAX)
     if t[0].item() != mine or -t[1].item() != mine:
-        raise DistributedError(f"rank {dist.get_rank()}: the ranks compiled different circuits (different "
-                               "layer plans); build the structure deterministically, e.g. with the same seed")
+        raise DistributedError(
+            f"rank {dist.get_rank()}: the ranks compiled different circuits (different "
+            "layer plans); build the structure deterministically, e.g. with the same seed"
+        )
     for t in [pc.params] + [pc.input_params(i) for i in range(len(pc.input_layers))]:
         _collective("parameter broadcast", dist.broadcast, t, 0)
 
@@ -190,8 +197,9 @@ class FlowReducer:
     def _on_step(self, step) -> None:
         what = self.buckets.get((step.layer.index, step.pass_name))
         if what is not None:
-            self._pending.append(_collective("all-reduce of the parameter flows", dist.all_reduce, what,
-                                             async_op=True))
+            self._pending.append(
+                _collective("all-reduce of the parameter flows", dist.all_reduce, what, async_op=True)
+            )
 
     def _finish(self) -> None:
         pending = self._pending
@@ -206,7 +214,7 @@ class FlowReducer:
             return
         views, at = [], 0
         for t in self.tensors:  # read N fp32, write N bf16
-            views.append(self.flat[at:at + t.numel()])
+            views.append(self.flat[at : at + t.numel()])
             views[-1].copy_(t.reshape(-1))
             at += t.numel()
         _collective("all-reduce of the parameter flows", dist.all_reduce, self.flat)

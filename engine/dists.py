@@ -14,6 +14,14 @@ from engine.distributions import (
 )
 
 __all__ = [
-    "Distribution", "Bernoulli", "Binomial", "Categorical", "DiscreteLogistic", "Gaussian", "Indicator",
-    "register", "registered", "from_json",
+    "Distribution",
+    "Bernoulli",
+    "Binomial",
+    "Categorical",
+    "DiscreteLogistic",
+    "Gaussian",
+    "Indicator",
+    "register",
+    "registered",
+    "from_json",
 ]

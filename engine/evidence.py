@@ -39,10 +39,12 @@ def _soft_tensor(soft, bsz: int, num_vars: int, k: int, device) -> tuple[torch.T
             vec = torch.as_tensor(vec, dtype=torch.float64, device=device)
             vec = vec.expand(bsz, -1) if vec.dim() == 1 else vec
             if vec.dim() != 2 or vec.shape[0] != bsz or vec.shape[1] > k:
-                raise ValueError(f"soft_evidence for variable {v} must be [K] or [{bsz}, K] with K <= {k}, "
-                                 f"got {tuple(vec.shape)}")
+                raise ValueError(
+                    f"soft_evidence for variable {v} must be [K] or [{bsz}, K] with K <= {k}, "
+                    f"got {tuple(vec.shape)}"
+                )
             lam[:, int(v), : vec.shape[1]] = vec
-            lam[:, int(v), vec.shape[1]:] = 0.0
+            lam[:, int(v), vec.shape[1] :] = 0.0
             has[int(v)] = True
     else:
         t = torch.as_tensor(soft, dtype=torch.float64, device=device)
@@ -75,13 +77,18 @@ def _apply_soft(pc, views, node_mars, lam, use):
 def conditional(pc, x, missing, target_vars=None, soft_evidence=None) -> torch.Tensor:
     """Posterior of each target variable given the evidence: `[B, num_targets, K]` (see module doc)."""
     if any(not v.dist.discrete for v in input_views(pc)):
-        raise ValueError("conditional supports discrete input distributions only (this circuit has continuous inputs)")
+        raise ValueError(
+            "conditional supports discrete input distributions only (this circuit has continuous inputs)"
+        )
     x, missing = _prepare(pc, x, missing)
     views = input_views(pc)
     k = _max_values(views)
     bsz = x.shape[0]
-    targets = torch.arange(pc.num_vars, device=pc.device) if target_vars is None else \
-        torch.as_tensor(target_vars, dtype=torch.long, device=pc.device).reshape(-1)
+    targets = (
+        torch.arange(pc.num_vars, device=pc.device)
+        if target_vars is None
+        else torch.as_tensor(target_vars, dtype=torch.long, device=pc.device).reshape(-1)
+    )
     if targets.numel() and (targets.min() < 0 or targets.max() >= pc.num_vars):
         raise ValueError(f"target_vars must lie in 0..{pc.num_vars - 1}")
     node_mars, element_mars = pc.forward_mars(x, missing, validate=False)

@@ -62,8 +62,13 @@ class DataFeed:
     of the free device memory; 0 forces streaming, which tests use on the CPU).
     """
 
-    def __init__(self, data: torch.Tensor, device: torch.device, budget_bytes: int | None = None,
-                 chunk_bytes: int = CHUNK_BYTES):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        device: torch.device,
+        budget_bytes: int | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
         self.device = torch.device(device)
         self.n = data.shape[0]
         compact = narrowest_exact(data) if self.device.type == "cuda" else data
@@ -78,7 +83,9 @@ class DataFeed:
     def streamed(self) -> bool:
         return self.resident is None
 
-    def batches(self, order: torch.Tensor, batch_size: int, drop_last: bool = False) -> Iterator[torch.Tensor]:
+    def batches(
+        self, order: torch.Tensor, batch_size: int, drop_last: bool = False
+    ) -> Iterator[torch.Tensor]:
         """Yield `[batch_size, num_vars]` device batches of the rows `order` names, in that order."""
         stop = num_batches(len(order), batch_size, drop_last) * batch_size
         order = order[: min(stop, len(order))]

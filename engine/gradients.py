@@ -120,8 +120,14 @@ class GradientTrainer:
 
     @staticmethod
     def _to_free(dist, params):
-        if input_grad_from_stats(dist, params, torch.zeros(params.shape[0], dist.num_stats,
-                                                            dtype=params.dtype, device=params.device)) is None:
+        if (
+            input_grad_from_stats(
+                dist,
+                params,
+                torch.zeros(params.shape[0], dist.num_stats, dtype=params.dtype, device=params.device),
+            )
+            is None
+        ):
             return None
         if dist.name == "gaussian":
             return torch.stack([params[:, 0], params[:, 1].log()], 1).detach().clone()

@@ -283,7 +283,9 @@ def tie_source(v: NodeVector) -> NodeVector:
     return v
 
 
-def normalize_sum_params(params: torch.Tensor, node_block: np.ndarray, num_blocks: int, fast=False) -> torch.Tensor:
+def normalize_sum_params(
+    params: torch.Tensor, node_block: np.ndarray, num_blocks: int, fast=False
+) -> torch.Tensor:
     """Normalise `[E, bs, bs]` tile params so each node's weights over all its children sum to 1."""
     row_sums = torch.zeros(num_blocks, params.shape[1], dtype=torch.float64)
     row_sums.index_add_(0, torch.as_tensor(node_block), params.sum(2, dtype=torch.float64))
@@ -295,8 +297,14 @@ def normalize_sum_params(params: torch.Tensor, node_block: np.ndarray, num_block
     return (params.double() / row_sums[torch.as_tensor(node_block)][:, :, None]).float()
 
 
-def inputs(var: int, num_nodes: int, dist: Distribution, params=None, block_size=None,
-           tie_to: InputNodes | None = None) -> InputNodes:
+def inputs(
+    var: int,
+    num_nodes: int,
+    dist: Distribution,
+    params=None,
+    block_size=None,
+    tie_to: InputNodes | None = None,
+) -> InputNodes:
     """`num_nodes` input nodes over variable `var` with distribution `dist`; `tie_to`: an input
     vector whose parameters these share (see `NodeVector.tie_to`)."""
     v = InputNodes(var, num_nodes, dist, params=params, block_size=block_size)
@@ -308,8 +316,14 @@ def multiply(*children: NodeVector, edge_ids=None, block_size=None) -> ProdNodes
     return ProdNodes(children, edge_ids=edge_ids, block_size=block_size)
 
 
-def summate(*children: NodeVector, num_nodes: int, edge_ids=None, block_size=None, params=None,
-            tie_to: SumNodes | None = None) -> SumNodes:
+def summate(
+    *children: NodeVector,
+    num_nodes: int,
+    edge_ids=None,
+    block_size=None,
+    params=None,
+    tie_to: SumNodes | None = None,
+) -> SumNodes:
     """Sum vector of `num_nodes` nodes; without `edge_ids`, fully connected to all children.
 
     `tie_to`: a sum vector of the same shape whose parameters this one shares (its edges and block

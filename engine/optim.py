@@ -67,7 +67,9 @@ class EMSchedule:
         if epochs <= 1:
             return self.step_size
         t = (epoch - 1) / (epochs - 1)
-        return self.final_step_size + 0.5 * (self.step_size - self.final_step_size) * (1 + math.cos(math.pi * t))
+        return self.final_step_size + 0.5 * (self.step_size - self.final_step_size) * (
+            1 + math.cos(math.pi * t)
+        )
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot train."""
@@ -97,9 +99,18 @@ class PassResult:
 class _Driver:
     """The state of one `fit`: the circuit, its captured steps, the event clock and the callbacks."""
 
-    def __init__(self, pc, batch_size: int, callback: Callback | None = None,
-                 should_stop: Callable[[], bool] | None = None, event_interval_s: float = EVENT_INTERVAL_S,
-                 graphs: bool = True, ranks=None, reduce_dtype: str = "fp32", reduce_overlap: bool = True):
+    def __init__(
+        self,
+        pc,
+        batch_size: int,
+        callback: Callback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        event_interval_s: float = EVENT_INTERVAL_S,
+        graphs: bool = True,
+        ranks=None,
+        reduce_dtype: str = "fp32",
+        reduce_overlap: bool = True,
+    ):
         self.pc, self.batch_size = pc, int(batch_size)
         self.callback, self.should_stop = callback, should_stop
         self.event_interval_s, self.graphs = event_interval_s, graphs
@@ -121,9 +132,16 @@ class _Driver:
             if st is not None:
                 self.warm |= st.eager_calls > 0
                 st.release()
-            st = CapturedStep(self.pc, self.batch_size, em=em, zero_flows=kind == "em",
-                              forward_only=kind == "forward", capture_first=self.warm, enabled=self.graphs,
-                              reduce=self.reducer if kind == "em" else None)
+            st = CapturedStep(
+                self.pc,
+                self.batch_size,
+                em=em,
+                zero_flows=kind == "em",
+                forward_only=kind == "forward",
+                capture_first=self.warm,
+                enabled=self.graphs,
+                reduce=self.reducer if kind == "em" else None,
+            )
             self.steps[kind] = st
         return st
 
@@ -143,8 +161,15 @@ class _Driver:
         if callback is not None:
             callback(event)
 
-    def run_pass(self, feed: DataFeed, order: torch.Tensor, step: CapturedStep, epoch: int,
-                 drop_last: bool = False, report: bool = True) -> PassResult:
+    def run_pass(
+        self,
+        feed: DataFeed,
+        order: torch.Tensor,
+        step: CapturedStep,
+        epoch: int,
+        drop_last: bool = False,
+        report: bool = True,
+    ) -> PassResult:
         """Run `step` over the batches of `order`; events every `event_interval_s` when `report`."""
         bs = self.batch_size
         total_batches = num_batches(len(order), bs, drop_last)
@@ -172,8 +197,16 @@ class _Driver:
                 if report:
                     now = time.perf_counter()
                     busy = max(now - last_t - (paused - last_paused), 1e-9)
-                    self.emit({"type": "batch", "epoch": epoch, "batch": b, "num_batches": total_batches,
-                               "ll": ll, "examples_per_s": (seen - last_seen) / busy})
+                    self.emit(
+                        {
+                            "type": "batch",
+                            "epoch": epoch,
+                            "batch": b,
+                            "num_batches": total_batches,
+                            "ll": ll,
+                            "examples_per_s": (seen - last_seen) / busy,
+                        }
+                    )
                 last_t, last_sum, last_seen, last_paused = time.perf_counter(), total, seen, paused
         self.warm |= step.eager_calls > 0 and seen >= bs
         seconds = time.perf_counter() - t0 - paused
@@ -202,8 +235,15 @@ class _Driver:
         return distributed.shard_batches(order, self.batch_size, self.ranks)
 
     @torch.no_grad()
-    def minibatch_epoch(self, feed: DataFeed, epoch: int, step_size: float, pseudocount: float,
-                        drop_last: bool = False, generator: torch.Generator | None = None) -> PassResult:
+    def minibatch_epoch(
+        self,
+        feed: DataFeed,
+        epoch: int,
+        step_size: float,
+        pseudocount: float,
+        drop_last: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> PassResult:
         step = self.step("em", (float(step_size), float(pseudocount)))
         return self.run_pass(feed, self._order(feed.n, True, generator), step, epoch, drop_last)
 
@@ -219,7 +259,9 @@ class _Driver:
         self.pc.em_step(1.0, pseudocount)
         if self.pc.device.type == "cuda":
             torch.cuda.synchronize(self.pc.device)  # wait for the update: it belongs to this epoch's time
-        return PassResult(res.ll, res.examples, res.seconds + time.perf_counter() - t0, res.paused_seconds, False)
+        return PassResult(
+            res.ll, res.examples, res.seconds + time.perf_counter() - t0, res.paused_seconds, False
+        )
 
     @torch.no_grad()
     def evaluate(self, feed: DataFeed) -> float:
@@ -236,8 +278,10 @@ def _check_finite_ll(ll: float, epoch: int, batch: int, zero_ok: bool = False) -
     """`zero_ok` (evaluation passes): a row of probability 0 makes the mean -inf, which is an answer,
     not a divergence; NaN and +inf still are."""
     if not (math.isfinite(ll) or (zero_ok and ll == -math.inf)):
-        raise NonFiniteError(f"training diverged at epoch {epoch}, batch {batch}: the mean log-likelihood "
-                             f"is {ll} (check the pseudocount, step size and data)")
+        raise NonFiniteError(
+            f"training diverged at epoch {epoch}, batch {batch}: the mean log-likelihood "
+            f"is {ll} (check the pseudocount, step size and data)"
+        )
 
 
 def _feeds(pc, splits: dict, budget: int | None) -> dict:
@@ -258,11 +302,14 @@ def _feeds(pc, splits: dict, budget: int | None) -> dict:
 def check_finite_parameters(pc, epoch: int) -> None:
     """Raise NonFiniteError when a sum weight or input parameter is NaN or infinite."""
     tensors = [("sum weights", pc.params)] + [
-        (f"input layer {i} parameters", pc.input_params(i)) for i in range(len(pc.input_layers))]
+        (f"input layer {i} parameters", pc.input_params(i)) for i in range(len(pc.input_layers))
+    ]
     for what, t in tensors:
         if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"training diverged at epoch {epoch}: the {what} are no longer finite "
-                                 "(check the pseudocount, step size and data)")
+            raise NonFiniteError(
+                f"training diverged at epoch {epoch}: the {what} are no longer finite "
+                "(check the pseudocount, step size and data)"
+            )
 
 
 @torch.no_grad()
@@ -282,8 +329,16 @@ def evaluate(pc, data: torch.Tensor, batch_size: int = 512, missing=None) -> flo
 
 
 @torch.no_grad()
-def minibatch_em_epoch(pc, data, batch_size=512, step_size=0.1, pseudocount=0.1, epoch=0, callback=None,
-                       should_stop: Callable[[], bool] | None = None) -> float:
+def minibatch_em_epoch(
+    pc,
+    data,
+    batch_size=512,
+    step_size=0.1,
+    pseudocount=0.1,
+    epoch=0,
+    callback=None,
+    should_stop: Callable[[], bool] | None = None,
+) -> float:
     """One pass of mini-batch EM; returns the mean training log-likelihood seen during the pass."""
     driver = _Driver(pc, batch_size, callback, should_stop)
     try:
@@ -302,12 +357,25 @@ def full_batch_em_epoch(pc, data, batch_size=512, pseudocount=0.1, epoch=0, call
         driver.close()
 
 
-def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule = EMSchedule(),
-        callback: Callback | None = None, should_stop: Callable[[], bool] | None = None,
-        progress: bool = False, *, event_interval_s: float = EVENT_INTERVAL_S,
-        generator: torch.Generator | None = None, data_budget_bytes: int | None = None,
-        graphs: bool = True, distributed: bool = False, reduce_dtype: str = "fp32",
-        reduce_overlap: bool = True) -> list[dict]:
+def fit(
+    pc,
+    train,
+    valid=None,
+    test=None,
+    epochs: int = 10,
+    schedule: EMSchedule = EMSchedule(),
+    callback: Callback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = False,
+    *,
+    event_interval_s: float = EVENT_INTERVAL_S,
+    generator: torch.Generator | None = None,
+    data_budget_bytes: int | None = None,
+    graphs: bool = True,
+    distributed: bool = False,
+    reduce_dtype: str = "fp32",
+    reduce_overlap: bool = True,
+) -> list[dict]:
     """Train with `epochs` mini-batch EM epochs then `schedule.full_batch_epochs` full-batch epochs.
 
     `train/valid/test: [N, num_vars]` (CPU or device tensors). `generator` draws the mini-batch
@@ -343,16 +411,31 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
         if should_stop is not None:
             raise ValueError("should_stop is not supported with distributed=True (ranks must stop together)")
         dist_mod.broadcast_parameters(pc)
-    driver = _Driver(pc, schedule.batch_size, callback, should_stop, event_interval_s, graphs, ranks, reduce_dtype,
-                     reduce_overlap)
+    driver = _Driver(
+        pc,
+        schedule.batch_size,
+        callback,
+        should_stop,
+        event_interval_s,
+        graphs,
+        ranks,
+        reduce_dtype,
+        reduce_overlap,
+    )
     history = []
     total = epochs + schedule.full_batch_epochs
     bar = _progress(total) if progress and (ranks is None or ranks.is_main) else None
     try:
         for epoch in range(1, total + 1):
             if epoch <= epochs:
-                res = driver.minibatch_epoch(feeds["train"], epoch, schedule.step_at(epoch, epochs),
-                                             schedule.pseudocount, schedule.drop_last, generator)
+                res = driver.minibatch_epoch(
+                    feeds["train"],
+                    epoch,
+                    schedule.step_at(epoch, epochs),
+                    schedule.pseudocount,
+                    schedule.drop_last,
+                    generator,
+                )
             else:
                 res = driver.full_batch_epoch(feeds["train"], epoch, schedule.pseudocount)
             if res.stopped or (should_stop is not None and should_stop()):
@@ -360,13 +443,21 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
             check_finite_parameters(pc, epoch)
             t0 = time.perf_counter()
             lls = {f"{name}_ll": None if f is None else driver.evaluate(f) for name, f in feeds.items()}
-            metrics = {"type": "epoch", "epoch": epoch, "phase": "minibatch" if epoch <= epochs else "full_batch",
-                       "epochs": total, "minibatch_epochs": epochs, "full_batch_epochs": schedule.full_batch_epochs,
-                       "seconds": res.seconds, "paused_seconds": res.paused_seconds,
-                       "eval_seconds": time.perf_counter() - t0,
-                       "pass_ll": res.ll if res.examples else None, **lls,
-                       "graph_batches": driver.replays,
-                       "time": time.time()}
+            metrics = {
+                "type": "epoch",
+                "epoch": epoch,
+                "phase": "minibatch" if epoch <= epochs else "full_batch",
+                "epochs": total,
+                "minibatch_epochs": epochs,
+                "full_batch_epochs": schedule.full_batch_epochs,
+                "seconds": res.seconds,
+                "paused_seconds": res.paused_seconds,
+                "eval_seconds": time.perf_counter() - t0,
+                "pass_ll": res.ll if res.examples else None,
+                **lls,
+                "graph_batches": driver.replays,
+                "time": time.time(),
+            }
             if ranks is not None:
                 metrics["world_size"] = ranks.world
             if ranks is None or ranks.is_main:
@@ -374,8 +465,10 @@ def fit(pc, train, valid=None, test=None, epochs: int = 10, schedule: EMSchedule
             driver.emit(metrics, block=True)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(train=f"{metrics['train_ll']:.3f}",
-                                valid="-" if valid is None else f"{metrics['valid_ll']:.3f}")
+                bar.set_postfix(
+                    train=f"{metrics['train_ll']:.3f}",
+                    valid="-" if valid is None else f"{metrics['valid_ll']:.3f}",
+                )
     finally:
         driver.close()
         if bar is not None:

@@ -31,8 +31,13 @@ class LayerProfiler:
     of samples whatever the batch time).
     """
 
-    def __init__(self, device: torch.device, callback: Callable[[dict], None] | None = None,
-                 every: int = DEFAULT_EVERY, interval_s: float | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        callback: Callable[[dict], None] | None = None,
+        every: int = DEFAULT_EVERY,
+        interval_s: float | None = None,
+    ):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if interval_s is not None and not (interval_s >= 0 and interval_s < float("inf")):
@@ -124,8 +129,12 @@ class LayerProfiler:
     def summary(self) -> list[dict]:
         """Mean ms per (layer, pass) over everything collected so far."""
         return [
-            {"layer": layer, "pass": p, "mean_ms": self.totals[(layer, p)] / self.counts[(layer, p)],
-             "calls": self.counts[(layer, p)]}
+            {
+                "layer": layer,
+                "pass": p,
+                "mean_ms": self.totals[(layer, p)] / self.counts[(layer, p)],
+                "calls": self.counts[(layer, p)],
+            }
             for layer, p in sorted(self.totals)
         ]
 

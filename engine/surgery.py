@@ -49,8 +49,13 @@ def _root_and_pc(pc_or_root):
 
 
 def _copy_input(v: InputNodes, params=None) -> InputNodes:
-    out = inputs(v.var, v.num_nodes if params is None else params.shape[0], v.dist,
-                 params=v.params.clone() if params is None else params, block_size=v.block_size)
+    out = inputs(
+        v.var,
+        v.num_nodes if params is None else params.shape[0],
+        v.dist,
+        params=v.params.clone() if params is None else params,
+        block_size=v.block_size,
+    )
     out.name = v.name
     return out
 
@@ -86,7 +91,9 @@ def prune(pc_or_root, keep_fraction: float, x=None, missing=None) -> NodeVector:
     root, pc = _root_and_pc(pc_or_root)
     if pc is None or x is not None:
         if x is None:
-            raise ValueError("prune needs data x to score edges (or a CompiledCircuit with accumulated flows)")
+            raise ValueError(
+                "prune needs data x to score edges (or a CompiledCircuit with accumulated flows)"
+            )
         import copy
 
         from engine.circuit import compile as compile_pc
@@ -151,8 +158,13 @@ def _pruned_sum(s: SumNodes, kids: list[NodeVector], keep: np.ndarray) -> SumNod
         shift[lo:hi] = np.arange(hi - lo) + start
         start += hi - lo
     new_edges = np.stack([edges[0], shift[edges[1]]])
-    out = summate(*(kids[k] for k in used), num_nodes=s.num_nodes, edge_ids=new_edges,
-                  block_size=s.block_size, params=params.clone())
+    out = summate(
+        *(kids[k] for k in used),
+        num_nodes=s.num_nodes,
+        edge_ids=new_edges,
+        block_size=s.block_size,
+        params=params.clone(),
+    )
     out.name = s.name
     return out
 
@@ -167,7 +179,11 @@ def _rebuild(root: NodeVector, make_sum, make_input=_copy_input, make_prod=None)
         if isinstance(v, InputNodes):
             out = make_input(v)
         elif isinstance(v, ProdNodes):
-            out = make_prod(v, kids) if make_prod else multiply(*kids, edge_ids=v.edge_ids, block_size=v.block_size)
+            out = (
+                make_prod(v, kids)
+                if make_prod
+                else multiply(*kids, edge_ids=v.edge_ids, block_size=v.block_size)
+            )
             out.name = v.name
         else:
             out = make_sum(v, kids)
@@ -230,8 +246,13 @@ def _grown_sum(s: SumNodes, kids, top: bool, noise: float, gen) -> SumNodes:
     if noise > 0:
         p = p * torch.exp(noise * torch.randn(p.shape, generator=gen))
     edges = np.stack([np.concatenate(edge_rows), np.concatenate(edge_cols)])
-    out = summate(*kids, num_nodes=s.num_nodes if top else 2 * s.num_nodes, edge_ids=edges,
-                  block_size=s.block_size, params=p)
+    out = summate(
+        *kids,
+        num_nodes=s.num_nodes if top else 2 * s.num_nodes,
+        edge_ids=edges,
+        block_size=s.block_size,
+        params=p,
+    )
     out.name = s.name
     return out
 

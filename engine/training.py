@@ -66,7 +66,7 @@ class TrainResult:
 
 
 def pick_device(name: str) -> str:
-    """"auto" -> "cuda" when a CUDA GPU is available, else "cpu"; a CUDA request without one fails."""
+    """ "auto" -> "cuda" when a CUDA GPU is available, else "cpu"; a CUDA request without one fails."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -105,6 +105,7 @@ def _probe_write(p: Path) -> None:
 
 def json_line(event: dict) -> str:
     """`event` as one strict JSON line: NaN and infinities become null (JSON has no NaN)."""
+
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -117,9 +118,16 @@ def json_line(event: dict) -> str:
     return json.dumps(clean(event), allow_nan=False)
 
 
-def run_training(root: NodeVector, dataset, cfg: TrainConfig, callback: Callable[[dict], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, out=None, progress: bool = False,
-                 on_compiled: Callable[[torch.nn.Module], None] | None = None) -> TrainResult:
+def run_training(
+    root: NodeVector,
+    dataset,
+    cfg: TrainConfig,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    out=None,
+    progress: bool = False,
+    on_compiled: Callable[[torch.nn.Module], None] | None = None,
+) -> TrainResult:
     """Compile `root` for `cfg.device`, train it on `dataset` (train/valid/test splits), save to `out`.
 
     `on_compiled(pc)` runs once the circuit is compiled, before training (to report the plan);
@@ -129,15 +137,28 @@ def run_training(root: NodeVector, dataset, cfg: TrainConfig, callback: Callable
 
     cfg.check()
     check_output_path(out)
-    pc = engine.compile(root, block_size=cfg.block_size, device=pick_device(cfg.device), tolerance=cfg.tolerance)
+    pc = engine.compile(
+        root, block_size=cfg.block_size, device=pick_device(cfg.device), tolerance=cfg.tolerance
+    )
     if on_compiled is not None:
         on_compiled(pc)
     if cfg.profile:
         pc.profile(True, interval_s=cfg.profile_interval_s)
     try:
-        history = fit(pc, dataset.train, dataset.valid, dataset.test, cfg.epochs, cfg.schedule, callback,
-                      should_stop, progress, event_interval_s=cfg.event_interval_s, distributed=cfg.distributed,
-                      reduce_dtype=cfg.reduce_dtype)
+        history = fit(
+            pc,
+            dataset.train,
+            dataset.valid,
+            dataset.test,
+            cfg.epochs,
+            cfg.schedule,
+            callback,
+            should_stop,
+            progress,
+            event_interval_s=cfg.event_interval_s,
+            distributed=cfg.distributed,
+            reduce_dtype=cfg.reduce_dtype,
+        )
     finally:
         pc.profile(False)
     stopped = should_stop is not None and len(history) < cfg.epochs + cfg.schedule.full_batch_epochs

@@ -41,8 +41,11 @@ def peaked(root, gen: torch.Generator):
 
 
 def copies_equal(pc) -> bool:
-    return all(torch.equal(v.params, v.tied_to.params) for v in pc.sync_to_nodes().topological()
-               if v.tied_to is not None)
+    return all(
+        torch.equal(v.params, v.tied_to.params)
+        for v in pc.sync_to_nodes().topological()
+        if v.tied_to is not None
+    )
 
 
 def main() -> None:
@@ -63,7 +66,9 @@ def main() -> None:
     torch.manual_seed(1)
     root = hmm(a.seq_length, a.latents, a.emits, homogeneous=True)
     graph_pc = engine.compile(root, device=dev)
-    eager_pc = engine.compile(root, device=dev)  # each compile copies the parameters (no deepcopy: a 128-deep DAG overflows it)
+    eager_pc = engine.compile(
+        root, device=dev
+    )  # each compile copies the parameters (no deepcopy: a 128-deep DAG overflows it)
     em = (a.step_size, a.pseudocount)
     graph_step = CapturedStep(graph_pc, a.batch_size, em=em)
     eager_step = CapturedStep(eager_pc, a.batch_size, em=em, enabled=False)
@@ -77,11 +82,14 @@ def main() -> None:
         torch.cuda.synchronize()
     out = {
         "device": dev,
-        "seq_length": a.seq_length, "latents": a.latents, "emits": a.emits,
+        "seq_length": a.seq_length,
+        "latents": a.latents,
+        "emits": a.emits,
         "num_parameters": graph_pc.num_parameters(),
         "untied_would_be": engine.compile(hmm(a.seq_length, a.latents, a.emits)).num_parameters(),
         "param_slots": graph_pc.plan.num_params + graph_pc.plan.num_input_params,
-        "graph_replays": graph_step.replays, "graph_failed": graph_step.failed,
+        "graph_replays": graph_step.replays,
+        "graph_failed": graph_step.failed,
         "max_param_diff_graph_vs_eager": float((graph_pc.params - eager_pc.params).abs().max()),
         "copies_equal_sources": copies_equal(graph_pc) and copies_equal(eager_pc),
         "heldout_ll_start": before,

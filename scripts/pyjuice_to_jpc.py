@@ -29,7 +29,9 @@ def _block_size(ns) -> int:
 def _var(ns) -> int:
     scope = list(ns.scope.to_list() if hasattr(ns.scope, "to_list") else ns.scope)
     if len(scope) != 1:
-        raise SystemExit(f"pyjuice_to_jpc: a multivariate input vector ({len(scope)} variables) has no JPC line")
+        raise SystemExit(
+            f"pyjuice_to_jpc: a multivariate input vector ({len(scope)} variables) has no JPC line"
+        )
     return int(scope[0]) + 1
 
 
@@ -45,7 +47,9 @@ def _leaf_lines(ns, first: int) -> list[str]:
         return [f"I {first + i} 0 {var} {value}" for i in range(n)]
     p = _params(ns).detach().double().cpu().reshape(n, -1)
     if kind == "Categorical":
-        return [f"C {first + i} 0 {var} " + " ".join(_log(q) for q in row.tolist()) for i, row in enumerate(p)]
+        return [
+            f"C {first + i} 0 {var} " + " ".join(_log(q) for q in row.tolist()) for i, row in enumerate(p)
+        ]
     if kind == "Bernoulli":
         return [f"C {first + i} 0 {var} {_log(1 - q)} {_log(q)}" for i, q in enumerate(p[:, 0].tolist())]
     if kind == "Gaussian":
@@ -68,7 +72,9 @@ def _prod_lines(ns, first: int, ids: dict) -> list[str]:
 
 
 def _sum_lines(ns, first: int, ids: dict) -> list[str]:
-    dense = ns.get_params(as_matrix=True) if not ns.is_tied() else ns.get_source_ns().get_params(as_matrix=True)
+    dense = (
+        ns.get_params(as_matrix=True) if not ns.is_tied() else ns.get_source_ns().get_params(as_matrix=True)
+    )
     dense = dense.detach().double().cpu()  # [num_nodes, num_child_nodes]
     child_ids = []
     for c in ns.chs:
@@ -94,7 +100,12 @@ def convert(root) -> str:
             lines += _sum_lines(ns, first, ids)
     if root.num_nodes != 1:
         raise SystemExit(f"pyjuice_to_jpc: the root vector has {root.num_nodes} nodes; JPC has one root")
-    return "c converted from PyJuice by scripts/pyjuice_to_jpc.py\n" + f"jpc {len(lines)}\n" + "\n".join(lines) + "\n"
+    return (
+        "c converted from PyJuice by scripts/pyjuice_to_jpc.py\n"
+        + f"jpc {len(lines)}\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def main(argv=None) -> int:

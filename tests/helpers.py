@@ -30,8 +30,13 @@ def irregular(num_cats=3):
     p01 = engine.multiply(s0, a[1])
     p012 = engine.multiply(p01, a[2])  # product of a product: flattened
     sparse = torch.tensor([[0, 0, 1, 2, 3, 3], [0, 3, 1, 2, 0, 3]])
-    s012 = engine.summate(p012, engine.multiply(a[0], a[1], a[2]), num_nodes=8, block_size=2,
-                          edge_ids=torch.cat([sparse, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])], 1))
+    s012 = engine.summate(
+        p012,
+        engine.multiply(a[0], a[1], a[2]),
+        num_nodes=8,
+        block_size=2,
+        edge_ids=torch.cat([sparse, torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])], 1),
+    )
     s34 = engine.summate(engine.multiply(a[3], a[4]), num_nodes=4, block_size=4)
     top = engine.multiply(s012, engine.summate(engine.multiply(a[3], a[4]), num_nodes=8))
     top2 = engine.multiply(s012, engine.summate(s34, num_nodes=8))
@@ -40,6 +45,7 @@ def irregular(num_cats=3):
 
 def deterministic(num_vars=4, num_cats=3):
     """Sum over x_v's value at every level, so at most one child of each sum is non-zero."""
+
     def region(v):
         if v == num_vars - 1:
             return engine.inputs(v, 1, Categorical(num_cats))
@@ -47,7 +53,9 @@ def deterministic(num_vars=4, num_cats=3):
         for k in range(num_cats):
             onehot = torch.full((1, num_cats), 0.0)
             onehot[0, k] = 1.0
-            kids.append(engine.multiply(engine.inputs(v, 1, Categorical(num_cats), params=onehot), region(v + 1)))
+            kids.append(
+                engine.multiply(engine.inputs(v, 1, Categorical(num_cats), params=onehot), region(v + 1))
+            )
         return engine.summate(*kids, num_nodes=1)
 
     return region(0)
@@ -55,7 +63,11 @@ def deterministic(num_vars=4, num_cats=3):
 
 def mixed_dists():
     """Bernoulli, Categorical and Gaussian inputs in one circuit."""
-    ins = [engine.inputs(0, 4, Bernoulli()), engine.inputs(1, 4, Categorical(3)), engine.inputs(2, 4, Gaussian())]
+    ins = [
+        engine.inputs(0, 4, Bernoulli()),
+        engine.inputs(1, 4, Categorical(3)),
+        engine.inputs(2, 4, Gaussian()),
+    ]
     return engine.summate(engine.multiply(*ins), num_nodes=1)
 
 

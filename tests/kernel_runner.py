@@ -20,7 +20,9 @@ from engine.nodes import inputs, multiply, summate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small tiles so the interpreter's shapes stay tiny; the GPU checks pass their own options
-OPTS = KernelOptions(block_b=16, fwd_block_b=16, elem_block_b=16, prod_rows=16, sparse_children=16, input_nodes=16)
+OPTS = KernelOptions(
+    block_b=16, fwd_block_b=16, elem_block_b=16, prod_rows=16, sparse_children=16, input_nodes=16
+)
 EM = (0.4, 0.1)  # step size, pseudocount of the one EM step compared
 
 
@@ -46,8 +48,12 @@ def run(root, x, missing, backend, opts=OPTS, device=DEVICE, dtype=torch.float32
     pc.zero_flows()
     ll = pc.forward(x.to(device), missing.to(device), validate=False)
     node_flows = pc.backward_flows(accumulate_params=True)
-    out = {"ll": ll, "node_mars": pc._mars[0].clone(), "node_flows": node_flows[1:].clone(),
-           "param_flows": pc.param_flows.clone()}
+    out = {
+        "ll": ll,
+        "node_mars": pc._mars[0].clone(),
+        "node_flows": node_flows[1:].clone(),
+        "param_flows": pc.param_flows.clone(),
+    }
     for i in range(len(pc.input_layers)):
         out[f"stats_{i}"] = pc.input_stats(i).clone()
     pc.em_step(*EM)
@@ -89,8 +95,12 @@ def mixed_circuit():
     x0 = [inputs(v, 64 if v < 2 else 128, Bernoulli() if v < 2 else Gaussian()) for v in range(4)]
     a = summate(multiply(x0[0], x0[1]), num_nodes=128, block_size=4)
     a2 = summate(multiply(x0[0], x0[1]), multiply(x0[0], x0[1]), num_nodes=128, block_size=32)
-    c = summate(multiply(x0[2], x0[3]), num_nodes=128, edge_ids=np.array([[0, 0, 1, 2, 3], [0, 1, 1, 2, 3]]),
-                block_size=32)
+    c = summate(
+        multiply(x0[2], x0[3]),
+        num_nodes=128,
+        edge_ids=np.array([[0, 0, 1, 2, 3], [0, 1, 1, 2, 3]]),
+        block_size=32,
+    )
     top1 = summate(multiply(a, c), num_nodes=64, block_size=8)
     top2 = summate(multiply(a2, c), num_nodes=64, block_size=64)
     return summate(top1, top2, num_nodes=1)
@@ -99,7 +109,10 @@ def mixed_circuit():
 def gpu_cases(mnist: torch.Tensor) -> dict:
     """name -> (root, kind): HCLT and PD on MNIST-shaped data, and the mixed sparse circuit."""
     return {
-        "hclt64_mnist": (engine.structures.hclt(mnist, 64, input_dist=Categorical(256), device="cuda"), "cat"),
+        "hclt64_mnist": (
+            engine.structures.hclt(mnist, 64, input_dist=Categorical(256), device="cuda"),
+            "cat",
+        ),
         "pd32_mnist": (engine.structures.pd((28, 28), 32, (4, 4), input_dist=Categorical(256)), "cat"),
         "mixed_sparse": (mixed_circuit(), "mixed"),
     }
@@ -111,8 +124,15 @@ def gpu_batch(kind: str, mnist: torch.Tensor, B: int = 256):
         x = mnist[torch.randperm(mnist.shape[0])[:B]].cuda()
         x = torch.where(torch.rand(x.shape, device="cuda") < 0.5, torch.randint_like(x, 0, 256), x)
     else:
-        x = torch.stack([torch.randint(0, 2, (B,)).float(), torch.randint(0, 2, (B,)).float(),
-                         torch.randn(B), torch.randn(B)], 1).cuda()
+        x = torch.stack(
+            [
+                torch.randint(0, 2, (B,)).float(),
+                torch.randint(0, 2, (B,)).float(),
+                torch.randn(B),
+                torch.randn(B),
+            ],
+            1,
+        ).cuda()
     return x, torch.rand(x.shape, device="cuda") < 0.1
 
 

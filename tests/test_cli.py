@@ -14,14 +14,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_train_writes_metrics_and_a_loadable_model(tmp_path):
     metrics, out = tmp_path / "m.jsonl", tmp_path / "model.cw"
-    r = run_cli("train", "--structure", "hclt", "--data", "nltcs", "--latents", "4", "--epochs", "2",
-                "--full-batch-epochs", "1", "--metrics", str(metrics), "--out", str(out), "--quiet")
+    r = run_cli(
+        "train",
+        "--structure",
+        "hclt",
+        "--data",
+        "nltcs",
+        "--latents",
+        "4",
+        "--epochs",
+        "2",
+        "--full-batch-epochs",
+        "1",
+        "--metrics",
+        str(metrics),
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
@@ -41,8 +58,23 @@ def test_train_on_a_user_npy_file_with_profiling(tmp_path):
     path = tmp_path / "d.npy"
     np.save(path, data)
     metrics = tmp_path / "m.jsonl"
-    r = run_cli("train", "--structure", "rat_spn", "--data", str(path), "--latents", "4", "--epochs", "1",
-                "--full-batch-epochs", "0", "--metrics", str(metrics), "--profile", "--quiet")
+    r = run_cli(
+        "train",
+        "--structure",
+        "rat_spn",
+        "--data",
+        str(path),
+        "--latents",
+        "4",
+        "--epochs",
+        "1",
+        "--full-batch-epochs",
+        "0",
+        "--metrics",
+        str(metrics),
+        "--profile",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in metrics.read_text().splitlines()]
     kinds = {e["type"] for e in events}

@@ -15,8 +15,9 @@ QUICK = ["--latents", "2", "--epochs", "1", "--full-batch-epochs", "0", "--quiet
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, match: str) -> None:
@@ -48,19 +49,26 @@ def test_output_paths_are_checked_before_training(tmp_path):
     r = run_cli("train", "--data", "nltcs", *QUICK, "--metrics", str(metrics), "--out", str(tmp_path))
     assert_one_line_error(r, "it is a folder")
     assert not metrics.exists() or metrics.read_text() == ""  # training never started
-    assert_one_line_error(run_cli("train", "--data", "nltcs", *QUICK, "--metrics", "/dev/full"),
-                          "cannot write /dev/full")
+    assert_one_line_error(
+        run_cli("train", "--data", "nltcs", *QUICK, "--metrics", "/dev/full"), "cannot write /dev/full"
+    )
     blocked = tmp_path / "file"
     blocked.write_text("")
-    assert_one_line_error(run_cli("train", "--data", "nltcs", *QUICK, "--out", str(blocked / "m.cw")),
-                          "cannot write")
+    assert_one_line_error(
+        run_cli("train", "--data", "nltcs", *QUICK, "--out", str(blocked / "m.cw")), "cannot write"
+    )
 
 
 def test_hostile_files_are_one_line_errors(tmp_path):
     deep = tmp_path / "deep.npz"
     with zipfile.ZipFile(deep, "w") as zf:
-        zf.writestr("x.npy", b"\x93NUMPY\x01\x00" + (118).to_bytes(2, "little")
-                    + b"{'descr': '<f8', 'fortran_order': False, 'shape': (1048576, 1048576), }".ljust(117) + b"\n")
+        zf.writestr(
+            "x.npy",
+            b"\x93NUMPY\x01\x00"
+            + (118).to_bytes(2, "little")
+            + b"{'descr': '<f8', 'fortran_order': False, 'shape': (1048576, 1048576), }".ljust(117)
+            + b"\n",
+        )
     assert_one_line_error(run_cli("train", "--data", str(deep), *QUICK), "truncated or corrupt")
     assert_one_line_error(run_cli("plan", "--data", str(deep)), "truncated or corrupt")
 

@@ -22,8 +22,24 @@ import engine
 from engine.distributed import Ranks, shard_batches, shard_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["train", "--device", "cpu", "--data", "nltcs", "--latents", "4", "--epochs", "2", "--full-batch-epochs", "1",
-         "--step-size", "0.5", "--final-step-size", "0.2", "--quiet"]
+TRAIN = [
+    "train",
+    "--device",
+    "cpu",
+    "--data",
+    "nltcs",
+    "--latents",
+    "4",
+    "--epochs",
+    "2",
+    "--full-batch-epochs",
+    "1",
+    "--step-size",
+    "0.5",
+    "--final-step-size",
+    "0.2",
+    "--quiet",
+]
 
 
 def _free_port() -> int:
@@ -51,14 +67,46 @@ def test_shards_of_a_global_batch_are_the_global_batch():
 
 def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(tmp_path):
     two, one = tmp_path / "two.cw", tmp_path / "one.cw"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_free_port()), "-m", "engine", *TRAIN, "--batch-size", "64",
-           "--out", str(two), "--metrics", str(tmp_path / "two.jsonl")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "engine",
+        *TRAIN,
+        "--batch-size",
+        "64",
+        "--out",
+        str(two),
+        "--metrics",
+        str(tmp_path / "two.jsonl"),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
-    r1 = subprocess.run([sys.executable, "-m", "engine", *TRAIN, "--batch-size", "128", "--drop-last",
-                         "--out", str(one), "--metrics", str(tmp_path / "one.jsonl")],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    r1 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            *TRAIN,
+            "--batch-size",
+            "128",
+            "--drop-last",
+            "--out",
+            str(one),
+            "--metrics",
+            str(tmp_path / "one.jsonl"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert r1.returncode == 0, r1.stderr[-3000:]
     m2 = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     m1 = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
@@ -73,15 +121,25 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(tmp_
 
 def test_ranks_that_compiled_different_circuits_are_stopped(tmp_path):
     port = str(_free_port())
-    script = ("import sys, torch, engine\nfrom engine import distributed, optim\n"
-              "distributed.join('cpu')\nr = int(sys.argv[1])\n"
-              "root = engine.structures.hclt(torch.randint(0, 2, (64, 6)), 2 + 2 * r)\n"  # 2 vs 4 latents
-              "try:\n    optim.fit(engine.compile(root), torch.randint(0, 2, (64, 6)), epochs=1, distributed=True)\n"
-              "except distributed.DistributedError as e:\n    print(e, flush=True)\n"
-              "    import os\n    os._exit(7)\n")  # skip gloo's teardown racing the peer's exit
+    script = (
+        "import sys, torch, engine\nfrom engine import distributed, optim\n"
+        "distributed.join('cpu')\nr = int(sys.argv[1])\n"
+        "root = engine.structures.hclt(torch.randint(0, 2, (64, 6)), 2 + 2 * r)\n"  # 2 vs 4 latents
+        "try:\n    optim.fit(engine.compile(root), torch.randint(0, 2, (64, 6)), epochs=1, distributed=True)\n"
+        "except distributed.DistributedError as e:\n    print(e, flush=True)\n"
+        "    import os\n    os._exit(7)\n"
+    )  # skip gloo's teardown racing the peer's exit
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              env={**_env(), **common, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(r)],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            env={**_env(), **common, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [7, 7]
     assert all("different circuits" in out for out in outs)
@@ -90,13 +148,25 @@ def test_ranks_that_compiled_different_circuits_are_stopped(tmp_path):
 def test_a_dead_rank_ends_the_others_with_a_clear_error(tmp_path):
     port = str(_free_port())
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
-    trainer = subprocess.Popen([sys.executable, "-m", "engine", *TRAIN, "--batch-size", "64"], cwd=ROOT,
-                               env={**_env(), **common, "RANK": "0", "LOCAL_RANK": "0"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "engine", *TRAIN, "--batch-size", "64"],
+        cwd=ROOT,
+        env={**_env(), **common, "RANK": "0", "LOCAL_RANK": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # rank 1 joins the group, then dies before the first collective (as a crashed or killed rank)
-    dying = subprocess.run([sys.executable, "-c", "import os\nfrom engine import distributed\n"
-                            "distributed.join('cpu')\nos._exit(3)"], cwd=ROOT, timeout=300,
-                           env={**_env(), **common, "RANK": "1", "LOCAL_RANK": "1"})
+    dying = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os\nfrom engine import distributed\ndistributed.join('cpu')\nos._exit(3)",
+        ],
+        cwd=ROOT,
+        timeout=300,
+        env={**_env(), **common, "RANK": "1", "LOCAL_RANK": "1"},
+    )
     assert dying.returncode == 3
     t0 = time.monotonic()
     try:
@@ -137,9 +207,24 @@ def test_bf16_reduction_sends_the_flows_rounded_to_bfloat16():
 
 
 def test_two_ranks_train_with_bf16_reduction(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "engine", *TRAIN, "--batch-size", "64", "--reduce-dtype", "bf16",
-           "--metrics", str(tmp_path / "bf16.jsonl")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "engine",
+        *TRAIN,
+        "--batch-size",
+        "64",
+        "--reduce-dtype",
+        "bf16",
+        "--metrics",
+        str(tmp_path / "bf16.jsonl"),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     m = [json.loads(line) for line in (tmp_path / "bf16.jsonl").read_text().splitlines()]
@@ -153,8 +238,12 @@ def test_flow_buckets_tile_the_parameter_flows_top_down():
     pc = engine.compile(hclt(torch.randint(0, 2, (300, 9)), 6))
     for nbytes in (1, 10**9):  # one bucket per sum layer; one bucket for all of them
         buckets = _flow_buckets(pc, nbytes)
-        flows = [t for (li, _), t in buckets.items() if t.data_ptr() >= pc.param_flows.data_ptr()
-                 and t.data_ptr() < pc.param_flows.data_ptr() + pc.param_flows.numel() * 4]
+        flows = [
+            t
+            for (li, _), t in buckets.items()
+            if t.data_ptr() >= pc.param_flows.data_ptr()
+            and t.data_ptr() < pc.param_flows.data_ptr() + pc.param_flows.numel() * 4
+        ]
         assert sum(t.numel() for t in flows) == pc.param_flows.numel()
         starts = sorted(t.data_ptr() for t in flows)
         assert len(set(starts)) == len(starts)  # disjoint slices
@@ -184,8 +273,15 @@ def _overlap_worker(rank, port, out):
         torch.manual_seed(1)
         pc = engine.compile(hclt(data, 4))
         sched = optim.EMSchedule(batch_size=32, step_size=0.5, final_step_size=0.5, full_batch_epochs=1)
-        optim.fit(pc, data, epochs=2, schedule=sched, generator=torch.Generator().manual_seed(2),
-                  distributed=True, reduce_overlap=overlap)
+        optim.fit(
+            pc,
+            data,
+            epochs=2,
+            schedule=sched,
+            generator=torch.Generator().manual_seed(2),
+            distributed=True,
+            reduce_overlap=overlap,
+        )
         results.append(torch.cat([pc.params, pc.input_params(0).reshape(-1)]))
         assert bool(issued) == overlap  # the layer-by-layer path ran only when asked for
     torch.save(results, f"{out}/rank{rank}.pt")

@@ -16,13 +16,21 @@ from tests.kernel_runner import DEVICE
 
 def mixed_cards():
     """Bernoulli and 3-way Categorical variables in one circuit (padding of the value axis)."""
-    ins = [engine.inputs(0, 4, Bernoulli()), engine.inputs(1, 4, Categorical(3)), engine.inputs(2, 4, Bernoulli())]
+    ins = [
+        engine.inputs(0, 4, Bernoulli()),
+        engine.inputs(1, 4, Categorical(3)),
+        engine.inputs(2, 4, Bernoulli()),
+    ]
     s01 = engine.summate(engine.multiply(ins[0], ins[1]), num_nodes=4, block_size=2)
     return engine.summate(engine.multiply(s01, ins[2]), num_nodes=1)
 
 
 CARDS = {"tiny_tree": [3] * 4, "irregular": [3] * 5, "mixed": [2, 3, 2]}
-MAKERS = {"tiny_tree": lambda: tiny_tree(latents=4, block_size=2), "irregular": irregular, "mixed": mixed_cards}
+MAKERS = {
+    "tiny_tree": lambda: tiny_tree(latents=4, block_size=2),
+    "irregular": irregular,
+    "mixed": mixed_cards,
+}
 
 
 def brute_force(root, cards, x, missing, lam):
@@ -67,7 +75,9 @@ def test_soft_and_hard_evidence_match_enumeration(name, backend):
     device = DEVICE if backend == "triton" else "cpu"  # Triton: the GPU, else the interpreter
     pc = engine.compile(copy.deepcopy(root), device=device, backend=backend)
     got = conditional(pc, x.to(device), missing.to(device), soft_evidence=lam.float().to(device))
-    torch.testing.assert_close(got.double().cpu(), brute_force(root, cards, x, missing, lam), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        got.double().cpu(), brute_force(root, cards, x, missing, lam), atol=2e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
@@ -98,11 +108,14 @@ def test_target_vars_and_a_dict_of_soft_evidence():
     assert (got[:, 1, 2] == 0).all()  # the likelihood vector rules value 2 out
 
 
-@pytest.mark.parametrize("bad,fragment", [
-    ({9: [1.0, 1.0]}, "outside"),
-    ({0: [1.0, -1.0, 1.0]}, "non-negative"),
-    (torch.ones(3, 5, 2), "must have shape"),
-])
+@pytest.mark.parametrize(
+    "bad,fragment",
+    [
+        ({9: [1.0, 1.0]}, "outside"),
+        ({0: [1.0, -1.0, 1.0]}, "non-negative"),
+        (torch.ones(3, 5, 2), "must have shape"),
+    ],
+)
 def test_bad_soft_evidence_is_one_clear_error(bad, fragment):
     pc = engine.compile(irregular())
     x = torch.zeros(3, 5, dtype=torch.long)
@@ -118,8 +131,12 @@ def test_soft_evidence_that_rules_out_some_leaves_but_not_the_example():
     def leaf(var, value):
         return engine.inputs(var, 1, Indicator(2), params=[[float(value)]])
 
-    root = engine.summate(engine.multiply(leaf(0, 0), leaf(1, 0)), engine.multiply(leaf(0, 1), leaf(1, 1)),
-                          num_nodes=1, params=[[[0.3]], [[0.7]]])
+    root = engine.summate(
+        engine.multiply(leaf(0, 0), leaf(1, 0)),
+        engine.multiply(leaf(0, 1), leaf(1, 1)),
+        num_nodes=1,
+        params=[[[0.3]], [[0.7]]],
+    )
     pc = engine.compile(root)
     x, m = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool)
     post = conditional(pc, x, m, soft_evidence={0: [1.0, 0.0]})

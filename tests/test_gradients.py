@@ -20,7 +20,9 @@ def _softmax_flat(pc, z):
     for pt in sum_partitions(pc):
         zz = pt.weights(z).masked_fill(~pt.weights(pc.param_mask), -torch.inf)
         out = out.clone()
-        out[pt.param_offset : pt.param_offset + pt.num_params] = torch.softmax(zz, 2).nan_to_num(0.0).reshape(-1)
+        out[pt.param_offset : pt.param_offset + pt.num_params] = (
+            torch.softmax(zz, 2).nan_to_num(0.0).reshape(-1)
+        )
     return out
 
 
@@ -48,7 +50,9 @@ def _set_input_params(pc, i, value):
 def autograd_reference(root, x, missing):
     """d sum_x log p(x) / d (sum logits, input free params) by autograd, float64, PyTorch executor."""
     pc = engine.compile(copy.deepcopy(root), backend="torch").double()
-    z = torch.where(pc.param_mask, pc.params.clamp_min(1e-300).log(), torch.zeros_like(pc.params)).requires_grad_()
+    z = torch.where(
+        pc.param_mask, pc.params.clamp_min(1e-300).log(), torch.zeros_like(pc.params)
+    ).requires_grad_()
     frees = [_free(d, pc.input_params(i)).detach().requires_grad_() for i, d in enumerate(pc.input_dists)]
     pc.params = _softmax_flat(pc, z)
     for i, (d, t) in enumerate(zip(pc.input_dists, frees)):
@@ -135,7 +139,9 @@ def test_binomial_gradients_match_autograd(backend):
     ref_sum, ref_inputs, _ = autograd_reference(root, x, missing)
     pc = compiled(root, backend)
     g = gradients(pc, x.to(pc.device), missing.to(pc.device))
-    torch.testing.assert_close(g.sum_grad.double().cpu(), ref_sum, atol=2e-4 * ref_sum.abs().max().item(), rtol=1e-3)
+    torch.testing.assert_close(
+        g.sum_grad.double().cpu(), ref_sum, atol=2e-4 * ref_sum.abs().max().item(), rtol=1e-3
+    )
     for got, want in zip(g.input_grads, ref_inputs):
         torch.testing.assert_close(got.double().cpu(), want, atol=2e-4 * want.abs().max().item(), rtol=1e-3)
 

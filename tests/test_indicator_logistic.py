@@ -180,8 +180,10 @@ def test_binomial_matches_the_pmf_and_em_is_the_closed_form():
 
     d = Binomial(5)
     p = torch.tensor([[0.0], [0.3], [1.0]], dtype=torch.float64)
-    want = torch.tensor([[math.comb(5, k) * q**k * (1 - q) ** (5 - k) for k in range(6)] for q in (0.0, 0.3, 1.0)],
-                        dtype=torch.float64)
+    want = torch.tensor(
+        [[math.comb(5, k) * q**k * (1 - q) ** (5 - k) for k in range(6)] for q in (0.0, 0.3, 1.0)],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(d.value_probs(p), want, atol=1e-12, rtol=1e-9)
     leaf = engine.inputs(0, 1, Binomial(5), params=[[0.5]])
     pc = engine.compile(leaf)
@@ -203,8 +205,9 @@ def test_binomial_mixture_on_triton_matches_torch_and_jpc_keeps_b_lines(tmp_path
     write_jpc(root, tmp_path / "b.jpc")
     assert sum(line.startswith("B ") for line in (tmp_path / "b.jpc").read_text().splitlines()) == 16
     grid = torch.tensor([[a, b] for a in range(5) for b in range(5)])
-    torch.testing.assert_close(engine.compile(read_jpc(tmp_path / "b.jpc"))(grid), engine.compile(root)(grid),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        engine.compile(read_jpc(tmp_path / "b.jpc"))(grid), engine.compile(root)(grid), atol=1e-5, rtol=0
+    )
 
 
 def test_psdd_logical_support_survives_em_with_pseudocount():

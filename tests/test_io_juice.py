@@ -39,7 +39,9 @@ def reference_jpc_loglik(text: str, x: np.ndarray) -> np.ndarray:
             elif k == "B":
                 n, p = int(t[4]), math.exp(float(t[5]))
                 v = x[:, int(t[3]) - 1].astype(int)
-                pmf = np.array([math.comb(n, j) * p**j * (1 - p) ** (n - j) if j <= n else 0.0 for j in range(16)])
+                pmf = np.array(
+                    [math.comb(n, j) * p**j * (1 - p) ** (n - j) if j <= n else 0.0 for j in range(16)]
+                )
                 val[nid] = np.log(pmf[v])
             elif k == "G":
                 mu, sd = float(t[4]), float(t[5])
@@ -240,7 +242,9 @@ def test_write_jpc_of_a_trained_compiled_circuit_with_gaussians(tmp_path):
     write_jpc(pc, tmp_path / "g.jpc")
     back = read_jpc(tmp_path / "g.jpc")
     np.testing.assert_allclose(engine_ll(back, x.numpy()), want, atol=2e-5)
-    np.testing.assert_allclose(reference_jpc_loglik((tmp_path / "g.jpc").read_text(), x.numpy()), want, atol=2e-5)
+    np.testing.assert_allclose(
+        reference_jpc_loglik((tmp_path / "g.jpc").read_text(), x.numpy()), want, atol=2e-5
+    )
 
 
 def test_clt_and_spn_export_as_jpc(tmp_path):

@@ -56,8 +56,9 @@ def test_bernoulli_gaussian_sparse_and_edges():
     x0 = [inputs(v, 16 if v < 2 else 32, Bernoulli() if v < 2 else Gaussian()) for v in range(4)]
     a = summate(multiply(x0[0], x0[1]), num_nodes=32, block_size=4)  # sparse kernel: bs 4
     a2 = summate(multiply(x0[0], x0[1]), multiply(x0[0], x0[1]), num_nodes=32, block_size=16)
-    c = summate(multiply(x0[2], x0[3]), num_nodes=32, edge_ids=np.array([[0, 0, 1], [0, 1, 1]]),
-                block_size=16)  # block-sparse edges: node block 1 reads only child block 1
+    c = summate(
+        multiply(x0[2], x0[3]), num_nodes=32, edge_ids=np.array([[0, 0, 1], [0, 1, 1]]), block_size=16
+    )  # block-sparse edges: node block 1 reads only child block 1
     top1 = summate(multiply(a, c), num_nodes=16, block_size=8)
     top2 = summate(multiply(a2, c), num_nodes=16, block_size=16)
     root = summate(top1, top2, num_nodes=1)
@@ -71,6 +72,7 @@ def test_input_segments_belong_to_their_circuit():
     """Regression: segments were cached by vars_.data_ptr(), so a later circuit whose vars_ landed at
     a recycled address got the earlier circuit's variable segments (wrong statistics, bad EM). They
     are now each circuit's own table: two circuits, variables in different orders, both exact."""
+
     def interleaved():
         ins = [inputs(v, 16, Categorical(5)) for v in (1, 0)]
         return summate(multiply(*ins), num_nodes=1)
@@ -121,9 +123,21 @@ def test_grouped_child_tiles_match_torch(group_cols):
     t2 = summate(multiply(xs[2], xs[3]), num_nodes=16, block_size=16)
     root = summate(multiply(s, t), multiply(s2, t2), num_nodes=1)
     x, m = data([Categorical(5)] * 4, 20)
-    compare(root, x.long(), m, opts=KernelOptions(block_b=16, prod_rows=16, sparse_children=16,
-                                                   input_nodes=16, group_cols=group_cols,
-                                                   fwd_block_b=32, elem_block_b=16, stats_cats=16))
+    compare(
+        root,
+        x.long(),
+        m,
+        opts=KernelOptions(
+            block_b=16,
+            prod_rows=16,
+            sparse_children=16,
+            input_nodes=16,
+            group_cols=group_cols,
+            fwd_block_b=32,
+            elem_block_b=16,
+            stats_cats=16,
+        ),
+    )
 
 
 @pytest.mark.parametrize("precision,tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 3e-3), ("bf16", 2e-2)])
@@ -139,8 +153,9 @@ def test_sum_forward_precisions(precision, tol):
     em[:64] = -torch.inf
     child_rows = (64 + torch.arange(nb * w) * bs).view(nb, w)
     child_rows[2, 1] = 0  # a padded tile
-    base = torch_ops.SumPartitionTensors(bs, nb, w, 5, torch.arange(nb * bs) + 1,
-                                         (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1))
+    base = torch_ops.SumPartitionTensors(
+        bs, nb, w, 5, torch.arange(nb * bs) + 1, (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1)
+    )
     pt = block_tensors(base, 1 + torch.arange(nb) * bs, child_rows, 64, torch.as_tensor)
     params = torch.rand(5 + nb * bs * w * bs)
     ref = torch.zeros(1 + nb * bs, B, dtype=torch.float64)

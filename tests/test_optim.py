@@ -56,11 +56,18 @@ def _pair():
 @pytest.mark.parametrize("budget", [None, 0])  # resident, and streamed in small chunks
 def test_fit_follows_the_plain_em_loop_exactly(drop_last, budget):
     x = _data()  # 300 rows: a 44-row tail at batch 64
-    sched = optim.EMSchedule(batch_size=BS, step_size=0.8, final_step_size=0.2, full_batch_epochs=0,
-                             drop_last=drop_last)
+    sched = optim.EMSchedule(
+        batch_size=BS, step_size=0.8, final_step_size=0.2, full_batch_epochs=0, drop_last=drop_last
+    )
     ours, ref = _pair()
-    hist = optim.fit(ours, x, epochs=3, schedule=sched, generator=torch.Generator().manual_seed(7),
-                     data_budget_bytes=budget)
+    hist = optim.fit(
+        ours,
+        x,
+        epochs=3,
+        schedule=sched,
+        generator=torch.Generator().manual_seed(7),
+        data_budget_bytes=budget,
+    )
     want = _reference(ref, x, 3, sched, seed=7)
     assert [h["pass_ll"] for h in hist] == pytest.approx(want, rel=1e-12, abs=1e-12)
     assert torch.equal(ours.params, ref.params)
@@ -88,8 +95,9 @@ def test_narrowest_exact_keeps_values():
 def test_full_batch_epochs_match_flows_of_the_whole_set():
     x = _data(200)
     ours, ref = _pair()
-    hist = optim.fit(ours, x, epochs=0, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=2,
-                                                                   pseudocount=0.05))
+    hist = optim.fit(
+        ours, x, epochs=0, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=2, pseudocount=0.05)
+    )
     for h in hist:
         ref.zero_flows()
         ll = sum(ref.accumulate_flows(x[i : i + BS]).double().sum().item() for i in range(0, 200, BS)) / 200
@@ -140,8 +148,9 @@ def test_pause_is_not_epoch_time_and_stop_ends_mid_epoch(monkeypatch):
         calls["n"] += 1
         return calls["n"] > 4  # batches 1-4 run, the 5th is never started
 
-    hist = optim.fit(ours, x, epochs=2, schedule=sched, should_stop=stop_at_4,
-                     generator=torch.Generator().manual_seed(3))
+    hist = optim.fit(
+        ours, x, epochs=2, schedule=sched, should_stop=stop_at_4, generator=torch.Generator().manual_seed(3)
+    )
     _reference(ref, x, 2, sched, seed=3, stop_after=4)
     assert hist == [] and torch.equal(ours.params, ref.params)
 
@@ -151,8 +160,14 @@ def test_evaluation_is_not_profiled_and_cpu_runs_replay_no_graphs():
     pc, _ = _pair()
     pc.profile(True, interval_s=0.0)  # every training batch
     events = []
-    hist = optim.fit(pc, x, x[:128], epochs=1, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0),
-                     callback=events.append)
+    hist = optim.fit(
+        pc,
+        x,
+        x[:128],
+        epochs=1,
+        schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0),
+        callback=events.append,
+    )
     forward = [e for e in events if e["type"] == "layer_time" and e["pass"] == "forward"]
     assert len(forward) == 10 * len({e["layer"] for e in forward})  # train + valid evaluation: not counted
     assert hist[0]["graph_batches"] == 0
@@ -176,8 +191,9 @@ def test_fit_refuses_an_empty_training_set():
 
 def test_empty_splits_report_no_log_likelihood():
     x = _data(200)
-    hist = optim.fit(_pair()[0], x, x[:0], x[:0], epochs=1,
-                     schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0))
+    hist = optim.fit(
+        _pair()[0], x, x[:0], x[:0], epochs=1, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0)
+    )
     assert hist[0]["valid_ll"] is None and hist[0]["test_ll"] is None and hist[0]["train_ll"] < 0
 
 
@@ -196,8 +212,9 @@ def test_profiler_interval_sampling_is_time_based():
     pc, _ = _pair()
     prof = pc.profile(True, interval_s=3600.0)  # only the first batch of the run is timed
     events = []
-    optim.fit(pc, x, epochs=2, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0),
-              callback=events.append)
+    optim.fit(
+        pc, x, epochs=2, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0), callback=events.append
+    )
     forward_spans = [e for e in events if e["type"] == "layer_time" and e["pass"] == "forward"]
     layers_per_batch = len({e["layer"] for e in forward_spans})
     # 20 training batches counted (evaluation is not profiled), only the first one timed
@@ -205,7 +222,10 @@ def test_profiler_interval_sampling_is_time_based():
     pc.profile(True, interval_s=0.0)  # every batch
     events.clear()
     optim.minibatch_em_epoch(pc, x, batch_size=BS, callback=events.append)
-    assert len([e for e in events if e["type"] == "layer_time" and e["pass"] == "forward"]) == 10 * layers_per_batch
+    assert (
+        len([e for e in events if e["type"] == "layer_time" and e["pass"] == "forward"])
+        == 10 * layers_per_batch
+    )
 
 
 def test_run_training_checks_the_output_path_before_training(tmp_path):

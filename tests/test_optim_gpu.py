@@ -29,8 +29,16 @@ def _fit(root, x, **kw):
     pc = engine.compile(copy.deepcopy(root), device="cuda")
     sched = optim.EMSchedule(batch_size=256, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
     events = []
-    hist = optim.fit(pc, x, x[:500], epochs=3, schedule=sched, callback=events.append,
-                     generator=torch.Generator().manual_seed(1), **kw)
+    hist = optim.fit(
+        pc,
+        x,
+        x[:500],
+        epochs=3,
+        schedule=sched,
+        callback=events.append,
+        generator=torch.Generator().manual_seed(1),
+        **kw,
+    )
     return pc, hist, events
 
 

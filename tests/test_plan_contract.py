@@ -28,10 +28,16 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_nothing_outside_the_compiler_imports_its_internals():
-    files = [p for d in ("engine", "workbench") for p in (ROOT / d).rglob("*.py")
-             if "compiler" not in p.relative_to(ROOT).parts]
-    bad = {str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.startswith(COMPILER_INTERNALS))
-           for p in files}
+    files = [
+        p
+        for d in ("engine", "workbench")
+        for p in (ROOT / d).rglob("*.py")
+        if "compiler" not in p.relative_to(ROOT).parts
+    ]
+    bad = {
+        str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.startswith(COMPILER_INTERNALS))
+        for p in files
+    }
     assert not {k: v for k, v in bad.items() if v}
 
 

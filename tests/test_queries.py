@@ -105,4 +105,6 @@ def test_query_errors():
     with pytest.raises(ValueError, match="out of range"):
         queries.conditional(pc, torch.full((1, 4), 7), torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="discrete"):
-        queries.conditional(engine.compile(mixed_dists()), torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool))
+        queries.conditional(
+            engine.compile(mixed_dists()), torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool)
+        )

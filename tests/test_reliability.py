@@ -41,8 +41,14 @@ def probe(body: str, env: dict | None = None) -> tuple[str, float]:
     import os
 
     code = PROBE.format(body="\n".join("    " + line for line in body.strip().splitlines()))
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **(env or {})})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     return result["outcome"], result["peak_mb"]
@@ -52,7 +58,9 @@ def _npy_header(shape, dtype) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -106,16 +114,31 @@ def test_csv_past_a_lowered_budget_is_refused(tmp_path):
 
 
 CIRCUIT_JSON = {
-    "format": "circuit-workbench", "version": 1, "kind": "circuit", "root": 0,
-    "vectors": [{"id": 0, "kind": "input", "num_nodes": 1, "block_size": 1, "children": [], "var": 0,
-                 "dist": {"name": "bernoulli"}, "params": "v0.params"}],
+    "format": "circuit-workbench",
+    "version": 1,
+    "kind": "circuit",
+    "root": 0,
+    "vectors": [
+        {
+            "id": 0,
+            "kind": "input",
+            "num_nodes": 1,
+            "block_size": 1,
+            "children": [],
+            "var": 0,
+            "dist": {"name": "bernoulli"},
+            "params": "v0.params",
+        }
+    ],
 }
 
 
 def test_circuit_zip_whose_arrays_inflate_past_the_budget_is_refused(tmp_path):
     path = tmp_path / "bomb.cwpc"
     data = 320 * 2**20
-    header = json.dumps({"v0.params": {"dtype": "F32", "shape": [data // 4], "data_offsets": [0, data]}}).encode()
+    header = json.dumps(
+        {"v0.params": {"dtype": "F32", "shape": [data // 4], "data_offsets": [0, data]}}
+    ).encode()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("circuit.json", json.dumps(CIRCUIT_JSON))
         _zip_member_of_zeros(zf, "arrays.safetensors", len(header).to_bytes(8, "little") + header, data)
@@ -217,8 +240,10 @@ def test_dense_sum_over_a_large_graph_is_refused():
 
     graph = {
         "source": "graph",
-        "nodes": [{"id": "a", "kind": "input", "num_nodes": 100_000, "var": 0},
-                  {"id": "s", "kind": "sum", "num_nodes": 100_000}],
+        "nodes": [
+            {"id": "a", "kind": "input", "num_nodes": 100_000, "var": 0},
+            {"id": "s", "kind": "sum", "num_nodes": 100_000},
+        ],
         "edges": [{"parent": "s", "child": "a"}],
     }
     res = build(graph)
@@ -264,7 +289,9 @@ def test_safetensors_header_declaring_more_than_the_limit_is_refused_from_its_he
     from engine.io import FileFormatError
 
     path = tmp_path / "liar.cwpc"
-    header = json.dumps({"v0.params": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}).encode()
+    header = json.dumps(
+        {"v0.params": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}
+    ).encode()
     with zipfile.ZipFile(path, "w") as zf:  # the zip header is honest: the member is small
         zf.writestr("circuit.json", json.dumps(CIRCUIT_JSON))
         zf.writestr("arrays.safetensors", len(header).to_bytes(8, "little") + header + bytes(16))

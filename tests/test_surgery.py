@@ -119,8 +119,11 @@ def test_several_heads_in_one_pass_equal_each_head_alone():
     torch.manual_seed(6)
     ins = [engine.inputs(v, 4, engine.dists.Categorical(3)) for v in range(3)]
     a = engine.summate(engine.multiply(*ins), num_nodes=3, block_size=1)
-    b = engine.summate(engine.multiply(engine.summate(engine.multiply(ins[0], ins[1]), num_nodes=4), ins[2]),
-                       num_nodes=2, block_size=2)
+    b = engine.summate(
+        engine.multiply(engine.summate(engine.multiply(ins[0], ins[1]), num_nodes=4), ins[2]),
+        num_nodes=2,
+        block_size=2,
+    )
     pc = engine.compile(multi_root(a, b))
     x = all_assignments(3, 3)
     heads = head_log_probs(pc, [a, b], x)  # [27, 5], one forward pass

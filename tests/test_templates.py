@@ -15,8 +15,13 @@ def _signature(root) -> list[tuple]:
     order = root.topological()
     index = {v.uid: i for i, v in enumerate(order)}
     return [
-        (v.kind, v.num_nodes, getattr(v, "var", None), type(getattr(v, "dist", None)).__name__,
-         tuple(index[c.uid] for c in v.children))
+        (
+            v.kind,
+            v.num_nodes,
+            getattr(v, "var", None),
+            type(getattr(v, "dist", None)).__name__,
+            tuple(index[c.uid] for c in v.children),
+        )
         for v in order
     ]
 

@@ -17,7 +17,9 @@ from tests.kernel_runner import DEVICE, OPTS
 
 def compile_on(root, backend, block_size=None):
     if backend == "triton":
-        return engine.compile(root, block_size=block_size, device=DEVICE, backend="triton", kernel_options=OPTS)
+        return engine.compile(
+            root, block_size=block_size, device=DEVICE, backend="triton", kernel_options=OPTS
+        )
     return engine.compile(root, block_size=block_size)
 
 
@@ -137,8 +139,10 @@ def test_parameter_count_does_not_grow_with_sequence_length():
     counts = [engine.compile(hmm(t, latents, emits, homogeneous=True)).num_parameters() for t in (2, 5, 17)]
     assert counts == [want] * 3
     untied = [engine.compile(hmm(t, latents, emits)).num_parameters() for t in (2, 5)]
-    assert untied == [2 * latents * emits + latents * latents + latents,
-                      5 * latents * emits + 4 * latents * latents + latents]
+    assert untied == [
+        2 * latents * emits + latents * latents + latents,
+        5 * latents * emits + 4 * latents * latents + latents,
+    ]
     plan = engine.compile(hmm(5, latents, emits, homogeneous=True)).plan.to_dict()
     assert plan["num_learnable_params"] == want and plan["ties"]["num_tied_params"] > 0
 
@@ -180,8 +184,9 @@ def test_tie_checks_shapes_and_families():
     with pytest.raises(CircuitError, match="shapes or families differ"):
         summate(inputs(1, 8, d), num_nodes=4, tie_to=s)  # children of another size
     with pytest.raises(CircuitError, match="edge_ids"):
-        summate(a, inputs(1, 4, d), num_nodes=4).tie_to(summate(a, inputs(2, 4, d), num_nodes=4,
-                                                                  edge_ids=[[0], [1]]))
+        summate(a, inputs(1, 4, d), num_nodes=4).tie_to(
+            summate(a, inputs(2, 4, d), num_nodes=4, edge_ids=[[0], [1]])
+        )
     with pytest.raises(CircuitError, match="only sum and input"):
         multiply(a).tie_to(multiply(inputs(1, 4, d)))
 
@@ -224,8 +229,12 @@ def test_tied_gradients_match_autograd_of_the_forward_algorithm(backend):
     alpha.sum(1).log().sum().backward()
     emit = pc.input_layers[0]
     for i in range(emit.num_nodes // latents):  # every emission copy holds the tied total
-        np.testing.assert_allclose(g.input_grads[0][i * latents : (i + 1) * latents].cpu().double().numpy(),
-                                   b.grad.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            g.input_grads[0][i * latents : (i + 1) * latents].cpu().double().numpy(),
+            b.grad.numpy(),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     flat = g.sum_grad.cpu().double().numpy()
     trans = [v for v in root.topological() if isinstance(v, SumNodes) and v is not root]
     assert len(trans) == t_len - 1
@@ -355,6 +364,9 @@ def test_ties_never_form_a_cycle_and_fixed_leaves_are_not_learnable():
     v[1].tie_to(v[2])
     with pytest.raises(CircuitError, match="itself"):
         v[2].tie_to(v[0])  # v0 -> v1 -> v2 already: closing the loop is refused at once
-    a, b = engine.inputs(0, 2, Indicator(2), params=[[0.0], [1.0]]), engine.inputs(1, 2, Indicator(2), params=[[0.0], [1.0]])
+    a, b = (
+        engine.inputs(0, 2, Indicator(2), params=[[0.0], [1.0]]),
+        engine.inputs(1, 2, Indicator(2), params=[[0.0], [1.0]]),
+    )
     pc = engine.compile(engine.summate(engine.multiply(a, b), num_nodes=1))
     assert pc.num_parameters() == 2  # the two sum weights; indicator values are fixed, not learnt

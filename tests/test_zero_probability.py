@@ -90,12 +90,23 @@ def test_fit_reports_minus_inf_for_a_validation_row_of_probability_zero():
     from engine import optim
 
     p = torch.tensor([[0.5, 0.5, 0.0]])
-    root = engine.summate(engine.multiply(engine.inputs(0, 1, Categorical(3), params=p),
-                                          engine.inputs(1, 1, Categorical(3))), num_nodes=1)
+    root = engine.summate(
+        engine.multiply(engine.inputs(0, 1, Categorical(3), params=p), engine.inputs(1, 1, Categorical(3))),
+        num_nodes=1,
+    )
     train = torch.tensor([[0, 1], [1, 2]] * 20)
-    hist = optim.fit(engine.compile(root), train, valid=torch.tensor([[2, 0], [0, 0]]), epochs=1,
-                     schedule=optim.EMSchedule(pseudocount=0.0, full_batch_epochs=1))
+    hist = optim.fit(
+        engine.compile(root),
+        train,
+        valid=torch.tensor([[2, 0], [0, 0]]),
+        epochs=1,
+        schedule=optim.EMSchedule(pseudocount=0.0, full_batch_epochs=1),
+    )
     assert hist[-1]["valid_ll"] == -float("inf") and hist[-1]["train_ll"] > -2
     with pytest.raises(optim.NonFiniteError, match="diverged"):
-        optim.fit(engine.compile(root), torch.tensor([[2, 0]] * 8), epochs=1,
-                  schedule=optim.EMSchedule(pseudocount=0.0, full_batch_epochs=0))
+        optim.fit(
+            engine.compile(root),
+            torch.tensor([[2, 0]] * 8),
+            epochs=1,
+            schedule=optim.EMSchedule(pseudocount=0.0, full_batch_epochs=0),
+        )

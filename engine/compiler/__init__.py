@@ -16,8 +16,18 @@ from engine.compiler.plan import Layer, LayerPlan, Partition, Step
 from engine.compiler.ties import build_ties
 from engine.nodes import NodeVector
 
-__all__ = ["compile_plan", "compile_circuit", "validate", "LayerPlan", "Layer", "Partition", "Step", "CircuitIR", "Layout",
-           "DEFAULT_TOLERANCE"]
+__all__ = [
+    "compile_plan",
+    "compile_circuit",
+    "validate",
+    "LayerPlan",
+    "Layer",
+    "Partition",
+    "Step",
+    "CircuitIR",
+    "Layout",
+    "DEFAULT_TOLERANCE",
+]
 
 DEFAULT_TOLERANCE = 0.25
 
@@ -79,8 +89,9 @@ def validate(root: NodeVector) -> None:
     build_ir(root)
 
 
-def compile_circuit(root: NodeVector, block_size: int | None = None, tolerance: float = DEFAULT_TOLERANCE
-                    ) -> tuple[LayerPlan, dict[int, NodeVector]]:
+def compile_circuit(
+    root: NodeVector, block_size: int | None = None, tolerance: float = DEFAULT_TOLERANCE
+) -> tuple[LayerPlan, dict[int, NodeVector]]:
     """The plan and every node vector it refers to by uid (including a one-child sum that
     `compile_plan` puts over a root that is not one sum node): all an executor needs."""
     plan, ir, _ = compile_plan(root, block_size, tolerance)

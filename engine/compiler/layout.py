@@ -46,8 +46,14 @@ def layout_inputs(ir: CircuitIR, lay: Layout) -> None:
         group = InputGroup(key, start, n, np.concatenate(vars_), members, dist=vecs[0].dist)
         lay.layers.append(
             Layer(
-                len(lay.layers), "input", 0, n, n, writes=("node_mars", start, start + n),
-                input_group=group, vectors=[f"input:{key[0]}x{len(vecs)}"],
+                len(lay.layers),
+                "input",
+                0,
+                n,
+                n,
+                writes=("node_mars", start, start + n),
+                input_group=group,
+                vectors=[f"input:{key[0]}x{len(vecs)}"],
             )
         )
 
@@ -80,8 +86,14 @@ def layout_products(prods: list[ProdIR], depth: int, lay: Layout, tolerance: flo
     edges = sum(p.arity * p.num_nodes for p in prods)
     lay.layers.append(
         Layer(
-            len(lay.layers), "product", depth, n, edges, parts,
-            reads=("node_mars", 0, lay.num_node_rows), writes=("element_mars", PAD_ROWS, row),
+            len(lay.layers),
+            "product",
+            depth,
+            n,
+            edges,
+            parts,
+            reads=("node_mars", 0, lay.num_node_rows),
+            writes=("element_mars", PAD_ROWS, row),
             vectors=[f"product:{len(prods)}"],
         )
     )
@@ -130,7 +142,9 @@ def layout_sums(sums: list[SumNodes], depth: int, ir: CircuitIR, elem_rows, lay:
             members = blocks[np.sort(grp)]
             child = padded_table(nrow, crow, members, 0)
             tsrc = padded_table(nrow, src, members, -1)
-            part = Partition(b, members, child, int(degree[grp].sum()), tile_source=tsrc, param_offset=lay.num_params)
+            part = Partition(
+                b, members, child, int(degree[grp].sum()), tile_source=tsrc, param_offset=lay.num_params
+            )
             lay.num_params += part.num_params
             parts.append(part)
     layer_index = len(lay.layers)
@@ -138,9 +152,16 @@ def layout_sums(sums: list[SumNodes], depth: int, ir: CircuitIR, elem_rows, lay:
     edges = sum(int(s.edge_ids.shape[1]) * s.block_size**2 for s in sums)
     lay.layers.append(
         Layer(
-            layer_index, "sum", depth, n, edges, parts,
-            reads=("element_mars", 0, lay.num_element_rows), writes=("node_mars", start, start + n),
-            vectors=[f"sum:{len(sums)}"], sum_sources=sources,
+            layer_index,
+            "sum",
+            depth,
+            n,
+            edges,
+            parts,
+            reads=("element_mars", 0, lay.num_element_rows),
+            writes=("node_mars", start, start + n),
+            vectors=[f"sum:{len(sums)}"],
+            sum_sources=sources,
         )
     )
 

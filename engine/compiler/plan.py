@@ -185,7 +185,9 @@ class LayerPlan:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     node_row: dict[int, int] = field(default_factory=dict)  # vector uid -> its first node_mars row
     ties: Ties = field(default_factory=Ties)  # tied parameter slots (engine/compiler/ties.py)
-    num_fixed_input_params: int = 0  # of fixed families (Indicator): held, never learnt; untied ones and sources
+    num_fixed_input_params: int = (
+        0  # of fixed families (Indicator): held, never learnt; untied ones and sources
+    )
 
     @property
     def num_learnable_params(self) -> int:
@@ -223,7 +225,11 @@ class LayerPlan:
         for li in range(len(self.layers) - 1, 0, -1):
             layer, below = self.layers[li], self.layers[li - 1]
             if layer.kind == "sum":
-                down += [Step(below, "recompute", layer), Step(layer, "backward", below), Step(below, "backward", layer)]
+                down += [
+                    Step(below, "recompute", layer),
+                    Step(layer, "backward", below),
+                    Step(below, "backward", layer),
+                ]
         return forward, tuple(down), tuple(Step(layer, "backward") for layer in self.input_layers)
 
     def with_kernels(self, names: dict[int, list[str]]) -> LayerPlan:

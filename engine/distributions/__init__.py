@@ -9,6 +9,14 @@ from engine.distributions.gaussian import Gaussian
 from engine.distributions.indicator import Indicator
 
 __all__ = [
-    "Distribution", "Bernoulli", "Binomial", "Categorical", "DiscreteLogistic", "Gaussian", "Indicator",
-    "register", "registered", "from_json",
+    "Distribution",
+    "Bernoulli",
+    "Binomial",
+    "Categorical",
+    "DiscreteLogistic",
+    "Gaussian",
+    "Indicator",
+    "register",
+    "registered",
+    "from_json",
 ]

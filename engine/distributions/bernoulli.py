@@ -47,7 +47,9 @@ class Bernoulli(Distribution):
         c = column.double()
         bad = (c != 0) & (c != 1)
         if bad.any():
-            raise ValueError(f"variable {var}: value {c[bad][0].item():g} out of range for Bernoulli (0 or 1)")
+            raise ValueError(
+                f"variable {var}: value {c[bad][0].item():g} out of range for Bernoulli (0 or 1)"
+            )
 
     def value_probs(self, params):
         p1 = params[:, :1]

@@ -48,8 +48,10 @@ class Binomial(Distribution):
         c = column.double()
         bad = (c != c.round()) | (c < 0) | (c > self.num_trials)
         if bad.any():
-            raise ValueError(f"variable {var}: value {c[bad][0].item():g} out of range for "
-                             f"Binomial(num_trials={self.num_trials})")
+            raise ValueError(
+                f"variable {var}: value {c[bad][0].item():g} out of range for "
+                f"Binomial(num_trials={self.num_trials})"
+            )
 
     def _log_choose(self, x: torch.Tensor) -> torch.Tensor:
         n = torch.tensor(float(self.num_trials), dtype=x.dtype, device=x.device)

@@ -26,8 +26,23 @@ def _log_prob(prm, n64, nm, xv, P, C):
 
 
 @jit
-def _stats_kernel(stats, prm, xt, mt, flows, seg_start, seg_len, seg_var, B, C, num_ct,
-                  BN: tl.constexpr, CC: tl.constexpr, BB: tl.constexpr, PREC: tl.constexpr):
+def _stats_kernel(
+    stats,
+    prm,
+    xt,
+    mt,
+    flows,
+    seg_start,
+    seg_len,
+    seg_var,
+    B,
+    C,
+    num_ct,
+    BN: tl.constexpr,
+    CC: tl.constexpr,
+    BB: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid = tl.program_id(0)
     s = pid // num_ct
     cc = (pid % num_ct) * CC + tl.arange(0, CC)
@@ -41,7 +56,9 @@ def _stats_kernel(stats, prm, xt, mt, flows, seg_start, seg_len, seg_var, B, C, 
     for b0 in range(0, B, BB):
         offs_b = b0 + tl.arange(0, BB)
         bm = offs_b < B
-        f = tl.load(flows + (n0 + rn)[:, None] * B + offs_b[None, :], mask=nm[:, None] & bm[None, :], other=0.0)
+        f = tl.load(
+            flows + (n0 + rn)[:, None] * B + offs_b[None, :], mask=nm[:, None] & bm[None, :], other=0.0
+        )
         xv = tl.minimum(tl.maximum(tl.load(xt + var * B + offs_b, mask=bm, other=0), 0), C - 1)
         miss = tl.load(mt + var * B + offs_b, mask=bm, other=1) != 0
         onehot = ((xv[:, None] == cc[None, :]) & (~miss)[:, None]).to(tl.float32)  # [BB, CC], exact
@@ -100,7 +117,9 @@ class Categorical(Distribution):
         bad = (c != c.round()) | (c < 0) | (c >= self.num_cats)
         if bad.any():
             v = c[bad][0].item()
-            raise ValueError(f"variable {var}: value {v:g} out of range for Categorical(num_cats={self.num_cats})")
+            raise ValueError(
+                f"variable {var}: value {v:g} out of range for Categorical(num_cats={self.num_cats})"
+            )
 
     def log_prob(self, params, xv, miss):
         """-inf where the value has probability 0."""
@@ -141,19 +160,45 @@ class Categorical(Distribution):
         starts, lens, svars = segments
         prec = "ieee" if opts.precision == "ieee" else "tf32x3"
         _stats_kernel[(starts.numel() * nct,)](
-            stats, params, xt, mt, flows, starts, lens, svars, B, C, nct,
-            BN=opts.input_nodes, CC=CC, BB=opts.stats_block_b, PREC=prec, num_warps=opts.num_warps,
+            stats,
+            params,
+            xt,
+            mt,
+            flows,
+            starts,
+            lens,
+            svars,
+            B,
+            C,
+            nct,
+            BN=opts.input_nodes,
+            CC=CC,
+            BB=opts.stats_block_b,
+            PREC=prec,
+            num_warps=opts.num_warps,
         )
         return True
 
     def kernel_em_update(self, params, stats, step_size, pseudocount, opts) -> bool:
-        if (self.num_cats > MAX_EM_CATS or params.dtype != torch.float32
-                or not params.is_contiguous() or not stats.is_contiguous()):
+        if (
+            self.num_cats > MAX_EM_CATS
+            or params.dtype != torch.float32
+            or not params.is_contiguous()
+            or not stats.is_contiguous()
+        ):
             return False
         N, C = params.shape
         CC = max(16, triton.next_power_of_2(C))
         BN = max(1, 2048 // CC)
         _em_kernel[(triton.cdiv(N, BN),)](
-            params, stats, N, C, float(step_size), float(pseudocount), BN=BN, CC=CC, num_warps=opts.num_warps,
+            params,
+            stats,
+            N,
+            C,
+            float(step_size),
+            float(pseudocount),
+            BN=BN,
+            CC=CC,
+            num_warps=opts.num_warps,
         )
         return True

@@ -83,7 +83,9 @@ class DiscreteLogistic(Distribution):
 
     def init_params(self, n):
         c = self.num_cats
-        return torch.stack([torch.rand(n) * (c - 1), torch.full((n,), c / 8.0) * (0.75 + 0.5 * torch.rand(n))], 1)
+        return torch.stack(
+            [torch.rand(n) * (c - 1), torch.full((n,), c / 8.0) * (0.75 + 0.5 * torch.rand(n))], 1
+        )
 
     def check_params(self, params):
         super().check_params(params)
@@ -95,8 +97,10 @@ class DiscreteLogistic(Distribution):
         c = column.double()
         bad = (c != c.round()) | (c < 0) | (c >= self.num_cats)
         if bad.any():
-            raise ValueError(f"variable {var}: value {c[bad][0].item():g} out of range for "
-                             f"DiscreteLogistic(num_cats={self.num_cats})")
+            raise ValueError(
+                f"variable {var}: value {c[bad][0].item():g} out of range for "
+                f"DiscreteLogistic(num_cats={self.num_cats})"
+            )
 
     def log_prob(self, params, xv, miss):
         mu, s = params[:, :1], params[:, 1:]

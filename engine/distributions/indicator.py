@@ -63,11 +63,15 @@ class Indicator(Distribution):
         c = column.double()
         bad = (c != c.round()) | (c < 0) | (c >= self.num_cats)
         if bad.any():
-            raise ValueError(f"variable {var}: value {c[bad][0].item():g} out of range for Indicator(num_cats={self.num_cats})")
+            raise ValueError(
+                f"variable {var}: value {c[bad][0].item():g} out of range for Indicator(num_cats={self.num_cats})"
+            )
 
     def log_prob(self, params, xv, miss):
         hit = xv.to(params.dtype) == params[:, :1]
-        lp = torch.where(hit, torch.zeros((), dtype=params.dtype), torch.full((), ZERO_LOG, dtype=params.dtype))
+        lp = torch.where(
+            hit, torch.zeros((), dtype=params.dtype), torch.full((), ZERO_LOG, dtype=params.dtype)
+        )
         return lp.masked_fill(miss, 0.0)
 
     def accumulate_stats(self, stats, params, xv, miss, flows):

@@ -59,7 +59,9 @@ class Backend(ABC):
         """The max-product semiring (MPE): max over children of log w_nc + element_mars[c]."""
 
     @abstractmethod
-    def sum_backward(self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows) -> None:
+    def sum_backward(
+        self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows
+    ) -> None:
         """Element flows and parameter flows of one sum layer."""
 
     def overwrites_element_flows(self, table) -> bool:
@@ -98,7 +100,9 @@ class TorchBackend(Backend):
 
     def prepare(self, plan: LayerPlan, inputs: list[InputLayer], device) -> Tables:
         tables = Tables(layer_tensors(plan), [None] * len(inputs))
-        tables.kernels = {layer.index: ["torch"] * len(layer.partitions) for layer in plan.layers if layer.partitions}
+        tables.kernels = {
+            layer.index: ["torch"] * len(layer.partitions) for layer in plan.layers if layer.partitions
+        }
         return tables
 
     # ----------------------------------------------------------------- sum and product layers
@@ -110,10 +114,13 @@ class TorchBackend(Backend):
         for pt in table.parts:
             torch_ops.sum_forward_max(pt, params, element_mars, node_mars)
 
-    def sum_backward(self, table: SumLayerTensors, params, element_mars, node_mars, node_flows, element_flows,
-                     param_flows) -> None:
+    def sum_backward(
+        self, table: SumLayerTensors, params, element_mars, node_mars, node_flows, element_flows, param_flows
+    ) -> None:
         for pt in table.parts:
-            torch_ops.sum_backward(pt, params, element_mars, node_mars, node_flows, element_flows, param_flows)
+            torch_ops.sum_backward(
+                pt, params, element_mars, node_mars, node_flows, element_flows, param_flows
+            )
 
     def prod_forward(self, table: ProdLayerTensors, node_mars, element_mars) -> None:
         for pt in table.parts:
@@ -123,7 +130,9 @@ class TorchBackend(Backend):
         for pt in table.parts:
             torch_ops.prod_backward(pt, element_flows, node_flows)
 
-    def sum_em_update(self, table: SumLayerTensors, params, param_flows, mask, step_size, pseudocount) -> None:
+    def sum_em_update(
+        self, table: SumLayerTensors, params, param_flows, mask, step_size, pseudocount
+    ) -> None:
         for pt in table.parts:
             torch_ops.sum_em_update(pt, params, param_flows, mask, step_size, pseudocount)
 

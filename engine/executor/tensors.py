@@ -42,7 +42,9 @@ def sum_partitions(layer: Layer) -> list[SumPartitionTensors]:
         ar = torch.arange(p.block_size)
         node_idx = (_as_long(p.node_rows)[:, None] + ar).reshape(-1)
         child_idx = (_as_long(p.child_rows)[:, :, None] + ar).reshape(p.num_node_blocks, -1)
-        out.append(SumPartitionTensors(p.block_size, p.num_node_blocks, p.width, p.param_offset, node_idx, child_idx))
+        out.append(
+            SumPartitionTensors(p.block_size, p.num_node_blocks, p.width, p.param_offset, node_idx, child_idx)
+        )
     return out
 
 

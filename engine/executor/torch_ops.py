@@ -53,7 +53,9 @@ def sum_forward(pt: SumPartitionTensors, params, element_mars, node_mars) -> Non
     node_mars[pt.node_idx] = out.reshape(-1, el.shape[-1])
 
 
-def sum_backward(pt: SumPartitionTensors, params, element_mars, node_mars, node_flows, element_flows, param_flows):
+def sum_backward(
+    pt: SumPartitionTensors, params, element_mars, node_mars, node_flows, element_flows, param_flows
+):
     """Element flows += w_nc f_n p_c / p_n; parameter flows += the same summed over the batch."""
     el = element_mars[pt.child_idx]  # [nb, width*bs, B]
     nb, bs = pt.num_node_blocks, pt.block_size
@@ -92,7 +94,9 @@ def sum_em_update(pt: SumPartitionTensors, params, param_flows, mask, step_size:
     w.copy_(torch.where(keep, w, (1 - step_size) * w + step_size * new))
 
 
-def sum_forward_max(pt: SumPartitionTensors, params, element_mars, node_mars, chunk_elems: int = 1 << 24) -> None:
+def sum_forward_max(
+    pt: SumPartitionTensors, params, element_mars, node_mars, chunk_elems: int = 1 << 24
+) -> None:
     """Max-product: node_mars[nodes] = max_c (log w_nc + element_mars[c]) (for MPE)."""
     logw = pt.weights(params).clamp_min(0).log()  # [nb, bs, width*bs]; padding -> -inf
     bsz = element_mars.shape[1]

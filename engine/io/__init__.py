@@ -23,8 +23,17 @@ from engine.io.limits import FileFormatError
 from engine.io.psdd import first_keyword, read_psdd
 from engine.io.spn import looks_like_spn, read_spn
 
-__all__ = ["FileFormatError", "load", "read_clt", "read_jpc", "read_psdd", "read_spn", "save", "write_jpc",
-           "write_psdd"]
+__all__ = [
+    "FileFormatError",
+    "load",
+    "read_clt",
+    "read_jpc",
+    "read_psdd",
+    "read_spn",
+    "save",
+    "write_jpc",
+    "write_psdd",
+]
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header; empty archive
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -54,7 +63,9 @@ def load(path, max_depth: int | None = None):
     data = limits.read_capped(path)
     if data[:4] in _ZIP_MAGIC:
         if _is_torch_pickle_zip(data):
-            raise FileFormatError(f"{path}: a zip of pickles (torch.save / PyJuice); " + PYJUICE_HINT.format(path=path))
+            raise FileFormatError(
+                f"{path}: a zip of pickles (torch.save / PyJuice); " + PYJUICE_HINT.format(path=path)
+            )
         return load_native(data, path)
     gzipped = data[:2] == _GZIP_MAGIC
     if gzipped:
@@ -102,4 +113,3 @@ def _gunzip(data: bytes, path: str) -> bytes:
     if len(out) > limit or d.unconsumed_tail:
         raise FileFormatError(f"{path}: decompresses to more than the limit of {limit} bytes")
     return out
-

@@ -51,7 +51,7 @@ def read_clt(path, data: bytes | None = None) -> NodeVector:
         if len(tok) != want:
             raise FileFormatError(f"{where}: expected {want} fields ({'v p' if k < r else 'v parent p1 p0'})")
         v = parse_ints(tok[:1], where)[0]
-        probs = [parse_float(t, "a probability", where) for t in tok[(1 if k < r else 2):]]
+        probs = [parse_float(t, "a probability", where) for t in tok[(1 if k < r else 2) :]]
         if any(not (0.0 <= p <= 1.0) or math.isnan(p) for p in probs):
             raise FileFormatError(f"{where}: probabilities must lie in [0, 1]")
         if not 1 <= v <= n or v in cpt:

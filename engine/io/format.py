@@ -177,7 +177,9 @@ def _read_json(zf: zipfile.ZipFile, path: str) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"{path}: {JSON_MEMBER} is not valid JSON ({e})") from e
     except RecursionError:
-        raise FileFormatError(f"{path}: {JSON_MEMBER} is nested too deeply to be a circuit description") from None
+        raise FileFormatError(
+            f"{path}: {JSON_MEMBER} is nested too deeply to be a circuit description"
+        ) from None
     if not isinstance(doc, dict):
         raise FileFormatError(f"{path}: {JSON_MEMBER} must hold a JSON object")
     if doc.get("format") != FORMAT_NAME:

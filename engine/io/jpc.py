@@ -73,15 +73,21 @@ def read_jpc(path, data: bytes | None = None, max_depth: int | None = None) -> N
             node = _node(b, tok, lineno, domains)
         except (FileFormatError, CircuitError):
             raise
-        except (ValueError, OverflowError) as err:  # a value the leaf families refuse: one line, not a traceback
+        except (
+            ValueError,
+            OverflowError,
+        ) as err:  # a value the leaf families refuse: one line, not a traceback
             raise FileFormatError(f"{path}, line {lineno}: {err}") from err
     return node
 
 
 def _check_shape(tok: list[str], where: str) -> None:
     kind = tok[0]
-    ok = (len(tok) == _LEAF_ARITY[kind]) if kind in _LEAF_ARITY else (
-        kind == "C" and len(tok) >= 6) or (kind in "PS" and len(tok) >= 5 and len(kind) == 1)
+    ok = (
+        (len(tok) == _LEAF_ARITY[kind])
+        if kind in _LEAF_ARITY
+        else (kind == "C" and len(tok) >= 6) or (kind in "PS" and len(tok) >= 5 and len(kind) == 1)
+    )
     if not ok:
         raise FileFormatError(f"{where}: malformed JPC line {' '.join(tok)!r:.80}")
 
@@ -120,8 +126,10 @@ def _domains(body: list, path: str) -> dict[int, int]:
         if var < 1:
             raise FileFormatError(f"{where}: variable {var} must be >= 1 (JPC variables are numbered from 1)")
         if var > MAX_VARIABLE or k > MAX_VALUES:
-            raise FileFormatError(f"{where}: variable {var} with {k} values is past this reader's limits "
-                                  f"({MAX_VARIABLE} variables, {MAX_VALUES} values)")
+            raise FileFormatError(
+                f"{where}: variable {var} with {k} values is past this reader's limits "
+                f"({MAX_VARIABLE} variables, {MAX_VALUES} values)"
+            )
         old = dom.get(var, k)
         if (old < 0) != (k < 0):
             raise FileFormatError(f"{where}: variable {var} has both Gaussian and discrete leaves")
@@ -137,7 +145,9 @@ def _node(b: PerNodeBuilder, tok: list[str], lineno: int, domains: dict[int, int
         n = parse_ints(tok[3:4], where)[0]
         rest = tok[4:]
         if n < 1 or len(rest) != (n if kind == "P" else 2 * n):
-            raise FileFormatError(f"{where}: node {nid} declares {n} children but has {len(rest)} child tokens")
+            raise FileFormatError(
+                f"{where}: node {nid} declares {n} children but has {len(rest)} child tokens"
+            )
         if kind == "P":
             return b.product(nid, parse_ints(rest, where), lineno, "jpc")
         ids = parse_ints(rest[0::2], where)
@@ -154,7 +164,9 @@ def _node(b: PerNodeBuilder, tok: list[str], lineno: int, domains: dict[int, int
     if kind == "G":
         mu, sigma = (parse_float(t, "a number", where) for t in tok[4:6])
         if not (math.isfinite(mu) and math.isfinite(sigma) and sigma > 0):
-            raise FileFormatError(f"{where}: gaussian needs a finite mean and sigma > 0, got {mu:g} {sigma:g}")
+            raise FileFormatError(
+                f"{where}: gaussian needs a finite mean and sigma > 0, got {mu:g} {sigma:g}"
+            )
         return b.leaf(nid, gaussian_leaf(var - 1, mu, sigma), lineno, "jpc")
     if kind == "B":
         n = parse_ints(tok[4:5], where)[0]
@@ -181,7 +193,10 @@ def _binomial_pmf(n: int, p: float) -> list[float]:
     if p <= 0.0 or p >= 1.0:
         return [float(k == (0 if p <= 0.0 else n)) for k in range(n + 1)]
     lp, lq, lgn = math.log(p), math.log1p(-p), math.lgamma(n + 1)
-    return [math.exp(lgn - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq) for k in range(n + 1)]
+    return [
+        math.exp(lgn - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq)
+        for k in range(n + 1)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ write

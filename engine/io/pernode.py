@@ -81,8 +81,10 @@ class PerNodeBuilder:
             raise FileFormatError(f"{self.where(lineno)}: node id {nid} defined twice")
         depth = 1 + max((self.depths[c.uid] for c in node.children), default=0)
         if self.max_depth is not None and depth > self.max_depth:
-            raise CircuitError(f"{self.where(lineno)}: node {nid} makes the circuit {depth} nodes deep; "
-                               f"the limit here is {self.max_depth}")
+            raise CircuitError(
+                f"{self.where(lineno)}: node {nid} makes the circuit {depth} nodes deep; "
+                f"the limit here is {self.max_depth}"
+            )
         node.name = f"{label} {nid}"
         self.nodes[nid], self.scopes[nid], self.depths[node.uid] = node, scope, depth
         return node
@@ -97,13 +99,17 @@ class PerNodeBuilder:
         for c in child_ids:
             self.child(c, nid, lineno)
             if scope & self.scopes[c]:
-                raise CircuitError(f"{self.where(lineno)}: product node {nid} is not decomposable "
-                                   f"(its children share variables)")
+                raise CircuitError(
+                    f"{self.where(lineno)}: product node {nid} is not decomposable "
+                    f"(its children share variables)"
+                )
             scope |= self.scopes[c]
         node = multiply(*(self.nodes[c] for c in child_ids), block_size=1)
         return self.define(nid, node, scope, lineno, label)
 
-    def sum(self, nid: int, child_ids: list[int], log_weights: list[float], lineno: int, label: str) -> NodeVector:
+    def sum(
+        self, nid: int, child_ids: list[int], log_weights: list[float], lineno: int, label: str
+    ) -> NodeVector:
         """Sum node with weights exp(log_weights); duplicates merged, zero weights dropped."""
         if not child_ids:
             raise FileFormatError(f"{self.where(lineno)}: sum node {nid} has no children")
@@ -111,17 +117,25 @@ class PerNodeBuilder:
         for c, lw in zip(child_ids, log_weights):
             self.child(c, nid, lineno)
             if math.isnan(lw) or lw > 1e-6:
-                raise FileFormatError(f"{self.where(lineno)}: sum node {nid} has log-weight {lw:g} (must be <= 0)")
+                raise FileFormatError(
+                    f"{self.where(lineno)}: sum node {nid} has log-weight {lw:g} (must be <= 0)"
+                )
             weights[c] = weights.get(c, 0.0) + math.exp(lw)
         total = sum(weights.values())
         if abs(total - 1.0) > WEIGHT_SUM_TOL:
             raise FileFormatError(f"{self.where(lineno)}: sum node {nid}'s weights sum to {total:.6g}, not 1")
         scopes = {self.scopes[c] for c in weights}
         if len(scopes) != 1:
-            raise CircuitError(f"{self.where(lineno)}: sum node {nid} is not smooth (children have different scopes)")
+            raise CircuitError(
+                f"{self.where(lineno)}: sum node {nid} is not smooth (children have different scopes)"
+            )
         kept = [(c, w) for c, w in weights.items() if w > 0]
-        node = summate(*(self.nodes[c] for c, _ in kept), num_nodes=1, block_size=1,
-                       params=[[[w / total]] for _, w in kept])
+        node = summate(
+            *(self.nodes[c] for c, _ in kept),
+            num_nodes=1,
+            block_size=1,
+            params=[[[w / total]] for _, w in kept],
+        )
         return self.define(nid, node, scopes.pop(), lineno, label)
 
 

@@ -94,13 +94,17 @@ class _Exporter:
         for c, k, w in elems:
             edges = c.node_edges()[k]
             if len(c.children) != 2:
-                raise FileFormatError(f"PSDD export: a product has {len(c.children)} children (a PSDD needs 2)")
+                raise FileFormatError(
+                    f"PSDD export: a product has {len(c.children)} children (a PSDD needs 2)"
+                )
             prime, sub = (self.node(ch, int(e)) for ch, e in zip(c.children, edges))
             sp, ss = self.scope[prime], self.scope[sub]
             split = self.splits.setdefault(sp | ss, (sp, ss))
             if split != (sp, ss):
-                raise FileFormatError("PSDD export: the circuit is not structured-decomposable (two products over "
-                                      f"variables {sorted(sp | ss)[:6]} split them differently)")
+                raise FileFormatError(
+                    "PSDD export: the circuit is not structured-decomposable (two products over "
+                    f"variables {sorted(sp | ss)[:6]} split them differently)"
+                )
             out[(prime, sub)] = out.get((prime, sub), 0.0) + w
             scope = sp | ss
         return self._emit(("D", scope, list(out.items())), scope)
@@ -153,7 +157,9 @@ def write_psdd(root_or_pc, path, vtree_path=None) -> None:
         else:
             elems = " ".join(f"{p} {s} {_log(w)}" for (p, s), w in line[2])
             if line[1] not in vt_ids:
-                raise FileFormatError(f"PSDD export: node over variables {sorted(line[1])[:6]} is off the vtree")
+                raise FileFormatError(
+                    f"PSDD export: node over variables {sorted(line[1])[:6]} is off the vtree"
+                )
             out.append(f"D {nid} {vt_ids[line[1]]} {len(line[2])} {elems}")
     head = "c written by Circuit Workbench (engine.io.write_psdd); nodes children first, last is the root\n"
     _write_text(path, head + f"psdd {len(out)}\n" + "\n".join(out) + "\n")

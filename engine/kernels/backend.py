@@ -70,12 +70,16 @@ class TritonBackend(TorchBackend):
             if layer.kind == "product" and layer.partitions:
                 tables.layers[layer.index] = product.layer_tensors(base[layer.index], long)
             elif layer.kind == "sum":
-                tables.layers[layer.index] = _sum_layer(layer, base[layer.index], tables.kernels[layer.index], long)
+                tables.layers[layer.index] = _sum_layer(
+                    layer, base[layer.index], tables.kernels[layer.index], long
+                )
             if layer.kind == "sum" and layer.index > 0:
                 mark_sole_writer(plan.layers[layer.index - 1], tables.layers[layer.index])
         mark_first_flow_writers(plan, tables.layers, device)
-        tables.inputs = [InputKernelTable(tuple(t.to(device) for t in inputs.segments(inp.vars, self.options.input_nodes)))
-                         for inp in inputs_]
+        tables.inputs = [
+            InputKernelTable(tuple(t.to(device) for t in inputs.segments(inp.vars, self.options.input_nodes)))
+            for inp in inputs_
+        ]
         return tables
 
     # ----------------------------------------------------------------- sum and product layers
@@ -88,7 +92,9 @@ class TritonBackend(TorchBackend):
             else:
                 torch_ops.sum_forward(pt, params, element_mars, node_mars)
 
-    def sum_backward(self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows) -> None:
+    def sum_backward(
+        self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows
+    ) -> None:
         for pt in table.parts:
             args = (pt, params, element_mars, node_mars, node_flows, element_flows, param_flows)
             if isinstance(pt, BlockSumTensors):
@@ -123,13 +129,24 @@ class TritonBackend(TorchBackend):
         return TransposedInputs(xt, mt)
 
     def input_stats(self, layer: InputLayer, table: InputKernelTable, cache: TransposedInputs, flows) -> None:
-        if not inputs.input_stats(layer.dist, layer.stats, layer.params, layer.vars, cache.xt, cache.mt, flows,
-                                  table.segments, self.options):
+        if not inputs.input_stats(
+            layer.dist,
+            layer.stats,
+            layer.params,
+            layer.vars,
+            cache.xt,
+            cache.mt,
+            flows,
+            table.segments,
+            self.options,
+        ):
             xv, miss = gather(layer.vars, cache.xt.T, cache.mt.T, layer.dist.discrete)
             layer.dist.accumulate_stats(layer.stats, layer.params, xv, miss, flows)
 
     def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
-        if not inputs.input_em_update(layer.dist, layer.params, layer.stats, step_size, pseudocount, self.options):
+        if not inputs.input_em_update(
+            layer.dist, layer.params, layer.stats, step_size, pseudocount, self.options
+        ):
             super().input_em_update(layer, table, step_size, pseudocount)
 
 
@@ -154,8 +171,11 @@ def mark_sole_writer(below: Layer, table: SumLayerKernelTensors) -> None:
     _, lo, hi = below.writes
     cb = pt.cblocks.cpu()
     starts = torch.arange(lo, hi, pt.block_size)
-    pt.sole_writer = table.sole_writer = bool((hi - lo) % pt.block_size == 0 and cb.numel() == starts.numel()
-                                              and torch.equal(torch.sort(cb).values, starts))
+    pt.sole_writer = table.sole_writer = bool(
+        (hi - lo) % pt.block_size == 0
+        and cb.numel() == starts.numel()
+        and torch.equal(torch.sort(cb).values, starts)
+    )
 
 
 def mark_first_flow_writers(plan: LayerPlan, tables: list, device) -> None:

@@ -16,8 +16,7 @@ from engine.kernels.options import KernelOptions
 
 
 @triton.jit
-def _sum_em_kernel(prm, pflows, mask, param_off, R, L, step, pseudocount,
-                   RN: tl.constexpr, CL: tl.constexpr):
+def _sum_em_kernel(prm, pflows, mask, param_off, R, L, step, pseudocount, RN: tl.constexpr, CL: tl.constexpr):
     rows = tl.program_id(0) * RN + tl.arange(0, RN)
     rm = rows < R
     base = param_off + rows.to(tl.int64) * L
@@ -52,7 +51,15 @@ def sum_em_update(pt, params, param_flows, mask, step_size: float, pseudocount: 
     RN = 16
     CL = max(16, min(256, triton.next_power_of_2(L)))
     _sum_em_kernel[(triton.cdiv(R, RN),)](
-        params, param_flows, mask.view(torch.uint8), pt.param_offset, R, L, float(step_size), float(pseudocount),
-        RN=RN, CL=CL, num_warps=opts.num_warps,
+        params,
+        param_flows,
+        mask.view(torch.uint8),
+        pt.param_offset,
+        R,
+        L,
+        float(step_size),
+        float(pseudocount),
+        RN=RN,
+        CL=CL,
+        num_warps=opts.num_warps,
     )
-

@@ -37,9 +37,17 @@ class CapturedStep:
     or `pc(x)` alone with `forward_only=True`. Every call adds `sum(log p(x))` into `ll_sum`
     (float64, on the circuit's device) so a caller reads the running total only when it wants it."""
 
-    def __init__(self, pc, batch_size: int, em: tuple[float, float] | None = None, zero_flows: bool = True,
-                 forward_only: bool = False, capture_first: bool = False, enabled: bool = True,
-                 reduce=None):
+    def __init__(
+        self,
+        pc,
+        batch_size: int,
+        em: tuple[float, float] | None = None,
+        zero_flows: bool = True,
+        forward_only: bool = False,
+        capture_first: bool = False,
+        enabled: bool = True,
+        reduce=None,
+    ):
         self.pc, self.batch_size, self.em, self.zero = pc, int(batch_size), em, zero_flows
         self.reduce = reduce  # engine.distributed.FlowReducer: start() before the flows, called after them
         self.forward_only = forward_only

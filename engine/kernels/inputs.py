@@ -21,8 +21,9 @@ from engine.kernels.options import KernelOptions
 
 
 @triton.jit
-def _input_fwd_kernel(prm, xt, mt, vars_, out, N, B, P, C, num_bt,
-                      LOG_PROB: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+def _input_fwd_kernel(
+    prm, xt, mt, vars_, out, N, B, P, C, num_bt, LOG_PROB: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr
+):
     pid = tl.program_id(0)
     n = (pid // num_bt) * BN + tl.arange(0, BN)
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -38,8 +39,21 @@ def _input_fwd_kernel(prm, xt, mt, vars_, out, N, B, P, C, num_bt,
 
 
 @triton.jit
-def _tile_stats_kernel(stats, prm, xt, mt, flows, vars_, N, B, P,
-                       STATS_TILE: tl.constexpr, S: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+def _tile_stats_kernel(
+    stats,
+    prm,
+    xt,
+    mt,
+    flows,
+    vars_,
+    N,
+    B,
+    P,
+    STATS_TILE: tl.constexpr,
+    S: tl.constexpr,
+    BN: tl.constexpr,
+    BB: tl.constexpr,
+):
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     nm = n < N
     n64 = n.to(tl.int64)
@@ -84,8 +98,20 @@ def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions) -> None
     N, B = out.shape
     nbt = triton.cdiv(B, opts.block_b)
     _input_fwd_kernel[(triton.cdiv(N, opts.input_nodes) * nbt,)](
-        params, xt, mt, vars_, out, N, B, params.shape[1], dist.kernel_constant(), nbt,
-        LOG_PROB=dist.kernel_log_prob, BN=opts.input_nodes, BB=opts.block_b, num_warps=opts.num_warps,
+        params,
+        xt,
+        mt,
+        vars_,
+        out,
+        N,
+        B,
+        params.shape[1],
+        dist.kernel_constant(),
+        nbt,
+        LOG_PROB=dist.kernel_log_prob,
+        BN=opts.input_nodes,
+        BB=opts.block_b,
+        num_warps=opts.num_warps,
     )
 
 
@@ -93,8 +119,19 @@ def tile_stats(dist, stats, params, vars_, xt, mt, flows, opts: KernelOptions) -
     """stats `[N, S <= 3]` += flow-weighted statistics through the family's `kernel_stats_tile`."""
     N, B = flows.shape
     _tile_stats_kernel[(triton.cdiv(N, opts.input_nodes),)](
-        stats, params, xt, mt, flows, vars_, N, B, params.shape[1],
-        STATS_TILE=dist.kernel_stats_tile, S=stats.shape[1], BN=opts.input_nodes, BB=opts.block_b,
+        stats,
+        params,
+        xt,
+        mt,
+        flows,
+        vars_,
+        N,
+        B,
+        params.shape[1],
+        STATS_TILE=dist.kernel_stats_tile,
+        S=stats.shape[1],
+        BN=opts.input_nodes,
+        BB=opts.block_b,
         num_warps=opts.num_warps,
     )
 

@@ -37,8 +37,17 @@ class KernelOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("block_b", "prod_rows", "sparse_children", "input_nodes", "group_cols", "fwd_block_b", "elem_block_b",
-                     "stats_block_b", "stats_cats"):
+        for name in (
+            "block_b",
+            "prod_rows",
+            "sparse_children",
+            "input_nodes",
+            "group_cols",
+            "fwd_block_b",
+            "elem_block_b",
+            "stats_block_b",
+            "stats_cats",
+        ):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")

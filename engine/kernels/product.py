@@ -26,7 +26,9 @@ from engine.kernels.options import KernelOptions
 
 
 @triton.jit
-def _prod_fwd_kernel(nmars, emars, elem_rows, child_rows, N, B, W, num_bt, PR: tl.constexpr, BB: tl.constexpr):
+def _prod_fwd_kernel(
+    nmars, emars, elem_rows, child_rows, N, B, W, num_bt, PR: tl.constexpr, BB: tl.constexpr
+):
     pid = tl.program_id(0)
     rows = (pid // num_bt) * PR + tl.arange(0, PR)
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -41,7 +43,9 @@ def _prod_fwd_kernel(nmars, emars, elem_rows, child_rows, N, B, W, num_bt, PR: t
 
 
 @triton.jit
-def _prod_bwd_kernel(eflows, nflows, crows, table, first, N, B, D, num_bt, PR: tl.constexpr, BB: tl.constexpr):
+def _prod_bwd_kernel(
+    eflows, nflows, crows, table, first, N, B, D, num_bt, PR: tl.constexpr, BB: tl.constexpr
+):
     pid = tl.program_id(0)
     rows = (pid // num_bt) * PR + tl.arange(0, PR)
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -82,8 +86,17 @@ def prod_forward(t: ProdLayerKernelTensors, node_mars, element_mars, opts: Kerne
     B = node_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     _prod_fwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
-        node_mars, element_mars, elem_rows, child_rows, N, B, W, nbt,
-        PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
+        node_mars,
+        element_mars,
+        elem_rows,
+        child_rows,
+        N,
+        B,
+        W,
+        nbt,
+        PR=opts.prod_rows,
+        BB=opts.block_b,
+        num_warps=opts.num_warps,
     )
 
 
@@ -94,15 +107,27 @@ def prod_backward(t: ProdLayerKernelTensors, element_flows, node_flows, opts: Ke
     B = node_flows.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     _prod_bwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
-        element_flows, node_flows, t.flow_rows, t.parent_table, t.flow_first, N, B, D, nbt,
-        PR=opts.prod_rows, BB=opts.block_b, num_warps=opts.num_warps,
+        element_flows,
+        node_flows,
+        t.flow_rows,
+        t.parent_table,
+        t.flow_first,
+        N,
+        B,
+        D,
+        nbt,
+        PR=opts.prod_rows,
+        BB=opts.block_b,
+        num_warps=opts.num_warps,
     )
 
 
 def merge_layer(parts) -> tuple[torch.Tensor, torch.Tensor]:
     """(elem_rows [n], child_rows [n, max width]) of all partitions of one product layer."""
     width = max(pt.child_rows.shape[1] for pt in parts)
-    rows = [torch.nn.functional.pad(pt.child_rows, (0, width - pt.child_rows.shape[1]), value=0) for pt in parts]
+    rows = [
+        torch.nn.functional.pad(pt.child_rows, (0, width - pt.child_rows.shape[1]), value=0) for pt in parts
+    ]
     return torch.cat([pt.elem_rows for pt in parts]), torch.cat(rows)
 
 

@@ -24,12 +24,17 @@ def kernel_for(kind: str, block_size: int) -> str:
 
 def choose_kernels(plan: LayerPlan) -> dict[int, list[str]]:
     """Layer index -> the kernel name of each of its partitions."""
-    return {layer.index: [kernel_for(layer.kind, p.block_size) for p in layer.partitions]
-            for layer in plan.layers if layer.partitions}
+    return {
+        layer.index: [kernel_for(layer.kind, p.block_size) for p in layer.partitions]
+        for layer in plan.layers
+        if layer.partitions
+    }
 
 
 def check_runnable(device) -> None:
     """Triton kernels need a CUDA device, or Triton's interpreter (TRITON_INTERPRET=1) on CPU."""
     if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before importing "
-                         "Triton); use backend='torch' on CPU")
+        raise ValueError(
+            "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 set before importing "
+            "Triton); use backend='torch' on CPU"
+        )

@@ -49,8 +49,21 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _sum_fwd_block_kernel(prm, emars, nmars, node_rows, child_rows, B, W, param_off, num_bt,
-                          BS: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
+def _sum_fwd_block_kernel(
+    prm,
+    emars,
+    nmars,
+    node_rows,
+    child_rows,
+    B,
+    W,
+    param_off,
+    num_bt,
+    BS: tl.constexpr,
+    BB: tl.constexpr,
+    G: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid = tl.program_id(0)
     i = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -65,8 +78,11 @@ def _sum_fwd_block_kernel(prm, emars, nmars, node_rows, child_rows, B, W, param_
         kmask = kk < W
         c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
         # read G * BS * BB child values, once
-        el = tl.load(emars + (c0 + q % BS)[:, None] * B + offs_b[None, :],
-                     mask=kmask[:, None] & bmask[None, :], other=float("-inf"))
+        el = tl.load(
+            emars + (c0 + q % BS)[:, None] * B + offs_b[None, :],
+            mask=kmask[:, None] & bmask[None, :],
+            other=float("-inf"),
+        )
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         # the BS x G*BS weight slab (L2-resident across the batch tiles of this node block)
@@ -95,16 +111,35 @@ def _node_scale_kernel(nmars, nflows, node_rows, scale, mus, B, num_bt, BS: tl.c
     u = tl.where(f > 0, tl.log(tl.maximum(f, TINY)) - v, ninf)
     mu = tl.max(u, 0)
     mu = tl.where(mu == float("-inf"), 0.0, mu)
-    tl.store(scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :], tl.exp(u - mu[None, :]),
-             mask=bmask[None, :])
+    tl.store(
+        scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :],
+        tl.exp(u - mu[None, :]),
+        mask=bmask[None, :],
+    )
     tl.store(mus + i.to(tl.int64) * B + offs_b, mu, mask=bmask)
 
 
 @triton.jit
-def _sum_bwd_elem_block_kernel(prm, emars, scale, mus, eflows, cblocks, ptr, par_i, par_k,
-                               B, W, param_off, num_bt,
-                               BS: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr,
-                               ACCUM: tl.constexpr):
+def _sum_bwd_elem_block_kernel(
+    prm,
+    emars,
+    scale,
+    mus,
+    eflows,
+    cblocks,
+    ptr,
+    par_i,
+    par_k,
+    B,
+    W,
+    param_off,
+    num_bt,
+    BS: tl.constexpr,
+    BB: tl.constexpr,
+    G: tl.constexpr,
+    PREC: tl.constexpr,
+    ACCUM: tl.constexpr,
+):
     pid = tl.program_id(0)
     c = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -121,20 +156,32 @@ def _sum_bwd_elem_block_kernel(prm, emars, scale, mus, eflows, cblocks, ptr, par
         # their node-block maxima [G, BB], folded into an online common max (as the forward pass)
         gmask = (e0 + g) < end
         ig = tl.load(par_i + e0 + g, mask=gmask, other=0)
-        mu = tl.load(mus + ig[:, None] * B + offs_b[None, :], mask=gmask[:, None] & bmask[None, :],
-                     other=float("-inf"))
+        mu = tl.load(
+            mus + ig[:, None] * B + offs_b[None, :], mask=gmask[:, None] & bmask[None, :], other=float("-inf")
+        )
         m_new = tl.maximum(big_m, tl.max(mu, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        rescale = tl.reshape(tl.broadcast_to(tl.exp(mu - m_safe[None, :])[:, None, :], (G, BS, BB)), (G * BS, BB))
+        rescale = tl.reshape(
+            tl.broadcast_to(tl.exp(mu - m_safe[None, :])[:, None, :], (G, BS, BB)), (G * BS, BB)
+        )
         eq = e0 + q // BS
         emask = eq < end
         iq = tl.load(par_i + eq, mask=emask, other=0)
         kq = tl.load(par_k + eq, mask=emask, other=0)
-        a = tl.load(scale + (iq * BS + q % BS)[:, None] * B + offs_b[None, :],
-                    mask=emask[:, None] & bmask[None, :], other=0.0) * rescale
+        a = (
+            tl.load(
+                scale + (iq * BS + q % BS)[:, None] * B + offs_b[None, :],
+                mask=emask[:, None] & bmask[None, :],
+                other=0.0,
+            )
+            * rescale
+        )
         # W^T slab [child j, parent node q]: W_i[q % BS, k * BS + j]
-        wt = tl.load(prm + param_off + (iq * BS * W * BS + (q % BS) * (W * BS) + kq * BS)[None, :] + r[:, None],
-                     mask=emask[None, :], other=0.0)
+        wt = tl.load(
+            prm + param_off + (iq * BS * W * BS + (q % BS) * (W * BS) + kq * BS)[None, :] + r[:, None],
+            mask=emask[None, :],
+            other=0.0,
+        )
         acc = acc * tl.exp(big_m - m_safe)[None, :] + _mm(wt, a, PREC)  # [child j, batch]
         big_m = m_new
     big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
@@ -147,9 +194,23 @@ def _sum_bwd_elem_block_kernel(prm, emars, scale, mus, eflows, cblocks, ptr, par
 
 
 @triton.jit
-def _sum_bwd_param_block_kernel(prm, pflows, emars, scale, mus, child_rows, B, W, param_off, num_kg,
-                                BS: tl.constexpr, BB: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr,
-                                EXP_CLAMP: tl.constexpr):
+def _sum_bwd_param_block_kernel(
+    prm,
+    pflows,
+    emars,
+    scale,
+    mus,
+    child_rows,
+    B,
+    W,
+    param_off,
+    num_kg,
+    BS: tl.constexpr,
+    BB: tl.constexpr,
+    G: tl.constexpr,
+    PREC: tl.constexpr,
+    EXP_CLAMP: tl.constexpr,
+):
     pid = tl.program_id(0)
     i = pid // num_kg
     k0 = (pid % num_kg) * G
@@ -167,14 +228,19 @@ def _sum_bwd_param_block_kernel(prm, pflows, emars, scale, mus, child_rows, B, W
             bmask = offs_b < B
             a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
             mu = tl.load(mus + i.to(tl.int64) * B + offs_b, mask=bmask, other=0.0)
-            el = tl.load(emars + crow + offs_b[None, :], mask=kmask[:, None] & bmask[None, :], other=float("-inf"))
+            el = tl.load(
+                emars + crow + offs_b[None, :], mask=kmask[:, None] & bmask[None, :], other=float("-inf")
+            )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
         wptr = param_off + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
         w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
         # read-modify-write one BS x G*BS slab of parameter flows
-        tl.store(pflows + wptr, tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
-                 mask=kmask[None, :])
+        tl.store(
+            pflows + wptr,
+            tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
+            mask=kmask[None, :],
+        )
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -209,37 +275,95 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
     nbt = triton.cdiv(B, bb)
     grid = (pt.num_node_blocks * nbt,)
     _sum_fwd_block_kernel[grid](
-        params, element_mars, node_mars, pt.node_rows, pt.child_rows, B, pt.width, pt.param_offset, nbt,
-        BS=pt.block_size, BB=bb, G=group_size(pt.block_size, pt.width, opts.group_cols),
-        PREC=opts.precision, num_warps=opts.num_warps,
+        params,
+        element_mars,
+        node_mars,
+        pt.node_rows,
+        pt.child_rows,
+        B,
+        pt.width,
+        pt.param_offset,
+        nbt,
+        BS=pt.block_size,
+        BB=bb,
+        G=group_size(pt.block_size, pt.width, opts.group_cols),
+        PREC=opts.precision,
+        num_warps=opts.num_warps,
     )
 
 
-def sum_backward_block(pt, params, element_mars, node_mars, node_flows, element_flows, param_flows,
-                       opts: KernelOptions, exp_clamp: float) -> None:
+def sum_backward_block(
+    pt,
+    params,
+    element_mars,
+    node_mars,
+    node_flows,
+    element_flows,
+    param_flows,
+    opts: KernelOptions,
+    exp_clamp: float,
+) -> None:
     """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch)."""
     B = element_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     bs, nb = pt.block_size, pt.num_node_blocks
     scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
     mus = torch.empty(nb, B, device=element_mars.device, dtype=element_mars.dtype)
-    _node_scale_kernel[(nb * nbt,)](node_mars, node_flows, pt.node_rows, scale, mus, B, nbt,
-                                    BS=bs, BB=opts.block_b, num_warps=opts.num_warps)
+    _node_scale_kernel[(nb * nbt,)](
+        node_mars,
+        node_flows,
+        pt.node_rows,
+        scale,
+        mus,
+        B,
+        nbt,
+        BS=bs,
+        BB=opts.block_b,
+        num_warps=opts.num_warps,
+    )
     nc = pt.cblocks.shape[0]
     if nc:
         max_par = pt.max_parents
         ebt = triton.cdiv(B, opts.elem_block_b)
         _sum_bwd_elem_block_kernel[(nc * ebt,)](
-            params, element_mars, scale, mus, element_flows, pt.cblocks, pt.cptr,
-            pt.par_i, pt.par_k, B, pt.width, pt.param_offset, ebt,
-            BS=bs, BB=opts.elem_block_b, G=group_size(bs, max_par, opts.group_cols), PREC=opts.precision,
-            ACCUM=not pt.sole_writer, num_warps=opts.num_warps,
+            params,
+            element_mars,
+            scale,
+            mus,
+            element_flows,
+            pt.cblocks,
+            pt.cptr,
+            pt.par_i,
+            pt.par_k,
+            B,
+            pt.width,
+            pt.param_offset,
+            ebt,
+            BS=bs,
+            BB=opts.elem_block_b,
+            G=group_size(bs, max_par, opts.group_cols),
+            PREC=opts.precision,
+            ACCUM=not pt.sole_writer,
+            num_warps=opts.num_warps,
         )
     g = group_size(bs, pt.width, opts.group_cols)
     nkg = triton.cdiv(pt.width, g)
     _sum_bwd_param_block_kernel[(nb * nkg,)](
-        params, param_flows, element_mars, scale, mus, pt.child_rows, B, pt.width,
-        pt.param_offset, nkg, BS=bs, BB=opts.block_b, G=g, PREC=opts.precision, EXP_CLAMP=exp_clamp,
+        params,
+        param_flows,
+        element_mars,
+        scale,
+        mus,
+        pt.child_rows,
+        B,
+        pt.width,
+        pt.param_offset,
+        nkg,
+        BS=bs,
+        BB=opts.block_b,
+        G=g,
+        PREC=opts.precision,
+        EXP_CLAMP=exp_clamp,
         num_warps=opts.num_warps,
     )
 
@@ -258,12 +382,22 @@ class BlockSumTensors(SumPartitionTensors):
     sole_writer: bool = False  # the only writer of every element row of the product layer below
 
 
-def block_tensors(pt: SumPartitionTensors, node_rows, child_rows, first_real_row: int, long) -> BlockSumTensors:
+def block_tensors(
+    pt: SumPartitionTensors, node_rows, child_rows, first_real_row: int, long
+) -> BlockSumTensors:
     """The tiled kernels' tables for one partition (`long`: makes a device long tensor)."""
     cb, ptr, pi, pk = child_major_blocks(long(child_rows), first_real_row)
     max_parents = int((ptr[1:] - ptr[:-1]).max()) if len(cb) else 1
-    return BlockSumTensors(**vars(pt), node_rows=long(node_rows), child_rows=long(child_rows), cblocks=long(cb),
-                           cptr=long(ptr), par_i=long(pi), par_k=long(pk), max_parents=max_parents)
+    return BlockSumTensors(
+        **vars(pt),
+        node_rows=long(node_rows),
+        child_rows=long(child_rows),
+        cblocks=long(cb),
+        cptr=long(ptr),
+        par_i=long(pi),
+        par_k=long(pk),
+        max_parents=max_parents,
+    )
 
 
 def child_major_blocks(child_rows: torch.Tensor, first_real_row: int):

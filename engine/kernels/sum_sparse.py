@@ -23,9 +23,22 @@ from engine.kernels.options import KernelOptions
 
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
+
 @triton.jit
-def _sum_fwd_sparse_kernel(prm, emars, nmars, node_idx, child_idx, B, L, param_off, num_bt,
-                           BS: tl.constexpr, CH: tl.constexpr, BB: tl.constexpr):
+def _sum_fwd_sparse_kernel(
+    prm,
+    emars,
+    nmars,
+    node_idx,
+    child_idx,
+    B,
+    L,
+    param_off,
+    num_bt,
+    BS: tl.constexpr,
+    CH: tl.constexpr,
+    BB: tl.constexpr,
+):
     pid = tl.program_id(0)
     node = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -38,8 +51,11 @@ def _sum_fwd_sparse_kernel(prm, emars, nmars, node_idx, child_idx, B, L, param_o
         cm = cc < L
         crow = tl.load(child_idx + blk.to(tl.int64) * L + cc, mask=cm, other=0)
         w = tl.load(prm + param_off + node.to(tl.int64) * L + cc, mask=cm, other=0.0)
-        el = tl.load(emars + crow[:, None] * B + offs_b[None, :], mask=cm[:, None] & bmask[None, :],
-                     other=float("-inf"))  # read CH * BB child values
+        el = tl.load(
+            emars + crow[:, None] * B + offs_b[None, :],
+            mask=cm[:, None] & bmask[None, :],
+            other=float("-inf"),
+        )  # read CH * BB child values
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         acc = acc * tl.exp(m - m_safe) + tl.sum(w[:, None] * tl.exp(el - m_safe[None, :]), 0)
@@ -50,8 +66,9 @@ def _sum_fwd_sparse_kernel(prm, emars, nmars, node_idx, child_idx, B, L, param_o
 
 
 @triton.jit
-def _sum_bwd_elem_sparse_kernel(prm, emars, nmars, nflows, eflows, crows, ptr, e_node, e_param, B, num_bt,
-                                BB: tl.constexpr):
+def _sum_bwd_elem_sparse_kernel(
+    prm, emars, nmars, nflows, eflows, crows, ptr, e_node, e_param, B, num_bt, BB: tl.constexpr
+):
     pid = tl.program_id(0)
     c = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -80,8 +97,21 @@ def _sum_bwd_elem_sparse_kernel(prm, emars, nmars, nflows, eflows, crows, ptr, e
 
 
 @triton.jit
-def _sum_bwd_param_sparse_kernel(prm, pflows, emars, nmars, nflows, e_node, e_child, e_param, E, B,
-                                 CH: tl.constexpr, BB: tl.constexpr, EXP_CLAMP: tl.constexpr):
+def _sum_bwd_param_sparse_kernel(
+    prm,
+    pflows,
+    emars,
+    nmars,
+    nflows,
+    e_node,
+    e_child,
+    e_param,
+    E,
+    B,
+    CH: tl.constexpr,
+    BB: tl.constexpr,
+    EXP_CLAMP: tl.constexpr,
+):
     ee = tl.program_id(0) * CH + tl.arange(0, CH)
     em = ee < E
     n = tl.load(e_node + ee, mask=em, other=0)
@@ -106,26 +136,69 @@ def sum_forward_sparse(pt, params, element_mars, node_mars, opts: KernelOptions)
     nbt = triton.cdiv(B, opts.block_b)
     L = pt.width * pt.block_size
     _sum_fwd_sparse_kernel[(pt.num_node_blocks * pt.block_size * nbt,)](
-        params, element_mars, node_mars, pt.node_idx, pt.child_idx, B, L, pt.param_offset, nbt,
-        BS=pt.block_size, CH=opts.sparse_children, BB=opts.block_b, num_warps=opts.num_warps,
+        params,
+        element_mars,
+        node_mars,
+        pt.node_idx,
+        pt.child_idx,
+        B,
+        L,
+        pt.param_offset,
+        nbt,
+        BS=pt.block_size,
+        CH=opts.sparse_children,
+        BB=opts.block_b,
+        num_warps=opts.num_warps,
     )
 
 
-def sum_backward_sparse(pt, params, element_mars, node_mars, node_flows, element_flows, param_flows,
-                        opts: KernelOptions, exp_clamp: float) -> None:
+def sum_backward_sparse(
+    pt,
+    params,
+    element_mars,
+    node_mars,
+    node_flows,
+    element_flows,
+    param_flows,
+    opts: KernelOptions,
+    exp_clamp: float,
+) -> None:
     B = element_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     nc = pt.crows.shape[0]
     if nc:
         _sum_bwd_elem_sparse_kernel[(nc * nbt,)](
-            params, element_mars, node_mars, node_flows, element_flows, pt.crows, pt.cptr, pt.e_node_c,
-            pt.e_param_c, B, nbt, BB=opts.block_b, num_warps=opts.num_warps,
+            params,
+            element_mars,
+            node_mars,
+            node_flows,
+            element_flows,
+            pt.crows,
+            pt.cptr,
+            pt.e_node_c,
+            pt.e_param_c,
+            B,
+            nbt,
+            BB=opts.block_b,
+            num_warps=opts.num_warps,
         )
     E = pt.e_node.shape[0]
     if E:
         _sum_bwd_param_sparse_kernel[(triton.cdiv(E, opts.sparse_children),)](
-            params, param_flows, element_mars, node_mars, node_flows, pt.e_node, pt.e_child, pt.e_param, E, B,
-            CH=opts.sparse_children, BB=opts.block_b, EXP_CLAMP=exp_clamp, num_warps=opts.num_warps,
+            params,
+            param_flows,
+            element_mars,
+            node_mars,
+            node_flows,
+            pt.e_node,
+            pt.e_child,
+            pt.e_param,
+            E,
+            B,
+            CH=opts.sparse_children,
+            BB=opts.block_b,
+            EXP_CLAMP=exp_clamp,
+            num_warps=opts.num_warps,
         )
 
 
@@ -160,5 +233,12 @@ def sparse_edges(pt, first_real_row: int) -> dict[str, torch.Tensor]:
     crows, counts = torch.unique_consecutive(child[order], return_counts=True)
     ptr = torch.zeros(crows.numel() + 1, dtype=torch.long)
     ptr[1:] = torch.cumsum(counts, 0)
-    return {"e_node": node, "e_child": child, "e_param": param, "crows": crows, "cptr": ptr,
-            "e_node_c": node[order], "e_param_c": param[order]}
+    return {
+        "e_node": node,
+        "e_child": child,
+        "e_param": param,
+        "crows": crows,
+        "cptr": ptr,
+        "e_node_c": node[order],
+        "e_param_c": param[order],
+    }

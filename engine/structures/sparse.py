@@ -41,7 +41,9 @@ def block_sparse(root: NodeVector, density: float, block_size: int = 4, seed: in
         elif tie_source(v).uid in tied:  # a tied sum keeps its set's one edge pattern and parameters
             new[v.uid] = summate(*kids, num_nodes=v.num_nodes, tie_to=tied[tie_source(v).uid])
         else:
-            new[v.uid] = tied[tie_source(v).uid] = _sparse_sum(v, kids, density, math.gcd(v.block_size, block_size), rng)
+            new[v.uid] = tied[tie_source(v).uid] = _sparse_sum(
+                v, kids, density, math.gcd(v.block_size, block_size), rng
+            )
     return new[root.uid]
 
 

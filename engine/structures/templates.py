@@ -55,7 +55,9 @@ def input_dist(name: str, num_cats: int = 2, dataset=None) -> dists.Distribution
         return dists.Categorical(int(cats))
     if name == "bernoulli":
         if dataset is not None and dataset.num_cats not in (None, 2):
-            raise CircuitError(f"Bernoulli inputs need binary data; this dataset has {dataset.num_cats} categories")
+            raise CircuitError(
+                f"Bernoulli inputs need binary data; this dataset has {dataset.num_cats} categories"
+            )
         return dists.Bernoulli()
     if name == "gaussian":
         return dists.Gaussian()
@@ -120,16 +122,37 @@ def _dense(s: dict, dataset, device: str) -> NodeVector:
     if name == "hclt":
         if dataset is None:
             raise CircuitError("HCLT learns its tree from data: choose a dataset first")
-        return structures.hclt(dataset.train, k, input_dist=dist, chow_liu_samples=int(s["chow_liu_samples"]),
-                               seed=int(s["seed"]), device=device)
+        return structures.hclt(
+            dataset.train,
+            k,
+            input_dist=dist,
+            chow_liu_samples=int(s["chow_liu_samples"]),
+            seed=int(s["seed"]),
+            device=device,
+        )
     if name == "pd":
         shape = [int(d) for d in s["data_shape"]]
         if dataset is not None and math.prod(shape) != dataset.num_vars:
-            raise CircuitError(f"PD data_shape {shape} covers {math.prod(shape)} variables "
-                               f"but the dataset has {dataset.num_vars}")
+            raise CircuitError(
+                f"PD data_shape {shape} covers {math.prod(shape)} variables "
+                f"but the dataset has {dataset.num_vars}"
+            )
         depth = s["max_split_depth"]
-        return structures.pd(shape, k, s["split_intervals"], input_dist=dist, seed=int(s["seed"]),
-                             max_split_depth=None if depth is None else int(depth))
+        return structures.pd(
+            shape,
+            k,
+            s["split_intervals"],
+            input_dist=dist,
+            seed=int(s["seed"]),
+            max_split_depth=None if depth is None else int(depth),
+        )
     nv = dataset.num_vars if dataset is not None else int(s["num_vars"])
-    return structures.rat_spn(nv, k, int(s["depth"]), int(s["num_repetitions"]), input_dist=dist,
-                              num_pieces=int(s["num_pieces"]), seed=int(s["seed"]))
+    return structures.rat_spn(
+        nv,
+        k,
+        int(s["depth"]),
+        int(s["num_repetitions"]),
+        input_dist=dist,
+        num_pieces=int(s["num_pieces"]),
+        seed=int(s["seed"]),
+    )

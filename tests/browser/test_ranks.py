@@ -34,11 +34,29 @@ def ranks_url(tmp_path_factory):
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium not installed at /usr/bin/chromium")
     port = free_port()
-    env = {**os.environ, "CW_RUNS_DIR": str(tmp_path_factory.mktemp("ranks_runs")), "PYTHONPATH": str(REPO),
-           "CW_RANKS_ON_CPU": "1", "CW_DIST_TIMEOUT_S": "60"}
+    env = {
+        **os.environ,
+        "CW_RUNS_DIR": str(tmp_path_factory.mktemp("ranks_runs")),
+        "PYTHONPATH": str(REPO),
+        "CW_RANKS_ON_CPU": "1",
+        "CW_DIST_TIMEOUT_S": "60",
+    }
     log = open(tmp_path_factory.mktemp("ranks_log") / "panel.log", "w+")
-    cmd = [sys.executable, "-m", "panel", "serve", "apps/workbench.py", "--port", str(port), "--address",
-           "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}", "--num-procs", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "panel",
+        "serve",
+        "apps/workbench.py",
+        "--port",
+        str(port),
+        "--address",
+        "127.0.0.1",
+        "--allow-websocket-origin",
+        f"127.0.0.1:{port}",
+        "--num-procs",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/workbench"
     try:

@@ -52,12 +52,16 @@ def test_oversized_upload_is_refused_in_the_browser_before_sending(page):
 
     open_tab(page, "Build")
     data = page.locator("input[type=file][accept='.npy,.npz,.csv']")
-    data.set_input_files({"name": "huge.csv", "mimeType": "text/csv", "buffer": b"1," * (MAX_UPLOAD_BYTES // 2 + 10)})
+    data.set_input_files(
+        {"name": "huge.csv", "mimeType": "text/csv", "buffer": b"1," * (MAX_UPLOAD_BYTES // 2 + 10)}
+    )
     note = page.locator(".cw-upload-refused")
     expect(note).to_contain_text("Upload refused: huge.csv is", timeout=30_000)
     expect(note).to_contain_text("The file was not sent")
     page.wait_for_timeout(1000)
-    assert page.locator(".alert-danger").filter(has_text="Upload rejected").count() == 0  # never reached the server
+    assert (
+        page.locator(".alert-danger").filter(has_text="Upload rejected").count() == 0
+    )  # never reached the server
     small = b"0,1\n1,0\n" * 40
     data.set_input_files({"name": "small.csv", "mimeType": "text/csv", "buffer": small})
     expect(note).to_be_hidden()

@@ -109,7 +109,9 @@ def test_failed_build_clears_the_dependent_views(page):
     page.get_by_label("Bundled example", exact=True).select_option("little_4var.psdd")
     page.get_by_role("button", name="Build circuit").click()
     expect(page.get_by_text(re.compile(r"Built little_4var.psdd in"))).to_be_visible(timeout=60_000)
-    expect(page.get_by_text(re.compile(r"block size cannot merge vectors"))).to_be_visible()  # said, not silent
+    expect(
+        page.get_by_text(re.compile(r"block size cannot merge vectors"))
+    ).to_be_visible()  # said, not silent
     build_non_smooth_circuit(page)  # the build fails
     expect(page.get_by_text(re.compile("Invalid circuit: circuit is not smooth"))).to_be_visible()
     expect(page.get_by_text("Selected little_4var.psdd")).to_be_hidden()  # no old alert left

@@ -152,8 +152,13 @@ def test_jobs_past_the_worker_bound_wait_queued_then_run(tmp_path):
     from workbench.services.jobs import JobSpec
 
     runner = JobRunner(RunStore(tmp_path), max_workers=1)
-    spec = JobSpec(circuit={"source": "template", "template": "hclt", "num_latents": 4}, dataset="nltcs",
-                   epochs=1, full_batch_epochs=0, threads=1)
+    spec = JobSpec(
+        circuit={"source": "template", "template": "hclt", "num_latents": 4},
+        dataset="nltcs",
+        epochs=1,
+        full_batch_epochs=0,
+        threads=1,
+    )
     try:
         first, second, third = runner.start(spec), runner.start(spec), runner.start(spec)
         assert second.status == "queued" and "waiting for a free worker: 0 runs ahead" in second.message
@@ -191,8 +196,13 @@ def test_a_diverging_run_is_marked_failed_and_its_metrics_stay_json(tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(400, 2)) * 1e3)
     runner = JobRunner(RunStore(tmp_path / "runs"))
     try:
-        spec = JobSpec(circuit={"source": "file", "path": str(tmp_path / "c.cwpc")},
-                       dataset=str(tmp_path / "x.npy"), epochs=2, full_batch_epochs=0, threads=1)
+        spec = JobSpec(
+            circuit={"source": "file", "path": str(tmp_path / "c.cwpc")},
+            dataset=str(tmp_path / "x.npy"),
+            epochs=2,
+            full_batch_epochs=0,
+            threads=1,
+        )
         job = runner.start(spec)
         assert runner.wait(job.job_id, 120)
         assert job.status == "failed" and "diverged" in job.message, job.message
@@ -212,8 +222,14 @@ def test_a_stopped_run_continues_from_its_checkpoint_with_the_epochs_left(tmp_pa
 
     runner = JobRunner(RunStore(tmp_path / "runs"))
     try:
-        spec = JobSpec(circuit={"source": "template", "template": "hclt", "num_latents": 4}, dataset="nltcs",
-                       epochs=40, full_batch_epochs=1, batch_size=64, threads=1)
+        spec = JobSpec(
+            circuit={"source": "template", "template": "hclt", "num_latents": 4},
+            dataset="nltcs",
+            epochs=40,
+            full_batch_epochs=1,
+            batch_size=64,
+            threads=1,
+        )
         job = runner.start(spec)
         _wait(lambda: len(runner.store.events(job.job_id, ("epoch",))) >= 3, 120, "three epochs")
         runner.stop(job.job_id)

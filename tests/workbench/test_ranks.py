@@ -62,16 +62,28 @@ def _one_process_reference(batch_size: int, epochs: int, full: int):
     torch.manual_seed(EM["seed"])
     ds = load_dataset("nltcs")
     root = build(HCLT, ds).root
-    schedule = EMSchedule(batch_size, EM["step_size"], EM["final_step_size"], EM["pseudocount"], full,
-                          drop_last=True)
+    schedule = EMSchedule(
+        batch_size, EM["step_size"], EM["final_step_size"], EM["pseudocount"], full, drop_last=True
+    )
     events = []
-    result = run_training(root, ds, TrainConfig(epochs=epochs, schedule=schedule, device="cpu"), events.append)
+    result = run_training(
+        root, ds, TrainConfig(epochs=epochs, schedule=schedule, device="cpu"), events.append
+    )
     return result.pc, [e for e in events if e["type"] == "epoch"]
 
 
 def test_two_rank_job_trains_what_one_process_trains_with_double_batch(runner):
-    spec = JobSpec(circuit=HCLT, dataset="nltcs", epochs=2, full_batch_epochs=1, batch_size=64, gpus=2,
-                   threads=2, update_interval_s=0.2, **EM)
+    spec = JobSpec(
+        circuit=HCLT,
+        dataset="nltcs",
+        epochs=2,
+        full_batch_epochs=1,
+        batch_size=64,
+        gpus=2,
+        threads=2,
+        update_interval_s=0.2,
+        **EM,
+    )
     job = runner.start(spec)
     assert runner.wait(job.job_id, 300), job.status
     assert job.status == "done", job.message
@@ -113,9 +125,13 @@ def test_two_rank_job_trains_what_one_process_trains_with_double_batch(runner):
     plots = RankPlots()  # what the Train tab draws for this run: one line and one bar per rank
     plots.update(run)
     assert plots.view.visible and list(plots.step.x_range.factors) == ["0", "1"]
-    assert all(a > 0 for a in plots.step_src.data["allreduce"]) and all(c > 0 for c in plots.step_src.data["compute"])
+    assert all(a > 0 for a in plots.step_src.data["allreduce"]) and all(
+        c > 0 for c in plots.step_src.data["compute"]
+    )
     assert "all-reduce share rank 0" in plots.step.title.text
-    assert sorted(plots._layer_src) == [0, 1] and all(len(src.data["ms"]) > 0 for src in plots._layer_src.values())
+    assert sorted(plots._layer_src) == [0, 1] and all(
+        len(src.data["ms"]) > 0 for src in plots._layer_src.values()
+    )
     assert all(len(src.data["t"]) > 0 for src in plots._memory_src.values())
     plots.update(RunState(run_id="one-process"))  # a one-process run: the per-rank plots go away
     assert not plots.view.visible
@@ -126,7 +142,9 @@ def test_a_killed_rank_fails_the_job_with_one_line_and_leaves_no_process(runner)
     job = runner.start(spec)
     joined = lambda: {e["rank"]: e["pid"] for e in job.drain(0)[0] if e["type"] == "rank"}  # noqa: E731
     assert _wait_for(lambda: len(joined()) == 2 and any(e["type"] == "batch" for e in job.drain(0)[0])), (
-        job.status, job.message)
+        job.status,
+        job.message,
+    )
     pids = joined()
     worker_pid = job.process.pid
     t0 = time.monotonic()

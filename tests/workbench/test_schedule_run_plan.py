@@ -177,13 +177,21 @@ def test_an_earlier_run_of_this_plan_is_drawn_after_a_later_run_of_another_plan(
     view = ScheduleView(plan=ses.plan)
     pn.panel(view).get_root()
     run_a, ms_a = _run_of(ses, "run-a")
-    view.param.update(measured_source=run_a.name, measured_plan=run_a.plan["layers"], run_plan=run_a.plan,
-                      measured=run_a.layer_means)
+    view.param.update(
+        measured_source=run_a.name,
+        measured_plan=run_a.plan["layers"],
+        run_plan=run_a.plan,
+        measured=run_a.layer_means,
+    )
     ses.build.template.num_latents = 4  # circuit B, trained: the Schedule's last run is now B's
     assert ses.build.build().ok
     run_b, _ = _run_of(ses, "run-b")
-    view.param.update(measured_source=run_b.name, measured_plan=run_b.plan["layers"], run_plan=run_b.plan,
-                      measured=run_b.layer_means)
+    view.param.update(
+        measured_source=run_b.name,
+        measured_plan=run_b.plan["layers"],
+        run_plan=run_b.plan,
+        measured=run_b.layer_means,
+    )
     ses.build.template.num_latents = 16  # circuit A again (the demo's latents)
     assert ses.build.build().ok
     assert not view.matches()  # the last run is B's ...
@@ -191,6 +199,7 @@ def test_an_earlier_run_of_this_plan_is_drawn_after_a_later_run_of_another_plan(
     assert view.measured_plot.object is not None
     assert "Measured (run-a)" in view.measured_plot.object.opts.get().kwargs["title"]
     assert [x[3] for x in _rects(view.measured_plot)] == pytest.approx(
-        [ms_a[(r["layer"], r["pass"])] for r in plans.schedule(ses.plan.plan, ses.plan.batch_size)])
+        [ms_a[(r["layer"], r["pass"])] for r in plans.schedule(ses.plan.plan, ses.plan.batch_size)]
+    )
     assert "ran a different plan" not in view.info.object and "Measured (run-a)" in view.info.object
     assert view.calibration is not None and "calibrated** to run-a" in view.calibration_info.object

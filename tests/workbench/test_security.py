@@ -38,8 +38,12 @@ def test_scripts_start_listens_on_localhost_only():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(REPO / "scripts" / "start"), "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(REPO / "scripts" / "start"), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -67,8 +71,12 @@ def test_safe_text_makes_html_and_markdown_inert():
 
 def test_stored_specs_name_uploaded_files_without_their_server_path(tmp_path):
     store = RunStore(tmp_path)
-    run_id = store.create({"dataset": "/srv/secret/uploads/mine-1a2b.npy",
-                           "circuit": {"source": "file", "path": "/srv/secret/uploads/c-9f.psdd"}})
+    run_id = store.create(
+        {
+            "dataset": "/srv/secret/uploads/mine-1a2b.npy",
+            "circuit": {"source": "file", "path": "/srv/secret/uploads/c-9f.psdd"},
+        }
+    )
     spec = store.spec(run_id)
     assert spec["dataset"] == "mine-1a2b.npy" and spec["circuit"]["path"] == "c-9f.psdd"
     assert "/srv" not in (tmp_path / run_id / "spec.json").read_text()
@@ -115,8 +123,13 @@ def test_live_jobs_and_their_errors_show_no_server_paths(tmp_path):
     bad.write_text("1,2\n3,4\n" * 20)
     runner = JobRunner(RunStore(tmp_path / "runs"))
     try:
-        spec = JobSpec(circuit={"source": "file", "path": str(tmp_path / "secret-folder" / "c.psdd")},
-                       dataset=str(bad), epochs=1, full_batch_epochs=0, threads=1)
+        spec = JobSpec(
+            circuit={"source": "file", "path": str(tmp_path / "secret-folder" / "c.psdd")},
+            dataset=str(bad),
+            epochs=1,
+            full_batch_epochs=0,
+            threads=1,
+        )
         job = runner.start(spec)
         assert job.spec.dataset == "data.csv" and job.spec.circuit["path"] == "c.psdd"
         assert runner.wait(job.job_id, 120) and job.status == "failed"
@@ -131,15 +144,21 @@ def test_store_writes_null_for_non_finite_numbers(tmp_path):
 
     store = RunStore(tmp_path)
     run_id = store.create({"circuit": {}})
-    store.append_events(run_id, [{"type": "epoch", "train_ll": math.nan, "valid_ll": -math.inf, "x": [math.inf, 1.0]}])
+    store.append_events(
+        run_id, [{"type": "epoch", "train_ll": math.nan, "valid_ll": -math.inf, "x": [math.inf, 1.0]}]
+    )
     store.set_status(run_id, "failed", ratio=math.nan)
 
     def strict(token):
         raise AssertionError(token)
 
     line = (tmp_path / run_id / "metrics.jsonl").read_text().strip()
-    assert json.loads(line, parse_constant=strict) == {"type": "epoch", "train_ll": None, "valid_ll": None,
-                                                       "x": [None, 1.0]}
+    assert json.loads(line, parse_constant=strict) == {
+        "type": "epoch",
+        "train_ll": None,
+        "valid_ll": None,
+        "x": [None, 1.0],
+    }
     assert json.loads((tmp_path / run_id / "status.json").read_text(), parse_constant=strict)["ratio"] is None
 
 
@@ -154,12 +173,25 @@ def test_run_files_and_archives_hold_no_server_paths(tmp_path):
     repo = str(Path(__file__).resolve().parents[2])
     runner = JobRunner(RunStore(tmp_path / "runs"))
     try:
-        spec = JobSpec(circuit={"source": "template", "template": "no-such-template"}, dataset="nltcs",
-                       epochs=1, full_batch_epochs=0, threads=1)
+        spec = JobSpec(
+            circuit={"source": "template", "template": "no-such-template"},
+            dataset="nltcs",
+            epochs=1,
+            full_batch_epochs=0,
+            threads=1,
+        )
         job = runner.start(spec)
         assert runner.wait(job.job_id, 120) and job.status == "failed"
-        done = runner.start(JobSpec(circuit={"source": "template", "template": "hclt", "num_latents": 2},
-                                    dataset="nltcs", epochs=1, full_batch_epochs=0, threads=1, profile=False))
+        done = runner.start(
+            JobSpec(
+                circuit={"source": "template", "template": "hclt", "num_latents": 2},
+                dataset="nltcs",
+                epochs=1,
+                full_batch_epochs=0,
+                threads=1,
+                profile=False,
+            )
+        )
         assert runner.wait(done.job_id, 120) and done.status == "done", done.message
         for run_id in (job.job_id, done.job_id):
             archive = zipfile.ZipFile(io.BytesIO(runner.store.archive(run_id)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.services.store import RunStore
 from workbench.services.memory import BUFFERS as BUFFER_NAMES
+from workbench.services.store import RunStore
 from workbench.state import RunState
 
 
@@ -57,12 +57,16 @@ def test_a_new_or_failed_run_shows_nothing_of_the_previous_run(monkeypatch):
     view._finished()
     assert view.progress.value == 1000 and view.live.sources["layers"].data["layer"] == ["0"]
 
-    new = RunState(run_id="new", status="starting", spec={"epochs": 1, "full_batch_epochs": 0, "device": "cpu"})
+    new = RunState(
+        run_id="new", status="starting", spec={"epochs": 1, "full_batch_epochs": 0, "device": "cpu"}
+    )
     ses.run = new
     view._follow_new_run(new, "x")
     view.poll()  # the first tick of the new run
     assert view.progress.value == 0 and view.progress.bar_color == "success"
-    assert view.live.sources["layers"].data["layer"] == [] and view.live.figures["layers"].x_range.factors == []
+    assert (
+        view.live.sources["layers"].data["layer"] == [] and view.live.figures["layers"].x_range.factors == []
+    )
     assert view.live.sources["ll"].data["epoch"] == [] and len(view.epoch_table.value) == 0
     assert "…" not in view.progress_text.object and "cpu (starting)" in view.progress_text.object
 
@@ -89,9 +93,7 @@ def _stored(store: RunStore, name: str, epochs: int, **spec) -> str:
     events = []
     for ep in range(1, epochs + 1):
         events.append({"type": "epoch", "epoch": ep, "train_ll": -6.0, "valid_ll": -6.1, "seconds": 1.0})
-    events.append(
-        {"type": "done", "status": "done"} if epochs else {"type": "error", "message": "no data"}
-    )
+    events.append({"type": "done", "status": "done"} if epochs else {"type": "error", "message": "no data"})
     store.append_events(run_id, events)
     store.set_status(run_id, "done" if epochs else "failed")
     return run_id
@@ -165,8 +167,10 @@ def test_continue_numbers_epochs_on_names_the_template_and_is_offered_once(tmp_p
     runner = JobRunner(store)
     ses = SessionState(Services(store, runner))
     circuit = {"source": "template", "template": "hclt", "num_latents": 4}
-    first = store.create({"name": "hclt-nltcs", "circuit": circuit, "dataset": "nltcs", "epochs": 25,
-                          "full_batch_epochs": 1}, owner=ses.owner)
+    first = store.create(
+        {"name": "hclt-nltcs", "circuit": circuit, "dataset": "nltcs", "epochs": 25, "full_batch_epochs": 1},
+        owner=ses.owner,
+    )
     store.append_events(first, [{"type": "epoch", "epoch": e, "train_ll": -6.0} for e in (1, 2)])
     store.set_status(first, "stopped")
     store.model_path(first).write_bytes(b"checkpoint")
@@ -204,7 +208,7 @@ def test_continue_numbers_epochs_on_names_the_template_and_is_offered_once(tmp_p
 
 def _builder(template: str = "hmm"):
     from workbench.state import SessionState
-    from workbench.views.builder import BuilderView, TEMPLATE_LABELS
+    from workbench.views.builder import TEMPLATE_LABELS, BuilderView
 
     ses = SessionState(_Services())
     view = BuilderView(build=ses.build, plan=ses.plan)
@@ -221,15 +225,15 @@ def test_homogeneous_hmm_is_said_in_the_report_the_run_name_and_a_help_line(monk
     view._on_build(None)
     plain = view.outcome.object
     assert "Built HMM-" in plain and "learnable." in plain and "tied" not in plain
-    box = next(w for w in view.template_params.select(pn.widgets.CheckBoxGroup) if w.options == ["Homogeneous"])
+    box = next(
+        w for w in view.template_params.select(pn.widgets.CheckBoxGroup) if w.options == ["Homogeneous"]
+    )
     box.value = ["Homogeneous"]
     view._on_build(None)
     tied = view.outcome.object
     assert "HMM-16 homogeneous" in tied and "learnable (tied" in tied
     count = lambda text: int(text.split("Parameters: **")[1].split("**")[0].replace(",", ""))  # noqa: E731
     assert count(tied) == ses.plan.plan.num_learnable_params < count(plain)
-
-    from workbench.views.training_view import TrainingView
 
     _, tv = _training_view(monkeypatch)
     tv.session = ses
@@ -277,12 +281,15 @@ def test_units_memory_axes_in_kb_mb_clamped_at_zero_and_one_epoch(monkeypatch):
 
 def test_vector_counts_are_written_like_the_variable_count():
     """'1058 input' beside '1,058 variables'."""
-    from workbench.views.builder import BuilderView
 
     class Res:
         ok, error, seconds = True, None, 0.1
-        info = {"num_nodes": 5000, "num_vectors": 2500, "vectors_by_kind": {"input": 1058, "sum": 20},
-                "num_vars": 1058}
+        info = {
+            "num_nodes": 5000,
+            "num_vectors": 2500,
+            "vectors_by_kind": {"input": 1058, "sum": 20},
+            "num_vars": 1058,
+        }
 
     ses, view = _builder("hclt")
     view.report(Res())

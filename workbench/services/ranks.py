@@ -58,8 +58,12 @@ def visible_gpus() -> int:
     if not torch.backends.cuda.is_built():
         return 0
     try:
-        r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else 0
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return 0
@@ -88,8 +92,10 @@ def check(gpus, device: str) -> None:
     n = visible_gpus()
     if device == "cpu" or n == 0:
         if not cpu_ranks_allowed():
-            raise ValueError(f"gpus={gpus} needs {gpus} CUDA GPUs, but {n} {'is' if n == 1 else 'are'} "
-                             f"visible (set {RANKS_ON_CPU_ENV}=1 to test ranks on the CPU)")
+            raise ValueError(
+                f"gpus={gpus} needs {gpus} CUDA GPUs, but {n} {'is' if n == 1 else 'are'} "
+                f"visible (set {RANKS_ON_CPU_ENV}=1 to test ranks on the CPU)"
+            )
         if gpus > MAX_CPU_RANKS:
             raise ValueError(f"at most {MAX_CPU_RANKS} ranks on the CPU, got gpus={gpus}")
     elif gpus > n:
@@ -109,9 +115,17 @@ def _free_port() -> int:
 
 
 def _rank_env(rank: int, world: int, port: int, threads: int) -> dict:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-           "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-           "OMP_NUM_THREADS": str(threads), "CW_RANK_PARENT": str(os.getpid())}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": str(threads),
+        "CW_RANK_PARENT": str(os.getpid()),
+    }
     env.pop("TORCHELASTIC_RUN_ID", None)
     return env
 
@@ -159,9 +173,14 @@ class Launch:
         port = _free_port()
         self.procs = []
         for r in range(self.world):
-            p = subprocess.Popen([sys.executable, "-m", "workbench.services.ranks", spec_path, model_path],
-                                 env=_rank_env(r, self.world, port, threads), stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "workbench.services.ranks", spec_path, model_path],
+                env=_rank_env(r, self.world, port, threads),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             self.procs.append(p)
             for target, stream, arg in ((_pump, p.stdout, self.events), (_tail, p.stderr, self.stderr[r])):
                 threading.Thread(target=target, args=(r, stream, arg), daemon=True).start()
@@ -210,9 +229,14 @@ class Launch:
                 return "stopped"
             if not run_event.is_set() and not told_pause:
                 told_pause = True
-                self.send({"type": "status", "status": "running",
-                           "message": f"a run on {self.world} ranks cannot pause (they train in lockstep); "
-                                      "Stop keeps the model of the last saved epoch"})
+                self.send(
+                    {
+                        "type": "status",
+                        "status": "running",
+                        "message": f"a run on {self.world} ranks cannot pause (they train in lockstep); "
+                        "Stop keeps the model of the last saved epoch",
+                    }
+                )
             if all(p.poll() is not None for p in self.procs):
                 time.sleep(POLL_S)  # the reader threads may still hold the last lines
                 self.forward()
@@ -259,13 +283,21 @@ def train(spec, model_path, send, run_event, stop_event, t0) -> None:
     if outcome in ("done", "stopped"):
         send({"type": "done", "status": outcome, "model": model_path, "seconds": time.time() - t0})
     else:
-        send({"type": "error", "message": outcome, "traceback": "\n".join(
-            f"rank {r}: {line}" for r, lines in enumerate(launch.stderr) for line in lines)})
+        send(
+            {
+                "type": "error",
+                "message": outcome,
+                "traceback": "\n".join(
+                    f"rank {r}: {line}" for r, lines in enumerate(launch.stderr) for line in lines
+                ),
+            }
+        )
 
 
 # ------------------------------------------------------------------------- one rank (its own process)
 def _watch_parent(parent: int) -> None:
     """Exit when the launcher is gone (killed worker): a rank must never train on unobserved."""
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
@@ -292,12 +324,24 @@ def _train_rank(spec: dict, model_path: str, send) -> None:
     send({"type": "rank", "pid": os.getpid(), "device": device, "world_size": ranks.world})
     t0 = time.time()
     batch_size = int(spec["batch_size"])
-    schedule = EMSchedule(batch_size, float(spec["step_size"]), float(spec["final_step_size"]),
-                          float(spec["pseudocount"]), int(spec["full_batch_epochs"]), drop_last=True)
-    cfg = TrainConfig(epochs=int(spec["epochs"]), schedule=schedule, device=device,
-                      block_size=spec.get("block_size"), tolerance=float(spec.get("tolerance", DEFAULT_TOLERANCE)),
-                      profile=False,  # turned on in on_compiled with a callback: every rank reports its spans
-                      event_interval_s=float(spec.get("batch_interval_s", 0.1)), distributed=True)
+    schedule = EMSchedule(
+        batch_size,
+        float(spec["step_size"]),
+        float(spec["final_step_size"]),
+        float(spec["pseudocount"]),
+        int(spec["full_batch_epochs"]),
+        drop_last=True,
+    )
+    cfg = TrainConfig(
+        epochs=int(spec["epochs"]),
+        schedule=schedule,
+        device=device,
+        block_size=spec.get("block_size"),
+        tolerance=float(spec.get("tolerance", DEFAULT_TOLERANCE)),
+        profile=False,  # turned on in on_compiled with a callback: every rank reports its spans
+        event_interval_s=float(spec.get("batch_interval_s", 0.1)),
+        distributed=True,
+    )
     cfg.check()
     ds = load_dataset(spec["dataset"])
     if main:
@@ -320,15 +364,29 @@ def _train_rank(spec: dict, model_path: str, send) -> None:
         if main:
             saver.pc = pc
             send({"type": "plan", "plan": pc.plan.to_dict(batch_size)})
-            send({"type": "status", "status": "running", "message": "", "device": device,
-                  "world_size": ranks.world, "setup_seconds": time.time() - t0})
+            send(
+                {
+                    "type": "status",
+                    "status": "running",
+                    "message": "",
+                    "device": device,
+                    "world_size": ranks.world,
+                    "setup_seconds": time.time() - t0,
+                }
+            )
 
     def on_event(e: dict) -> None:  # rank 0's driver events; profiler events came through `spans`
         if e.get("type") not in ("layer_time", "memory"):
             saver(e)
 
-    run_training(res.root, ds, cfg, on_event if main else None, out=model_path if main else None,
-                 on_compiled=on_compiled)
+    run_training(
+        res.root,
+        ds,
+        cfg,
+        on_event if main else None,
+        out=model_path if main else None,
+        on_compiled=on_compiled,
+    )
     streamer.flush()
 
 

@@ -171,7 +171,11 @@ class Checkpointer:
 
     def __call__(self, event: dict) -> None:
         self.callback(event)
-        if event.get("type") == "epoch" and self.pc is not None and time.monotonic() - self._last >= self.interval_s:
+        if (
+            event.get("type") == "epoch"
+            and self.pc is not None
+            and time.monotonic() - self._last >= self.interval_s
+        ):
             import engine
 
             self.pc.sync_to_nodes()
@@ -230,11 +234,19 @@ def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
     def on_compiled(pc) -> None:
         saver.pc = pc
         send({"type": "plan", "plan": pc.plan.to_dict(batch_size)})
-        send({"type": "status", "status": "running", "message": "", "device": device,
-              "setup_seconds": time.time() - t0})
+        send(
+            {
+                "type": "status",
+                "status": "running",
+                "message": "",
+                "device": device,
+                "setup_seconds": time.time() - t0,
+            }
+        )
 
-    result = run_training(res.root, ds, cfg, saver, _gate(send, run_event, stop_event), out=model_path,
-                          on_compiled=on_compiled)
+    result = run_training(
+        res.root, ds, cfg, saver, _gate(send, run_event, stop_event), out=model_path, on_compiled=on_compiled
+    )
     streamer.flush()
     send(
         {

@@ -82,7 +82,11 @@ class PlanState(param.Parameterized):
             return self._publish(None, "")
         prepared, self._prepared = getattr(self, "_prepared", None), None
         try:
-            if prepared is not None and prepared[0] is self.root and prepared[1] == (self.block_size, self.tolerance):
+            if (
+                prepared is not None
+                and prepared[0] is self.root
+                and prepared[1] == (self.block_size, self.tolerance)
+            ):
                 plan, self.node_rows = prepared[2]  # compiled by prepare() in a build thread
                 t0 -= prepared[3]  # its compile time counts: "planned in" says what planning took
             else:

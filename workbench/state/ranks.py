@@ -20,9 +20,19 @@ MEMORY_KEYS = ("allocated", "peak_allocated")
 
 
 def _rank(ranks: dict, r: int) -> dict:
-    return ranks.setdefault(r, {"device": "", "pid": None, "layer_ms": {}, "allreduce_ms": 0.0,
-                                "allreduce_share": 0.0, "memory": {}, "_totals": {},
-                                "memory_series": {"t": [], **{k: [] for k in MEMORY_KEYS}}})
+    return ranks.setdefault(
+        r,
+        {
+            "device": "",
+            "pid": None,
+            "layer_ms": {},
+            "allreduce_ms": 0.0,
+            "allreduce_share": 0.0,
+            "memory": {},
+            "_totals": {},
+            "memory_series": {"t": [], **{k: [] for k in MEMORY_KEYS}},
+        },
+    )
 
 
 def fold(ranks: dict, event: dict) -> dict | None:

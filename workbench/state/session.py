@@ -36,7 +36,9 @@ class TrainingSettings(param.Parameterized):
         doc="Training device; 'auto': the worker uses CUDA if it has it",
     )
     profile = param.Boolean(default=True, doc="Stream per-layer times (small overhead)")
-    gpus = param.Integer(default=1, bounds=(1, 64), doc="Data-parallel ranks (services.ranks); batch size per rank")
+    gpus = param.Integer(
+        default=1, bounds=(1, 64), doc="Data-parallel ranks (services.ranks); batch size per rank"
+    )
     run_name = param.String(default="", doc="Run name ('' = the run id)")
 
 

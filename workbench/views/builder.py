@@ -274,7 +274,9 @@ class BuilderView(pn.viewable.Viewer):
     """Template / compose / import, a Build button and the build's outcome."""
 
     build = param.ClassSelector(class_=BuildState)
-    plan = param.Parameter(default=None, doc="The session's PlanState: the report's learnable parameter count")
+    plan = param.Parameter(
+        default=None, doc="The session's PlanState: the report's learnable parameter count"
+    )
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -423,7 +425,9 @@ class BuilderView(pn.viewable.Viewer):
                 f"{self._checked[f].name.split(' (')[0]} '{safe_text(str(self._checked[f].value or ''))}'"
                 for f in bad
             )
-            set_status(self.outcome, f"**Not built:** {names} cannot be used; the reason stands above.", "danger")
+            set_status(
+                self.outcome, f"**Not built:** {names} cannot be used; the reason stands above.", "danger"
+            )
             return
         self._start_build()
 
@@ -435,7 +439,11 @@ class BuilderView(pn.viewable.Viewer):
             setup()
         self.button.loading = True
         ahead = build_pool().held()
-        wait = f" (waiting for a build thread: {ahead} {plural(ahead, 'build')} ahead)" if ahead >= build_pool().threads else ""
+        wait = (
+            f" (waiting for a build thread: {ahead} {plural(ahead, 'build')} ahead)"
+            if ahead >= build_pool().threads
+            else ""
+        )
         set_status(self.outcome, f"Building {self._what()}: circuit, then plan, then views…{wait}", "info")
         doc = pn.state.curdoc
         if doc is not None and doc.session_context is not None:

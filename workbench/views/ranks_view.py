@@ -24,8 +24,9 @@ def gpu_selector(training) -> pn.widgets.Select:
     from workbench.services.ranks import gpu_choices
 
     choices = gpu_choices()
-    return pn.widgets.Select.from_param(training.param.gpus, options=choices, name="GPUs", width=90,
-                                        visible=len(choices) > 1)
+    return pn.widgets.Select.from_param(
+        training.param.gpus, options=choices, name="GPUs", width=90, visible=len(choices) > 1
+    )
 
 
 def _color(rank: int) -> str:
@@ -37,10 +38,20 @@ class RankPlots:
 
     def __init__(self):
         self.step_src = ColumnDataSource({"rank": [], **{p: [] for p in PARTS}})
-        self.step = _figure("Per-rank step: compute and all-reduce (ms)", "rank", "ms per step",
-                            x_range=FactorRange(factors=[]))
-        self.step.vbar_stack(list(PARTS), x="rank", width=0.6, source=self.step_src, color=list(PARTS.values()),
-                             legend_label=["compute", "all-reduce"])
+        self.step = _figure(
+            "Per-rank step: compute and all-reduce (ms)",
+            "rank",
+            "ms per step",
+            x_range=FactorRange(factors=[]),
+        )
+        self.step.vbar_stack(
+            list(PARTS),
+            x="rank",
+            width=0.6,
+            source=self.step_src,
+            color=list(PARTS.values()),
+            legend_label=["compute", "all-reduce"],
+        )
         self.step.y_range.start = 0
         self.layers = _figure("Per-rank time per layer (ms per step, all passes)", "layer", "ms")
         self.memory = _figure("Per-rank device memory", "time since the first sample (s)", "memory (MB)")
@@ -50,10 +61,13 @@ class RankPlots:
         self._run_id: str | None = None
         self._t0: float | None = None
         self.view = pn.Column(
-            pn.Row(pn.pane.Bokeh(self.step, sizing_mode="stretch_width"),
-                   pn.pane.Bokeh(self.layers, sizing_mode="stretch_width")),
+            pn.Row(
+                pn.pane.Bokeh(self.step, sizing_mode="stretch_width"),
+                pn.pane.Bokeh(self.layers, sizing_mode="stretch_width"),
+            ),
             pn.pane.Bokeh(self.memory, sizing_mode="stretch_width"),
-            visible=False, sizing_mode="stretch_width",
+            visible=False,
+            sizing_mode="stretch_width",
         )
         self._rank_sources(0)  # every data-parallel run has a rank 0: its legends exist before the
         # page draws them (a Legend added to a drawn figure has no view in BokehJS: "cannot find a view")
@@ -65,11 +79,18 @@ class RankPlots:
         self._layer_src[r] = ColumnDataSource({"layer": [], "ms": []})
         self._memory_src[r] = ColumnDataSource({"t": [], "allocated": []})
         self._sent[r] = 0
-        self.layers.line("layer", "ms", source=self._layer_src[r], color=_color(r), line_width=2,
-                         legend_label=f"rank {r}")
+        self.layers.line(
+            "layer", "ms", source=self._layer_src[r], color=_color(r), line_width=2, legend_label=f"rank {r}"
+        )
         self.layers.scatter("layer", "ms", source=self._layer_src[r], color=_color(r), size=5)
-        self.memory.line("t", "allocated", source=self._memory_src[r], color=_color(r), line_width=2,
-                         legend_label=f"rank {r}")
+        self.memory.line(
+            "t",
+            "allocated",
+            source=self._memory_src[r],
+            color=_color(r),
+            line_width=2,
+            legend_label=f"rank {r}",
+        )
 
     def update(self, run) -> None:
         """Show `run`'s per-rank series (hidden when it has none: a one-process run)."""
@@ -94,7 +115,9 @@ class RankPlots:
         shares = ", ".join(f"rank {r} {100 * ranks[r]['allreduce_share']:.0f}%" for r in order)
         self.step.title.text = f"Per-rank step (ms): all-reduce share {shares}"
         cpu = all(ranks[r].get("device") == "cpu" for r in order)
-        self.memory.title.text = "Per-rank device memory: none on CPU (gloo ranks)" if cpu else "Per-rank device memory"
+        self.memory.title.text = (
+            "Per-rank device memory: none on CPU (gloo ranks)" if cpu else "Per-rank device memory"
+        )
         for r in order:
             self._rank_sources(r)
             per_layer: dict[int, float] = {}
@@ -107,6 +130,10 @@ class RankPlots:
                 self._t0 = mem["t"][0]
             n, sent = len(mem["t"]), self._sent[r]
             if n > sent:
-                self._memory_src[r].stream({"t": [t - (self._t0 or 0.0) for t in mem["t"][sent:]],
-                                            "allocated": [v / 1e6 for v in mem["allocated"][sent:]]})
+                self._memory_src[r].stream(
+                    {
+                        "t": [t - (self._t0 or 0.0) for t in mem["t"][sent:]],
+                        "allocated": [v / 1e6 for v in mem["allocated"][sent:]],
+                    }
+                )
                 self._sent[r] = n

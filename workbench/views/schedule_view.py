@@ -187,7 +187,10 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
 
     def _remember(self, _event=None) -> None:
         if self.measured and self.measured_plan:
-            self._runs_by_plan[plan_signature(self.measured_plan)] = (self.measured_source, dict(self.measured))
+            self._runs_by_plan[plan_signature(self.measured_plan)] = (
+                self.measured_source,
+                dict(self.measured),
+            )
 
     def this_plan_measured(self) -> tuple[str, dict] | None:
         """(run name, mean ms per (layer, pass)) of the latest profiled run of exactly the current plan:

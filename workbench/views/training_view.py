@@ -43,6 +43,8 @@ def device_options() -> dict:
     from workbench.services.ranks import visible_gpus
 
     return {k: v for k, v in DEVICES.items() if v != "cuda" or visible_gpus() > 0}
+
+
 # Table columns with their dtypes: the empty tables start with them, because a change of columns or
 # dtypes makes Tabulator rebuild itself and the browser lay out the whole page again
 LAYER_COLUMNS = {"layer": "int64", "kind": "object", "pass": "object", "ms": "float64", "calls": "int64"}
@@ -91,7 +93,11 @@ def _device_text(run) -> str:
     if run.device:
         return run.device
     asked = run.spec.get("device") or "auto"
-    return f"{asked} (not started)" if not run.live and run.status in ("failed", "stopped") else f"{asked} (starting)"
+    return (
+        f"{asked} (not started)"
+        if not run.live and run.status in ("failed", "stopped")
+        else f"{asked} (starting)"
+    )
 
 
 class TrainingView(pn.viewable.Viewer):
