@@ -122,11 +122,14 @@ def test_clear_removes_the_plots(tmp_path):
 def test_picked_runs_are_drawn_once_when_all_are_read(tmp_path):
     """Nine runs were added one by one, each a redraw: 'Comparing 4 runs' with two lines for 3 s."""
     import asyncio
+    import concurrent.futures
 
     _, view = _compare_view(tmp_path, [(f"n{i}", 2) for i in range(9)])
     drawn = []
     view.compare.param.watch(lambda e: drawn.append(len(e.new)), "runs")
-    asyncio.run(view._add_clicked())
+    # a fresh loop in its own thread: an earlier test in the same process may leave this thread's loop running
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, view._add_clicked()).result(timeout=120)
     assert drawn == [9] and "Comparing **9** runs" in view.info.object and not view.add_btn.disabled
 
 
