@@ -1,27 +1,5 @@
-"""Input distributions (the families live in engine/distributions/, one module each)."""
+"""Input distributions (the families live in engine/distributions/, one module each): this name is kept
+for existing imports and re-exports exactly what `engine.distributions` exports."""
 
-from engine.distributions import (
-    Bernoulli,
-    Binomial,
-    Categorical,
-    DiscreteLogistic,
-    Distribution,
-    Gaussian,
-    Indicator,
-    from_json,
-    register,
-    registered,
-)
-
-__all__ = [
-    "Distribution",
-    "Bernoulli",
-    "Binomial",
-    "Categorical",
-    "DiscreteLogistic",
-    "Gaussian",
-    "Indicator",
-    "register",
-    "registered",
-    "from_json",
-]
+from engine.distributions import *  # noqa: F403
+from engine.distributions import __all__  # noqa: F401

@@ -315,7 +315,7 @@ def _train_rank(spec: dict, model_path: str, send) -> None:
     from engine.optim import EMSchedule
     from engine.training import TrainConfig, run_training
     from workbench.services.circuits import build
-    from workbench.services.worker import Checkpointer, EventStreamer
+    from workbench.services.worker import Checkpointer, EventStreamer, announce_running
 
     torch.set_num_threads(int(spec.get("threads") or 1))
     torch.manual_seed(int(spec.get("seed", 0)))
@@ -363,17 +363,7 @@ def _train_rank(spec: dict, model_path: str, send) -> None:
             pc.profile(True, callback=spans, interval_s=float(spec.get("profile_interval_s", 0.1)))
         if main:
             saver.pc = pc
-            send({"type": "plan", "plan": pc.plan.to_dict(batch_size)})
-            send(
-                {
-                    "type": "status",
-                    "status": "running",
-                    "message": "",
-                    "device": device,
-                    "world_size": ranks.world,
-                    "setup_seconds": time.time() - t0,
-                }
-            )
+            announce_running(send, pc, batch_size, device, t0, world_size=ranks.world)
 
     def on_event(e: dict) -> None:  # rank 0's driver events; profiler events came through `spans`
         if e.get("type") not in ("layer_time", "memory"):

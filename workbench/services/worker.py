@@ -183,6 +183,21 @@ class Checkpointer:
             self._last = time.monotonic()
 
 
+def announce_running(send, pc, batch_size: int, device: str, t0: float, **extra) -> None:
+    """The compiled circuit's plan event, then the "running" status (the single- and multi-rank jobs)."""
+    send({"type": "plan", "plan": pc.plan.to_dict(batch_size)})
+    send(
+        {
+            "type": "status",
+            "status": "running",
+            "message": "",
+            "device": device,
+            "setup_seconds": time.time() - t0,
+            **extra,
+        }
+    )
+
+
 def default_threads() -> int:
     """CPU threads for training: all cores but one, which stays free for the server and the browser.
 
@@ -233,16 +248,7 @@ def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
 
     def on_compiled(pc) -> None:
         saver.pc = pc
-        send({"type": "plan", "plan": pc.plan.to_dict(batch_size)})
-        send(
-            {
-                "type": "status",
-                "status": "running",
-                "message": "",
-                "device": device,
-                "setup_seconds": time.time() - t0,
-            }
-        )
+        announce_running(send, pc, batch_size, device, t0)
 
     result = run_training(
         res.root, ds, cfg, saver, _gate(send, run_event, stop_event), out=model_path, on_compiled=on_compiled
