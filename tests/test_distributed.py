@@ -48,6 +48,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_train(*args: str) -> list[str]:
+    """`torchrun --nproc-per-node 2 -m engine train ...` (TRAIN, then `args`) on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "engine",
+        *TRAIN,
+        *args,
+    ]
+
+
 def _env(**extra) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CW_DIST_TIMEOUT_S": "30", **extra}
     env.pop("WORLD_SIZE", None)
@@ -67,24 +84,7 @@ def test_shards_of_a_global_batch_are_the_global_batch():
 
 def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(tmp_path):
     two, one = tmp_path / "two.cw", tmp_path / "one.cw"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "engine",
-        *TRAIN,
-        "--batch-size",
-        "64",
-        "--out",
-        str(two),
-        "--metrics",
-        str(tmp_path / "two.jsonl"),
-    ]
+    cmd = _torchrun_train("--batch-size", "64", "--out", str(two), "--metrics", str(tmp_path / "two.jsonl"))
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     r1 = subprocess.run(
@@ -207,24 +207,9 @@ def test_bf16_reduction_sends_the_flows_rounded_to_bfloat16():
 
 
 def test_two_ranks_train_with_bf16_reduction(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "engine",
-        *TRAIN,
-        "--batch-size",
-        "64",
-        "--reduce-dtype",
-        "bf16",
-        "--metrics",
-        str(tmp_path / "bf16.jsonl"),
-    ]
+    cmd = _torchrun_train(
+        "--batch-size", "64", "--reduce-dtype", "bf16", "--metrics", str(tmp_path / "bf16.jsonl")
+    )
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     m = [json.loads(line) for line in (tmp_path / "bf16.jsonl").read_text().splitlines()]
