@@ -147,13 +147,13 @@ def main():
         kind, nl = spec.split(":")
         torch.manual_seed(0)  # the same circuit and initial parameters on every rank
         root = ours_build(kind, int(nl), data_u8[:20000].long())
-        overlap_first = args.overlap_ab and ranks.world > 1 and len(info["results"]) % 2 == 1
-        if overlap_first:
-            row_overlap = run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
+        plain_first = args.overlap_ab and ranks.world > 1 and len(info["results"]) % 2 == 1
+        if plain_first:
+            row_plain = run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
         row = {"config": f"{kind}-{nl}", "ours": run_ours(root, data_cpu, ranks, args.epochs)}
         if args.overlap_ab and ranks.world > 1:  # "ours" is the default (overlapped); this is the plain one
             row["ours_plain_reduce"] = (
-                row_overlap if overlap_first else run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
+                row_plain if plain_first else run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
             )
         if args.bf16_reduce and ranks.world > 1:
             row["ours_bf16_reduce"] = run_ours(root, data_cpu, ranks, args.epochs, "bf16")

@@ -92,7 +92,7 @@ def _derived(s: dict, dataset) -> dict:
     """Fill the None defaults that depend on the data."""
     if s["template"] == "pd":
         if s["data_shape"] is None:
-            n = template_vars({"template": "rat_spn", "num_vars": s["num_vars"]}, dataset)
+            n = _num_vars(s, dataset)
             side = math.isqrt(n)
             if side * side != n:
                 raise CircuitError(f"PD needs a grid: {n} variables are not a square; set data_shape")
@@ -100,9 +100,14 @@ def _derived(s: dict, dataset) -> dict:
         if s["split_intervals"] is None:
             s["split_intervals"] = [max(int(d) // 4, 1) for d in s["data_shape"]]
     if s["template"] == "rat_spn" and s["depth"] is None:
-        n = template_vars({**s, "template": "rat_spn"}, dataset)
+        n = _num_vars(s, dataset)
         s["depth"] = max(1, min(4, int(math.log2(max(n, 2))) - 1))
     return s
+
+
+def _num_vars(s: dict, dataset) -> int:
+    """The dataset's variables, else the spec's `num_vars`."""
+    return int(dataset.num_vars) if dataset is not None else int(s["num_vars"])
 
 
 def _dense(s: dict, dataset, device: str) -> NodeVector:
@@ -146,7 +151,7 @@ def _dense(s: dict, dataset, device: str) -> NodeVector:
             seed=int(s["seed"]),
             max_split_depth=None if depth is None else int(depth),
         )
-    nv = dataset.num_vars if dataset is not None else int(s["num_vars"])
+    nv = _num_vars(s, dataset)
     return structures.rat_spn(
         nv,
         k,
