@@ -81,11 +81,32 @@ def kernel_table(pc, data) -> dict[str, dict]:
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms"]))
 
 
+def layer_table(pc, data, batches: int = 5) -> list[dict]:
+    """Mean eager ms per (layer, pass) over `batches` profiled steps, largest first (launch gaps
+    included: small layers show their latency, not only their kernels)."""
+    x = data[:BATCH].long()
+    prof = pc.profile(every=1)
+    for _ in range(batches + 1):
+        pc.zero_flows()
+        pc.accumulate_flows(x, validate=False)
+        pc.em_step(STEP, PSEUDO)
+        if prof.batches == 1:
+            prof.collect(block=True)
+            prof.totals.clear()
+            prof.counts.clear()
+    prof.collect(block=True)
+    pc.profile(False)
+    kinds = {layer.index: layer.kind for layer in pc.plan.layers}
+    rows = [dict(r, kind=kinds.get(r["layer"], "?")) for r in prof.summary()]
+    return sorted(rows, key=lambda r: -r["mean_ms"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=["pd:128", "hclt:512"])
     ap.add_argument("--variants", nargs="+", default=["default"])
     ap.add_argument("--out")
+    ap.add_argument("--layers", action="store_true", help="also per-layer eager times (profiler spans)")
     args = ap.parse_args()
     data = mnist_like(60000).to(torch.uint8).cuda()
     info = {
@@ -111,6 +132,8 @@ def main() -> int:
                 step = None  # free the graph's pool before the eager profile
                 row["kernels"] = kernel_table(pc, data)
                 row["eager_kernel_ms"] = sum(r["ms"] for r in row["kernels"].values())
+                if args.layers:
+                    row["layers"] = layer_table(pc, data)
             except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
                 row["error"] = f"{type(err).__name__}: {err}"
             info["results"].append(row)
@@ -124,6 +147,17 @@ def main() -> int:
             )
             for name, r in list(row.get("kernels", {}).items())[:12]:
                 print(f"  {r['ms']:8.3f} ms {r['calls']:5d}x  {name}")
+            if row.get("layers"):
+                by_pass: dict[str, float] = {}
+                for r in row["layers"]:
+                    key = f"{r['kind']}/{r['pass']}"
+                    by_pass[key] = by_pass.get(key, 0.0) + r["mean_ms"]
+                print(
+                    "  eager ms by kind/pass: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_pass.items()))
+                )
+                for r in row["layers"][:10]:
+                    print(f"    layer {r['layer']:3d} {r['kind']:8s} {r['pass']:10s} {r['mean_ms']:7.3f} ms")
             pc = step = None  # noqa: F841 - drop both before the next variant compiles
             gc.collect()
             torch.cuda.empty_cache()
