@@ -3,7 +3,10 @@
 Kernels: the log-probability device function reads `prm[n, x]`; statistics run over *segments*
 (runs of at most BN nodes sharing a variable), where `stats[n, c] += sum_b f[n, b] [x_b = c]` is a
 matmul of the flows `[BN, BB]` with a one-hot `[BB, CC]` built in registers (tl.dot, tf32x3 or
-ieee): no atomics, no contention on popular categories. The EM update runs in place in one pass
+ieee): no atomics, no contention on popular categories. Options (engine/kernels/options.py) pick
+the tile's orientation (`stats_cats_major`: `[CC, BN]`, so the MMA's long side is the categories)
+and `stats_split` (two tf32 MMAs instead of tf32x3's three: the one-hot operand is exact in tf32,
+so only the flows need a high and a low part). The EM update runs in place in one pass
 (read params and stats once, write params once); the PyTorch version allocated four temporaries the
 size of the parameters (0.8 GB at HCLT-256), which set the peak memory of a training step.
 """
@@ -26,6 +29,12 @@ def _log_prob(prm, n64, nm, xv, P, C):
 
 
 @jit
+def _hi(v):
+    """v with its 13 low mantissa bits cleared: exactly representable in tf32."""
+    return (v.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@jit
 def _stats_kernel(
     stats,
     prm,
@@ -42,6 +51,8 @@ def _stats_kernel(
     CC: tl.constexpr,
     BB: tl.constexpr,
     PREC: tl.constexpr,
+    CATS_MAJOR: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = pid // num_ct
@@ -51,7 +62,10 @@ def _stats_kernel(
     var = tl.load(seg_var + s)
     rn = tl.arange(0, BN)
     nm = rn < cnt
-    acc = tl.zeros([BN, CC], dtype=tl.float32)
+    if CATS_MAJOR:
+        acc = tl.zeros([CC, BN], dtype=tl.float32)  # acc^T: [category, node]
+    else:
+        acc = tl.zeros([BN, CC], dtype=tl.float32)
     msum = tl.zeros([BN], dtype=tl.float32)
     for b0 in range(0, B, BB):
         offs_b = b0 + tl.arange(0, BB)
@@ -61,14 +75,32 @@ def _stats_kernel(
         )
         xv = tl.minimum(tl.maximum(tl.load(xt + var * B + offs_b, mask=bm, other=0), 0), C - 1)
         miss = tl.load(mt + var * B + offs_b, mask=bm, other=1) != 0
-        onehot = ((xv[:, None] == cc[None, :]) & (~miss)[:, None]).to(tl.float32)  # [BB, CC], exact
-        if PREC == "ieee":
-            acc += tl.dot(f, onehot, input_precision="ieee")
+        if CATS_MAJOR:
+            onehot = ((cc[:, None] == xv[None, :]) & (~miss)[None, :]).to(tl.float32)  # [CC, BB], exact
+            ft = tl.trans(f)
+            if SPLIT and PREC != "ieee":
+                hi = _hi(ft)
+                acc += tl.dot(onehot, hi, input_precision="tf32")
+                acc += tl.dot(onehot, ft - hi, input_precision="tf32")
+            elif PREC == "ieee":
+                acc += tl.dot(onehot, ft, input_precision="ieee")
+            else:
+                acc += tl.dot(onehot, ft, input_precision="tf32x3")
         else:
-            acc += tl.dot(f, onehot, input_precision="tf32x3")
+            onehot = ((xv[:, None] == cc[None, :]) & (~miss)[:, None]).to(tl.float32)  # [BB, CC], exact
+            if SPLIT and PREC != "ieee":
+                hi = _hi(f)
+                acc += tl.dot(hi, onehot, input_precision="tf32")
+                acc += tl.dot(f - hi, onehot, input_precision="tf32")
+            elif PREC == "ieee":
+                acc += tl.dot(f, onehot, input_precision="ieee")
+            else:
+                acc += tl.dot(f, onehot, input_precision="tf32x3")
         msum += tl.sum(tl.where(miss[None, :], f, 0.0), 1)
     ptr = (n0 + rn).to(tl.int64)[:, None] * C + cc[None, :]
     m2 = nm[:, None] & (cc < C)[None, :]
+    if CATS_MAJOR:
+        acc = tl.trans(acc)
     p = tl.load(prm + ptr, mask=m2, other=0.0)
     tl.store(stats + ptr, tl.load(stats + ptr, mask=m2, other=0.0) + acc + msum[:, None] * p, mask=m2)
 
@@ -175,7 +207,9 @@ class Categorical(Distribution):
             CC=CC,
             BB=opts.stats_block_b,
             PREC=prec,
-            num_warps=opts.num_warps,
+            CATS_MAJOR=bool(opts.stats_cats_major),
+            SPLIT=bool(opts.stats_split),
+            num_warps=opts.stats_warps or opts.num_warps,
         )
         return True
 

@@ -33,6 +33,9 @@ class KernelOptions:
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     stats_block_b: int = 32  # batch columns per step of the categorical statistics kernel
     stats_cats: int = 256  # categories per program of the categorical statistics kernel
+    stats_cats_major: bool = False  # statistics tile as [categories, nodes] (wgmma M = categories)
+    stats_split: bool = False  # flows x one-hot as 2 tf32 MMAs (flow hi + lo; the one-hot is exact)
+    stats_warps: int = 0  # warps of the categorical statistics kernel (0: num_warps)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
