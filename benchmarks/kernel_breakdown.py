@@ -57,7 +57,9 @@ def time_graph(step, data, n=20, repeats=3) -> float:
     return statistics.median(out)
 
 
-def kernel_table(pc, data) -> dict[str, dict]:
+def kernel_table(pc, data, trace: list | None = None) -> dict[str, dict]:
+    """CUDA kernel time of one eager step, summed by kernel name; `trace` (if given) receives every
+    launch in order as (name, us): which layer's launch is which follows from the plan's step order."""
     from torch.profiler import ProfilerActivity, profile
 
     x = data[:BATCH].long()
@@ -71,6 +73,14 @@ def kernel_table(pc, data) -> dict[str, dict]:
         pc.accumulate_flows(x, validate=False)
         pc.em_step(STEP, PSEUDO)
         torch.cuda.synchronize()
+    if trace is not None:
+        kernels = [
+            ev
+            for ev in prof.events()
+            if str(getattr(ev, "device_type", "")).endswith("CUDA") and (ev.device_time or 0) > 0
+        ]
+        kernels.sort(key=lambda ev: ev.time_range.start)
+        trace.extend((ev.name[:40], round(ev.device_time, 2)) for ev in kernels)
     rows: dict[str, dict] = {}
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
@@ -107,6 +117,7 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=["default"])
     ap.add_argument("--out")
     ap.add_argument("--layers", action="store_true", help="also per-layer eager times (profiler spans)")
+    ap.add_argument("--trace", action="store_true", help="also every kernel launch of one step, in order")
     args = ap.parse_args()
     data = mnist_like(60000).to(torch.uint8).cuda()
     info = {
@@ -130,7 +141,10 @@ def main() -> int:
                 row["graph_ms_per_batch"] = time_graph(step, data)
                 row["graph_captured"] = step.captured
                 step = None  # free the graph's pool before the eager profile
-                row["kernels"] = kernel_table(pc, data)
+                trace = [] if args.trace else None
+                row["kernels"] = kernel_table(pc, data, trace)
+                if trace is not None:
+                    row["trace"] = trace
                 row["eager_kernel_ms"] = sum(r["ms"] for r in row["kernels"].values())
                 if args.layers:
                     row["layers"] = layer_table(pc, data)
