@@ -6,6 +6,10 @@
 - "ieee": plain float32 FMA, no tensor cores; the slowest, the exact float32 reference.
 - "tf32" / "bf16": opt-in, one MMA per product instead of three, less accurate (errors reported by
   benchmarks/check_kernels_gpu.py; their epoch times are not yet measured: vs_pyjuice.py --extra-precision).
+
+`fuse_products` (opt-in): the block-sum kernels compute each element value of the product layer below
+from `node_mars` instead of reading `element_mars`, so that product layer's forward and recompute
+launches disappear where it is safe (the rule: engine/kernels/sum_block.py, backend.fuse_products).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class KernelOptions:
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     stats_block_b: int = 32  # batch columns per step of the categorical statistics kernel
     stats_cats: int = 256  # categories per program of the categorical statistics kernel
+    fuse_products: bool = False  # block-sum kernels gather product values from node_mars (see above)
     stats_cats_major: bool = False  # statistics tile as [categories, nodes] (wgmma M = categories)
     stats_split: bool = False  # flows x one-hot as 2 tf32 MMAs (flow hi + lo; the one-hot is exact)
     stats_warps: int = 0  # warps of the categorical statistics kernel (0: num_warps)
@@ -40,6 +45,9 @@ class KernelOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fuse_products not in (False, True):  # 0 / 1 accepted (benchmark variant strings)
+            raise ValueError(f"fuse_products must be a bool, got {self.fuse_products!r}")
+        object.__setattr__(self, "fuse_products", bool(self.fuse_products))
         for name in (
             "block_b",
             "prod_rows",
