@@ -21,7 +21,13 @@ from engine.nodes import inputs, multiply, summate
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small tiles so the interpreter's shapes stay tiny; the GPU checks pass their own options
 OPTS = KernelOptions(
-    block_b=16, fwd_block_b=16, elem_block_b=16, prod_rows=16, sparse_children=16, input_nodes=16
+    block_b=16,
+    fwd_block_b=16,
+    elem_block_b=16,
+    prod_rows=16,
+    sparse_children=16,
+    input_nodes=16,
+    stats_nodes=16,
 )
 EM = (0.4, 0.1)  # step size, pseudocount of the one EM step compared
 

@@ -49,14 +49,14 @@ def test_stats_kernel_variants_match_float64(cats_major, split, precision):
     ref = _reference(dist, vars_, x, missing, flows, params, stats0)
     opts = KernelOptions(
         precision=precision,
-        input_nodes=16,
+        stats_nodes=16,
         stats_block_b=16,
         stats_cats=32,  # 40 categories: two category tiles, the second partly masked
         stats_cats_major=cats_major,
         stats_split=split,
     )
     xt, mt = input_kernels.prepare_data(dist, x.to(DEVICE), missing.to(DEVICE))
-    segs = tuple(t.to(DEVICE) for t in input_kernels.segments(vars_, opts.input_nodes))
+    segs = tuple(t.to(DEVICE) for t in input_kernels.segments(vars_, opts.stats_nodes))
     stats = stats0.clone().to(DEVICE)
     args = (params.to(DEVICE), vars_.to(DEVICE), xt, mt, flows.to(DEVICE), segs, opts)
     assert dist.kernel_stats(stats, *args)

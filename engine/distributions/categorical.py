@@ -203,7 +203,7 @@ class Categorical(Distribution):
             B,
             C,
             nct,
-            BN=opts.input_nodes,
+            BN=opts.stats_nodes,
             CC=CC,
             BB=opts.stats_block_b,
             PREC=prec,

@@ -45,7 +45,7 @@ class SumLayerKernelTensors(SumLayerTensors):
 
 @dataclass
 class InputKernelTable:
-    """Runs of at most `input_nodes` nodes sharing a variable: (start, length, variable) `[S]` each."""
+    """Runs of at most `stats_nodes` nodes sharing a variable: (start, length, variable) `[S]` each."""
 
     segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -85,7 +85,7 @@ class TritonBackend(TorchBackend):
                     fuse_products(below, tables.layers[below.index], tables.layers[layer.index])
         mark_first_flow_writers(plan, tables.layers, device)
         tables.inputs = [
-            InputKernelTable(tuple(t.to(device) for t in inputs.segments(inp.vars, self.options.input_nodes)))
+            InputKernelTable(tuple(t.to(device) for t in inputs.segments(inp.vars, self.options.stats_nodes)))
             for inp in inputs_
         ]
         return tables

@@ -35,12 +35,15 @@ class KernelOptions:
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
-    stats_block_b: int = 32  # batch columns per step of the categorical statistics kernel
-    stats_cats: int = 256  # categories per program of the categorical statistics kernel
     fuse_products: bool = False  # block-sum kernels gather product values from node_mars (see above)
-    stats_cats_major: bool = False  # statistics tile as [categories, nodes] (wgmma M = categories)
-    stats_split: bool = False  # flows x one-hot as 2 tf32 MMAs (flow hi + lo; the one-hot is exact)
-    stats_warps: int = 0  # warps of the categorical statistics kernel (0: num_warps)
+    # categorical statistics kernel; defaults from benchmarks/stats_kernel_sweep.py on an H200
+    # (2026-11-30: 0.77 ms against 1.63 for the previous 32 nodes x 256 categories, tf32x3, at HCLT-256)
+    stats_block_b: int = 32  # batch columns per step
+    stats_cats: int = 128  # categories per program
+    stats_nodes: int = 64  # nodes of one variable per program (the input layer's segments)
+    stats_cats_major: bool = True  # tile as [categories, nodes]: the MMA's long side is the categories
+    stats_split: bool = True  # flows x one-hot as 2 tf32 MMAs (flow hi + lo; the one-hot is exact)
+    stats_warps: int = 0  # 0: num_warps
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -58,6 +61,7 @@ class KernelOptions:
             "elem_block_b",
             "stats_block_b",
             "stats_cats",
+            "stats_nodes",
         ):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
