@@ -27,11 +27,15 @@ Fused products (`KernelOptions.fuse_products`, opt-in): the three kernels that r
 (forward; element flows, for the `el` of its output rows; parameter flows) get them from
 `_element_tile`, which either loads `element_mars` (unfused: unchanged) or sums each element row's
 <= FW children in `node_mars` (`fused_rows: [hi - lo, FW]`, the product layer's merged child table
-by element row; rows below `lo`, the -inf padding, stay -inf). Per element tile of R rows that trades
-R * BB element reads (and the product layer's R * BB writes plus FW * R * BB reads, forward and
-recompute, one launch each) for FW * R indices and FW * R * BB node reads, so the product forward
-and recompute launches disappear. The values are bit-identical: the same float32 adds in the same
-order as the product kernel.
+by element row; rows below `lo`, the -inf padding, stay -inf). The values are bit-identical to the
+product kernel's (the same float32 adds in the same order).
+
+Traffic, per product layer of R rows with a children each, in units of R * B floats: unfused, the
+product forward and recompute each read a and write 1, and the sum kernels read 1 per reader (forward
+k_f, element flows 1, parameter flows k_f, where k_f = parent node blocks per child block: 2-4 for
+HCLT-128/256 at bs 64, PD-64/128 at bs 32); fused, each of those reads becomes a reads. DRAM saves
+the 2 writes and 2 re-reads of element_mars (the re-reads of k_f siblings mostly hit L2) and 2
+launches a layer; L2 gathers grow by (a - 1) * (2 k_f + 1). Padded slots (node row 0) issue no read.
 
 When a product layer is fused (backend.fuse_products): every partition of the sum layer above it
 runs here, each element row those partitions read is one the product layer writes (or padding), and
@@ -75,8 +79,8 @@ def _element_tile(
     offs_b,
     bmask,
     B,
-    FW,
     FLO,
+    FW: tl.constexpr,
     R: tl.constexpr,
     BB: tl.constexpr,
     FUSED: tl.constexpr,
@@ -84,17 +88,19 @@ def _element_tile(
     """Element values `[R, BB]` of element rows `rows: [R]` (-inf where ~rmask or ~bmask).
 
     Unfused: read R * BB element values. FUSED: value = sum_k node_mars[fused_rows[row - FLO, k]] over
-    the FW child slots (padded ones read node row 0, log 1); rows < FLO are the -inf padding; read
-    FW * R indices and FW * R * BB node values."""
+    the FW child slots; rows < FLO are the -inf padding. Reads FW * R indices and, per real child,
+    BB node values; a padded slot (node row 0, the constant log 1) adds 0.0 without a read, exactly
+    what the product kernel's add of row 0 gives. FW is unrolled (static_range): a loop nested in the
+    kernels' k0 / batch loops would stop Triton from pipelining those."""
     m2 = rmask[:, None] & bmask[None, :]
     if FUSED:
         real = rmask & (rows >= FLO)
         g = (rows - FLO).to(tl.int64) * FW
         rm2 = real[:, None] & bmask[None, :]
         acc = tl.zeros([R, BB], dtype=tl.float32)
-        for k in range(FW):
+        for k in tl.static_range(FW):
             c = tl.load(fused_rows + g + k, mask=real, other=0)
-            acc += tl.load(nmars + c[:, None] * B + offs_b[None, :], mask=rm2, other=0.0)
+            acc += tl.load(nmars + c[:, None] * B + offs_b[None, :], mask=rm2 & (c > 0)[:, None], other=0.0)
         return tl.where(rm2, acc, tl.full([R, BB], float("-inf"), tl.float32))
     else:
         return tl.load(emars + rows[:, None] * B + offs_b[None, :], mask=m2, other=float("-inf"))
@@ -112,8 +118,8 @@ def _sum_fwd_block_kernel(
     W,
     param_off,
     num_bt,
-    FW,
     FLO,
+    FW: tl.constexpr,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
@@ -135,7 +141,7 @@ def _sum_fwd_block_kernel(
         c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
         # read G * BS * BB child values, once (fused: FW * G * BS * BB node values)
         el = _element_tile(
-            emars, nmars, fused_rows, c0 + q % BS, kmask, offs_b, bmask, B, FW, FLO, G * BS, BB, FUSED
+            emars, nmars, fused_rows, c0 + q % BS, kmask, offs_b, bmask, B, FLO, FW, G * BS, BB, FUSED
         )
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -190,8 +196,8 @@ def _sum_bwd_elem_block_kernel(
     W,
     param_off,
     num_bt,
-    FW,
     FLO,
+    FW: tl.constexpr,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
@@ -245,7 +251,7 @@ def _sum_bwd_elem_block_kernel(
         big_m = m_new
     big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
     optr = (c0 + r)[:, None] * B + offs_b[None, :]
-    el = _element_tile(emars, nmars, fused_rows, c0 + r, r < BS, offs_b, bmask, B, FW, FLO, BS, BB, FUSED)
+    el = _element_tile(emars, nmars, fused_rows, c0 + r, r < BS, offs_b, bmask, B, FLO, FW, BS, BB, FUSED)
     contrib = tl.exp(tl.log(acc) + el + big_m[None, :])
     if ACCUM:  # read-modify-write: partitions of one layer may share children (run in sequence)
         contrib += tl.load(eflows + optr, mask=bmask[None, :], other=0.0)
@@ -266,8 +272,8 @@ def _sum_bwd_param_block_kernel(
     W,
     param_off,
     num_kg,
-    FW,
     FLO,
+    FW: tl.constexpr,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
@@ -293,7 +299,7 @@ def _sum_bwd_param_block_kernel(
             a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
             mu = tl.load(mus + i.to(tl.int64) * B + offs_b, mask=bmask, other=0.0)
             el = _element_tile(
-                emars, nmars, fused_rows, crows, kmask, offs_b, bmask, B, FW, FLO, G * BS, BB, FUSED
+                emars, nmars, fused_rows, crows, kmask, offs_b, bmask, B, FLO, FW, G * BS, BB, FUSED
             )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
@@ -358,8 +364,8 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
         pt.width,
         pt.param_offset,
         nbt,
-        fw,
         flo,
+        FW=fw,
         BS=pt.block_size,
         BB=bb,
         G=group_size(pt.block_size, pt.width, opts.group_cols),
@@ -420,8 +426,8 @@ def sum_backward_block(
             pt.width,
             pt.param_offset,
             ebt,
-            fw,
             flo,
+            FW=fw,
             BS=bs,
             BB=opts.elem_block_b,
             G=group_size(bs, max_par, opts.group_cols),
@@ -445,8 +451,8 @@ def sum_backward_block(
         pt.width,
         pt.param_offset,
         nkg,
-        fw,
         flo,
+        FW=fw,
         BS=bs,
         BB=opts.block_b,
         G=g,
