@@ -1,18 +1,24 @@
 """Circuit Workbench against PyJuice 2.6.3, each timed on the path its own users run.
 
     python benchmarks/vs_pyjuice.py --configs hclt:16,32,64,128,256,512 pd:16,32,64,128,256 \
-        --epochs 2 --cli-config hclt:128 --out benchmarks/results/vs_pyjuice_h200.json
+        --epochs 2 --cli-config hclt:128 --extra-precision bf16 tf32 --out results/vs_pyjuice_h200.json
+    python benchmarks/vs_pyjuice.py --configs hclt:256 pd:128 --batch-sizes 128 256 512 1024 2048 4096 \
+        --eager-batches 0 --out results/vs_pyjuice_batch_h200.json
+    python benchmarks/vs_pyjuice.py --configs ... --estimate       # expected seconds only (no GPU)
+    python benchmarks/vs_pyjuice.py --table results/a.json ...     # README tables from saved JSON
 
 Per configuration (HCLT or PD over 28x28 MNIST-shaped data, `engine.data.mnist_like(60000)`,
-Categorical(256) inputs, batch 512, mini-batch EM with step 0.1 and pseudocount 0.1):
+Categorical(256) inputs) and batch size (`--batch-sizes`, default 512; mini-batch EM with step 0.1
+and pseudocount 0.1 per step at every batch size, on both systems; the tail dropped on both):
 
 - `ours` (the user's path): `engine.optim.fit(pc, train_on_cpu, ...)` exactly as a user calls it;
   fit moves the data to the GPU once and replays CUDA graphs. Epoch 1 is the warm-up (Triton JIT,
   graph capture); `epoch_s` is fit's own per-epoch training time of the later epochs (median);
   `wall_s` is the wall clock between fit's epoch events, i.e. with fit's evaluation of the whole
-  training set after each epoch.
+  training set after each epoch. `floor`: bytes and FLOPs per pass of one step (`step_floor.py`).
 - `ours_step`: the graph-captured step alone on GPU-resident batches (the loop inside fit), to
   show what fit's driver costs on top of it.
+- `ours_<precision>` (`--extra-precision bf16 tf32`): the same as `ours` with opt-in tile precision.
 - `pyjuice`: PyJuice as its tutorial runs it: `juice.optim.MiniBatchEM`, one dry run with
   `record_cudagraph=True`, then `lls = pc(x); lls.mean().backward(); optimizer.step()` per batch,
   its defaults otherwise (bf16 sum tiles). Its circuit is *ours*, converted node vector by node
@@ -26,12 +32,14 @@ Categorical(256) inputs, batch 512, mini-batch EM with step 0.1 and pseudocount 
   batches after 3 warm-up batches and scaled to an epoch: the column that shows what changed.
 
 Same batches in the same order for all: each epoch's permutation comes from one seeded generator,
-and the 96-row tail is dropped on every system (PyJuice's tutorial loader uses drop_last=True; a
-short batch would make PyJuice re-allocate and stop replaying its graphs). Log-likelihoods: the
-mean over the first 10,000 samples after the same EM steps (`--epochs` epochs of 117 batches).
-Peak memory: `max_memory_allocated` above what was allocated before the system was built (ours
-includes its resident uint8 copy of the data, 47 MB). `--cli-config hclt:128` also times
-`python -m engine train` end to end on the same data against fit called in-process the same way.
+and the tail is dropped on every system (PyJuice's tutorial loader uses drop_last=True; a short
+batch would make PyJuice re-allocate and stop replaying its graphs). `em` in each row records both
+systems' EM settings and steps per epoch (checked equal). Log-likelihoods: the mean over the first
+10,000 samples after the same EM steps. Peak memory: `max_memory_allocated` above what was
+allocated before the system was built, each system's resident copy of the training data counted
+inside its own region (ours: fit's uint8 copy of what the user handed it; PyJuice: the uint8 array
+on the GPU its batches are gathered from, copied from the same CPU tensor inside its region; 47 MB
+each). `--cli-config hclt:128` also times `python -m engine train` end to end against fit.
 """
 
 from __future__ import annotations
@@ -49,11 +57,16 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
+T_START = time.time()  # the --budget-s clock starts before the heavy imports
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_floor  # noqa: E402
+import vs_pyjuice_table  # noqa: E402
+
 import engine  # noqa: E402
 from engine import optim  # noqa: E402
 from engine.data import mnist_like  # noqa: E402
@@ -61,19 +74,43 @@ from engine.dists import Categorical  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.graph import CapturedStep  # noqa: E402
 
-BATCH, STEP, PSEUDO, SEED, LL_ROWS = 512, 0.1, 0.1, 0, 10000
-SCHEDULE = optim.EMSchedule(
-    batch_size=BATCH,
-    step_size=STEP,
-    final_step_size=STEP,
-    pseudocount=PSEUDO,
-    full_batch_epochs=0,
-    drop_last=True,
-)
+BATCH, STEP, PSEUDO, SEED, LL_ROWS, NUM_ROWS = 512, 0.1, 0.1, 0, 10000, 60000
+DEV = "cuda"  # our side only; a CPU stand-in (tests) sets "cpu"; PyJuice's side needs CUDA
+KINDS = ("hclt", "pd")
+
+
+def schedule(batch_size: int) -> optim.EMSchedule:
+    """Constant mini-batch EM step STEP and pseudocount PSEUDO per step at every batch size, tail dropped."""
+    return optim.EMSchedule(
+        batch_size=batch_size,
+        step_size=STEP,
+        final_step_size=STEP,
+        pseudocount=PSEUDO,
+        full_batch_epochs=0,
+        drop_last=True,
+    )
+
+
+SCHEDULE = schedule(BATCH)
+
+
+def parse_configs(specs: list[str]) -> list[tuple[str, int]]:
+    """`["hclt:16,32", "pd:128"]` -> `[("hclt", 16), ("hclt", 32), ("pd", 128)]`."""
+    out = []
+    for spec in specs:
+        kind, _, sizes = spec.partition(":")
+        if kind not in KINDS or not sizes:
+            raise SystemExit(f"--configs: {spec!r} is not KIND:LATENTS[,LATENTS...] with KIND in {KINDS}")
+        try:
+            out += [(kind, int(n)) for n in sizes.split(",")]
+        except ValueError:
+            raise SystemExit(f"--configs: {spec!r} has a latent count that is not an integer") from None
+    return out
 
 
 def sync_time() -> float:
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -93,14 +130,19 @@ def median_seconds(fn, n: int = 10, warmup: int = 1) -> float:
 
 
 def ceilings() -> dict:
-    """Measured device-to-device copy bandwidth and matmul rates (median of 10 after warm-up)."""
+    """Measured device-to-device copy bandwidth (read + write bytes) and 8192^3 matmul rates: fp32
+    without tensor cores (`ieee`'s floor), tf32 and bf16 (median of 5 after warm-up)."""
     bench = median_seconds
     src = torch.randn(512 * 2**20 // 4 * 4, device="cuda")  # 2 GiB
     dst = torch.empty_like(src)
     out = {"copy_GBps": 2 * src.numel() * 4 / bench(lambda: dst.copy_(src)) / 1e9}
     src = dst = None
     n = 8192
-    for name, dt, tf32 in (("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
+    for name, dt, tf32 in (
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+        ("bf16", torch.bfloat16, False),
+    ):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         a, b = torch.randn(n, n, device="cuda", dtype=dt), torch.randn(n, n, device="cuda", dtype=dt)
         out[f"matmul_{name}_TFLOPs"] = 2 * n**3 / bench(lambda: a @ b, 5) / 1e12
@@ -116,12 +158,12 @@ def epoch_orders(n: int, epochs: int) -> list[torch.Tensor]:
 
 def ours_build(kind, nl, data_gpu):
     if kind == "hclt":
-        return engine.structures.hclt(data_gpu, nl, input_dist=Categorical(256), device="cuda")
+        return engine.structures.hclt(data_gpu, nl, input_dist=Categorical(256), device=DEV)
     return engine.structures.pd((28, 28), nl, (4, 4), input_dist=Categorical(256))
 
 
-def ours_ll(pc, data_u8) -> float:
-    return optim.evaluate(pc, data_u8[:LL_ROWS], BATCH)
+def ours_ll(pc, data_u8, bs) -> float:
+    return optim.evaluate(pc, data_u8[:LL_ROWS], bs)
 
 
 class Measure:
@@ -129,38 +171,44 @@ class Measure:
 
     def __enter__(self):
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize()
-        self.base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        self.peak_GB = None  # not measured off the GPU
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc):
-        torch.cuda.synchronize()
-        self.peak_GB = (torch.cuda.max_memory_allocated() - self.base) / 1e9
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+            self.peak_GB = (torch.cuda.max_memory_allocated() - self.base) / 1e9
 
 
-def run_ours(root, data_cpu, data_u8, epochs, opts=None) -> dict:
-    events = []
+def run_ours(root, data_cpu, data_u8, epochs, bs, opts=None) -> dict:
+    """fit as a user calls it at batch size `bs`; `data_cpu` is what the user hands it."""
+    events, sched = [], schedule(bs)
     with Measure() as m:
         t0 = sync_time()
-        pc = engine.compile(root, device="cuda", kernel_options=opts)
+        pc = engine.compile(root, device=DEV, kernel_options=opts)
         compile_s = sync_time() - t0
-        init_ll = ours_ll(pc, data_u8)
+        init_ll = ours_ll(pc, data_u8, bs)
         t_fit = time.time()
         hist = optim.fit(
             pc,
             data_cpu,
             epochs=epochs,
-            schedule=SCHEDULE,
+            schedule=sched,
             callback=events.append,
             generator=torch.Generator().manual_seed(SEED),
         )
         data_GB = data_cpu.numel() * data_cpu.element_size() / 1e9  # fit's resident copy (uint8)
     ends = [t_fit] + [h["time"] for h in hist]
     walls = [b - a for a, b in zip(ends, ends[1:])]
+    batches = [e["num_batches"] for e in events if e.get("type") == "batch"]
     res = {
         "system": "ours (optim.fit)",
+        "precision": (opts or KernelOptions()).precision,
         "compile_s": compile_s,
         "peak_alloc_GB": m.peak_GB,
         "data_GB": data_GB,
@@ -171,33 +219,43 @@ def run_ours(root, data_cpu, data_u8, epochs, opts=None) -> dict:
         "epoch_all_s": [h["seconds"] for h in hist],
         "pass_ll": [h["pass_ll"] for h in hist],
         "init_ll": init_ll,
-        "ll": ours_ll(pc, data_u8),
+        "ll": ours_ll(pc, data_u8, bs),
+        "em": {
+            "batch_size": sched.batch_size,
+            "steps_per_epoch": max(batches) if batches else None,
+            "step_sizes": [sched.step_at(e, epochs) for e in range(1, epochs + 1)],
+            "pseudocount": sched.pseudocount,
+            "drop_last": sched.drop_last,
+        },
+        "floor": step_floor.to_dict(step_floor.step_floor(pc.plan, bs)),
     }
-    res["step"] = run_ours_step(pc, data_u8)
+    res["step"] = run_ours_step(pc, data_u8, bs)
     del pc
     return res
 
 
-def run_ours_step(pc, data_u8) -> dict:
+def run_ours_step(pc, data_u8, bs) -> dict:
     """The captured step alone over one epoch of GPU-resident uint8 batches (after 3 warm-up)."""
-    order = epoch_orders(data_u8.shape[0], 1)[0].cuda()
-    nb = data_u8.shape[0] // BATCH
-    step = CapturedStep(pc, BATCH, em=(STEP, PSEUDO))
+    order = epoch_orders(data_u8.shape[0], 1)[0].to(DEV)
+    nb = data_u8.shape[0] // bs
+    step = CapturedStep(pc, bs, em=(STEP, PSEUDO))
     for i in range(3):
-        step(data_u8[order[i * BATCH : (i + 1) * BATCH]])
+        step(data_u8[order[i * bs : (i + 1) * bs]])
     t0 = sync_time()
     for i in range(nb):
-        step(data_u8[order[i * BATCH : (i + 1) * BATCH]])
-    out = {"epoch_s": sync_time() - t0, "captured": step.captured, "failure": step.failed}
+        step(data_u8[order[i * bs : (i + 1) * bs]])
+    out = {"epoch_s": sync_time() - t0, "batches": nb, "captured": step.captured, "failure": step.failed}
     step.release()
     return out
 
 
-def run_pyjuice(juice, bridge, root, data_u8, epochs, fp32=False) -> dict:
-    """PyJuice's tutorial loop; `fp32=True` (a diagnostic, not its default) runs its sum tiles in fp32."""
-    orders = epoch_orders(data_u8.shape[0], epochs)
-    nb = data_u8.shape[0] // BATCH
+def run_pyjuice(juice, bridge, root, data_cpu, epochs, bs, fp32=False) -> dict:
+    """PyJuice's tutorial loop at batch size `bs`; `fp32=True` (a diagnostic, not its default) runs its
+    sum tiles in fp32. Its batches come from a GPU copy of `data_cpu` made inside its own region."""
+    orders = epoch_orders(data_cpu.shape[0], epochs)
+    nb = data_cpu.shape[0] // bs
     with Measure() as m:
+        data_dev = data_cpu.to("cuda")  # the user's resident data, counted as fit's copy is
         t0 = sync_time()
         ns = bridge.to_pyjuice(root, juice)
         pc = juice.compile(ns, verbose=False)
@@ -205,14 +263,14 @@ def run_pyjuice(juice, bridge, root, data_u8, epochs, fp32=False) -> dict:
         compile_s = sync_time() - t0
         if fp32:
             pc.forward = functools.partial(pc.forward, force_use_fp32=True)
-        init_ll = pj_ll(bridge, pc, data_u8)
+        init_ll = pj_ll(bridge, pc, data_dev, bs)
         opt = bridge.make_optimizer(juice, pc, STEP, PSEUDO, keep_zero_params=True)
-        first = orders[0][:BATCH].cuda()
-        bridge.record_graphs(pc, data_u8[first].long())
+        first = orders[0][:bs].cuda()
+        bridge.record_graphs(pc, data_dev[first].long())
         times = []
         for order in orders:
             order = order.cuda()
-            batches = (data_u8[order[i * BATCH : (i + 1) * BATCH]].long() for i in range(nb))
+            batches = (data_dev[order[i * bs : (i + 1) * bs]].long() for i in range(nb))
             t0 = sync_time()
             bridge.tutorial_epoch(pc, opt, batches)
             times.append(sync_time() - t0)
@@ -220,24 +278,35 @@ def run_pyjuice(juice, bridge, root, data_u8, epochs, fp32=False) -> dict:
         "system": "pyjuice (tutorial: recorded CUDA graphs, MiniBatchEM)" + (", fp32 tiles" if fp32 else ""),
         "compile_s": compile_s,
         "peak_alloc_GB": m.peak_GB,
+        "data_GB": data_dev.numel() * data_dev.element_size() / 1e9,
         "warmup_s": times[0],
         "epoch_s": statistics.median(times[1:]),
         "epoch_all_s": times,
         "init_ll": init_ll,
-        "ll": pj_ll(bridge, pc, data_u8),
+        "ll": pj_ll(bridge, pc, data_dev, bs),
+        "em": {
+            "batch_size": bs,
+            "steps_per_epoch": nb,
+            "step_sizes": [opt.step_size] * epochs,
+            "pseudocount": opt.pseudocount,
+            "niters_per_update": opt.niters_per_update,
+            "keep_zero_params": opt.keep_zero_params,
+        },
     }
-    del pc, ns, opt
+    del pc, ns, opt, data_dev
     return res
 
 
-def run_pyjuice_eager(juice, bridge, root, data_u8, batches) -> dict:
+def run_pyjuice_eager(juice, bridge, root, data_u8, batches, bs) -> dict:
     """PyJuice as the previous harness drove it: no recorded graphs; `batches` timed, scaled."""
+    nb = data_u8.shape[0] // bs
+    batches = min(batches, nb - 3)
     pc = juice.compile(bridge.to_pyjuice(root, juice), verbose=False)
     pc.to("cuda")
     order = epoch_orders(data_u8.shape[0], 1)[0].cuda()
 
     def one(i):
-        x = data_u8[order[i * BATCH : (i + 1) * BATCH]].long()
+        x = data_u8[order[i * bs : (i + 1) * bs]].long()
         pc.init_param_flows(flows_memory=0.0)
         pc(x)
         pc.backward(x, flows_memory=1.0)
@@ -252,13 +321,83 @@ def run_pyjuice_eager(juice, bridge, root, data_u8, batches) -> dict:
     return {
         "system": "pyjuice (previous harness: eager, no graphs)",
         "batches_timed": batches,
-        "epoch_s": per_batch * data_u8.shape[0] / BATCH,
+        "epoch_s": per_batch * nb,
     }
 
 
-def pj_ll(bridge, pc, data_u8) -> float:
+def pj_ll(bridge, pc, data_dev, bs) -> float:
     """PyJuice's mean LL of the first LL_ROWS rows, its sum tiles in float32 (as ours evaluate)."""
-    return bridge.pj_lls(pc, data_u8[:LL_ROWS], BATCH).double().mean().item()
+    return bridge.pj_lls(pc, data_dev[:LL_ROWS], bs).double().mean().item()
+
+
+def em_mismatch(row: dict) -> str | None:
+    """What differs between the systems' EM settings in `row` (None when equal)."""
+    ours, pj = row["ours"].get("em"), row.get("pyjuice", {}).get("em")
+    if not ours or not pj:
+        return None
+    diffs = [k for k in ("batch_size", "steps_per_epoch", "step_sizes", "pseudocount") if ours[k] != pj[k]]
+    if pj.get("niters_per_update", 1) != 1:
+        diffs.append("niters_per_update")
+    return ", ".join(diffs) or None
+
+
+# seconds at batch 512 on one H200 (benchmarks/README.md, 2026-11-30): fit epoch, fit wall epoch (with
+# its evaluation of the 60,000 rows), PyJuice tutorial epoch, PyJuice eager epoch, compile ours / PJ
+H200_REF = {
+    ("hclt", 16): (0.190, 0.243, 0.424, 2.285, 0.21, 8.3),
+    ("hclt", 32): (0.259, 0.334, 0.468, 1.700, 0.22, 2.5),
+    ("hclt", 64): (0.372, 0.473, 0.597, 2.744, 0.22, 2.4),
+    ("hclt", 128): (0.624, 0.808, 0.871, 3.035, 0.43, 4.2),
+    ("hclt", 256): (1.274, 1.707, 1.996, 2.456, 0.62, 3.9),
+    ("hclt", 512): (3.346, 4.613, 5.942, 5.429, 1.02, 7.0),
+    ("pd", 16): (0.141, 0.182, 0.401, 0.696, 0.29, 9.1),
+    ("pd", 32): (0.226, 0.292, 0.456, 0.927, 0.22, 4.4),
+    ("pd", 64): (0.481, 0.608, 0.754, 0.868, 0.33, 7.2),
+    ("pd", 128): (1.154, 1.466, 1.738, 1.703, 0.55, 9.8),
+    ("pd", 256): (3.196, 4.089, 5.345, 5.166, 0.92, 11.6),
+}
+FIXED_S = 40.0  # imports, data generation, the ceilings, CUDA context: a guess, generous
+BUILD_S = {"hclt": 4.0, "pd": 3.0}  # structure per configuration (HCLT: Chow-Liu on the GPU): a guess
+
+
+def _ref(kind: str, nl: int) -> tuple:
+    """H200_REF, or the nearest measured size of `kind` scaled by (latents ratio)^2 (sum weights)."""
+    if (kind, nl) in H200_REF:
+        return H200_REF[kind, nl]
+    near = min((n for k, n in H200_REF if k == kind), key=lambda n: abs(np.log2(n / nl)))
+    s = max(1.0, (nl / near) ** 2)
+    return tuple(v * s for v in H200_REF[kind, near])
+
+
+def small_batch_factor(bs: int) -> float:
+    """Epoch time at `bs` over that at 512: a guess (fixed per-step costs: launches, PyJuice's sync per
+    step) of 1 + 0.5 (512 / bs - 1) below 512, and 1 above (the same rows, fuller tiles)."""
+    return 1.0 + 0.5 * max(0.0, BATCH / bs - 1.0)
+
+
+def estimate_seconds(configs, batch_sizes, args) -> dict:
+    """Expected wall seconds of the run, per (config, batch size) and in total, from H200_REF."""
+    e, per = args.epochs, {}
+    for kind, nl in configs:
+        fit, wall, pj, eager, c_ours, c_pj = _ref(kind, nl)
+        lls = 2 * (wall - fit) / 6 * 2  # two LLs of 10,000 rows on each side, PyJuice's eager: x2
+        for bs in batch_sizes:
+            f = small_batch_factor(bs)
+            ours = c_ours + lls + e * wall * f + fit * f + 1.0  # + the captured step's epoch, capture
+            t = ours * (1 + len(args.extra_precision))
+            if not args.no_pyjuice:
+                t += c_pj + lls + 1.0 + e * pj * f  # + its dry run
+                if args.eager_batches:
+                    t += c_pj + (3 + args.eager_batches) * eager / (NUM_ROWS // BATCH)
+                if f"{kind}:{nl}" in args.pj_fp32_configs:
+                    t += c_pj + lls + 1.0 + e * pj * f * 1.5
+            per[f"{kind}-{nl}@{bs}"] = t + (BUILD_S[kind] if bs == batch_sizes[0] else 0.0)
+    cli = 0.0
+    if args.cli_config:
+        kind, nl = parse_configs([args.cli_config])[0]
+        fit, wall, _, _, c_ours, _ = _ref(kind, nl)
+        cli = 2 * (3 * (wall + 0.1) + c_ours + BUILD_S[kind]) + 15.0  # CLI process, then fit again
+    return {"per_run_s": per, "cli_s": cli, "total_s": FIXED_S + sum(per.values()) + cli}
 
 
 def cli_vs_fit(kind, nl, data_u8, epochs=3) -> dict:
@@ -325,14 +464,23 @@ def cli_vs_fit(kind, nl, data_u8, epochs=3) -> dict:
     }
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["hclt:16,32,64,128,256,512", "pd:16,32,64,128,256"])
+    ap.add_argument(
+        "--batch-sizes", nargs="+", type=int, default=[BATCH], help="each config at each (a batch-size curve)"
+    )
     ap.add_argument("--epochs", type=int, default=2, help="epochs per system; the first is the warm-up")
     ap.add_argument(
-        "--eager-batches", type=int, default=30, help="batches timed for the pyjuice_eager column"
+        "--eager-batches", type=int, default=30, help="batches timed for the pyjuice_eager column (0: none)"
     )
-    ap.add_argument("--extra-precision", default=None, help="also run ours with this precision (e.g. bf16)")
+    ap.add_argument(
+        "--extra-precision",
+        nargs="*",
+        default=[],
+        choices=["bf16", "tf32", "ieee"],
+        help="also run ours with these opt-in precisions (each its own column)",
+    )
     ap.add_argument("--no-pyjuice", action="store_true")
     ap.add_argument("--cli-config", default=None, help="e.g. hclt:128: also time the CLI end to end")
     ap.add_argument(
@@ -341,8 +489,39 @@ def main():
         default=[],
         help="e.g. pd:16: also run PyJuice's loop with fp32 sum tiles (is a LL gap bf16's?)",
     )
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="JSON file written after every row")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="skip (and list) a run whose expected seconds no longer fit in this wall-clock budget",
+    )
+    ap.add_argument("--estimate", action="store_true", help="print the expected seconds and exit (no GPU)")
+    ap.add_argument("--table", nargs="+", metavar="FILE.json", help="print README tables from saved JSON")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.table:
+        print(vs_pyjuice_table.render([vs_pyjuice_table.load(p) for p in args.table]))
+        return
+    configs = parse_configs(args.configs)
+    if args.epochs < 2:
+        raise SystemExit(f"--epochs must be >= 2 (the first is the warm-up), got {args.epochs}")
+    if any(bs < 1 or NUM_ROWS // bs < 4 for bs in args.batch_sizes):
+        raise SystemExit(f"--batch-sizes must be in 1..{NUM_ROWS // 4}, got {args.batch_sizes}")
+    est = estimate_seconds(configs, args.batch_sizes, args)
+    print(
+        f"expected: {est['total_s']:.0f} s (per run: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in est["per_run_s"].items())
+        + ")",
+        flush=True,
+    )
+    if args.estimate:
+        return
+    if DEV == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vs_pyjuice.py needs a CUDA GPU (--table and --estimate run without one)")
     juice = bridge = None
     if not args.no_pyjuice:
         import pyjuice as juice
@@ -350,96 +529,103 @@ def main():
     from importlib.metadata import version
 
     info = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEV == "cuda" else DEV,
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "pyjuice": None if juice is None else version("pyjuice"),
         "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "batch_size": BATCH,
+        "batch_sizes": args.batch_sizes,
         "step_size": STEP,
         "pseudocount": PSEUDO,
         "epochs": args.epochs,
         "tail": "dropped on every system (drop_last)",
+        "memory": "each system's resident uint8 training data inside its own region",
         "command": " ".join(sys.argv),
+        "expected_s": est["total_s"],
     }
     print(info, flush=True)
     info["ceilings"] = ceilings()
     print(info["ceilings"], flush=True)
-    data_u8 = mnist_like(60000).to(torch.uint8)
-    data_cpu = data_u8.clone()  # what a user hands fit
-    data_u8 = data_u8.cuda()
+    data_u8 = mnist_like(NUM_ROWS).to(torch.uint8)
+    data_cpu = data_u8.clone()  # what a user hands fit (and PyJuice's copies come from)
+    data_u8 = data_u8.to(DEV)
     tree_data = data_u8[:20000].long()
     results = []
 
     def save():
+        info["elapsed_s"] = time.time() - T_START
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({**info, "results": results}, f, indent=1)
 
-    for k, (kind, nl) in enumerate(
-        (s.split(":")[0], int(n)) for s in args.configs for n in s.split(":")[1].split(",")
-    ):
-        root = ours_build(kind, nl, tree_data)
-        row = {"config": f"{kind}-{nl}"}
-        order = ["ours", "pyjuice"] if k % 2 == 0 else ["pyjuice", "ours"]
-        for name in order:
-            if name == "ours":
-                row["ours"] = run_ours(root, data_cpu, data_u8, args.epochs)
-            elif juice is not None:
-                try:
-                    row["pyjuice"] = run_pyjuice(juice, bridge, root, data_u8, args.epochs)
-                except Exception as err:  # noqa: BLE001 - a failing peer must not lose the run
-                    row["pyjuice"] = {"error": f"{type(err).__name__}: {err}"}
-            print(f"  {row['config']} {name}: {_short(row.get(name))}", flush=True)
-        if juice is not None and args.eager_batches:
-            try:
-                row["pyjuice_eager"] = run_pyjuice_eager(juice, bridge, root, data_u8, args.eager_batches)
-            except Exception as err:  # noqa: BLE001
-                row["pyjuice_eager"] = {"error": f"{type(err).__name__}: {err}"}
-        if juice is not None and f"{kind}:{nl}" in args.pj_fp32_configs:
-            row["pyjuice_fp32"] = run_pyjuice(juice, bridge, root, data_u8, args.epochs, fp32=True)
-            print(f"  {row['config']} pyjuice fp32: {_short(row['pyjuice_fp32'])}", flush=True)
-        if args.extra_precision:
-            row["ours_" + args.extra_precision] = run_ours(
-                root, data_cpu, data_u8, args.epochs, KernelOptions(precision=args.extra_precision)
-            )
-        results.append(row)
-        save()
-    if args.cli_config:
-        kind, nl = args.cli_config.split(":")
-        info["cli_vs_fit"] = cli_vs_fit(kind, int(nl), data_u8)
+    info["skipped"] = []
+
+    def fits(name: str, expected: float) -> bool:
+        left = args.budget_s - (time.time() - T_START)
+        if expected <= left:
+            return True
+        info["skipped"].append(name)
+        print(f"  skipped {name}: expected {expected:.0f} s, {left:.0f} s left of --budget-s", flush=True)
+        return False
+
+    k = 0
+    for kind, nl in configs:
+        root = None
+        for bs in args.batch_sizes:
+            if not fits(f"{kind}-{nl}@{bs}", est["per_run_s"][f"{kind}-{nl}@{bs}"]):
+                continue
+            if root is None:
+                root = ours_build(kind, nl, tree_data)
+            t0 = time.time()
+            results.append(run_row(args, juice, bridge, root, kind, nl, bs, k, data_cpu, data_u8))
+            results[-1]["seconds"] = time.time() - t0  # against expected_s: calibrates H200_REF
+            results[-1]["expected_s"] = est["per_run_s"][f"{kind}-{nl}@{bs}"]
+            k += 1
+            save()
+    if args.cli_config and fits("cli_vs_fit", est["cli_s"]):
+        kind, nl = parse_configs([args.cli_config])[0]
+        info["cli_vs_fit"] = cli_vs_fit(kind, nl, data_u8)
         print("cli vs fit:", info["cli_vs_fit"], flush=True)
-        save()
-    print_table(results, args.extra_precision)
+    save()
+    print(f"elapsed {info['elapsed_s']:.0f} s (expected {est['total_s']:.0f} s)")
+    print(vs_pyjuice_table.render([{**info, "results": results}]))
+
+
+def run_row(args, juice, bridge, root, kind, nl, bs, k, data_cpu, data_u8) -> dict:
+    """Both systems on one configuration at batch size `bs`, alternating which goes first with `k`."""
+    row = {"config": f"{kind}-{nl}", "batch_size": bs}
+    for name in ["ours", "pyjuice"] if k % 2 == 0 else ["pyjuice", "ours"]:
+        if name == "ours":
+            row["ours"] = run_ours(root, data_cpu, data_u8, args.epochs, bs)
+        elif juice is not None:
+            try:
+                row["pyjuice"] = run_pyjuice(juice, bridge, root, data_cpu, args.epochs, bs)
+            except Exception as err:  # noqa: BLE001 - a failing peer must not lose the run
+                row["pyjuice"] = {"error": f"{type(err).__name__}: {err}"}
+        if name in row:
+            print(f"  {row['config']} @{bs} {name}: {_short(row[name])}", flush=True)
+    row["em_mismatch"] = em_mismatch(row)
+    if row["em_mismatch"]:
+        print(f"  {row['config']} @{bs}: EM settings differ: {row['em_mismatch']}", flush=True)
+    if juice is not None and args.eager_batches:
+        try:
+            row["pyjuice_eager"] = run_pyjuice_eager(juice, bridge, root, data_u8, args.eager_batches, bs)
+        except Exception as err:  # noqa: BLE001
+            row["pyjuice_eager"] = {"error": f"{type(err).__name__}: {err}"}
+    if juice is not None and f"{kind}:{nl}" in args.pj_fp32_configs:
+        row["pyjuice_fp32"] = run_pyjuice(juice, bridge, root, data_cpu, args.epochs, bs, fp32=True)
+        print(f"  {row['config']} @{bs} pyjuice fp32: {_short(row['pyjuice_fp32'])}", flush=True)
+    for p in args.extra_precision:
+        row["ours_" + p] = run_ours(root, data_cpu, data_u8, args.epochs, bs, KernelOptions(precision=p))
+        print(f"  {row['config']} @{bs} ours {p}: {_short(row['ours_' + p])}", flush=True)
+    return row
 
 
 def _short(r) -> str:
     if not r:
         return "-"
     return ", ".join(f"{a}={v:.3f}" for a, v in r.items() if isinstance(v, float))
-
-
-def print_table(results, extra=None):
-    hdr = (
-        f"{'config':9s} | {'fit s/ep':>8s} {'step':>6s} {'fit/step':>8s} | {'PJ tut':>7s} {'x':>5s} | "
-        f"{'PJ eager':>8s} {'x':>5s} | {'peak GB':>7s} {'PJ':>5s} | {'LL ours':>8s} {'PJ':>8s} {'gap%':>5s}"
-    )
-    print(hdr + (f" | {extra}" if extra else ""))
-    nan = float("nan")
-    for row in results:
-        o, p, e = row["ours"], row.get("pyjuice", {}), row.get("pyjuice_eager", {})
-        pe, ee = p.get("epoch_s", nan), e.get("epoch_s", nan)
-        gap = 100 * abs(o["ll"] - p.get("ll", nan)) / abs(p.get("ll", nan))
-        line = (
-            f"{row['config']:9s} | {o['epoch_s']:8.3f} {o['step']['epoch_s']:6.3f} "
-            f"{o['epoch_s'] / o['step']['epoch_s']:8.2f} | {pe:7.3f} {pe / o['epoch_s']:5.2f} | "
-            f"{ee:8.3f} {ee / o['epoch_s']:5.2f} | {o['peak_alloc_GB']:7.2f} {p.get('peak_alloc_GB', nan):5.2f} | "
-            f"{o['ll']:8.2f} {p.get('ll', nan):8.2f} {gap:5.2f}"
-        )
-        if extra:
-            line += f" | {row['ours_' + extra]['epoch_s']:.3f}"
-        print(line)
 
 
 if __name__ == "__main__":
