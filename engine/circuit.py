@@ -292,15 +292,15 @@ class CompiledCircuit(torch.nn.Module):
             raise ValueError(f"pseudocount must be >= 0, got {pseudocount}")
         ties = None if self._ties.empty else self._ties
         saved = ties.before_em(self) if ties is not None else None  # copies' flows into their sources
-        for layer in self.plan.sum_layers:
-            self.backend.sum_em_update(
-                self.tables.layers[layer.index],
-                self.params,
-                self.param_flows,
-                self.param_mask,
-                step_size,
-                pseudocount,
-            )
+        self.backend.sum_em_update_all(
+            self.tables,
+            self.plan.sum_layers,
+            self.params,
+            self.param_flows,
+            self.param_mask,
+            step_size,
+            pseudocount,
+        )
         for inp, table in zip(self.input_layers, self.tables.inputs):
             self.backend.input_em_update(inp, table, step_size, pseudocount)
         if ties is not None:

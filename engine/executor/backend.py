@@ -27,6 +27,7 @@ class Tables:
     layers: list
     inputs: list = field(default_factory=list)
     kernels: dict[int, list[str]] = field(default_factory=dict)
+    em: object = None  # a backend's table for updating every sum layer at once (None: layer by layer)
 
 
 @dataclass
@@ -82,6 +83,11 @@ class Backend(ABC):
     @abstractmethod
     def sum_em_update(self, table, params, param_flows, mask, step_size, pseudocount) -> None:
         """EM update of one sum layer's weights, in place."""
+
+    def sum_em_update_all(self, tables: Tables, layers, params, param_flows, mask, step_size, pseudocount):
+        """EM update of every sum layer in `layers` (all of the plan's), in place; one at a time here."""
+        for layer in layers:
+            self.sum_em_update(tables.layers[layer.index], params, param_flows, mask, step_size, pseudocount)
 
     @abstractmethod
     def input_forward(self, layer: InputLayer, table, x, missing, out: torch.Tensor):

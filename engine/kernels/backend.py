@@ -41,6 +41,7 @@ class SumLayerKernelTensors(SumLayerTensors):
     """A sum layer whose one tiled partition writes every element-flow row below it (no zeroing)."""
 
     sole_writer: bool = False
+    em: object = None  # em.EmTable of this layer's partitions
 
 
 @dataclass
@@ -84,6 +85,11 @@ class TritonBackend(TorchBackend):
                 if self.options.fuse_products:
                     fuse_products(below, tables.layers[below.index], tables.layers[layer.index])
         mark_first_flow_writers(plan, tables.layers, device)
+        for layer in plan.sum_layers:
+            tables.layers[layer.index].em = em.em_table(tables.layers[layer.index].parts, device)
+        tables.em = em.em_table(
+            [pt for lay in plan.sum_layers for pt in tables.layers[lay.index].parts], device
+        )
         tables.inputs = [
             InputKernelTable(tuple(t.to(device) for t in inputs.segments(inp.vars, self.options.stats_nodes)))
             for inp in inputs_
@@ -126,8 +132,15 @@ class TritonBackend(TorchBackend):
         product.prod_backward(table, element_flows, node_flows, self.options)
 
     def sum_em_update(self, table, params, param_flows, mask, step_size, pseudocount) -> None:
-        for pt in table.parts:
-            em.sum_em_update(pt, params, param_flows, mask, step_size, pseudocount, self.options)
+        em.sum_em_update_all(table.em, params, param_flows, mask, step_size, pseudocount, self.options)
+
+    def sum_em_update_all(self, tables, layers, params, param_flows, mask, step_size, pseudocount):
+        """One launch per row-length class for all sum layers (em.EmTable), not one per partition."""
+        if tables.em is None:
+            return super().sum_em_update_all(
+                tables, layers, params, param_flows, mask, step_size, pseudocount
+            )
+        em.sum_em_update_all(tables.em, params, param_flows, mask, step_size, pseudocount, self.options)
 
     # ----------------------------------------------------------------- input layers
     def input_forward(self, layer: InputLayer, table: InputKernelTable, x, missing, out) -> TransposedInputs:

@@ -1,12 +1,18 @@
-"""Fused mini-batch EM update of one sum partition (reference: torch_ops.sum_em_update).
+"""Fused mini-batch EM update of the sum weights (reference: torch_ops.sum_em_update).
 
-One program per RN node rows; each row holds the node's `width * bs` weights. Two passes over the
+Every node row holds its `width * bs` weights contiguously (`[nb, bs, width * bs]` per partition at
+its offset of the flat vector). The kernel normalises RN rows per program in two passes over each
 row: (1) degree = number of real children and the masked flow sum; (2) new weights. Reads params,
-flows and mask once each in pass 2 and flows + mask in pass 1: about 13 bytes per weight moved,
-against ~10 full-tensor passes of the PyTorch version.
+flows and mask once each in pass 2 and flows + mask in pass 1: about 13 bytes per weight moved.
+
+All partitions of all sum layers run in one launch per row-length class (`EmTable`: a tile list of
+(first weight, rows, row length)); HCLT-128 had 40 launches of ~3 us each, most of them for layers of
+a few hundred rows, where the launch and not the bytes set the time.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -14,12 +20,20 @@ import triton.language as tl
 
 from engine.kernels.options import KernelOptions
 
+RN = 16  # node rows per program
+
 
 @triton.jit
-def _sum_em_kernel(prm, pflows, mask, param_off, R, L, step, pseudocount, RN: tl.constexpr, CL: tl.constexpr):
-    rows = tl.program_id(0) * RN + tl.arange(0, RN)
+def _sum_em_kernel(
+    prm, pflows, mask, tile_base, tile_rows, tile_len, step, pseudocount, RN: tl.constexpr, CL: tl.constexpr
+):
+    t = tl.program_id(0)
+    base0 = tl.load(tile_base + t)
+    R = tl.load(tile_rows + t)
+    L = tl.load(tile_len + t)
+    rows = tl.arange(0, RN)
     rm = rows < R
-    base = param_off + rows.to(tl.int64) * L
+    base = base0 + rows.to(tl.int64) * L
     deg = tl.zeros([RN], dtype=tl.float32)
     tot = tl.zeros([RN], dtype=tl.float32)
     for c0 in range(0, L, CL):
@@ -45,21 +59,46 @@ def _sum_em_kernel(prm, pflows, mask, param_off, R, L, step, pseudocount, RN: tl
         tl.store(prm + ptr, w, mask=m2)
 
 
-def sum_em_update(pt, params, param_flows, mask, step_size: float, pseudocount: float, opts: KernelOptions):
-    R = pt.num_node_blocks * pt.block_size
-    L = pt.width * pt.block_size
-    RN = 16
-    CL = max(16, min(256, triton.next_power_of_2(L)))
-    _sum_em_kernel[(triton.cdiv(R, RN),)](
-        params,
-        param_flows,
-        mask.view(torch.uint8),
-        pt.param_offset,
-        R,
-        L,
-        float(step_size),
-        float(pseudocount),
-        RN=RN,
-        CL=CL,
-        num_warps=opts.num_warps,
-    )
+def _chunk_len(row_len: int) -> int:
+    return max(16, min(256, triton.next_power_of_2(row_len)))
+
+
+@dataclass
+class EmTable:
+    """Row tiles of the partitions updated together, per chunk length CL (a compile-time constant):
+    CL -> (first weight `[T]` int64, rows `[T]` int32 (<= RN), row length `[T]` int32)."""
+
+    tiles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def em_table(partitions, device) -> EmTable:
+    """The tiles of every partition (objects with param_offset, num_node_blocks, block_size, width)."""
+    acc: dict[int, list[tuple[int, int, int]]] = {}
+    for pt in partitions:
+        R, L = pt.num_node_blocks * pt.block_size, pt.width * pt.block_size
+        out = acc.setdefault(_chunk_len(L), [])
+        for r0 in range(0, R, RN):
+            out.append((pt.param_offset + r0 * L, min(RN, R - r0), L))
+    tiles = {}
+    for cl, rows in acc.items():
+        t = torch.tensor(rows, dtype=torch.long).T.contiguous()  # rows of t: contiguous columns
+        tiles[cl] = (t[0].to(device), t[1].to(torch.int32).to(device), t[2].to(torch.int32).to(device))
+    return EmTable(tiles)
+
+
+def sum_em_update_all(table: EmTable, params, param_flows, mask, step_size, pseudocount, opts: KernelOptions):
+    """The EM update of every partition in `table`, in place: one launch per chunk length."""
+    for cl, (base, rows, lens) in table.tiles.items():
+        _sum_em_kernel[(base.numel(),)](
+            params,
+            param_flows,
+            mask.view(torch.uint8),
+            base,
+            rows,
+            lens,
+            float(step_size),
+            float(pseudocount),
+            RN=RN,
+            CL=cl,
+            num_warps=opts.num_warps,
+        )
