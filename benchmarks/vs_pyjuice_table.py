@@ -153,7 +153,7 @@ def cliffs(curve: list[tuple[dict, dict]], system: str) -> list[str]:
             out.append(
                 f"{system} at batch {_bs(r, d)}: {s:,.0f} samples/s, {100 * (1 - s / best):.0f}% below batch {best_bs}"
             )
-        if best is None or s > best:
+        if best is None or s >= best:
             best, best_bs = s, _bs(r, d)
     return out
 

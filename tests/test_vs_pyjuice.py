@@ -1,0 +1,119 @@
+"""benchmarks/vs_pyjuice.py off the GPU: its tables from saved JSON (against the numbers published in
+benchmarks/README.md), the batch-size curve's cliff check, the EM-settings check, and our side of the
+run on a CPU stand-in (PD-16 on a few hundred rows) written to JSON and read back by `--table`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import step_floor  # noqa: E402
+import vs_pyjuice as vs  # noqa: E402
+import vs_pyjuice_table as tbl  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+
+
+def test_table_reproduces_the_published_rows():
+    """The README's HCLT/PD table (2026-11-30) came from these two files; --table prints its rows."""
+    docs = [tbl.load(os.path.join(RESULTS, f"vs_pyjuice_{k}_h200.json")) for k in ("hclt", "pd")]
+    out = tbl.render(docs)
+    assert (
+        "| HCLT-256 | 1.274 | 1.274 | 1.00 | 1.707 | 1.996 | 1.57x | 2.456 | 2.54 | 2.49 | 0.62 / 3.9 |"
+        in out
+    )
+    assert "| PD-128 | 1.154 | 1.154 | 1.00 | 1.466 | 1.738 | 1.51x | 1.703 | 1.78 | 2.48 |" in out
+    assert "-702.20 | -702.15 | 0.01% |" in out
+    assert "ratio 1.003" in out  # the CLI-vs-fit check of the HCLT file
+    assert "4.24 TB/s" in out
+
+
+def test_table_rejects_a_file_that_is_not_a_result(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="no 'results' list"):
+        tbl.load(str(bad))
+    with pytest.raises(SystemExit, match="cannot read"):
+        tbl.load(str(tmp_path / "missing.json"))
+
+
+def _curve_doc(pj_epochs: dict[int, float]) -> dict:
+    """HCLT-256 at several batch sizes: ours 1.0 s per epoch everywhere, PyJuice as given."""
+    rows = []
+    for bs, pj in pj_epochs.items():
+        nb = 60000 // bs
+        rows.append(
+            {
+                "config": "hclt-256",
+                "batch_size": bs,
+                "ours": {"epoch_s": 1.0, "em": {"steps_per_epoch": nb}, "ll": -700.0},
+                "pyjuice": {"epoch_s": pj, "ll": -700.5},
+            }
+        )
+    return {"results": rows, "ceilings": {}}
+
+
+def test_curve_reports_a_cliff_and_only_a_cliff():
+    flat = tbl.curve_table([_curve_doc({256: 2.0, 512: 2.0, 1024: 1.9})])
+    assert "no cliff" in flat
+    # 60000 // 1024 = 58 steps of 1024 = 59,392 samples: 1.0 s ours, 1.9 s PyJuice
+    assert "| HCLT-256 | 1024 | 58 | 1.000 | 59,392 | 1.900 | 31,259 | 1.90x |" in flat
+    cliff = tbl.curve_table([_curve_doc({256: 2.0, 512: 2.0, 2048: 4.0})])  # 29 x 2048 in 4 s
+    assert "HCLT-256: cliff, pyjuice at batch 2048: 14,848 samples/s, 50% below batch 512" in cliff
+    assert "ours" not in cliff.split("cliff")[-1]
+
+
+def test_em_settings_checked_equal():
+    ours = {"em": {"batch_size": 512, "steps_per_epoch": 117, "step_sizes": [0.1, 0.1], "pseudocount": 0.1}}
+    pj = {"em": {**ours["em"], "niters_per_update": 1}}
+    assert vs.em_mismatch({"ours": ours, "pyjuice": pj}) is None
+    pj2 = copy.deepcopy(pj)
+    pj2["em"]["step_sizes"] = [0.1, 0.05]
+    pj2["em"]["niters_per_update"] = 2
+    assert vs.em_mismatch({"ours": ours, "pyjuice": pj2}) == "step_sizes, niters_per_update"
+
+
+def test_configs_and_estimate():
+    assert vs.parse_configs(["hclt:16,32", "pd:128"]) == [("hclt", 16), ("hclt", 32), ("pd", 128)]
+    for bad in ("hclt", "rat:16", "pd:1x"):
+        with pytest.raises(SystemExit, match="--configs"):
+            vs.parse_configs([bad])
+    args = vs.build_parser().parse_args(["--eager-batches", "0"])
+    one = vs.estimate_seconds([("pd", 128)], [512], args)
+    curve = vs.estimate_seconds([("pd", 128)], [128, 512, 4096], args)
+    assert curve["per_run_s"]["pd-128@128"] > curve["per_run_s"]["pd-128@4096"]
+    assert curve["total_s"] > one["total_s"]
+    big = vs.estimate_seconds([("pd", 512)], [512], args)  # not measured: scaled from PD-256
+    assert big["total_s"] > vs.estimate_seconds([("pd", 256)], [512], args)["total_s"]
+
+
+def test_our_side_on_a_cpu_stand_in(tmp_path, monkeypatch, capsys):
+    """The whole flow with --no-pyjuice on the CPU: the JSON has each batch size's row with our EM
+    settings, the captured step, and the floor of the compiled plan; --table prints all three tables."""
+    monkeypatch.setattr(vs, "DEV", "cpu")
+    monkeypatch.setattr(vs, "NUM_ROWS", 256)
+    monkeypatch.setattr(vs, "LL_ROWS", 64)
+    ceil = {"copy_GBps": 4000.0, "matmul_tf32_TFLOPs": 400.0, "matmul_bf16_TFLOPs": 800.0}
+    monkeypatch.setattr(vs, "ceilings", lambda: ceil)
+    out = tmp_path / "r.json"
+    vs.main("--configs pd:16 --batch-sizes 32 64 --no-pyjuice --eager-batches 0 --out".split() + [str(out)])
+    doc = json.loads(out.read_text())
+    assert [r["batch_size"] for r in doc["results"]] == [32, 64]
+    for r in doc["results"]:
+        o = r["ours"]
+        assert o["em"]["steps_per_epoch"] == 256 // r["batch_size"] == o["step"]["batches"]
+        assert o["em"]["step_sizes"] == [0.1, 0.1] and o["em"]["pseudocount"] == 0.1
+        assert o["precision"] == "tf32x3"
+        plan = vs.engine.compile(vs.ours_build("pd", 16, None)).plan
+        assert o["floor"] == step_floor.to_dict(step_floor.step_floor(plan, r["batch_size"]))
+    capsys.readouterr()
+    vs.main(["--table", str(out)])
+    text = capsys.readouterr().out
+    assert "| PD-16 | 64 | tf32x3 |" in text  # the floor table
+    assert "| PD-16 | 32 | 8 |" in text  # the curve: 256 // 32 steps an epoch
+    assert "samples/s" in text
