@@ -190,6 +190,28 @@ def test_option_is_a_hashable_bool():
     assert KernelOptions(fuse_products=1).fuse_products is True
     with pytest.raises(ValueError, match="fuse_products"):
         KernelOptions(fuse_products="yes")
+    with pytest.raises(ValueError, match="fused_stages"):
+        KernelOptions(fused_stages=0)
+
+
+def test_fused_launches_pipeline_only_narrow_products():
+    """Wide products would overflow shared memory when pipelined (sum_block.FUSED_PIPELINE_WIDTH)."""
+    from engine.kernels.sum_block import FUSED_PIPELINE_WIDTH, _pipeline
+
+    opts = KernelOptions(fuse_products=True, fused_stages=3)
+    pc = engine.compile(_mixed_widths(), device=DEVICE, backend="triton", kernel_options=opts)
+    seen = set()
+    for table in pc.tables.layers:
+        for pt in getattr(table, "parts", []):
+            if isinstance(pt, BlockSumTensors):
+                stages = _pipeline(pt, opts)
+                if pt.fused_rows is None:
+                    assert stages == {}
+                else:
+                    narrow = pt.fused_rows.shape[1] <= FUSED_PIPELINE_WIDTH
+                    assert stages == {"num_stages": 3 if narrow else 1}
+                    seen.add(narrow)
+    assert seen == {True, False}
 
 
 # ----------------------------------------------------------------------------- on a GPU (`-m gpu`)

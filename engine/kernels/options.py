@@ -36,6 +36,7 @@ class KernelOptions:
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     fuse_products: bool = False  # block-sum kernels gather product values from node_mars (see above)
+    fused_stages: int = 1  # pipeline depth of fused forward / parameter-flow launches (sum_block.py)
     # categorical statistics kernel; defaults from benchmarks/stats_kernel_sweep.py on an H200
     # (2026-11-30: 0.77 ms against 1.63 for the previous 32 nodes x 256 categories, tf32x3, at HCLT-256)
     stats_block_b: int = 32  # batch columns per step
@@ -51,6 +52,8 @@ class KernelOptions:
         if self.fuse_products not in (False, True):  # 0 / 1 accepted (benchmark variant strings)
             raise ValueError(f"fuse_products must be a bool, got {self.fuse_products!r}")
         object.__setattr__(self, "fuse_products", bool(self.fuse_products))
+        if self.fused_stages not in (1, 2, 3, 4):
+            raise ValueError(f"fused_stages must be 1, 2, 3 or 4, got {self.fused_stages!r}")
         for name in (
             "block_b",
             "prod_rows",
