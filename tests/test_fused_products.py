@@ -244,3 +244,26 @@ def test_fused_on_gpu_matches_float64_torch_and_graph_replays(name):
             replay = step(xb).clone()
         assert step.captured, step.failed
         assert max(rel(eager, replay), rel(flows, pc.param_flows)) < 1e-6
+
+
+def test_fuse_max_reads_keeps_costly_layers_unfused():
+    """`fuse_max_reads`: a layer whose fused kernels would read more per element row stays unfused."""
+    from engine.kernels.backend import fused_reads_per_row
+
+    make, dists = CASES["pd4x4"]
+    root = make()
+    full = engine.compile(root, device=DEVICE, backend="triton", kernel_options=FUSED)
+    reads = {
+        i: fused_reads_per_row(full.tables.layers[i], full.tables.layers[i + 1]) for i in _fused_layers(full)
+    }
+    assert len(set(reads.values())) > 1, reads  # the 4-child patches read more than the 2-child splits
+    cut = int(min(reads.values()))
+    opts = dataclasses.replace(FUSED, fuse_max_reads=cut)
+    pc = engine.compile(root, device=DEVICE, backend="triton", kernel_options=opts)
+    kept = {i for i, r in reads.items() if r <= cut}
+    assert kept and kept != set(reads) and set(_fused_layers(pc)) == kept
+    x, m = data(dists, 12)
+    _, ref = run(root, x.long(), m, "torch", dtype=torch.float64)
+    _, got = run(root, x.long(), m, "triton", opts=opts)
+    for k in ref:
+        assert rel(ref[k], got[k]) < TOL, f"{k}: relative error {rel(ref[k], got[k]):.2e}"

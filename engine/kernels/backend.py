@@ -83,7 +83,12 @@ class TritonBackend(TorchBackend):
                 below = plan.layers[layer.index - 1]
                 mark_sole_writer(below, tables.layers[layer.index])
                 if self.options.fuse_products:
-                    fuse_products(below, tables.layers[below.index], tables.layers[layer.index])
+                    fuse_products(
+                        below,
+                        tables.layers[below.index],
+                        tables.layers[layer.index],
+                        self.options.fuse_max_reads,
+                    )
         mark_first_flow_writers(plan, tables.layers, device)
         for layer in plan.sum_layers:
             tables.layers[layer.index].em = em.em_table(tables.layers[layer.index].parts, device)
@@ -203,8 +208,11 @@ def mark_sole_writer(below: Layer, table: SumLayerKernelTensors) -> None:
     )
 
 
-def fuse_products(below: Layer, prod: ProdLayerKernelTensors | None, table: SumLayerKernelTensors) -> None:
-    """Let the sum layer `table` compute the product layer `below` in its block kernels, when safe:
+def fuse_products(
+    below: Layer, prod: ProdLayerKernelTensors | None, table: SumLayerKernelTensors, max_reads: int = 0
+) -> None:
+    """Let the sum layer `table` compute the product layer `below` in its block kernels, when safe
+    (and, with `max_reads` > 0, when `fused_reads_per_row` is at most that):
 
     - every partition of the sum layer runs "sum_block" (the sparse and PyTorch paths read
       element_mars; one such partition keeps the layer unfused);
@@ -229,10 +237,26 @@ def fuse_products(below: Layer, prod: ProdLayerKernelTensors | None, table: SumL
         rows = (pt.child_rows.cpu()[:, :, None] + torch.arange(pt.block_size)).reshape(-1)
         if int(rows.max()) >= hi or not bool(readable[rows].all()):
             return
+    if max_reads and fused_reads_per_row(prod, table) > max_reads:
+        return
     rows_table = product.fused_table(prod, lo, hi)
     for pt in table.parts:
         pt.fused_rows, pt.fused_lo = rows_table, lo
     prod.fused = True
+
+
+def fused_reads_per_row(prod: ProdLayerKernelTensors, table: SumLayerKernelTensors) -> float:
+    """Node values the fused kernels would read per element row and batch column: the mean number of
+    children a times the sum kernels' element reads, 2k + 1 (forward and parameter flows once per
+    parent node block, k of them; element flows once). Unfused, the same row costs 2a + 2 in the
+    product forward and recompute, plus the 2k + 1 reads of element_mars: a * (2k + 1) is the larger
+    when k or a is large (HCLT-256 and PD-128 at k = 4: ~19 against 15; PD's 16-child patches: 48
+    against 37), though sibling node blocks' re-reads mostly hit L2."""
+    n = prod.elem_rows.numel()
+    arity = int((prod.child_rows > 0).sum()) / n
+    tiles = sum(int((pt.child_rows >= PAD_ROWS).sum()) * pt.block_size for pt in table.parts)
+    owned = sum(int(pt.cblocks.numel()) * pt.block_size for pt in table.parts)
+    return arity * (2 * tiles + owned) / n
 
 
 def mark_first_flow_writers(plan: LayerPlan, tables: list, device) -> None:
