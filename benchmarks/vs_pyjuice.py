@@ -356,7 +356,8 @@ H200_REF = {
     ("pd", 128): (1.154, 1.466, 1.738, 1.703, 0.55, 9.8),
     ("pd", 256): (3.196, 4.089, 5.345, 5.166, 0.92, 11.6),
 }
-FIXED_S = 40.0  # imports, data generation, the ceilings, CUDA context: a guess, generous
+FIXED_S = 40.0  # imports, data generation, the ceilings, CUDA context, first JIT: a guess, generous
+JIT_S = 3.0  # Triton JIT of new shapes / precisions in each warm-up epoch of ours (README's JSON: 1-4 s)
 BUILD_S = {"hclt": 4.0, "pd": 3.0}  # structure per configuration (HCLT: Chow-Liu on the GPU): a guess
 
 
@@ -375,23 +376,38 @@ def small_batch_factor(bs: int) -> float:
     return 1.0 + 0.5 * max(0.0, BATCH / bs - 1.0)
 
 
-def estimate_seconds(configs, batch_sizes, args) -> dict:
-    """Expected wall seconds of the run, per (config, batch size) and in total, from H200_REF."""
-    e, per = args.epochs, {}
-    for kind, nl in configs:
+def plan_runs(args) -> list[tuple[str, int, int, bool]]:
+    """`(kind, latents, batch size, main)` in run order, each configuration's runs together (one
+    structure build). Main runs (`--configs` at `--batch-sizes`) also get the extra columns (opt-in
+    precisions, PyJuice eager and fp32); `--curve` configurations also run at `--curve-batch-sizes`."""
+    runs: dict = {}
+    for c in parse_configs(args.configs):
+        for bs in args.batch_sizes:
+            runs[c, bs] = True
+    for c in parse_configs(args.curve):
+        for bs in args.curve_batch_sizes:
+            runs.setdefault((c, bs), False)
+    configs = list(dict.fromkeys(c for c, _ in runs))
+    return [(*c, bs, runs[c, bs]) for c in configs for bs in sorted(b for d, b in runs if d == c)]
+
+
+def estimate_seconds(runs, args) -> dict:
+    """Expected wall seconds of the run, per `kind-latents@batch` and in total, from H200_REF."""
+    e, per, built = args.epochs, {}, set()
+    for kind, nl, bs, main in runs:
         fit, wall, pj, eager, c_ours, c_pj = _ref(kind, nl)
         lls = 2 * (wall - fit) / 6 * 2  # two LLs of 10,000 rows on each side, PyJuice's eager: x2
-        for bs in batch_sizes:
-            f = small_batch_factor(bs)
-            ours = c_ours + lls + e * wall * f + fit * f + 1.0  # + the captured step's epoch, capture
-            t = ours * (1 + len(args.extra_precision))
-            if not args.no_pyjuice:
-                t += c_pj + lls + 1.0 + e * pj * f  # + its dry run
-                if args.eager_batches:
-                    t += c_pj + (3 + args.eager_batches) * eager / (NUM_ROWS // BATCH)
-                if f"{kind}:{nl}" in args.pj_fp32_configs:
-                    t += c_pj + lls + 1.0 + e * pj * f * 1.5
-            per[f"{kind}-{nl}@{bs}"] = t + (BUILD_S[kind] if bs == batch_sizes[0] else 0.0)
+        f = small_batch_factor(bs)
+        ours = c_ours + lls + e * wall * f + fit * f + 1.0 + JIT_S  # + the captured step's epoch
+        t = ours * (1 + (len(args.extra_precision) if main else 0))
+        if not args.no_pyjuice:
+            t += c_pj + lls + 1.0 + e * pj * f  # + its dry run
+            if args.eager_batches and main:
+                t += c_pj + (3 + args.eager_batches) * eager / (NUM_ROWS // BATCH)
+            if f"{kind}:{nl}" in args.pj_fp32_configs and main:
+                t += c_pj + lls + 1.0 + e * pj * f * 1.5
+        per[f"{kind}-{nl}@{bs}"] = t + (0.0 if (kind, nl) in built else BUILD_S[kind])
+        built.add((kind, nl))
     cli = 0.0
     if args.cli_config:
         kind, nl = parse_configs([args.cli_config])[0]
@@ -470,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--batch-sizes", nargs="+", type=int, default=[BATCH], help="each config at each (a batch-size curve)"
     )
+    ap.add_argument(
+        "--curve", nargs="*", default=[], help="configs (as --configs) also run at every --curve-batch-sizes"
+    )
+    ap.add_argument("--curve-batch-sizes", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 4096])
     ap.add_argument("--epochs", type=int, default=2, help="epochs per system; the first is the warm-up")
     ap.add_argument(
         "--eager-batches", type=int, default=30, help="batches timed for the pyjuice_eager column (0: none)"
@@ -506,12 +526,12 @@ def main(argv=None):
     if args.table:
         print(vs_pyjuice_table.render([vs_pyjuice_table.load(p) for p in args.table]))
         return
-    configs = parse_configs(args.configs)
     if args.epochs < 2:
         raise SystemExit(f"--epochs must be >= 2 (the first is the warm-up), got {args.epochs}")
-    if any(bs < 1 or NUM_ROWS // bs < 4 for bs in args.batch_sizes):
-        raise SystemExit(f"--batch-sizes must be in 1..{NUM_ROWS // 4}, got {args.batch_sizes}")
-    est = estimate_seconds(configs, args.batch_sizes, args)
+    runs = plan_runs(args)
+    if any(bs < 1 or NUM_ROWS // bs < 4 for _, _, bs, _ in runs):
+        raise SystemExit(f"batch sizes must be in 1..{NUM_ROWS // 4}, got {sorted({r[2] for r in runs})}")
+    est = estimate_seconds(runs, args)
     print(
         f"expected: {est['total_s']:.0f} s (per run: "
         + ", ".join(f"{k} {v:.0f}" for k, v in est["per_run_s"].items())
@@ -536,6 +556,7 @@ def main(argv=None):
         "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "batch_sizes": args.batch_sizes,
+        "curve": {"configs": args.curve, "batch_sizes": args.curve_batch_sizes},
         "step_size": STEP,
         "pseudocount": PSEUDO,
         "epochs": args.epochs,
@@ -569,20 +590,18 @@ def main(argv=None):
         print(f"  skipped {name}: expected {expected:.0f} s, {left:.0f} s left of --budget-s", flush=True)
         return False
 
-    k = 0
-    for kind, nl in configs:
-        root = None
-        for bs in args.batch_sizes:
-            if not fits(f"{kind}-{nl}@{bs}", est["per_run_s"][f"{kind}-{nl}@{bs}"]):
-                continue
-            if root is None:
-                root = ours_build(kind, nl, tree_data)
-            t0 = time.time()
-            results.append(run_row(args, juice, bridge, root, kind, nl, bs, k, data_cpu, data_u8))
-            results[-1]["seconds"] = time.time() - t0  # against expected_s: calibrates H200_REF
-            results[-1]["expected_s"] = est["per_run_s"][f"{kind}-{nl}@{bs}"]
-            k += 1
-            save()
+    root, built = None, None
+    for k, (kind, nl, bs, main_run) in enumerate(runs):
+        name = f"{kind}-{nl}@{bs}"
+        if not fits(name, est["per_run_s"][name]):
+            continue
+        if built != (kind, nl):
+            root, built = ours_build(kind, nl, tree_data), (kind, nl)
+        t0 = time.time()
+        results.append(run_row(args, juice, bridge, root, kind, nl, bs, k, main_run, data_cpu, data_u8))
+        results[-1]["seconds"] = time.time() - t0  # against expected_s: calibrates H200_REF
+        results[-1]["expected_s"] = est["per_run_s"][name]
+        save()
     if args.cli_config and fits("cli_vs_fit", est["cli_s"]):
         kind, nl = parse_configs([args.cli_config])[0]
         info["cli_vs_fit"] = cli_vs_fit(kind, nl, data_u8)
@@ -592,9 +611,10 @@ def main(argv=None):
     print(vs_pyjuice_table.render([{**info, "results": results}]))
 
 
-def run_row(args, juice, bridge, root, kind, nl, bs, k, data_cpu, data_u8) -> dict:
-    """Both systems on one configuration at batch size `bs`, alternating which goes first with `k`."""
-    row = {"config": f"{kind}-{nl}", "batch_size": bs}
+def run_row(args, juice, bridge, root, kind, nl, bs, k, main_run, data_cpu, data_u8) -> dict:
+    """Both systems on one configuration at batch size `bs`, alternating which goes first with `k`;
+    a main run (not only a curve point) also gets the eager, fp32 and opt-in precision columns."""
+    row = {"config": f"{kind}-{nl}", "batch_size": bs, "main": main_run}
     for name in ["ours", "pyjuice"] if k % 2 == 0 else ["pyjuice", "ours"]:
         if name == "ours":
             row["ours"] = run_ours(root, data_cpu, data_u8, args.epochs, bs)
@@ -608,6 +628,8 @@ def run_row(args, juice, bridge, root, kind, nl, bs, k, data_cpu, data_u8) -> di
     row["em_mismatch"] = em_mismatch(row)
     if row["em_mismatch"]:
         print(f"  {row['config']} @{bs}: EM settings differ: {row['em_mismatch']}", flush=True)
+    if not main_run:
+        return row
     if juice is not None and args.eager_batches:
         try:
             row["pyjuice_eager"] = run_pyjuice_eager(juice, bridge, root, data_u8, args.eager_batches, bs)

@@ -95,9 +95,14 @@ def header(doc: dict) -> str:
     )
 
 
+def _main_rows(docs: list[dict]):
+    """(row, doc) of the main runs (not the points only a --curve asked for)."""
+    return [(r, d) for d in docs for r in d["results"] if r.get("main", True)]
+
+
 def main_table(docs: list[dict]) -> str:
     extras = _extras(docs)
-    many = len({_bs(r, d) for d in docs for r in d["results"]}) > 1
+    many = len({_bs(r, d) for r, d in _main_rows(docs)}) > 1
     head = ["config"] + (["batch"] if many else []) + [
         "fit", "step", "fit / step", "fit wall", "PyJuice", "speed-up", "PJ prev.", "peak GB ours",
         "PyJuice", "compile s ours / PJ", "LL ours", "LL PyJuice", "LL gap",
@@ -105,27 +110,26 @@ def main_table(docs: list[dict]) -> str:
     for p in extras:
         head += [f"{p}", f"{p} speed-up", f"peak GB {p}", f"LL {p}"]
     rows = []
-    for d in docs:
-        for r in d["results"]:
-            o, p, e = r.get("ours", {}), r.get("pyjuice", {}), r.get("pyjuice_eager", {})
-            step = o.get("step", {}).get("epoch_s")
-            cells = [_label(r)] + ([str(_bs(r, d))] if many else []) + [
-                fmt(o.get("epoch_s")), fmt(step), fmt(_div(o.get("epoch_s"), step), ".2f"),
-                fmt(o.get("wall_s")), fmt(p.get("epoch_s")),
-                fmt(_div(p.get("epoch_s"), o.get("epoch_s")), ".2f", "x"), fmt(e.get("epoch_s")),
-                fmt(o.get("peak_alloc_GB"), ".2f"), fmt(p.get("peak_alloc_GB"), ".2f"),
-                f"{fmt(o.get('compile_s'), '.2f')} / {fmt(p.get('compile_s'), '.1f')}",
-                fmt(o.get("ll"), ".2f"), fmt(p.get("ll"), ".2f"), fmt(_gap(o.get("ll"), p.get("ll")), ".2f", "%"),
-            ]  # fmt: skip
-            for x in extras:
-                xo = r.get("ours_" + x, {})
-                cells += [
-                    fmt(xo.get("epoch_s")),
-                    fmt(_div(p.get("epoch_s"), xo.get("epoch_s")), ".2f", "x"),
-                    fmt(xo.get("peak_alloc_GB"), ".2f"),
-                    fmt(xo.get("ll"), ".2f"),
-                ]
-            rows.append(cells)
+    for r, d in _main_rows(docs):
+        o, p, e = r.get("ours", {}), r.get("pyjuice", {}), r.get("pyjuice_eager", {})
+        step = o.get("step", {}).get("epoch_s")
+        cells = [_label(r)] + ([str(_bs(r, d))] if many else []) + [
+            fmt(o.get("epoch_s")), fmt(step), fmt(_div(o.get("epoch_s"), step), ".2f"),
+            fmt(o.get("wall_s")), fmt(p.get("epoch_s")),
+            fmt(_div(p.get("epoch_s"), o.get("epoch_s")), ".2f", "x"), fmt(e.get("epoch_s")),
+            fmt(o.get("peak_alloc_GB"), ".2f"), fmt(p.get("peak_alloc_GB"), ".2f"),
+            f"{fmt(o.get('compile_s'), '.2f')} / {fmt(p.get('compile_s'), '.1f')}",
+            fmt(o.get("ll"), ".2f"), fmt(p.get("ll"), ".2f"), fmt(_gap(o.get("ll"), p.get("ll")), ".2f", "%"),
+        ]  # fmt: skip
+        for x in extras:
+            xo = r.get("ours_" + x, {})
+            cells += [
+                fmt(xo.get("epoch_s")),
+                fmt(_div(p.get("epoch_s"), xo.get("epoch_s")), ".2f", "x"),
+                fmt(xo.get("peak_alloc_GB"), ".2f"),
+                fmt(xo.get("ll"), ".2f"),
+            ]
+        rows.append(cells)
     return _table(head, rows)
 
 
@@ -164,16 +168,18 @@ def curve_table(docs: list[dict]) -> str:
         return ""
     head = [
         "config", "batch", "steps / epoch", "ours s/epoch", "ours samples/s", "PyJuice s/epoch",
-        "PyJuice samples/s", "speed-up", "peak GB ours", "PyJuice", "LL ours", "LL PyJuice",
+        "PyJuice samples/s", "speed-up", "ours step / floor", "peak GB ours", "PyJuice", "LL ours", "LL PyJuice",
     ]  # fmt: skip
     rows, notes = [], []
     for _, curve in cs.items():
         for r, d in curve:
             o, p = r.get("ours", {}), r.get("pyjuice", {})
+            t, step_ms = step_vs_floor(o, r, d)
             rows.append([
                 _label(r), str(_bs(r, d)), str(_steps(r, d)), fmt(o.get("epoch_s")),
                 fmt(samples_per_s(r, d, "ours"), ",.0f"), fmt(p.get("epoch_s")),
                 fmt(samples_per_s(r, d, "pyjuice"), ",.0f"), fmt(_div(p.get("epoch_s"), o.get("epoch_s")), ".2f", "x"),
+                fmt(_div(step_ms, t and t["step_ms"]), ".1f", "x"),
                 fmt(o.get("peak_alloc_GB"), ".2f"), fmt(p.get("peak_alloc_GB"), ".2f"),
                 fmt(o.get("ll"), ".2f"), fmt(p.get("ll"), ".2f"),
             ])  # fmt: skip
@@ -186,35 +192,39 @@ def curve_table(docs: list[dict]) -> str:
     return text + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
+def step_vs_floor(o: dict, row: dict, doc: dict) -> tuple[dict | None, float | None]:
+    """(`times_ms` of a run of ours, or None for a file without floor or ceilings; its captured step
+    in ms a batch)."""
+    step = o.get("step", {})
+    step_ms = _div(step.get("epoch_s"), (step.get("batches") or _steps(row, doc)) / 1e3)
+    try:
+        return times_ms(o["floor"], doc.get("ceilings") or {}, o.get("precision") or "tf32x3"), step_ms
+    except (KeyError, ValueError):
+        return None, step_ms
+
+
 def floor_table(docs: list[dict]) -> str:
     """Per configuration, batch size and precision of ours: the floor per pass and the measured step."""
     head = ["config", "batch", "precision"] + [f"{p} ms" for p in PASSES]
     head += ["floor ms/batch", "step ms/batch", "step / floor", "fit ms/batch", "PyJuice ms/batch"]
     rows = []
-    for d in docs:
-        ceil = d.get("ceilings") or {}
-        for r in d["results"]:
-            nb = _steps(r, d)
-            pj = _div(r.get("pyjuice", {}).get("epoch_s"), nb)
-            for key in ["ours"] + [k for k in r if k.startswith("ours_") and k != "ours_step"]:
-                o = r[key]
-                prec = o.get("precision") or key.partition("_")[2] or "tf32x3"
-                try:
-                    t = times_ms(o["floor"], ceil, prec)
-                except (KeyError, ValueError):
-                    continue  # an older file without floors or ceilings
-                step = o.get("step", {})
-                step_ms = _div(step.get("epoch_s"), (step.get("batches") or nb) / 1e3)
-                cells = [_label(r), str(_bs(r, d)), prec]
-                cells += [
-                    fmt(t[p]["floor_ms"], ".3f") + ("" if t[p]["bound"] == "memory" else " (c)")
-                    for p in PASSES
-                ]
-                cells += [
-                    fmt(t["step_ms"], ".3f"), fmt(step_ms, ".2f"), fmt(_div(step_ms, t["step_ms"]), ".1f", "x"),
-                    fmt(_div(o.get("epoch_s"), nb / 1e3), ".2f"), fmt(None if pj is None else 1e3 * pj, ".2f"),
-                ]  # fmt: skip
-                rows.append(cells)
+    for r, d in _main_rows(docs):  # curve points: their step / floor is in the curve table
+        nb = _steps(r, d)
+        pj = _div(r.get("pyjuice", {}).get("epoch_s"), nb)
+        for key in ["ours"] + [k for k in r if k.startswith("ours_") and k != "ours_step"]:
+            o = r[key]
+            t, step_ms = step_vs_floor(o, r, d)
+            if t is None:
+                continue  # an older file without floors or ceilings
+            cells = [_label(r), str(_bs(r, d)), o.get("precision") or "tf32x3"]
+            cells += [
+                fmt(t[p]["floor_ms"], ".3f") + ("" if t[p]["bound"] == "memory" else " (c)") for p in PASSES
+            ]
+            cells += [
+                fmt(t["step_ms"], ".3f"), fmt(step_ms, ".2f"), fmt(_div(step_ms, t["step_ms"]), ".1f", "x"),
+                fmt(_div(o.get("epoch_s"), nb / 1e3), ".2f"), fmt(None if pj is None else 1e3 * pj, ".2f"),
+            ]  # fmt: skip
+            rows.append(cells)
     return _table(head, rows) if rows else ""
 
 

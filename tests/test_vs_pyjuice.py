@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import step_floor  # noqa: E402
@@ -78,42 +79,77 @@ def test_em_settings_checked_equal():
     assert vs.em_mismatch({"ours": ours, "pyjuice": pj2}) == "step_sizes, niters_per_update"
 
 
-def test_configs_and_estimate():
+def test_configs_runs_and_estimate():
     assert vs.parse_configs(["hclt:16,32", "pd:128"]) == [("hclt", 16), ("hclt", 32), ("pd", 128)]
     for bad in ("hclt", "rat:16", "pd:1x"):
         with pytest.raises(SystemExit, match="--configs"):
             vs.parse_configs([bad])
-    args = vs.build_parser().parse_args(["--eager-batches", "0"])
-    one = vs.estimate_seconds([("pd", 128)], [512], args)
-    curve = vs.estimate_seconds([("pd", 128)], [128, 512, 4096], args)
-    assert curve["per_run_s"]["pd-128@128"] > curve["per_run_s"]["pd-128@4096"]
-    assert curve["total_s"] > one["total_s"]
-    big = vs.estimate_seconds([("pd", 512)], [512], args)  # not measured: scaled from PD-256
-    assert big["total_s"] > vs.estimate_seconds([("pd", 256)], [512], args)["total_s"]
+    args = vs.build_parser().parse_args(
+        "--configs pd:16,128 --curve pd:128 --curve-batch-sizes 4096 128 512 --eager-batches 0".split()
+    )
+    # the curve's 512 point is the main run; each configuration's runs together, batch sizes ascending
+    runs = vs.plan_runs(args)
+    assert runs == [
+        ("pd", 16, 512, True),
+        ("pd", 128, 128, False),
+        ("pd", 128, 512, True),
+        ("pd", 128, 4096, False),
+    ]
+    est = vs.estimate_seconds(runs, args)
+    assert list(est["per_run_s"]) == ["pd-16@512", "pd-128@128", "pd-128@512", "pd-128@4096"]
+    assert est["per_run_s"]["pd-128@128"] > est["per_run_s"]["pd-128@4096"]  # more steps an epoch
+    assert est["total_s"] == pytest.approx(vs.FIXED_S + sum(est["per_run_s"].values()))
+    extra = vs.build_parser().parse_args(
+        "--configs pd:16,128 --extra-precision bf16 --eager-batches 0".split()
+    )
+    assert (
+        vs.estimate_seconds(vs.plan_runs(extra), extra)["per_run_s"]["pd-128@512"]
+        > est["per_run_s"]["pd-128@512"]
+    )
+    big = vs.build_parser().parse_args("--configs pd:512".split())  # not measured: scaled from PD-256
+    assert (
+        vs.estimate_seconds(vs.plan_runs(big), big)["total_s"]
+        > vs.estimate_seconds(vs.plan_runs(vs.build_parser().parse_args("--configs pd:256".split())), big)[
+            "total_s"
+        ]
+    )
 
 
 def test_our_side_on_a_cpu_stand_in(tmp_path, monkeypatch, capsys):
     """The whole flow with --no-pyjuice on the CPU: the JSON has each batch size's row with our EM
-    settings, the captured step, and the floor of the compiled plan; --table prints all three tables."""
+    settings, the captured step and the floor of the compiled plan, the opt-in precision on the main
+    run only; --table prints all three tables."""
     monkeypatch.setattr(vs, "DEV", "cpu")
     monkeypatch.setattr(vs, "NUM_ROWS", 256)
     monkeypatch.setattr(vs, "LL_ROWS", 64)
     ceil = {"copy_GBps": 4000.0, "matmul_tf32_TFLOPs": 400.0, "matmul_bf16_TFLOPs": 800.0}
     monkeypatch.setattr(vs, "ceilings", lambda: ceil)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, spinning intra-op threads made this 20x slower
+    try:
+        _stand_in(tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stand_in(tmp_path, capsys):
     out = tmp_path / "r.json"
-    vs.main("--configs pd:16 --batch-sizes 32 64 --no-pyjuice --eager-batches 0 --out".split() + [str(out)])
+    cmd = "--configs pd:16 --batch-sizes 64 --curve pd:16 --curve-batch-sizes 32 --extra-precision bf16"
+    vs.main(cmd.split() + ["--no-pyjuice", "--eager-batches", "0", "--out", str(out)])
     doc = json.loads(out.read_text())
-    assert [r["batch_size"] for r in doc["results"]] == [32, 64]
+    assert [(r["batch_size"], r["main"]) for r in doc["results"]] == [(32, False), (64, True)]
+    assert "ours_bf16" not in doc["results"][0] and doc["results"][1]["ours_bf16"]["precision"] == "bf16"
+    plan = vs.engine.compile(vs.ours_build("pd", 16, None)).plan
     for r in doc["results"]:
         o = r["ours"]
         assert o["em"]["steps_per_epoch"] == 256 // r["batch_size"] == o["step"]["batches"]
         assert o["em"]["step_sizes"] == [0.1, 0.1] and o["em"]["pseudocount"] == 0.1
         assert o["precision"] == "tf32x3"
-        plan = vs.engine.compile(vs.ours_build("pd", 16, None)).plan
         assert o["floor"] == step_floor.to_dict(step_floor.step_floor(plan, r["batch_size"]))
     capsys.readouterr()
     vs.main(["--table", str(out)])
     text = capsys.readouterr().out
-    assert "| PD-16 | 64 | tf32x3 |" in text  # the floor table
+    assert "| PD-16 | 64 | bf16 |" in text and "| PD-16 | 64 | tf32x3 |" in text  # the floor table
     assert "| PD-16 | 32 | 8 |" in text  # the curve: 256 // 32 steps an epoch
-    assert "samples/s" in text
+    assert "| config | fit | step | fit / step |" in text  # the main table: batch 64 only, no batch column
+    assert "| PD-16 | 64 | 4 |" in text  # ... and the curve's 64 point is that main run
