@@ -11,8 +11,9 @@
 from `node_mars` instead of reading `element_mars`, so that product layer's forward and recompute
 launches disappear where it is safe (the rule: engine/kernels/sum_block.py, backend.fuse_products).
 `fuse_max_reads` keeps layers whose fused reads per element row would exceed it unfused
-(backend.fused_reads_per_row: ~11 for HCLT-128 and PD-64, ~19 for HCLT-256 and PD-128, 48 for PD's
-16-child patches); `fused_stages` pipelines fused launches of products of <= 2 children.
+(backend.fused_reads_per_row: 10-17.5 a layer for HCLT-128, 18-31.5 for HCLT-256, 4-10 for PD-64,
+7-18 for PD-128, 48 for PD's 16-child patches); `fused_stages` pipelines fused launches of products
+of <= 2 children.
 """
 
 from __future__ import annotations
