@@ -45,6 +45,7 @@ each). `--cli-config hclt:128` also times `python -m engine train` end to end ag
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import functools
 import gc
@@ -377,18 +378,19 @@ def small_batch_factor(bs: int) -> float:
 
 
 def plan_runs(args) -> list[tuple[str, int, int, bool]]:
-    """`(kind, latents, batch size, main)` in run order, each configuration's runs together (one
-    structure build). Main runs (`--configs` at `--batch-sizes`) also get the extra columns (opt-in
-    precisions, PyJuice eager and fp32); `--curve` configurations also run at `--curve-batch-sizes`."""
-    runs: dict = {}
-    for c in parse_configs(args.configs):
-        for bs in args.batch_sizes:
-            runs[c, bs] = True
-    for c in parse_configs(args.curve):
-        for bs in args.curve_batch_sizes:
-            runs.setdefault((c, bs), False)
-    configs = list(dict.fromkeys(c for c, _ in runs))
-    return [(*c, bs, runs[c, bs]) for c in configs for bs in sorted(b for d, b in runs if d == c)]
+    """`(kind, latents, batch size, main)` in run order: the main runs (`--configs` at `--batch-sizes`,
+    which also get the extra columns: opt-in precisions, PyJuice eager and fp32) first, so that a
+    tight `--budget-s` cuts curve points rather than configurations; then each `--curve`
+    configuration at the `--curve-batch-sizes` not run yet. Batch sizes ascending per configuration."""
+    main = [(*c, bs, True) for c in parse_configs(args.configs) for bs in sorted(set(args.batch_sizes))]
+    done = {(k, n, bs) for k, n, bs, _ in main}
+    curve = [
+        (*c, bs, False)
+        for c in dict.fromkeys(parse_configs(args.curve))
+        for bs in sorted(set(args.curve_batch_sizes))
+        if (*c, bs) not in done
+    ]
+    return list(dict.fromkeys(main)) + curve
 
 
 def estimate_seconds(runs, args) -> dict:
@@ -590,13 +592,17 @@ def main(argv=None):
         print(f"  skipped {name}: expected {expected:.0f} s, {left:.0f} s left of --budget-s", flush=True)
         return False
 
-    root, built = None, None
+    roots, left = {}, collections.Counter((kind, nl) for kind, nl, _, _ in runs)
     for k, (kind, nl, bs, main_run) in enumerate(runs):
-        name = f"{kind}-{nl}@{bs}"
+        name, c = f"{kind}-{nl}@{bs}", (kind, nl)
+        left[c] -= 1
         if not fits(name, est["per_run_s"][name]):
             continue
-        if built != (kind, nl):
-            root, built = ours_build(kind, nl, tree_data), (kind, nl)
+        root = roots[c] if c in roots else ours_build(kind, nl, tree_data)
+        if left[c]:
+            roots[c] = root  # kept while a later run needs it
+        else:
+            roots.pop(c, None)
         t0 = time.time()
         results.append(run_row(args, juice, bridge, root, kind, nl, bs, k, main_run, data_cpu, data_u8))
         results[-1]["seconds"] = time.time() - t0  # against expected_s: calibrates H200_REF

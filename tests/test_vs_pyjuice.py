@@ -87,17 +87,18 @@ def test_configs_runs_and_estimate():
     args = vs.build_parser().parse_args(
         "--configs pd:16,128 --curve pd:128 --curve-batch-sizes 4096 128 512 --eager-batches 0".split()
     )
-    # the curve's 512 point is the main run; each configuration's runs together, batch sizes ascending
+    # main runs first (the curve's 512 point is one), then the other curve points, ascending
     runs = vs.plan_runs(args)
     assert runs == [
         ("pd", 16, 512, True),
-        ("pd", 128, 128, False),
         ("pd", 128, 512, True),
+        ("pd", 128, 128, False),
         ("pd", 128, 4096, False),
     ]
     est = vs.estimate_seconds(runs, args)
-    assert list(est["per_run_s"]) == ["pd-16@512", "pd-128@128", "pd-128@512", "pd-128@4096"]
+    assert list(est["per_run_s"]) == ["pd-16@512", "pd-128@512", "pd-128@128", "pd-128@4096"]
     assert est["per_run_s"]["pd-128@128"] > est["per_run_s"]["pd-128@4096"]  # more steps an epoch
+    assert est["per_run_s"]["pd-128@512"] > est["per_run_s"]["pd-128@4096"]  # the structure built once
     assert est["total_s"] == pytest.approx(vs.FIXED_S + sum(est["per_run_s"].values()))
     extra = vs.build_parser().parse_args(
         "--configs pd:16,128 --extra-precision bf16 --eager-batches 0".split()
@@ -137,8 +138,8 @@ def _stand_in(tmp_path, capsys):
     cmd = "--configs pd:16 --batch-sizes 64 --curve pd:16 --curve-batch-sizes 32 --extra-precision bf16"
     vs.main(cmd.split() + ["--no-pyjuice", "--eager-batches", "0", "--out", str(out)])
     doc = json.loads(out.read_text())
-    assert [(r["batch_size"], r["main"]) for r in doc["results"]] == [(32, False), (64, True)]
-    assert "ours_bf16" not in doc["results"][0] and doc["results"][1]["ours_bf16"]["precision"] == "bf16"
+    assert [(r["batch_size"], r["main"]) for r in doc["results"]] == [(64, True), (32, False)]
+    assert "ours_bf16" not in doc["results"][1] and doc["results"][0]["ours_bf16"]["precision"] == "bf16"
     plan = vs.engine.compile(vs.ours_build("pd", 16, None)).plan
     for r in doc["results"]:
         o = r["ours"]
