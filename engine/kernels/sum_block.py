@@ -81,9 +81,8 @@ def _element_tile(
     nmars,
     fused_rows,
     rows,
-    rmask,
+    mask,
     offs_b,
-    bmask,
     B,
     FLO,
     FW: tl.constexpr,
@@ -91,25 +90,25 @@ def _element_tile(
     BB: tl.constexpr,
     FUSED: tl.constexpr,
 ):
-    """Element values `[R, BB]` of element rows `rows: [R]` (-inf where ~rmask or ~bmask).
+    """Element values `[R, BB]` of element rows `rows: [R]`, -inf where not `mask` (`[R or 1, BB]`).
 
-    Unfused: read R * BB element values. FUSED: value = sum_k node_mars[fused_rows[row - FLO, k]] over
-    the FW child slots; rows < FLO are the -inf padding. Reads FW * R indices and, per real child,
-    BB node values; a padded slot (node row 0, the constant log 1) adds 0.0 without a read, exactly
-    what the product kernel's add of row 0 gives. FW is unrolled (static_range): a loop nested in the
-    kernels' k0 / batch loops would stop Triton from pipelining those."""
-    m2 = rmask[:, None] & bmask[None, :]
+    Unfused: read R * BB element values (the kernels' own load, unchanged). FUSED: value = sum_k
+    node_mars[fused_rows[row - FLO, k]] over the FW child slots; rows < FLO are the -inf padding, and
+    so are masked-out child slots (their child row 0 gives rows < BS <= PAD_ROWS <= FLO). Reads FW * R
+    indices and, per real child, BB node values; a padded slot (node row 0, the constant log 1) adds
+    0.0 without a read, exactly what the product kernel's add of row 0 gives. FW is unrolled
+    (static_range): a loop nested in the kernels' k0 / batch loops would stop Triton pipelining them."""
     if FUSED:
-        real = rmask & (rows >= FLO)
+        real = rows >= FLO
         g = (rows - FLO).to(tl.int64) * FW
-        rm2 = real[:, None] & bmask[None, :]
+        rm2 = real[:, None] & mask
         acc = tl.zeros([R, BB], dtype=tl.float32)
         for k in tl.static_range(FW):
             c = tl.load(fused_rows + g + k, mask=real, other=0)
             acc += tl.load(nmars + c[:, None] * B + offs_b[None, :], mask=rm2 & (c > 0)[:, None], other=0.0)
         return tl.where(rm2, acc, tl.full([R, BB], float("-inf"), tl.float32))
     else:
-        return tl.load(emars + rows[:, None] * B + offs_b[None, :], mask=m2, other=float("-inf"))
+        return tl.load(emars + rows[:, None] * B + offs_b[None, :], mask=mask, other=float("-inf"))
 
 
 @triton.jit
@@ -147,7 +146,18 @@ def _sum_fwd_block_kernel(
         c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
         # read G * BS * BB child values, once (fused: FW * G * BS * BB node values)
         el = _element_tile(
-            emars, nmars, fused_rows, c0 + q % BS, kmask, offs_b, bmask, B, FLO, FW, G * BS, BB, FUSED
+            emars,
+            nmars,
+            fused_rows,
+            c0 + q % BS,
+            kmask[:, None] & bmask[None, :],
+            offs_b,
+            B,
+            FLO,
+            FW,
+            G * BS,
+            BB,
+            FUSED,
         )
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -257,7 +267,7 @@ def _sum_bwd_elem_block_kernel(
         big_m = m_new
     big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
     optr = (c0 + r)[:, None] * B + offs_b[None, :]
-    el = _element_tile(emars, nmars, fused_rows, c0 + r, r < BS, offs_b, bmask, B, FLO, FW, BS, BB, FUSED)
+    el = _element_tile(emars, nmars, fused_rows, c0 + r, bmask[None, :], offs_b, B, FLO, FW, BS, BB, FUSED)
     contrib = tl.exp(tl.log(acc) + el + big_m[None, :])
     if ACCUM:  # read-modify-write: partitions of one layer may share children (run in sequence)
         contrib += tl.load(eflows + optr, mask=bmask[None, :], other=0.0)
@@ -305,7 +315,18 @@ def _sum_bwd_param_block_kernel(
             a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
             mu = tl.load(mus + i.to(tl.int64) * B + offs_b, mask=bmask, other=0.0)
             el = _element_tile(
-                emars, nmars, fused_rows, crows, kmask, offs_b, bmask, B, FLO, FW, G * BS, BB, FUSED
+                emars,
+                nmars,
+                fused_rows,
+                crows,
+                kmask[:, None] & bmask[None, :],
+                offs_b,
+                B,
+                FLO,
+                FW,
+                G * BS,
+                BB,
+                FUSED,
             )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
