@@ -1,15 +1,17 @@
 """Circuit Workbench against PyJuice 2.6.3, each timed on the path its own users run.
 
-    python benchmarks/vs_pyjuice.py --configs hclt:16,32,64,128,256,512 pd:16,32,64,128,256 \
-        --epochs 2 --cli-config hclt:128 --extra-precision bf16 tf32 --out results/vs_pyjuice_h200.json
-    python benchmarks/vs_pyjuice.py --configs hclt:256 pd:128 --batch-sizes 128 256 512 1024 2048 4096 \
-        --eager-batches 0 --out results/vs_pyjuice_batch_h200.json
+    python benchmarks/vs_pyjuice.py --configs hclt:16,32,64,128,256,512 --epochs 2 \
+        --extra-precision bf16 tf32 --eager-batches 0 --curve hclt:256 --cli-config hclt:128 \
+        --out results/vs_pyjuice_hclt_h200.json      # ~410 s on an H200 (--estimate)
     python benchmarks/vs_pyjuice.py --configs ... --estimate       # expected seconds only (no GPU)
     python benchmarks/vs_pyjuice.py --table results/a.json ...     # README tables from saved JSON
 
 Per configuration (HCLT or PD over 28x28 MNIST-shaped data, `engine.data.mnist_like(60000)`,
-Categorical(256) inputs) and batch size (`--batch-sizes`, default 512; mini-batch EM with step 0.1
-and pseudocount 0.1 per step at every batch size, on both systems; the tail dropped on both):
+Categorical(256) inputs) and batch size (`--batch-sizes`, default 512, for `--configs`; also
+`--curve-batch-sizes`, default 128..4096, for the `--curve` configs; mini-batch EM with step 0.1 and
+pseudocount 0.1 per step at every batch size, on both systems; the tail dropped on both). Main runs
+come first, then curve points; a run whose expected seconds no longer fit in `--budget-s` is
+skipped and listed in the JSON's `skipped`, so a call ends inside the device tool's limit:
 
 - `ours` (the user's path): `engine.optim.fit(pc, train_on_cpu, ...)` exactly as a user calls it;
   fit moves the data to the GPU once and replays CUDA graphs. Epoch 1 is the warm-up (Triton JIT,
