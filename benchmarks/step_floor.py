@@ -162,11 +162,16 @@ def to_dict(floor: dict[str, PassCount]) -> dict:
     return {name: asdict(c) for name, c in floor.items()}
 
 
-def times_ms(floor: dict, ceilings: dict, precision: str = "tf32x3") -> dict:
+ELEMENT_BUFFERS = ("element_mars", "element_flows")  # what fusing products into the sums removes
+
+
+def times_ms(floor: dict, ceilings: dict, precision: str = "tf32x3", without: tuple[str, ...] = ()) -> dict:
     """Per pass `{memory_ms, compute_ms, floor_ms, bound}` and `step_ms` (sum of the pass floors).
 
     `floor`: `step_floor`'s result or its `to_dict`; `ceilings`: `copy_GBps` and the matmul peaks in
-    TFLOP/s as `vs_pyjuice.ceilings()` measures them (keys in `PEAKS`)."""
+    TFLOP/s as `vs_pyjuice.ceilings()` measures them (keys in `PEAKS`); `without`: tensors left out of
+    the bytes (`ELEMENT_BUFFERS`: the floor of a schedule whose sums compute their products' values
+    from node values on the fly and write node flows directly)."""
     if precision not in PEAKS:
         raise ValueError(f"precision must be one of {tuple(PEAKS)}, got {precision!r}")
     mmas, key = PEAKS[precision]
@@ -175,7 +180,8 @@ def times_ms(floor: dict, ceilings: dict, precision: str = "tf32x3") -> dict:
     out, total = {}, 0.0
     for name, c in floor.items():
         c = c if isinstance(c, dict) else asdict(c)
-        mem = c["bytes"] / (ceilings["copy_GBps"] * 1e9) * 1e3
+        nbytes = c["bytes"] - sum(c["by_tensor"].get(t, 0) for t in without)
+        mem = nbytes / (ceilings["copy_GBps"] * 1e9) * 1e3
         comp = mmas * c["flops"] / (ceilings[key] * 1e12) * 1e3
         out[name] = {
             "memory_ms": mem,

@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_floor import PASSES, times_ms  # noqa: E402
+from step_floor import ELEMENT_BUFFERS, PASSES, times_ms  # noqa: E402
 
 CLIFF = 0.9  # a batch size whose samples/s falls below 90% of the best smaller one's is a cliff
 NUM_ROWS = 60000
@@ -206,7 +206,8 @@ def step_vs_floor(o: dict, row: dict, doc: dict) -> tuple[dict | None, float | N
 def floor_table(docs: list[dict]) -> str:
     """Per configuration, batch size and precision of ours: the floor per pass and the measured step."""
     head = ["config", "batch", "precision"] + [f"{p} ms" for p in PASSES]
-    head += ["floor ms/batch", "step ms/batch", "step / floor", "fit ms/batch", "PyJuice ms/batch"]
+    head += ["floor ms/batch", "without element buffers", "step ms/batch", "step / floor", "fit ms/batch"]
+    head += ["PyJuice ms/batch"]
     rows = []
     for r, d in _main_rows(docs):  # curve points: their step / floor is in the curve table
         nb = _steps(r, d)
@@ -220,8 +221,11 @@ def floor_table(docs: list[dict]) -> str:
             cells += [
                 fmt(t[p]["floor_ms"], ".3f") + ("" if t[p]["bound"] == "memory" else " (c)") for p in PASSES
             ]
+            fused = times_ms(
+                o["floor"], d.get("ceilings") or {}, o.get("precision") or "tf32x3", ELEMENT_BUFFERS
+            )
             cells += [
-                fmt(t["step_ms"], ".3f"), fmt(step_ms, ".2f"), fmt(_div(step_ms, t["step_ms"]), ".1f", "x"),
+                fmt(t["step_ms"], ".3f"), fmt(fused["step_ms"], ".3f"), fmt(step_ms, ".2f"), fmt(_div(step_ms, t["step_ms"]), ".1f", "x"),
                 fmt(_div(o.get("epoch_s"), nb / 1e3), ".2f"), fmt(None if pj is None else 1e3 * pj, ".2f"),
             ]  # fmt: skip
             rows.append(cells)

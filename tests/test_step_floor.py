@@ -7,7 +7,7 @@ import pytest
 from helpers import irregular, tiny_tree
 
 import engine
-from benchmarks.step_floor import PASSES, step_floor, times_ms, to_dict
+from benchmarks.step_floor import ELEMENT_BUFFERS, PASSES, step_floor, times_ms, to_dict
 from engine.nodes import InputNodes, SumNodes
 
 
@@ -78,6 +78,10 @@ def test_times_take_the_slower_of_memory_and_compute():
     assert t["em"]["bound"] == "memory"
     assert times_ms(f, ceil, "bf16")["forward"]["compute_ms"] == pytest.approx(0.5e3 * f["forward"]["flops"])
     assert t["step_ms"] == pytest.approx(sum(t[p]["floor_ms"] for p in PASSES))
+    # without the element buffers (products fused into the sums): forward loses its 24 element rows
+    fused = times_ms(f, ceil, "tf32x3", ELEMENT_BUFFERS)
+    assert fused["forward"]["memory_ms"] == pytest.approx(f["forward"]["bytes"] - 24 * 8)
+    assert fused["em"] == t["em"]
     with pytest.raises(ValueError, match="precision"):
         times_ms(f, ceil, "fp8")
     with pytest.raises(ValueError, match="matmul_fp32_TFLOPs"):
