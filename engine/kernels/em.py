@@ -25,12 +25,25 @@ RN = 16  # node rows per program
 
 @triton.jit
 def _sum_em_kernel(
-    prm, pflows, mask, tile_base, tile_rows, tile_len, step, pseudocount, RN: tl.constexpr, CL: tl.constexpr
+    prm,
+    pflows,
+    mask,
+    tile_base,
+    tile_rows,
+    tile_len,
+    step,
+    pseudocount,
+    RN: tl.constexpr,
+    CL: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     t = tl.program_id(0)
     base0 = tl.load(tile_base + t)
     R = tl.load(tile_rows + t)
     L = tl.load(tile_len + t)
+    if ALIGNED:  # what Triton infers for a launch argument divisible by 16: vectorised row loads
+        base0 = tl.multiple_of(base0, 16)
+        L = tl.multiple_of(L, 16)
     rows = tl.arange(0, RN)
     rm = rows < R
     base = base0 + rows.to(tl.int64) * L
@@ -65,18 +78,19 @@ def _chunk_len(row_len: int) -> int:
 
 @dataclass
 class EmTable:
-    """Row tiles of the partitions updated together, per chunk length CL (a compile-time constant):
-    CL -> (first weight `[T]` int64, rows `[T]` int32 (<= RN), row length `[T]` int32)."""
+    """Row tiles of the partitions updated together, per launch class (chunk length CL, whether every
+    row starts at a multiple of 16 weights) -> (first weight `[T]` int64, rows `[T]` int32 (<= RN),
+    row length `[T]` int32)."""
 
-    tiles: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    tiles: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def em_table(partitions, device) -> EmTable:
     """The tiles of every partition (objects with param_offset, num_node_blocks, block_size, width)."""
-    acc: dict[int, list[tuple[int, int, int]]] = {}
+    acc: dict[tuple[int, bool], list[tuple[int, int, int]]] = {}
     for pt in partitions:
         R, L = pt.num_node_blocks * pt.block_size, pt.width * pt.block_size
-        out = acc.setdefault(_chunk_len(L), [])
+        out = acc.setdefault((_chunk_len(L), pt.param_offset % 16 == 0 and L % 16 == 0), [])
         for r0 in range(0, R, RN):
             out.append((pt.param_offset + r0 * L, min(RN, R - r0), L))
     tiles = {}
@@ -88,7 +102,7 @@ def em_table(partitions, device) -> EmTable:
 
 def sum_em_update_all(table: EmTable, params, param_flows, mask, step_size, pseudocount, opts: KernelOptions):
     """The EM update of every partition in `table`, in place: one launch per chunk length."""
-    for cl, (base, rows, lens) in table.tiles.items():
+    for (cl, aligned), (base, rows, lens) in table.tiles.items():
         _sum_em_kernel[(base.numel(),)](
             params,
             param_flows,
@@ -100,5 +114,6 @@ def sum_em_update_all(table: EmTable, params, param_flows, mask, step_size, pseu
             float(pseudocount),
             RN=RN,
             CL=cl,
+            ALIGNED=aligned,
             num_warps=opts.num_warps,
         )

@@ -31,7 +31,7 @@ class KernelOptions:
     """Variant selection for all kernels of one compiled circuit (hashable: a cache key)."""
 
     precision: str = "tf32x3"
-    block_b: int = 64  # batch columns per program (sum kernels); 64 on H100 for bs 32/64 tiles
+    block_b: int = 32  # batch columns per program: node scale, parameter flows, product kernels (H200 A/B)
     num_warps: int = 4
     prod_rows: int = 32  # product rows per program
     sparse_children: int = 32  # children per step in the sparse sum kernel
