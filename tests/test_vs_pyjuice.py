@@ -116,24 +116,35 @@ def test_configs_runs_and_estimate():
     )
 
 
-def test_our_side_on_a_cpu_stand_in(tmp_path, monkeypatch, capsys):
-    """The whole flow with --no-pyjuice on the CPU: the JSON has each batch size's row with our EM
-    settings, the captured step and the floor of the compiled plan, the opt-in precision on the main
-    run only; --table prints all three tables."""
+@pytest.fixture
+def cpu_stand_in(monkeypatch):
+    """Our side of vs_pyjuice on the CPU over 256 rows, with made-up ceilings; one intra-op thread (on
+    a shared CPU, spinning intra-op threads made the run 20x slower)."""
     monkeypatch.setattr(vs, "DEV", "cpu")
     monkeypatch.setattr(vs, "NUM_ROWS", 256)
     monkeypatch.setattr(vs, "LL_ROWS", 64)
     ceil = {"copy_GBps": 4000.0, "matmul_tf32_TFLOPs": 400.0, "matmul_bf16_TFLOPs": 800.0}
     monkeypatch.setattr(vs, "ceilings", lambda: ceil)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared CPU, spinning intra-op threads made this 20x slower
-    try:
-        _stand_in(tmp_path, capsys)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def _stand_in(tmp_path, capsys):
+def test_a_run_over_budget_is_skipped_and_listed(cpu_stand_in, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    vs.main("--configs pd:16 --batch-sizes 64 --no-pyjuice --budget-s 1 --out".split() + [str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["results"] == [] and doc["skipped"] == ["pd-16@64"]
+    capsys.readouterr()
+    vs.main(["--table", str(out)])
+    assert "not run (over --budget-s): pd-16@64" in capsys.readouterr().out
+
+
+def test_our_side_on_a_cpu_stand_in(cpu_stand_in, tmp_path, capsys):
+    """The whole flow with --no-pyjuice on the CPU: the JSON has each batch size's row with our EM
+    settings, the captured step and the floor of the compiled plan, the opt-in precision on the main
+    run only; --table prints all three tables."""
     out = tmp_path / "r.json"
     cmd = "--configs pd:16 --batch-sizes 64 --curve pd:16 --curve-batch-sizes 32 --extra-precision bf16"
     vs.main(cmd.split() + ["--no-pyjuice", "--eager-batches", "0", "--out", str(out)])
