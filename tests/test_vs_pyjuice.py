@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import step_floor  # noqa: E402
 import vs_pyjuice as vs  # noqa: E402
+import vs_pyjuice_plan as plan  # noqa: E402
 import vs_pyjuice_table as tbl  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
@@ -80,39 +81,39 @@ def test_em_settings_checked_equal():
 
 
 def test_configs_runs_and_estimate():
-    assert vs.parse_configs(["hclt:16,32", "pd:128"]) == [("hclt", 16), ("hclt", 32), ("pd", 128)]
+    assert plan.parse_configs(["hclt:16,32", "pd:128"]) == [("hclt", 16), ("hclt", 32), ("pd", 128)]
     for bad in ("hclt", "rat:16", "pd:1x"):
         with pytest.raises(SystemExit, match="--configs"):
-            vs.parse_configs([bad])
+            plan.parse_configs([bad])
     args = vs.build_parser().parse_args(
         "--configs pd:16,128 --curve pd:128 --curve-batch-sizes 4096 128 512 --eager-batches 0".split()
     )
     # main runs first (the curve's 512 point is one), then the other curve points, ascending
-    runs = vs.plan_runs(args)
+    runs = plan.plan_runs(args)
     assert runs == [
         ("pd", 16, 512, True),
         ("pd", 128, 512, True),
         ("pd", 128, 128, False),
         ("pd", 128, 4096, False),
     ]
-    est = vs.estimate_seconds(runs, args)
+    est = plan.estimate_seconds(runs, args)
     assert list(est["per_run_s"]) == ["pd-16@512", "pd-128@512", "pd-128@128", "pd-128@4096"]
     assert est["per_run_s"]["pd-128@128"] > est["per_run_s"]["pd-128@4096"]  # more steps an epoch
     assert est["per_run_s"]["pd-128@512"] > est["per_run_s"]["pd-128@4096"]  # the structure built once
-    assert est["total_s"] == pytest.approx(vs.FIXED_S + sum(est["per_run_s"].values()))
+    assert est["total_s"] == pytest.approx(plan.FIXED_S + sum(est["per_run_s"].values()))
     extra = vs.build_parser().parse_args(
         "--configs pd:16,128 --extra-precision bf16 --eager-batches 0".split()
     )
     assert (
-        vs.estimate_seconds(vs.plan_runs(extra), extra)["per_run_s"]["pd-128@512"]
+        plan.estimate_seconds(plan.plan_runs(extra), extra)["per_run_s"]["pd-128@512"]
         > est["per_run_s"]["pd-128@512"]
     )
     big = vs.build_parser().parse_args("--configs pd:512".split())  # not measured: scaled from PD-256
     assert (
-        vs.estimate_seconds(vs.plan_runs(big), big)["total_s"]
-        > vs.estimate_seconds(vs.plan_runs(vs.build_parser().parse_args("--configs pd:256".split())), big)[
-            "total_s"
-        ]
+        plan.estimate_seconds(plan.plan_runs(big), big)["total_s"]
+        > plan.estimate_seconds(
+            plan.plan_runs(vs.build_parser().parse_args("--configs pd:256".split())), big
+        )["total_s"]
     )
 
 
