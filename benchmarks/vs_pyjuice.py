@@ -509,12 +509,12 @@ def main(argv=None, started: float | None = None):
         left[c] -= 1
         if not fits(name, est["per_run_s"][name]):
             continue
+        t0 = time.time()
         root = roots[c] if c in roots else ours_build(kind, nl, tree_data)
         if left[c]:
             roots[c] = root  # kept while a later run needs it
         else:
             roots.pop(c, None)
-        t0 = time.time()
         results.append(run_row(args, juice, bridge, root, kind, nl, bs, k, main_run, data_cpu, data_u8))
         results[-1]["seconds"] = time.time() - t0  # against expected_s: calibrates H200_REF
         results[-1]["expected_s"] = est["per_run_s"][name]
