@@ -250,8 +250,8 @@ def fused_reads_per_row(prod: ProdLayerKernelTensors, table: SumLayerKernelTenso
     children a times the sum kernels' element reads, 2k + 1 (forward and parameter flows once per
     parent node block, k of them; element flows once). Unfused, the same row costs 2a + 2 in the
     product forward and recompute, plus the 2k + 1 reads of element_mars: a * (2k + 1) is the larger
-    when k or a is large, though sibling node blocks' re-reads mostly hit L2. Per layer (MNIST, batch
-    512): HCLT-128 10-17.5, HCLT-256 18-31.5, PD-64 4-10, PD-128 7-18, PD's 16-child patches 48."""
+    when k or a is large, though sibling node blocks' re-reads mostly hit L2. Per layer (mnist_like,
+    as benchmarked): HCLT-128 10-17.5, HCLT-256 18-31.5, PD-64 4-10, PD-128 7-18, PD's 16-child patches 48."""
     n = prod.elem_rows.numel()
     arity = int((prod.child_rows > 0).sum()) / n
     tiles = sum(int((pt.child_rows >= PAD_ROWS).sum()) * pt.block_size for pt in table.parts)
