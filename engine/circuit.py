@@ -161,12 +161,10 @@ class CompiledCircuit(torch.nn.Module):
     def _span(self, layer, pass_name):
         return self.profiler.span(layer.index, layer.kind, pass_name) if self.profiler else nullcontext()
 
-    def _forward_step(
-        self, step: Step, x, missing, node_mars, element_mars, semiring: str, elements: bool = True
-    ) -> None:
+    def _forward_step(self, step: Step, x, missing, node_mars, element_mars, semiring: str) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
-        if layer.kind == "product":  # the max-product ops read element_mars themselves
-            self.backend.prod_forward(table, node_mars, element_mars, elements or semiring != "sum")
+        if layer.kind == "product":
+            self.backend.prod_forward(table, node_mars, element_mars)
         elif layer.kind == "sum" and semiring == "max":
             self.backend.sum_forward_max(table, self.params, element_mars, node_mars)
         elif layer.kind == "sum":
@@ -184,13 +182,11 @@ class CompiledCircuit(torch.nn.Module):
             )
 
     def forward_mars(
-        self, x, missing=None, validate=True, semiring: str = "sum", elements: bool = True
+        self, x, missing=None, validate=True, semiring: str = "sum"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run all layers; returns (node_mars [rows, B], element_mars [rows, B]) in log space.
 
-        `semiring="max"`: max-product (sums take their best child, missing inputs their mode), for MPE.
-        `elements=False`: the caller reads element values only through the backend's sum layers
-        (training, log-likelihoods), so product layers the backend fuses into them are not written."""
+        `semiring="max"`: max-product (sums take their best child, missing inputs their mode), for MPE."""
         x = torch.as_tensor(x, device=self.device)
         if validate:
             x, missing = self.check_data(x, missing)
@@ -211,12 +207,12 @@ class CompiledCircuit(torch.nn.Module):
         self._inputs_cache = []
         for step in self.plan.forward_steps():
             with self._span(step.layer, "forward"):
-                self._forward_step(step, x, missing, node_mars, element_mars, semiring, elements)
+                self._forward_step(step, x, missing, node_mars, element_mars, semiring)
         return node_mars, element_mars
 
     def forward(self, x, missing=None, validate: bool = True) -> torch.Tensor:
         """log p(x) per example `[B]`; variables where `missing` is True are marginalised."""
-        node_mars, element_mars = self.forward_mars(x, missing, validate, elements=False)
+        node_mars, element_mars = self.forward_mars(x, missing, validate)
         self._mars = (node_mars, element_mars)
         return node_mars[self.plan.root_row].clone()
 
@@ -253,8 +249,8 @@ class CompiledCircuit(torch.nn.Module):
                 _, lo, hi = below.writes
                 element_flows[lo:hi].zero_()
         with self._span(layer, step.pass_name):
-            if step.pass_name == "recompute":  # read only by the sum layer's backward
-                self.backend.prod_forward(table, node_mars, element_mars, values_needed=False)
+            if step.pass_name == "recompute":
+                self.backend.prod_forward(table, node_mars, element_mars)
             elif layer.kind == "sum":
                 self.backend.sum_backward(
                     table, self.params, element_mars, node_mars, node_flows, element_flows, param_flows

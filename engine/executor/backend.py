@@ -70,11 +70,8 @@ class Backend(ABC):
         return False
 
     @abstractmethod
-    def prod_forward(self, table, node_mars, element_mars, values_needed: bool = True) -> None:
-        """element_mars[products] = sum of the children's log-values (also the recompute).
-
-        `values_needed=False`: only this backend's `sum_forward` / `sum_backward` of the sum layer
-        above will read them, so a backend whose sum kernels compute them may skip the layer."""
+    def prod_forward(self, table, node_mars, element_mars) -> None:
+        """element_mars[products] = sum of the children's log-values (also the recompute)."""
 
     @abstractmethod
     def prod_backward(self, table, element_flows, node_flows) -> None:
@@ -131,9 +128,7 @@ class TorchBackend(Backend):
                 pt, params, element_mars, node_mars, node_flows, element_flows, param_flows
             )
 
-    def prod_forward(
-        self, table: ProdLayerTensors, node_mars, element_mars, values_needed: bool = True
-    ) -> None:
+    def prod_forward(self, table: ProdLayerTensors, node_mars, element_mars) -> None:
         for pt in table.parts:
             torch_ops.prod_forward(pt, node_mars, element_mars)
 

@@ -4,11 +4,6 @@
 merged product layers, variable segments of input layers) and names each partition's kernel
 (`select.choose_kernels`). Families without a kernel (`Distribution.kernel_log_prob` None) and the
 max-product semiring run the PyTorch ops.
-
-With `KernelOptions.fuse_products`, `fuse_products` below decides per product layer whether the sum
-layer above computes its values on the fly (the rule is in its docstring); such a layer's forward and
-recompute launches are skipped whenever the circuit says no one else needs the values
-(`prod_forward(values_needed=False)`).
 """
 
 from __future__ import annotations
@@ -80,15 +75,7 @@ class TritonBackend(TorchBackend):
                     layer, base[layer.index], tables.kernels[layer.index], long
                 )
             if layer.kind == "sum" and layer.index > 0:
-                below = plan.layers[layer.index - 1]
-                mark_sole_writer(below, tables.layers[layer.index])
-                if self.options.fuse_products:
-                    fuse_products(
-                        below,
-                        tables.layers[below.index],
-                        tables.layers[layer.index],
-                        self.options.fuse_max_reads,
-                    )
+                mark_sole_writer(plan.layers[layer.index - 1], tables.layers[layer.index])
         mark_first_flow_writers(plan, tables.layers, device)
         for layer in plan.sum_layers:
             tables.layers[layer.index].em = em.em_table(tables.layers[layer.index].parts, device)
@@ -126,11 +113,7 @@ class TritonBackend(TorchBackend):
     def overwrites_element_flows(self, table: SumLayerKernelTensors) -> bool:
         return table.sole_writer
 
-    def prod_forward(
-        self, table: ProdLayerKernelTensors, node_mars, element_mars, values_needed: bool = True
-    ) -> None:
-        if table.fused and not values_needed:
-            return  # the block-sum kernels above compute these values from node_mars
+    def prod_forward(self, table: ProdLayerKernelTensors, node_mars, element_mars) -> None:
         product.prod_forward(table, node_mars, element_mars, self.options)
 
     def prod_backward(self, table: ProdLayerKernelTensors, element_flows, node_flows) -> None:
@@ -206,57 +189,6 @@ def mark_sole_writer(below: Layer, table: SumLayerKernelTensors) -> None:
         and cb.numel() == starts.numel()
         and torch.equal(torch.sort(cb).values, starts)
     )
-
-
-def fuse_products(
-    below: Layer, prod: ProdLayerKernelTensors | None, table: SumLayerKernelTensors, max_reads: int = 0
-) -> None:
-    """Let the sum layer `table` compute the product layer `below` in its block kernels, when safe
-    (and, with `max_reads` > 0, when `fused_reads_per_row` is at most that):
-
-    - every partition of the sum layer runs "sum_block" (the sparse and PyTorch paths read
-      element_mars; one such partition keeps the layer unfused);
-    - every element row those partitions read is -inf padding (< PAD_ROWS) or a row the product
-      layer writes, and the product rows start at or after the padding;
-    - the product layer's rows are scratch (plan.py): the sum layer right above is their only reader
-      in a training step, and callers that read element_mars themselves (MPE's max-product forward,
-      the queries' top-down selection, `forward_mars` by default) ask for the values, which
-      `prod_forward` then still computes.
-    Attaches the gather table (`product.fused_table`, shared by the partitions) and marks the layer."""
-    if below.kind != "product" or prod is None:
-        return
-    if not all(isinstance(pt, BlockSumTensors) for pt in table.parts):
-        return
-    _, lo, hi = below.writes
-    if lo < PAD_ROWS:
-        return
-    readable = torch.zeros(hi, dtype=torch.bool)
-    readable[:PAD_ROWS] = True
-    readable[prod.elem_rows.cpu()] = True
-    for pt in table.parts:
-        rows = (pt.child_rows.cpu()[:, :, None] + torch.arange(pt.block_size)).reshape(-1)
-        if int(rows.max()) >= hi or not bool(readable[rows].all()):
-            return
-    if max_reads and fused_reads_per_row(prod, table) > max_reads:
-        return
-    rows_table = product.fused_table(prod, lo, hi)
-    for pt in table.parts:
-        pt.fused_rows, pt.fused_lo = rows_table, lo
-    prod.fused = True
-
-
-def fused_reads_per_row(prod: ProdLayerKernelTensors, table: SumLayerKernelTensors) -> float:
-    """Node values the fused kernels would read per element row and batch column: the mean number of
-    children a times the sum kernels' element reads, 2k + 1 (forward and parameter flows once per
-    parent node block, k of them; element flows once). Unfused, the same row costs 2a + 2 in the
-    product forward and recompute, plus the 2k + 1 reads of element_mars: a * (2k + 1) is the larger
-    when k or a is large, though sibling node blocks' re-reads mostly hit L2. Per layer (mnist_like,
-    as benchmarked): HCLT-128 10-17.5, HCLT-256 18-31.5, PD-64 4-10, PD-128 7-18, PD's 16-child patches 48."""
-    n = prod.elem_rows.numel()
-    arity = int((prod.child_rows > 0).sum()) / n
-    tiles = sum(int((pt.child_rows >= PAD_ROWS).sum()) * pt.block_size for pt in table.parts)
-    owned = sum(int(pt.cblocks.numel()) * pt.block_size for pt in table.parts)
-    return arity * (2 * tiles + owned) / n
 
 
 def mark_first_flow_writers(plan: LayerPlan, tables: list, device) -> None:

@@ -6,14 +6,6 @@
 - "ieee": plain float32 FMA, no tensor cores; the slowest, the exact float32 reference.
 - "tf32" / "bf16": opt-in, one MMA per product instead of three, less accurate (errors reported by
   benchmarks/check_kernels_gpu.py; their epoch times are not yet measured: vs_pyjuice.py --extra-precision).
-
-`fuse_products` (opt-in): the block-sum kernels compute each element value of the product layer below
-from `node_mars` instead of reading `element_mars`, so that product layer's forward and recompute
-launches disappear where it is safe (the rule: engine/kernels/sum_block.py, backend.fuse_products).
-`fuse_max_reads` keeps layers whose fused reads per element row would exceed it unfused
-(backend.fused_reads_per_row: 10-17.5 a layer for HCLT-128, 18-31.5 for HCLT-256, 4-10 for PD-64,
-7-18 for PD-128, 48 for PD's 16-child patches); `fused_stages` pipelines fused launches of products
-of <= 2 children.
 """
 
 from __future__ import annotations
@@ -39,9 +31,6 @@ class KernelOptions:
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
-    fuse_products: bool = False  # block-sum kernels gather product values from node_mars (see above)
-    fused_stages: int = 1  # pipeline depth of fused forward / parameter-flow launches (sum_block.py)
-    fuse_max_reads: int = 0  # fuse only layers reading at most this per element row (0: all; backend.py)
     # categorical statistics kernel; defaults from benchmarks/stats_kernel_sweep.py on an H200
     # (2026-11-30: 0.77 ms against 1.63 for the previous 32 nodes x 256 categories, tf32x3, at HCLT-256)
     stats_block_b: int = 32  # batch columns per step
@@ -54,13 +43,6 @@ class KernelOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.fuse_products not in (False, True):  # 0 / 1 accepted (benchmark variant strings)
-            raise ValueError(f"fuse_products must be a bool, got {self.fuse_products!r}")
-        object.__setattr__(self, "fuse_products", bool(self.fuse_products))
-        if self.fused_stages not in (1, 2, 3, 4):
-            raise ValueError(f"fused_stages must be 1, 2, 3 or 4, got {self.fused_stages!r}")
-        if self.fuse_max_reads < 0:
-            raise ValueError(f"fuse_max_reads must be >= 0, got {self.fuse_max_reads!r}")
         for name in (
             "block_b",
             "prod_rows",

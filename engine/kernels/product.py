@@ -11,10 +11,6 @@
 All partitions of one product layer run as one launch per pass (`merge_layer`: their rows
 concatenated, narrower ones padded with row 0, the constant log 1): HCLT-256 has 40 product layers
 of 1-3 partitions, each a few-microsecond launch.
-
-Fused (`KernelOptions.fuse_products`): the block-sum kernels above compute the values themselves from
-`fused_table` (the merged child rows by element row), and the forward / recompute launches are
-skipped where the caller needs no element values (`fused`; the rule: backend.fuse_products).
 """
 
 from __future__ import annotations
@@ -75,7 +71,6 @@ class ProdLayerKernelTensors(ProdLayerTensors):
     flow_rows: torch.Tensor  # [nc] child node rows, each owned by one program in the flows pass
     parent_table: torch.Tensor  # [nc, max parents] element rows feeding each child (-1 padded)
     flow_first: torch.Tensor | None = None  # [nc] uint8: 1 where this layer is the first to reach the row
-    fused: bool = False  # the sum kernels above compute this layer's values (backend.fuse_products)
 
 
 def layer_tensors(base: ProdLayerTensors, long) -> ProdLayerKernelTensors:
@@ -125,14 +120,6 @@ def prod_backward(t: ProdLayerKernelTensors, element_flows, node_flows, opts: Ke
         BB=opts.block_b,
         num_warps=opts.num_warps,
     )
-
-
-def fused_table(t: ProdLayerKernelTensors, lo: int, hi: int) -> torch.Tensor:
-    """`[hi - lo, W]` node rows whose values sum to element row lo + r: the merged `child_rows` indexed
-    by element row (a row no product writes reads node row 0 only, log 1)."""
-    table = torch.zeros(hi - lo, t.child_rows.shape[1], dtype=torch.long, device=t.child_rows.device)
-    table[t.elem_rows - lo] = t.child_rows
-    return table
 
 
 def merge_layer(parts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,27 +22,6 @@ Four kernels, and the reference they are tested against is the same-named functi
   rows need no zeroing and no read-back.
 - parameter flows: one program per (node block, group of G child blocks) reduces over the whole
   batch with tl.dot, then adds `W * acc` into the parameter flows.
-
-Fused products (`KernelOptions.fuse_products`, opt-in): the three kernels that read element values
-(forward; element flows, for the `el` of its output rows; parameter flows) get them from
-`_element_tile`, which either loads `element_mars` (unfused: unchanged) or sums each element row's
-<= FW children in `node_mars` (`fused_rows: [hi - lo, FW]`, the product layer's merged child table
-by element row; rows below `lo`, the -inf padding, stay -inf). The values are bit-identical to the
-product kernel's (the same float32 adds in the same order).
-
-Traffic, per product layer of R rows with a children each, in units of R * B floats: unfused, the
-product forward and recompute each read a and write 1, and the sum kernels read 1 per reader (forward
-k_f, element flows 1, parameter flows k_f, where k_f = parent node blocks per child block: 2-4 for
-HCLT-128/256 at bs 64, PD-64/128 at bs 32); fused, each of those reads becomes a reads. DRAM saves
-the 2 writes and 2 re-reads of element_mars (the re-reads of k_f siblings mostly hit L2) and 2
-launches a layer; L2 gathers grow by (a - 1) * (2 k_f + 1). Padded slots (node row 0) issue no read.
-
-When a product layer is fused (backend.fuse_products): every partition of the sum layer above it
-runs here, each element row those partitions read is one the product layer writes (or padding), and
-the circuit tells the backend that nobody else needs the values (`prod_forward(values_needed=False)`
-only from `CompiledCircuit.forward` and the flows pass' recompute). Queries that read element_mars
-themselves (the max-product forward of MPE, the top-down selection of sampling/MPE, `forward_mars`
-by default, `rerun_inner_layers`) still run the product forward.
 """
 
 from __future__ import annotations
@@ -57,12 +36,6 @@ import triton.language as tl
 from engine.executor.torch_ops import SumPartitionTensors
 from engine.kernels.options import KernelOptions
 
-# Fused forward / parameter-flow launches are software-pipelined (opts.fused_stages) only up to this
-# many child slots: the pipeliner multi-buffers every gathered child tile in shared memory. Measured
-# (Triton 3.9 compiling for sm_90, 4 warps, 3 stages): forward bs 64 x BB 128 takes 149 KB for 2
-# slots (unfused: 115 KB) but 548 KB for HCLT's 14 (the limit is 227 KB); one stage: 64 KB at any width.
-FUSED_PIPELINE_WIDTH = 2
-
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
 
@@ -76,60 +49,20 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _element_tile(
-    emars,
-    nmars,
-    fused_rows,
-    rows,
-    mask,
-    offs_b,
-    B,
-    FLO,
-    FW: tl.constexpr,
-    R: tl.constexpr,
-    BB: tl.constexpr,
-    FUSED: tl.constexpr,
-):
-    """Element values `[R, BB]` of element rows `rows: [R]`, -inf where not `mask` (`[R or 1, BB]`).
-
-    Unfused: read R * BB element values (the kernels' own load, unchanged). FUSED: value = sum_k
-    node_mars[fused_rows[row - FLO, k]] over the FW child slots; rows < FLO are the -inf padding, and
-    so are masked-out child slots (their child row 0 gives rows < BS <= PAD_ROWS <= FLO). Reads FW * R
-    indices and, per real child, BB node values; a padded slot (node row 0, the constant log 1) adds
-    0.0 without a read, exactly what the product kernel's add of row 0 gives. FW is unrolled
-    (static_range): a loop nested in the kernels' k0 / batch loops would stop Triton pipelining them."""
-    if FUSED:
-        real = rows >= FLO
-        g = (rows - FLO).to(tl.int64) * FW
-        rm2 = real[:, None] & mask
-        acc = tl.zeros([R, BB], dtype=tl.float32)
-        for k in tl.static_range(FW):
-            c = tl.load(fused_rows + g + k, mask=real, other=0)
-            acc += tl.load(nmars + c[:, None] * B + offs_b[None, :], mask=rm2 & (c > 0)[:, None], other=0.0)
-        return tl.where(rm2, acc, tl.full([R, BB], float("-inf"), tl.float32))
-    else:
-        return tl.load(emars + rows[:, None] * B + offs_b[None, :], mask=mask, other=float("-inf"))
-
-
-@triton.jit
 def _sum_fwd_block_kernel(
     prm,
     emars,
     nmars,
     node_rows,
     child_rows,
-    fused_rows,
     B,
     W,
     param_off,
     num_bt,
-    FLO,
-    FW: tl.constexpr,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
-    FUSED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i = pid // num_bt
@@ -144,20 +77,11 @@ def _sum_fwd_block_kernel(
         kk = k0 + q // BS
         kmask = kk < W
         c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
-        # read G * BS * BB child values, once (fused: FW * G * BS * BB node values)
-        el = _element_tile(
-            emars,
-            nmars,
-            fused_rows,
-            c0 + q % BS,
-            kmask[:, None] & bmask[None, :],
-            offs_b,
-            B,
-            FLO,
-            FW,
-            G * BS,
-            BB,
-            FUSED,
+        # read G * BS * BB child values, once
+        el = tl.load(
+            emars + (c0 + q % BS)[:, None] * B + offs_b[None, :],
+            mask=kmask[:, None] & bmask[None, :],
+            other=float("-inf"),
         )
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -199,8 +123,6 @@ def _node_scale_kernel(nmars, nflows, node_rows, scale, mus, B, num_bt, BS: tl.c
 def _sum_bwd_elem_block_kernel(
     prm,
     emars,
-    nmars,
-    fused_rows,
     scale,
     mus,
     eflows,
@@ -212,14 +134,11 @@ def _sum_bwd_elem_block_kernel(
     W,
     param_off,
     num_bt,
-    FLO,
-    FW: tl.constexpr,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
     ACCUM: tl.constexpr,
-    FUSED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // num_bt
@@ -267,7 +186,7 @@ def _sum_bwd_elem_block_kernel(
         big_m = m_new
     big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
     optr = (c0 + r)[:, None] * B + offs_b[None, :]
-    el = _element_tile(emars, nmars, fused_rows, c0 + r, bmask[None, :], offs_b, B, FLO, FW, BS, BB, FUSED)
+    el = tl.load(emars + optr, mask=bmask[None, :], other=float("-inf"))
     contrib = tl.exp(tl.log(acc) + el + big_m[None, :])
     if ACCUM:  # read-modify-write: partitions of one layer may share children (run in sequence)
         contrib += tl.load(eflows + optr, mask=bmask[None, :], other=0.0)
@@ -279,8 +198,6 @@ def _sum_bwd_param_block_kernel(
     prm,
     pflows,
     emars,
-    nmars,
-    fused_rows,
     scale,
     mus,
     child_rows,
@@ -288,14 +205,11 @@ def _sum_bwd_param_block_kernel(
     W,
     param_off,
     num_kg,
-    FLO,
-    FW: tl.constexpr,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
     EXP_CLAMP: tl.constexpr,
-    FUSED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     i = pid // num_kg
@@ -306,7 +220,7 @@ def _sum_bwd_param_block_kernel(
     c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
     if tl.max(c0, 0) > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
         r = tl.arange(0, BS)
-        crows = c0 + q % BS
+        crow = (c0 + q % BS)[:, None] * B
         srow = (i * BS + r).to(tl.int64)[:, None] * B
         acc = tl.zeros([BS, G * BS], dtype=tl.float32)
         for b0 in range(0, B, BB):
@@ -314,19 +228,8 @@ def _sum_bwd_param_block_kernel(
             bmask = offs_b < B
             a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
             mu = tl.load(mus + i.to(tl.int64) * B + offs_b, mask=bmask, other=0.0)
-            el = _element_tile(
-                emars,
-                nmars,
-                fused_rows,
-                crows,
-                kmask[:, None] & bmask[None, :],
-                offs_b,
-                B,
-                FLO,
-                FW,
-                G * BS,
-                BB,
-                FUSED,
+            el = tl.load(
+                emars + crow + offs_b[None, :], mask=kmask[:, None] & bmask[None, :], other=float("-inf")
             )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
@@ -365,50 +268,27 @@ def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch
     return bb
 
 
-def _fused(pt, element_mars) -> tuple[torch.Tensor, int, int]:
-    """(fused_rows, FW, FLO) of a fused partition; unfused: any pointer (never read), 1, 0."""
-    if pt.fused_rows is None:
-        return element_mars, 1, 0
-    return pt.fused_rows, pt.fused_rows.shape[1], pt.fused_lo
-
-
-def _pipeline(pt, opts: KernelOptions) -> dict:
-    """Launch options of a forward / parameter-flow kernel: unfused ones keep Triton's default; fused
-    ones pipeline `opts.fused_stages` deep when their products are narrow, else not at all."""
-    if pt.fused_rows is None:
-        return {}
-    narrow = pt.fused_rows.shape[1] <= FUSED_PIPELINE_WIDTH
-    return {"num_stages": opts.fused_stages if narrow else 1}
-
-
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
-    """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition (fused: element
-    values gathered from node_mars, see `_element_tile`)."""
+    """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition."""
     B = element_mars.shape[1]
     bb = forward_batch_tile(pt.num_node_blocks, B, opts.fwd_block_b, element_mars.device)
     nbt = triton.cdiv(B, bb)
     grid = (pt.num_node_blocks * nbt,)
-    frows, fw, flo = _fused(pt, element_mars)
     _sum_fwd_block_kernel[grid](
         params,
         element_mars,
         node_mars,
         pt.node_rows,
         pt.child_rows,
-        frows,
         B,
         pt.width,
         pt.param_offset,
         nbt,
-        flo,
-        FW=fw,
         BS=pt.block_size,
         BB=bb,
         G=group_size(pt.block_size, pt.width, opts.group_cols),
         PREC=opts.precision,
-        FUSED=pt.fused_rows is not None,
         num_warps=opts.num_warps,
-        **_pipeline(pt, opts),
     )
 
 
@@ -442,16 +322,12 @@ def sum_backward_block(
         num_warps=opts.num_warps,
     )
     nc = pt.cblocks.shape[0]
-    frows, fw, flo = _fused(pt, element_mars)
-    fused = pt.fused_rows is not None
     if nc:
         max_par = pt.max_parents
         ebt = triton.cdiv(B, opts.elem_block_b)
         _sum_bwd_elem_block_kernel[(nc * ebt,)](
             params,
             element_mars,
-            node_mars,
-            frows,
             scale,
             mus,
             element_flows,
@@ -463,14 +339,11 @@ def sum_backward_block(
             pt.width,
             pt.param_offset,
             ebt,
-            flo,
-            FW=fw,
             BS=bs,
             BB=opts.elem_block_b,
             G=group_size(bs, max_par, opts.group_cols),
             PREC=opts.precision,
             ACCUM=not pt.sole_writer,
-            FUSED=fused,
             num_warps=opts.num_warps,
         )
     g = group_size(bs, pt.width, opts.group_cols)
@@ -479,8 +352,6 @@ def sum_backward_block(
         params,
         param_flows,
         element_mars,
-        node_mars,
-        frows,
         scale,
         mus,
         pt.child_rows,
@@ -488,16 +359,12 @@ def sum_backward_block(
         pt.width,
         pt.param_offset,
         nkg,
-        flo,
-        FW=fw,
         BS=bs,
         BB=opts.block_b,
         G=g,
         PREC=opts.precision,
         EXP_CLAMP=exp_clamp,
-        FUSED=fused,
         num_warps=opts.num_warps,
-        **_pipeline(pt, opts),
     )
 
 
@@ -513,9 +380,6 @@ class BlockSumTensors(SumPartitionTensors):
     par_k: torch.Tensor  # [nnz] which child slot of that parent
     max_parents: int
     sole_writer: bool = False  # the only writer of every element row of the product layer below
-    # fused products: [hi - lo, FW] node rows summed into element row lo + r (backend.fuse_products)
-    fused_rows: torch.Tensor | None = None
-    fused_lo: int = 0  # first element row of the fused product layer
 
 
 def block_tensors(
