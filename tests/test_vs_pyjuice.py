@@ -35,6 +35,16 @@ def test_table_reproduces_the_published_rows():
     assert "4.24 TB/s" in out
 
 
+def test_table_reproduces_the_round3_rows():
+    """The README's round-3 tables (issue 11, 2026-11-30 12:00 and 12:05 UTC) came from these files."""
+    docs = [tbl.load(os.path.join(RESULTS, f"vs_pyjuice_{k}_h200_round3.json")) for k in ("hclt", "pd")]
+    out = tbl.render(docs)
+    assert "| HCLT-256 | 1.123 | 1.124 | 1.00 | 1.540 | 1.970 | 1.75x |" in out
+    assert "| PD-128 | 1.090 | 1.092 | 1.00 | 1.396 | 1.737 | 1.59x |" in out
+    assert "| HCLT-256 | 4096 | 14 | 0.860 | 66,652 | 1.222 | 46,934 | 1.42x |" in out  # the curve
+    assert "no cliff" in out
+
+
 def test_table_rejects_a_file_that_is_not_a_result(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"rows": []}))
