@@ -27,7 +27,16 @@ import torch.distributed as dist
 
 sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vs_pyjuice import PSEUDO, SEED, STEP, epoch_orders, median_seconds, ours_build, sync_time  # noqa: E402
+from vs_pyjuice import (  # noqa: E402
+    PSEUDO,
+    SEED,
+    STEP,
+    epoch_orders,
+    median_seconds,
+    ours_build,
+    schedule,
+    sync_time,
+)
 
 import engine  # noqa: E402
 from engine import distributed, optim  # noqa: E402
@@ -43,14 +52,7 @@ def allreduce_ms(pc, reduce_dtype="fp32", reps=50) -> float:
 
 def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True) -> dict:
     pc = engine.compile(root, device="cuda")
-    sched = optim.EMSchedule(
-        batch_size=BATCH,
-        step_size=STEP,
-        final_step_size=STEP,
-        pseudocount=PSEUDO,
-        full_batch_epochs=0,
-        drop_last=True,
-    )
+    sched = schedule(BATCH)  # the same EM settings as the single-GPU comparison
     hist = optim.fit(
         pc,
         data_cpu,
