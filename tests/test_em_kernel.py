@@ -50,3 +50,13 @@ def test_all_partitions_in_one_launch_match_float64():
     err = (got - ref).norm() / ref.norm()
     assert err < 1e-6, err
     assert not torch.allclose(ref, params)  # the update changed something
+
+
+def test_em_tables_follow_the_circuit_between_devices():
+    """The one-launch EM table lives in a dict: moving the circuit's tables must move it too."""
+    from engine.executor.tensors import apply_tensors
+
+    table = em.em_table([_partition(16, 2, 2, 0), _partition(1, 1, 40, 1024)], "cpu")
+    seen = []
+    apply_tensors(table, lambda t: seen.append(t.dtype) or t.clone())
+    assert len(seen) == 3 * len(table.tiles)  # every (base, rows, length) tensor of every class

@@ -67,8 +67,12 @@ def layer_tensors(plan: LayerPlan) -> list[SumLayerTensors | ProdLayerTensors | 
 
 
 def apply_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """Apply `fn` (a device move) to every tensor inside nested dataclasses, lists and tuples, in place."""
-    if isinstance(obj, list):
+    """Apply `fn` (a device move) to every tensor inside nested dataclasses, lists, tuples and dict
+    values, in place."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = apply_tensors(v, fn)
+    elif isinstance(obj, list):
         for i, v in enumerate(obj):
             obj[i] = apply_tensors(v, fn)
     elif isinstance(obj, tuple):
