@@ -64,4 +64,4 @@ def test_stats_kernel_variants_match_float64(cats_major, split, precision):
     err = (stats.double() - ref).norm() / ref.norm()
     assert err < 1e-5, err
     # every node row was touched: the segments cover all nodes (no row left at its start value)
-    assert not torch.equal(stats, stats0)
+    assert (stats != stats0).any(1).all()

@@ -5,9 +5,11 @@ its offset of the flat vector). The kernel normalises RN rows per program in two
 row: (1) degree = number of real children and the masked flow sum; (2) new weights. Reads params,
 flows and mask once each in pass 2 and flows + mask in pass 1: about 13 bytes per weight moved.
 
-All partitions of all sum layers run in one launch per row-length class (`EmTable`: a tile list of
-(first weight, rows, row length)); HCLT-128 had 40 launches of ~3 us each, most of them for layers of
-a few hundred rows, where the launch and not the bytes set the time.
+All partitions of all sum layers run in one launch per class (chunk length, whether every tile is
+16-aligned) (`EmTable`: a tile list of (first weight, rows, row length)); HCLT-128 had 40 launches of
+~3 us each, most of them for layers of a few hundred rows, where the launch and not the bytes set the
+time. Partitions own disjoint weight ranges (engine/compiler/layout.py), so no two programs of a
+launch touch one weight.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def em_table(partitions, device) -> EmTable:
     acc: dict[tuple[int, bool], list[tuple[int, int, int]]] = {}
     for pt in partitions:
         R, L = pt.num_node_blocks * pt.block_size, pt.width * pt.block_size
+        if R * L == 0:
+            continue  # no weights: no tile (an empty class would have no tile tensors)
         out = acc.setdefault((_chunk_len(L), pt.param_offset % 16 == 0 and L % 16 == 0), [])
         for r0 in range(0, R, RN):
             out.append((pt.param_offset + r0 * L, min(RN, R - r0), L))
@@ -101,7 +105,7 @@ def em_table(partitions, device) -> EmTable:
 
 
 def sum_em_update_all(table: EmTable, params, param_flows, mask, step_size, pseudocount, opts: KernelOptions):
-    """The EM update of every partition in `table`, in place: one launch per chunk length."""
+    """The EM update of every partition in `table`, in place: one launch per (chunk length, aligned)."""
     for (cl, aligned), (base, rows, lens) in table.tiles.items():
         _sum_em_kernel[(base.numel(),)](
             params,
