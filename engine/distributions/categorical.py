@@ -6,9 +6,13 @@ matmul of the flows `[BN, BB]` with a one-hot `[BB, CC]` built in registers (tl.
 ieee): no atomics, no contention on popular categories. Options (engine/kernels/options.py) pick
 the tile's orientation (`stats_cats_major`: `[CC, BN]`, so the MMA's long side is the categories)
 and `stats_split` (two tf32 MMAs instead of tf32x3's three: the one-hot operand is exact in tf32,
-so only the flows need a high and a low part). The EM update runs in place in one pass
-(read params and stats once, write params once); the PyTorch version allocated four temporaries the
-size of the parameters (0.8 GB at HCLT-256), which set the peak memory of a training step.
+so only the flows need a high and a low part). The split: hi = the flow with its 13 low mantissa
+bits cleared (exact in tf32), lo = f - hi (exact in float32, at most 13 significant bits, of which
+the MMA keeps 11), so each flow enters off by < 2^-21 relative (float32 rounding: 2^-24), always
+toward zero if the MMA truncates lo (tests/test_stats_split_and_segments.py). The EM update runs
+in place in one pass (read params and stats once, write params once); the PyTorch version allocated
+four temporaries the size of the parameters (0.8 GB at HCLT-256), which set the peak memory of a
+training step.
 """
 
 from __future__ import annotations
