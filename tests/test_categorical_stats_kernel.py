@@ -65,3 +65,15 @@ def test_stats_kernel_variants_match_float64(cats_major, split, precision):
     assert err < 1e-5, err
     # every node row was touched: the segments cover all nodes (no row left at its start value)
     assert (stats != stats0).any(1).all()
+
+
+def test_float64_buffers_take_the_pytorch_path():
+    """The kernel is float32-only: a float64 circuit's statistics come from the PyTorch update instead
+    of failing inside Triton (the tile split is a float32 bit mask)."""
+    dist = Categorical(40)
+    vars_, x, missing, flows, params, stats0 = _case()
+    xt, mt = input_kernels.prepare_data(dist, x, missing)
+    segs = input_kernels.segments(vars_, 16)
+    stats = stats0.double()
+    assert not dist.kernel_stats(stats, params.double(), vars_, xt, mt, flows.double(), segs, KernelOptions())
+    assert torch.equal(stats, stats0.double())  # untouched: the caller runs accumulate_stats

@@ -188,7 +188,10 @@ class Categorical(Distribution):
         return self.num_cats
 
     def kernel_stats(self, stats, params, vars_, xt, mt, flows, segments, opts) -> bool:
-        """Per segment of nodes sharing a variable: flows x one-hot through tl.dot (no atomics)."""
+        """Per segment of nodes sharing a variable: flows x one-hot through tl.dot (no atomics).
+        float32 only (the tile split is a float32 bit mask): other dtypes take the PyTorch update."""
+        if not all(t.dtype == torch.float32 for t in (stats, params, flows)):
+            return False
         B = flows.shape[1]
         C = self.num_cats
         CC = max(16, min(opts.stats_cats, triton.next_power_of_2(C)))
