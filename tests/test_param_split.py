@@ -147,3 +147,18 @@ def test_param_split_gpu_hclt_and_pd():
         assert torch.equal(off["ll"], on["ll"]), name
         splits = [splits_of(pt, 512, KernelOptions(param_split=8), pc.device) for pt in block_partitions(pc)]
         assert max(splits) > 1, (name, splits)
+        params = [graph_training(root, mnist, KernelOptions(param_split=n)) for n in (0, 8)]
+        assert rel(params[0], params[1]) < 1e-5, name
+
+
+def graph_training(root, mnist, opts, steps=5, B=512):
+    """Parameters after `steps` CUDA-graph-captured EM steps (the partial scratch is allocated inside
+    the capture, from the graph's pool)."""
+    from engine.kernels.graph import CapturedStep
+
+    pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
+    step = CapturedStep(pc, B, em=(0.1, 0.1))
+    for i in range(steps):
+        step(mnist[i * B : (i + 1) * B].cuda())
+    assert step.captured, step.failed
+    return pc.params.clone()
