@@ -287,14 +287,18 @@ def _sum_bwd_param_block_kernel(
         if SPLIT:  # write the BS x G*BS partial of this batch range: part[s, i, n, k0 * BS + q]
             tl.store(part + s.to(tl.int64) * num_params + slab, acc, mask=kmask[None, :])
         else:
-            wptr = param_off + slab
-            w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
-            # read-modify-write one BS x G*BS slab of parameter flows
-            tl.store(
-                pflows + wptr,
-                tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
-                mask=kmask[None, :],
-            )
+            _add_weighted_flows(prm, pflows, param_off + slab, kmask, acc)
+
+
+@triton.jit
+def _add_weighted_flows(prm, pflows, wptr, kmask, acc):
+    """Read-modify-write one BS x G*BS slab of parameter flows: pflows += W * acc."""
+    w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
+    tl.store(
+        pflows + wptr,
+        tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
+        mask=kmask[None, :],
+    )
 
 
 @triton.jit
@@ -329,13 +333,7 @@ def _param_split_reduce_kernel(
         for _ in range(0, num_split):  # range 0, 1, ... in order
             acc += tl.load(pp, mask=kmask[None, :], other=0.0)
             pp += num_params
-        wptr = param_off + slab
-        w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
-        tl.store(
-            pflows + wptr,
-            tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
-            mask=kmask[None, :],
-        )
+        _add_weighted_flows(prm, pflows, param_off + slab, kmask, acc)
 
 
 # ----------------------------------------------------------------------------------- launchers
