@@ -283,11 +283,18 @@ def _sum_bwd_param_block_kernel(
             )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
-        slab = i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
         if SPLIT:  # write the BS x G*BS partial of this batch range: part[s, i, n, k0 * BS + q]
-            tl.store(part + s.to(tl.int64) * num_params + slab, acc, mask=kmask[None, :])
+            slab = _slab(s.to(tl.int64) * num_params, i, k0, r, q, W, BS)
+            tl.store(part + slab, acc, mask=kmask[None, :])
         else:
-            _add_weighted_flows(prm, pflows, param_off + slab, kmask, acc)
+            _add_weighted_flows(prm, pflows, _slab(param_off, i, k0, r, q, W, BS), kmask, acc)
+
+
+@triton.jit
+def _slab(base, i, k0, r, q, W, BS: tl.constexpr):
+    """Offsets `[BS, G*BS]` of node block i's weight slab for child blocks k0.. in a `[nb, BS, W*BS]`
+    array starting at `base` (base added first, as a scalar: the default kernel's address arithmetic)."""
+    return base + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
 
 
 @triton.jit
@@ -327,13 +334,12 @@ def _param_split_reduce_kernel(
     c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
     if tl.max(c0, 0) > 0:  # the partial kernel skipped padded slabs: their partials are unwritten
         r = tl.arange(0, BS)
-        slab = i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
         acc = tl.zeros([BS, G * BS], dtype=tl.float32)
-        pp = part + slab
+        pp = part + _slab(0, i, k0, r, q, W, BS)
         for _ in range(0, num_split):  # range 0, 1, ... in order
             acc += tl.load(pp, mask=kmask[None, :], other=0.0)
             pp += num_params
-        _add_weighted_flows(prm, pflows, param_off + slab, kmask, acc)
+        _add_weighted_flows(prm, pflows, _slab(param_off, i, k0, r, q, W, BS), kmask, acc)
 
 
 # ----------------------------------------------------------------------------------- launchers
