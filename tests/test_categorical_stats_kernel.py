@@ -77,3 +77,10 @@ def test_float64_buffers_take_the_pytorch_path():
     stats = stats0.double()
     assert not dist.kernel_stats(stats, params.double(), vars_, xt, mt, flows.double(), segs, KernelOptions())
     assert torch.equal(stats, stats0.double())  # untouched: the caller runs accumulate_stats
+
+
+@pytest.mark.parametrize("kw", [{"stats_warps": 3}, {"num_warps": 0}, {"stats_nodes": 48}])
+def test_bad_kernel_options_are_refused_by_name(kw):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=name):
+        KernelOptions(**kw)

@@ -91,7 +91,8 @@ class Backend(ABC):
         """EM update of one sum layer's weights, in place."""
 
     def sum_em_update_all(self, tables: Tables, layers, params, param_flows, mask, step_size, pseudocount):
-        """EM update of every sum layer in `layers` (all of the plan's), in place; one at a time here."""
+        """EM update of every sum layer in place; `layers` is all of the plan's sum layers (the circuit's
+        em_step), so a backend may update them together. Here: one layer at a time."""
         for layer in layers:
             self.sum_em_update(tables.layers[layer.index], params, param_flows, mask, step_size, pseudocount)
 

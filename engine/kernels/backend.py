@@ -134,11 +134,8 @@ class TritonBackend(TorchBackend):
         em.sum_em_update_all(table.em, params, param_flows, mask, step_size, pseudocount, self.options)
 
     def sum_em_update_all(self, tables, layers, params, param_flows, mask, step_size, pseudocount):
-        """One launch per row-length class for all sum layers (em.EmTable), not one per partition."""
-        if tables.em is None:
-            return super().sum_em_update_all(
-                tables, layers, params, param_flows, mask, step_size, pseudocount
-            )
+        """All sum layers at once (`layers` is always all of the plan's, see the base class): one launch
+        per row-length class over the tile list `prepare` built (em.EmTable), not one per partition."""
         em.sum_em_update_all(tables.em, params, param_flows, mask, step_size, pseudocount, self.options)
 
     # ----------------------------------------------------------------- input layers

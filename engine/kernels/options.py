@@ -2,7 +2,9 @@
 
 `precision` selects how the tile matmuls run on the tensor cores:
 - "tf32x3" (default): each float32 operand split into a high and a low tf32 part, three MMAs;
-  float32-level accuracy (measured relative error ~1e-6 to 1e-7, see benchmarks/README.md).
+  float32-level accuracy (measured relative error ~1e-6 to 1e-7, see benchmarks/README.md). The
+  categorical statistics kernel meets an exact 0/1 one-hot, so `stats_split` runs two MMAs there
+  (each flow within 2^-21 relative, truncated toward zero; engine/distributions/categorical.py).
 - "ieee": plain float32 FMA, no tensor cores; the slowest, the exact float32 reference.
 - "tf32" / "bf16": opt-in, one MMA per product instead of three, less accurate (errors reported by
   benchmarks/check_kernels_gpu.py; their epoch times are not yet measured: vs_pyjuice.py --extra-precision).
@@ -28,7 +30,8 @@ class KernelOptions:
     """Variant selection for all kernels of one compiled circuit (hashable: a cache key)."""
 
     precision: str = "tf32x3"
-    block_b: int = 32  # batch columns per program: node scale, parameter flows, product kernels (H200 A/B)
+    block_b: int = 32  # batch columns per program: node scale, parameter flows, product, input and sparse
+    # sum kernels (32 from an H200 A/B, benchmarks/README.md round 3)
     num_warps: int = 4
     prod_rows: int = 32  # product rows per program
     sparse_children: int = 32  # children per step in the sparse sum kernel
@@ -51,6 +54,9 @@ class KernelOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name, allowed in (("num_warps", (1, 2, 4, 8, 16)), ("stats_warps", (0, 1, 2, 4, 8, 16))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in (
             "block_b",
             "prod_rows",
