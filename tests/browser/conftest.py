@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -60,14 +62,12 @@ def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-@pytest.fixture(scope="session")
-def workbench_url(tmp_path_factory, runs_dir):
-    """Serve apps/workbench.py on a free port; yields the app URL."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium not installed at /usr/bin/chromium")
+@contextmanager
+def serve_workbench(env: dict, log_dir: Path) -> Iterator[str]:
+    """`panel serve apps/workbench.py` on a free port with `env` added to ours; yields the app URL,
+    stops the server on exit and prints the end of its log if it logged a traceback."""
     port = free_port()
-    env = {**os.environ, "CW_RUNS_DIR": str(runs_dir), "PYTHONPATH": str(REPO)}
-    log = open(tmp_path_factory.mktemp("log") / "panel.log", "w+")
+    log = open(log_dir / "panel.log", "w+")
     cmd = [
         sys.executable,
         "-m",
@@ -83,6 +83,7 @@ def workbench_url(tmp_path_factory, runs_dir):
         "--num-procs",
         "1",
     ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/workbench"
     try:
@@ -99,6 +100,15 @@ def workbench_url(tmp_path_factory, runs_dir):
         log.close()
         if "Traceback" in text:
             print("---- panel serve log ----\n" + text[-6000:])
+
+
+@pytest.fixture(scope="session")
+def workbench_url(tmp_path_factory, runs_dir):
+    """Serve apps/workbench.py on a free port; yields the app URL."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium not installed at /usr/bin/chromium")
+    with serve_workbench({"CW_RUNS_DIR": str(runs_dir)}, tmp_path_factory.mktemp("log")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import CHROMIUM, REPO, SERVER_START_S, PageWatch, _wait_http, free_port
+from tests.browser.conftest import CHROMIUM, PageWatch, serve_workbench
 from tests.browser.test_workbench import build_hclt, open_tab
 
 pytestmark = pytest.mark.browser
@@ -33,42 +31,13 @@ def ranks_url(tmp_path_factory):
     """A second workbench server that offers gloo ranks on the CPU."""
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium not installed at /usr/bin/chromium")
-    port = free_port()
     env = {
-        **os.environ,
         "CW_RUNS_DIR": str(tmp_path_factory.mktemp("ranks_runs")),
-        "PYTHONPATH": str(REPO),
         "CW_RANKS_ON_CPU": "1",
         "CW_DIST_TIMEOUT_S": "60",
     }
-    log = open(tmp_path_factory.mktemp("ranks_log") / "panel.log", "w+")
-    cmd = [
-        sys.executable,
-        "-m",
-        "panel",
-        "serve",
-        "apps/workbench.py",
-        "--port",
-        str(port),
-        "--address",
-        "127.0.0.1",
-        "--allow-websocket-origin",
-        f"127.0.0.1:{port}",
-        "--num-procs",
-        "1",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/workbench"
-    try:
-        _wait_http(url, proc, SERVER_START_S)
+    with serve_workbench(env, tmp_path_factory.mktemp("ranks_log")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_two_rank_run_streams_per_rank_plots(browser, ranks_url):
