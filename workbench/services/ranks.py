@@ -310,12 +310,10 @@ def _train_rank(spec: dict, model_path: str, send) -> None:
     import torch
 
     from engine import distributed
-    from engine.compiler import DEFAULT_TOLERANCE
     from engine.data import load_dataset
-    from engine.optim import EMSchedule
-    from engine.training import TrainConfig, run_training
+    from engine.training import run_training
     from workbench.services.circuits import build
-    from workbench.services.worker import Checkpointer, EventStreamer, announce_running
+    from workbench.services.worker import Checkpointer, EventStreamer, announce_running, train_config
 
     torch.set_num_threads(int(spec.get("threads") or 1))
     torch.manual_seed(int(spec.get("seed", 0)))
@@ -324,25 +322,8 @@ def _train_rank(spec: dict, model_path: str, send) -> None:
     send({"type": "rank", "pid": os.getpid(), "device": device, "world_size": ranks.world})
     t0 = time.time()
     batch_size = int(spec["batch_size"])
-    schedule = EMSchedule(
-        batch_size,
-        float(spec["step_size"]),
-        float(spec["final_step_size"]),
-        float(spec["pseudocount"]),
-        int(spec["full_batch_epochs"]),
-        drop_last=True,
-    )
-    cfg = TrainConfig(
-        epochs=int(spec["epochs"]),
-        schedule=schedule,
-        device=device,
-        block_size=spec.get("block_size"),
-        tolerance=float(spec.get("tolerance", DEFAULT_TOLERANCE)),
-        profile=False,  # turned on in on_compiled with a callback: every rank reports its spans
-        event_interval_s=float(spec.get("batch_interval_s", 0.1)),
-        distributed=True,
-    )
-    cfg.check()
+    # equal batches on every rank; the profiler is switched on in on_compiled with every rank's callback
+    cfg = train_config(spec, device, drop_last=True, profile=False, profile_interval_s=None, distributed=True)
     ds = load_dataset(spec["dataset"])
     if main:
         send({"type": "status", "status": "starting", "message": "building circuit", "device": device})

@@ -207,27 +207,22 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
-    import torch
-
+def train_config(spec: dict, device: str, drop_last: bool = False, **overrides):
+    """A run spec's EM schedule and training settings as a checked `TrainConfig` (one translation for
+    the single-process worker and the ranks of a multi-GPU run); `overrides` replace fields."""
     from engine.compiler import DEFAULT_TOLERANCE
-    from engine.data import load_dataset
     from engine.optim import EMSchedule
-    from engine.training import TrainConfig, pick_device, run_training
-    from workbench.services.circuits import build
+    from engine.training import TrainConfig
 
-    torch.set_num_threads(int(spec.get("threads") or default_threads()))
-    torch.manual_seed(int(spec.get("seed", 0)))
-    device = pick_device(spec.get("device", "auto"))
-    batch_size = int(spec["batch_size"])
     schedule = EMSchedule(
-        batch_size,
+        int(spec["batch_size"]),
         float(spec["step_size"]),
         float(spec["final_step_size"]),
         float(spec["pseudocount"]),
         int(spec["full_batch_epochs"]),
+        drop_last=drop_last,
     )
-    cfg = TrainConfig(
+    fields = dict(
         epochs=int(spec["epochs"]),
         schedule=schedule,
         device=device,
@@ -237,7 +232,23 @@ def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
         profile_interval_s=float(spec.get("profile_interval_s", 0.1)),
         event_interval_s=float(spec.get("batch_interval_s", 0.1)),
     )
+    cfg = TrainConfig(**{**fields, **overrides})
     cfg.check()
+    return cfg
+
+
+def _train(spec, model_path, send, run_event, stop_event, t0) -> None:
+    import torch
+
+    from engine.data import load_dataset
+    from engine.training import pick_device, run_training
+    from workbench.services.circuits import build
+
+    torch.set_num_threads(int(spec.get("threads") or default_threads()))
+    torch.manual_seed(int(spec.get("seed", 0)))
+    device = pick_device(spec.get("device", "auto"))
+    batch_size = int(spec["batch_size"])
+    cfg = train_config(spec, device)
     ds = load_dataset(spec["dataset"])
     send({"type": "status", "status": "starting", "message": "building circuit", "device": device})
     res = build(spec["circuit"], ds)
