@@ -89,6 +89,9 @@ class CompiledCircuit(torch.nn.Module):
         # called with each Step of a parameter-accumulating flows pass once its flows are final
         # (data-parallel EM starts all-reducing a layer's flows while lower layers still compute)
         self.flow_listener: Callable[[Step], None] | None = None
+        # input layer i -> None or (rows per chunk, after(lo, hi)): that layer's statistics are then
+        # computed in node-row chunks, each reported once final (Backend.input_stats)
+        self.stats_listener: Callable[[int], tuple | None] | None = None
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
@@ -260,8 +263,9 @@ class CompiledCircuit(torch.nn.Module):
             else:
                 i = self._input_index[layer.index]
                 inp = self.input_layers[i]
+                chunks = self.stats_listener(i) if self.stats_listener is not None else None
                 self.backend.input_stats(
-                    inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows]
+                    inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows], *(chunks or ())
                 )
 
     @torch.no_grad()

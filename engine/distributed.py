@@ -141,6 +141,10 @@ REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 BUCKET_BYTES = 8 * 2**20  # sum layers' flows are all-reduced in buckets of at least this much
+# an input layer's statistics larger than this are computed and all-reduced in chunks of about this
+# much (~12 chunks of HCLT-256's 205 MB categorical statistics): each chunk's all-reduce overlaps
+# the next chunk's statistics kernel; 0 turns chunking off (one all-reduce after the layer)
+CHUNK_BYTES = 16 * 2**20
 
 
 class FlowReducer:
@@ -157,9 +161,23 @@ class FlowReducer:
     flat vector, top-down) are all-reduced asynchronously in buckets of >= `bucket_bytes` while
     the layers below still compute, and the input statistics right after their layer; `reducer()`
     then waits for them all. The profiler span then measures only the wait, the exposed part.
+
+    With overlap, an input layer whose statistics exceed `chunk_bytes` (>0) is asked to compute them
+    in chunks of node rows (`pc.stats_listener`, `Backend.input_stats`); each chunk's rows (a
+    contiguous `[rows, num_stats]` view) are all-reduced as soon as they are queued, while the
+    next chunk computes. Every rank issues the same collectives in the same order: the chunks
+    follow from the plan and the kernel options, which the ranks share. `chunk_rows` maps such an
+    input layer's index to its rows per chunk (empty: no chunking).
     """
 
-    def __init__(self, pc, dtype: str = "fp32", overlap: bool = True, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(
+        self,
+        pc,
+        dtype: str = "fp32",
+        overlap: bool = True,
+        bucket_bytes: int = BUCKET_BYTES,
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
         if dtype not in REDUCE_DTYPES:
             raise ValueError(f"reduce dtype must be one of {', '.join(REDUCE_DTYPES)}, got {dtype!r}")
         self.pc = pc
@@ -171,13 +189,21 @@ class FlowReducer:
             self.flat = torch.empty(total, dtype=REDUCE_DTYPES[dtype], device=pc.device)
         self.buckets = _flow_buckets(pc, bucket_bytes) if overlap and dtype == "fp32" else {}
         self.overlap = bool(self.buckets)
+        if int(chunk_bytes) < 0:
+            raise ValueError(f"chunk_bytes must be >= 0 (0: no chunking), got {chunk_bytes}")
+        self.chunk_rows = _stats_chunk_rows(pc, int(chunk_bytes)) if self.overlap else {}
+        for i in self.chunk_rows:  # reduced chunk by chunk instead of after the layer's step
+            del self.buckets[(pc.input_layers[i].layer.index, "backward")]
         self._pending: list = []
+        self._reported: dict[int, int] = {}  # chunked input layer -> its rows reduced so far this step
         self._armed = False
 
     def start(self) -> None:
         """Before a flows pass whose flows this reducer will sum: reduce layer by layer as they finish."""
         if self.overlap:
             self.pc.flow_listener = self._on_step
+            if self.chunk_rows:
+                self.pc.stats_listener = self._stats_chunks
             self._armed = True
 
     def __call__(self) -> None:
@@ -191,8 +217,10 @@ class FlowReducer:
     def cancel(self) -> None:
         """Forget a started reduction without waiting (a CUDA-graph capture that failed midway)."""
         self.pc.flow_listener = None
+        self.pc.stats_listener = None
         self._armed = False
         self._pending = []
+        self._reported = {}
 
     def _on_step(self, step) -> None:
         what = self.buckets.get((step.layer.index, step.pass_name))
@@ -201,11 +229,31 @@ class FlowReducer:
                 _collective("all-reduce of the parameter flows", dist.all_reduce, what, async_op=True)
             )
 
+    def _stats_chunks(self, i: int):
+        """The circuit's question before input layer i's statistics: (rows per chunk, after) or None."""
+        rows = self.chunk_rows.get(i)
+        return None if rows is None else (rows, lambda lo, hi: self._on_stats_chunk(i, lo, hi))
+
+    def _on_stats_chunk(self, i: int, lo: int, hi: int) -> None:
+        if lo != self._reported.get(i, 0) or hi <= lo:
+            raise RuntimeError(f"input layer {i}: statistics rows {lo}..{hi} reported out of order")
+        self._reported[i] = hi
+        view = self.pc.input_stats(i)[lo:hi]  # whole rows of a [n, S] tensor: contiguous
+        self._pending.append(
+            _collective("all-reduce of the input statistics", dist.all_reduce, view, async_op=True)
+        )
+
     def _finish(self) -> None:
-        pending = self._pending
+        pending, reported = self._pending, self._reported
         self.cancel()
         for work in pending:  # on CUDA: the compute stream waits for NCCL's stream, the host does not
             _collective("all-reduce of the parameter flows", work.wait)
+        for i in self.chunk_rows:  # a chunk never reported would be silently left unsummed
+            n = self.pc.input_stats(i).shape[0]
+            if reported.get(i, 0) != n:
+                raise RuntimeError(
+                    f"input layer {i}: statistics rows {reported.get(i, 0)}..{n} were never reduced"
+                )
 
     def _reduce(self) -> None:
         if self.flat is None:
@@ -247,6 +295,17 @@ def _flow_buckets(pc, bucket_bytes: int) -> dict:
         return {}  # a layout with gaps or another order: reduce everything at the end instead
     for i, inp in enumerate(pc.input_layers):
         out[(inp.layer.index, "backward")] = pc.input_stats(i)
+    return out
+
+
+def _stats_chunk_rows(pc, chunk_bytes: int) -> dict[int, int]:
+    """Input layer index -> rows per chunk, for the layers whose statistics exceed `chunk_bytes`."""
+    out = {}
+    for i in range(len(pc.input_layers)):
+        stats = pc.input_stats(i)
+        rows = chunk_bytes // max(1, stats.shape[1] * stats.element_size())
+        if chunk_bytes > 0 and 0 < rows < stats.shape[0]:
+            out[i] = rows
     return out
 
 

@@ -110,6 +110,7 @@ class _Driver:
         ranks=None,
         reduce_dtype: str = "fp32",
         reduce_overlap: bool = True,
+        reduce_chunk_bytes: int | None = None,
     ):
         self.pc, self.batch_size = pc, int(batch_size)
         self.callback, self.should_stop = callback, should_stop
@@ -122,7 +123,8 @@ class _Driver:
         if ranks is not None:
             from engine import distributed
 
-            self.reducer = distributed.FlowReducer(pc, reduce_dtype, reduce_overlap)
+            chunk = distributed.CHUNK_BYTES if reduce_chunk_bytes is None else reduce_chunk_bytes
+            self.reducer = distributed.FlowReducer(pc, reduce_dtype, reduce_overlap, chunk_bytes=chunk)
 
     def step(self, kind: str, em: tuple[float, float] | None = None) -> CapturedStep:
         """The captured step of `kind` ("em", "accumulate", "forward"); remade when `em` changes,
@@ -375,6 +377,7 @@ def fit(
     distributed: bool = False,
     reduce_dtype: str = "fp32",
     reduce_overlap: bool = True,
+    reduce_chunk_bytes: int | None = None,
 ) -> list[dict]:
     """Train with `epochs` mini-batch EM epochs then `schedule.full_batch_epochs` full-batch epochs.
 
@@ -388,7 +391,9 @@ def fit(
     rows past a whole number of global batches); `reduce_dtype="bf16"` sends the flows in bfloat16
     (half the bytes, ~3 significant digits); `reduce_overlap` (default) all-reduces each bucket of
     sum layers' flows as soon as the flows pass has finished them (fp32; 2-5% faster 2-GPU epochs on
-    H200s, the same sums). Returns the per-epoch metrics (the "epoch"
+    H200s, the same sums); with it, an input layer's statistics larger than `reduce_chunk_bytes`
+    (default `engine.distributed.CHUNK_BYTES`, 16 MiB; 0: off) are computed and all-reduced in
+    chunks of that size, each reduced while the next computes. Returns the per-epoch metrics (the "epoch"
     events). Raises `NonFiniteError` when the log-likelihood or the parameters stop being finite.
     """
     if epochs < 0:
@@ -421,6 +426,7 @@ def fit(
         ranks,
         reduce_dtype,
         reduce_overlap,
+        reduce_chunk_bytes,
     )
     history = []
     total = epochs + schedule.full_batch_epochs

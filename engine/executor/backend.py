@@ -92,8 +92,14 @@ class Backend(ABC):
         """out `[n, B]` = log p(x) per node (0 where missing); returns what `input_stats` reads."""
 
     @abstractmethod
-    def input_stats(self, layer: InputLayer, table, cache, flows: torch.Tensor) -> None:
-        """layer.stats += this batch's flow-weighted statistics (`flows: [n, B]`)."""
+    def input_stats(
+        self, layer: InputLayer, table, cache, flows: torch.Tensor, chunk_rows=0, after=None
+    ) -> None:
+        """layer.stats += this batch's flow-weighted statistics (`flows: [n, B]`).
+
+        `after(lo, hi)` (optional): called once the stats rows `[lo, hi)` are final, in order, the
+        ranges tiling `[0, n)`; a backend may compute them in chunks of about `chunk_rows` rows
+        (data-parallel EM sums each chunk over ranks while the next computes) or in one piece."""
 
     @abstractmethod
     def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
@@ -149,8 +155,13 @@ class TorchBackend(Backend):
         out.copy_(layer.dist.log_prob(layer.params, xv, miss))
         return GatheredInputs(xv, miss)
 
-    def input_stats(self, layer: InputLayer, table, cache: GatheredInputs, flows: torch.Tensor) -> None:
+    def input_stats(
+        self, layer: InputLayer, table, cache: GatheredInputs, flows: torch.Tensor, chunk_rows=0, after=None
+    ) -> None:
+        """In one piece: `after` (if any) is called once, for all rows."""
         layer.dist.accumulate_stats(layer.stats, layer.params, cache.xv, cache.miss, flows)
+        if after is not None:
+            after(0, layer.num_nodes)
 
     def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
         layer.params.copy_(layer.dist.em_update(layer.params, layer.stats, step_size, pseudocount))

@@ -8,7 +8,7 @@ max-product semiring run the PyTorch ops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -44,6 +44,7 @@ class InputKernelTable:
     """Runs of at most `stats_nodes` nodes sharing a variable: (start, length, variable) `[S]` each."""
 
     segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    chunks: dict = field(default_factory=dict)  # chunk rows -> chunked statistics launches (input_stats)
 
 
 @dataclass
@@ -138,20 +139,45 @@ class TritonBackend(TorchBackend):
             out.copy_(layer.dist.log_prob(layer.params, xv, miss))
         return TransposedInputs(xt, mt)
 
-    def input_stats(self, layer: InputLayer, table: InputKernelTable, cache: TransposedInputs, flows) -> None:
-        if not inputs.input_stats(
-            layer.dist,
-            layer.stats,
-            layer.params,
-            layer.vars,
-            cache.xt,
-            cache.mt,
-            flows,
-            table.segments,
-            self.options,
-        ):
+    def input_stats(
+        self,
+        layer: InputLayer,
+        table: InputKernelTable,
+        cache: TransposedInputs,
+        flows,
+        chunk_rows=0,
+        after=None,
+    ) -> None:
+        """Without `after`: one statistics launch for the layer. With it: one launch per chunk of about
+        `chunk_rows` node rows (whole segments; `inputs.chunk_ranges`), `after(lo, hi)` after each,
+        so a data-parallel reducer can sum chunk k while chunk k+1 computes. The chunk tables are
+        made once per `chunk_rows` and kept in the layer's table (not while a CUDA graph is being
+        captured: there they are remade inside the graph)."""
+        args = (layer.dist, layer.stats, layer.params, layer.vars, cache.xt, cache.mt, flows)
+        if after is None:
+            done = inputs.input_stats(*args, table.segments, self.options)
+        else:
+            chunks = table.chunks.get(chunk_rows) or self._stats_chunks(layer, table, chunk_rows)
+            done = inputs.input_stats_chunked(*args, chunks, self.options, after)
+        if not done:
             xv, miss = gather(layer.vars, cache.xt.T, cache.mt.T, layer.dist.discrete)
             layer.dist.accumulate_stats(layer.stats, layer.params, xv, miss, flows)
+            if after is not None:
+                after(0, layer.num_nodes)
+
+    def _stats_chunks(self, layer: InputLayer, table: InputKernelTable, rows: int) -> list:
+        """`[(lo, hi, segments of rows lo..hi, rebased to lo)]` for chunks of about `rows` node rows."""
+        host_starts = inputs.segments(
+            torch.as_tensor(layer.layer.input_group.vars), self.options.stats_nodes
+        )[0]
+        chunks = [
+            (lo, hi, inputs.chunk_segments(table.segments, a, b, lo))
+            for a, b, lo, hi in inputs.chunk_ranges(host_starts, layer.num_nodes, int(rows))
+        ]
+        dev = table.segments[0].device
+        if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            table.chunks[rows] = chunks
+        return chunks
 
     def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
         if not inputs.input_em_update(

@@ -13,6 +13,8 @@ The data is read as `x^T: [num_vars, B]` (and `missing^T`), indexed by each node
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 import triton
 import triton.language as tl
@@ -153,6 +155,49 @@ def segments(vars_: torch.Tensor, max_len: int):
 def input_stats(dist, stats, params, vars_, xt, mt, flows, segs, opts: KernelOptions) -> bool:
     """stats `[N, num_stats]` += flow-weighted sufficient statistics; False if the family has no kernel."""
     return dist.kernel_stats(stats, params, vars_, xt, mt, flows, segs, opts)
+
+
+def chunk_ranges(seg_starts: torch.Tensor, n: int, rows: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive segments grouped into chunks of about `rows` node rows (whole segments, so at most
+    `rows + stats_nodes - 1`): `(first segment, end segment, lo, hi)` each, the node ranges
+    `[lo, hi)` tiling `[0, n)` in order. `seg_starts`: the host segment starts (`segments`)."""
+    bounds = seg_starts.tolist() + [n]
+    out, a = [], 0
+    while a < len(bounds) - 1:
+        b = max(a + 1, bisect.bisect_left(bounds, bounds[a] + rows, a + 1, len(bounds) - 1))
+        out.append((a, b, bounds[a], bounds[b]))
+        a = b
+    return out
+
+
+def chunk_segments(segs, first: int, end: int, lo: int):
+    """The segments `[first, end)` with their starts relative to node `lo`, for a launch on the rows
+    `[lo, ...)`: one `[end - first]` subtraction on the device (the lengths and variables are views)."""
+    starts, lens, svars = segs
+    return starts[first:end] - lo, lens[first:end], svars[first:end]
+
+
+def input_stats_chunked(
+    dist, stats, params, vars_, xt, mt, flows, chunks, opts: KernelOptions, after
+) -> bool:
+    """`input_stats` as one launch per chunk `(lo, hi, segments of the rows lo..hi)`, on the row slices
+    `[lo, hi)` of stats, params, vars and flows (contiguous views), calling `after(lo, hi)` once a
+    chunk's statistics rows are final (each launch writes only its own rows: a segment lies inside
+    one chunk). The launches are queued in order, so on a GPU `after` sees them queued, not finished;
+    a collective it enqueues on the same stream order waits for them. False, with nothing done and
+    `after` not called, when the family has no kernel (the first chunk decides: it depends only on
+    the family and the dtypes)."""
+    for k, (lo, hi, segs) in enumerate(chunks):
+        rows = slice(lo, hi)
+        done = dist.kernel_stats(stats[rows], params[rows], vars_[rows], xt, mt, flows[rows], segs, opts)
+        if not done:
+            if k:
+                raise RuntimeError(
+                    f"{dist.name}: the statistics kernel refused chunk {k} after running chunk 0"
+                )
+            return False
+        after(lo, hi)
+    return True
 
 
 def input_em_update(dist, params, stats, step_size: float, pseudocount: float, opts: KernelOptions) -> bool:
