@@ -11,6 +11,11 @@ runs its tutorial loop with `MiniBatchEM(ddp=True)` on the same circuit and para
 (`pyjuice_bridge`), each rank on its slice of the same global batches. The all-reduce's share of
 the step: the flow buffers' all-reduce timed alone (median of 50, CUDA events) over the step time
 (epoch time / steps).
+
+`--chunk-ab [MIB ...]` (issue 12): also trains ours with the input statistics reduced in chunks of
+those sizes (none given: 0, one all-reduce after the layer, the pre-chunking behaviour) next to the
+default (`engine.distributed.CHUNK_BYTES`), in the same processes, alternating which goes first, and
+times the statistics launches alone (one launch against the chunked launches, no collective).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from vs_pyjuice import (  # noqa: E402
 import engine  # noqa: E402
 from engine import distributed, optim  # noqa: E402
 from engine.data import mnist_like  # noqa: E402
+from engine.kernels import inputs  # noqa: E402
 
 BATCH = 512  # per GPU
 
@@ -50,7 +56,40 @@ def allreduce_ms(pc, reduce_dtype="fp32", reps=50) -> float:
     return 1e3 * median_seconds(distributed.FlowReducer(pc, reduce_dtype), reps, warmup=3)
 
 
-def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True) -> dict:
+def stats_kernel_ms(pc, x, sizes: list[int], reps: int = 20) -> dict:
+    """Median ms of all input layers' statistics launches on batch `x`: one launch per layer ("one")
+    against the chunks that `FlowReducer(chunk_bytes=b)` asks for, per size b in `sizes` (keyed by
+    MiB), with no collective: what chunking itself costs (more launches, each with its own tail).
+    Adds into the statistics: call after training."""
+    pc.zero_flows()
+    pc.forward(x, validate=False)
+    flows = pc.backward_flows(accumulate_params=False)  # node flows only; the statistics are run here
+
+    def once(rows: dict) -> None:
+        for i, inp in enumerate(pc.input_layers):
+            extra = (rows[i], lambda lo, hi: None) if i in rows else ()
+            pc.backend.input_stats(inp, pc.tables.inputs[i], pc._inputs_cache[i], flows[inp.rows], *extra)
+
+    out = {"one": 1e3 * median_seconds(lambda: once({}), reps, warmup=3), "chunked": {}, "chunks": {}}
+    for b in sizes:
+        rows = distributed._stats_chunk_rows(pc, b)
+        key = f"{b / 2**20:g}"
+        out["chunked"][key] = 1e3 * median_seconds(lambda r=rows: once(r), reps, warmup=3)
+        out["chunks"][key] = {  # input layer -> launches
+            str(i): len(inputs.chunk_ranges(pc.tables.inputs[i].segments[0].cpu(), inp.num_nodes, rows[i]))
+            for i, inp in enumerate(pc.input_layers)
+            if i in rows
+        }
+    pc._mars, pc._inputs_cache = None, []
+    return out
+
+
+def run_ours(
+    root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True, chunk_bytes=None, time_stats=()
+) -> dict:
+    """`chunk_bytes`: the input statistics' chunk size (None: the default, 0: not chunked);
+    `time_stats`: chunk sizes to time the statistics launches alone with (`stats_kernel_ms`)."""
+    chunk_bytes = distributed.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     pc = engine.compile(root, device="cuda")
     sched = schedule(BATCH)  # the same EM settings as the single-GPU comparison
     hist = optim.fit(
@@ -62,6 +101,7 @@ def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True) -
         distributed=ranks.world > 1,
         reduce_dtype=reduce_dtype,
         reduce_overlap=overlap,
+        reduce_chunk_bytes=chunk_bytes,
     )
     steps = data_cpu.shape[0] // (BATCH * ranks.world)
     out = {
@@ -70,7 +110,15 @@ def run_ours(root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True) -
         "steps_per_epoch": steps,
         "reduce_dtype": reduce_dtype,
         "overlap": overlap,
+        "reduce_chunk_bytes": chunk_bytes,
+        "stats_chunk_rows": {  # input layer -> rows per chunk, as the reducer asks for them
+            str(i): r for i, r in distributed._stats_chunk_rows(pc, chunk_bytes).items()
+        }
+        if ranks.world > 1 and overlap and reduce_dtype == "fp32"
+        else {},
     }
+    if time_stats:
+        out["stats_ms"] = stats_kernel_ms(pc, data_cpu[:BATCH].cuda(), list(time_stats))
     if ranks.world > 1:
         out["allreduce_ms"] = allreduce_ms(pc, reduce_dtype)
     if hist:  # rank 0
@@ -123,6 +171,17 @@ def main():
         action="store_true",
         help="also time ours with the flows summed in bfloat16 (2+ GPUs), in the same run",
     )
+    ap.add_argument(
+        "--chunk-ab",
+        nargs="*",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="also time ours with the input statistics reduced in chunks of these MiB (0: one "
+        "all-reduce after the layer; no value: 0) besides the default chunk size (2+ GPUs), in the "
+        "same processes, in alternating order; every run also times the statistics launches alone, "
+        "chunked and not",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these result files")
     args = ap.parse_args()
@@ -152,7 +211,21 @@ def main():
         plain_first = args.overlap_ab and ranks.world > 1 and len(info["results"]) % 2 == 1
         if plain_first:
             row_plain = run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
-        row = {"config": f"{kind}-{nl}", "ours": run_ours(root, data_cpu, ranks, args.epochs)}
+        sizes = [int(m * 2**20) for m in (args.chunk_ab or [0])] if args.chunk_ab is not None else []
+        timed = sorted({distributed.CHUNK_BYTES, *sizes} - {0}) if args.chunk_ab is not None else ()
+        chunks = sizes if ranks.world > 1 else []
+        odd = len(info["results"]) % 2 == 1  # alternate which goes first: the default, or the variants
+        variants = {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if odd}
+        row = {
+            "config": f"{kind}-{nl}",
+            "ours": run_ours(root, data_cpu, ranks, args.epochs, time_stats=timed),
+        }
+        variants.update(
+            {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if not odd}
+        )
+        if variants:
+            row["ours_chunk_ab"] = {str(b): variants[b] for b in chunks}
+            row["chunk_ab_order"] = "variants first" if odd else "default first"
         if args.overlap_ab and ranks.world > 1:  # "ours" is the default (overlapped); this is the plain one
             row["ours_plain_reduce"] = (
                 row_plain if plain_first else run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
@@ -203,6 +276,26 @@ def print_table(runs):
                 print(
                     f" | {h['epoch_s']:13.3f} {b['ours']['epoch_s'] / h['epoch_s']:5.2f} "
                     f"{100 * h.get('allreduce_share', 0.0):7.1f} {h['train_ll']:9.4f} (fp32 {o['train_ll']:.4f})",
+                    end="",
+                )
+            ab = row.get("ours_chunk_ab", {})
+            if ab:  # "ours" ran with the default chunk size
+                mib = o.get("reduce_chunk_bytes", 0) / 2**20
+                print(f" | chunks {mib:g} MiB: train LL {o['train_ll']:.4f}", end="")
+            for key, c in ab.items():
+                print(
+                    f" | chunks {int(key) / 2**20:g} MiB: {c['epoch_s']:.3f} s/ep, scaling "
+                    f"{b['ours']['epoch_s'] / c['epoch_s']:.2f}, train LL {c['train_ll']:.4f}",
+                    end="",
+                )
+            st = o.get("stats_ms")
+            if st:
+                launches = {k: sum(v.values()) for k, v in st["chunks"].items()}
+                print(
+                    f" | stats kernel alone: one launch {st['one']:.3f} ms"
+                    + "".join(
+                        f", {k} MiB {v:.3f} ms ({launches[k]} launches)" for k, v in st["chunked"].items()
+                    ),
                     end="",
                 )
             print()

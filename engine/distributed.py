@@ -142,9 +142,11 @@ REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 BUCKET_BYTES = 8 * 2**20  # sum layers' flows are all-reduced in buckets of at least this much
 # an input layer's statistics larger than this are computed and all-reduced in chunks of about this
-# much (~12 chunks of HCLT-256's 205 MB categorical statistics): each chunk's all-reduce overlaps
-# the next chunk's statistics kernel; 0 turns chunking off (one all-reduce after the layer)
-CHUNK_BYTES = 16 * 2**20
+# much: each chunk's all-reduce overlaps the next chunk's statistics kernel, and only the last
+# chunk's is left exposed. HCLT-256's 205 MB categorical statistics make 7 chunks of ~1,000 programs
+# each (16 MiB: 13 launches of ~2 waves on 132 SMs, where each launch's tail starts to cost);
+# not yet measured, see benchmarks/NOTES.md. 0 turns chunking off (one all-reduce after the layer).
+CHUNK_BYTES = 32 * 2**20
 
 
 class FlowReducer:

@@ -1,0 +1,105 @@
+"""Chunked input statistics on CUDA (issue 12): what the interpreter cannot show.
+
+Skipped without CUDA (the `gpu` marker); run on the lent GPUs with `pytest -m gpu`. One GPU: the
+chunked launches recorded in a CUDA graph (their chunk tables made in the eager first step) give
+the single eager launch's statistics bit for bit. Two GPUs (skipped on one): NCCL with the chunks'
+all-reduces in the graphs of `fit` trains bit-identically to the unchunked reduction (two ranks:
+every sum is a + b, however the buffers are cut).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+
+import engine
+from engine.dists import Categorical
+from engine.kernels.graph import CapturedStep
+
+pytestmark = pytest.mark.gpu
+
+
+def _setup(n=2048, vars_=64, latents=32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, vars_), generator=g)
+    return engine.structures.hclt(x, latents, input_dist=Categorical(256)), x
+
+
+def test_chunked_statistics_in_a_cuda_graph_equal_one_eager_launch():
+    root, x = _setup()
+    xb = x[:256].cuda()
+    pc = engine.compile(copy.deepcopy(root), device="cuda")
+    pc.zero_flows()
+    pc.accumulate_flows(xb, validate=False)
+    one = pc.input_stats(0).clone()
+    assert one.abs().sum() > 0
+
+    pc2 = engine.compile(copy.deepcopy(root), device="cuda")
+    calls = []
+    pc2.stats_listener = lambda i: (256, lambda lo, hi: calls.append((lo, hi)))
+    step = CapturedStep(pc2, 256, em=None)
+    for _ in range(3):  # eager (builds the chunk tables), capture + replay, replay
+        step(xb)
+    assert step.captured, step.failed
+    n = pc2.input_layers[0].num_nodes  # 64 variables x 32 nodes: segments of 32, chunks of 256 rows
+    k = n // 256
+    eager = [(j * 256, (j + 1) * 256) for j in range(k)]
+    assert k > 1 and calls == eager + eager  # the eager step and the capture; replays run no Python
+    assert torch.equal(pc2.input_stats(0), one)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nccl_worker(rank, port, out):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
+    import torch.distributed as dist
+
+    from engine import distributed, optim
+
+    distributed.join("cuda")
+    root, x = _setup()
+    results = {}
+    for chunk in (0, 256 * 256 * 4):  # unchunked; 8 chunks of 256 nodes
+        pc = engine.compile(copy.deepcopy(root), device="cuda")
+        sched = optim.EMSchedule(batch_size=128, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
+        hist = optim.fit(
+            pc,
+            x,
+            epochs=2,
+            schedule=sched,
+            generator=torch.Generator().manual_seed(1),
+            distributed=True,
+            reduce_chunk_bytes=chunk,
+        )
+        results[chunk] = {
+            "params": pc.params.cpu(),
+            "inputs": pc.input_params(0).cpu(),
+            "lls": [h["train_ll"] for h in hist],
+            "replays": hist[-2].get("graph_batches") if hist else None,
+        }
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    plain, chunked = r0[0], r0[256 * 256 * 4]
+    for c in (0, 256 * 256 * 4):  # the ranks agree
+        assert torch.equal(r1[c]["params"], r0[c]["params"]) and torch.equal(r1[c]["inputs"], r0[c]["inputs"])
+    assert chunked["replays"] and plain["replays"]  # the chunks' all-reduces ran inside CUDA graphs
+    assert torch.equal(plain["params"], chunked["params"]) and torch.equal(plain["inputs"], chunked["inputs"])
+    assert plain["lls"] == chunked["lls"] and len(plain["lls"]) == 3
