@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -205,6 +206,7 @@ def main():
         "results": [],
     }
     for spec in args.configs:
+        t_config = time.perf_counter()
         kind, nl = spec.split(":")
         torch.manual_seed(0)  # the same circuit and initial parameters on every rank
         root = ours_build(kind, int(nl), data_u8[:20000].long())
@@ -234,13 +236,15 @@ def main():
             row["ours_bf16_reduce"] = run_ours(root, data_cpu, ranks, args.epochs, "bf16")
         if juice is not None:
             row["pyjuice"] = run_pyjuice(juice, bridge, root, data_u8, ranks, args.epochs)
+        row["wall_s"] = round(time.perf_counter() - t_config, 1)  # build, all runs and timings of this row
         if ranks.is_main:
             print(row, flush=True)
         info["results"].append(row)
         torch.cuda.empty_cache()
-    if ranks.is_main and args.out:
-        with open(args.out, "w") as f:
-            json.dump(info, f, indent=1)
+        if ranks.is_main and args.out:  # after every configuration: a call cut short keeps the rows done
+            info["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+            with open(args.out, "w") as f:
+                json.dump(info, f, indent=1)
     dist.destroy_process_group()
 
 
