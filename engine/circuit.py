@@ -217,8 +217,12 @@ class CompiledCircuit(torch.nn.Module):
         return node_mars[self.plan.root_row].clone()
 
     # ----------------------------------------------------------------- flows and EM
-    def backward_flows(self, accumulate_params: bool = True) -> torch.Tensor:
-        """Flows pass after `forward`; returns node_flows `[rows, B]` (probabilities)."""
+    def backward_flows(self, accumulate_params: bool = True, keep_node_flows: bool = True) -> torch.Tensor:
+        """Flows pass after `forward`; returns node_flows `[rows, B]` (probabilities).
+
+        `keep_node_flows=False` (training steps: `accumulate_flows`): only parameter flows, input
+        statistics and input nodes' rows are wanted, so the executor may overwrite a sum layer's node
+        flows once its backward has read them (KernelOptions.scale_in_place); sum rows are then not flows."""
         if self._mars is None:
             raise RuntimeError("call forward (or accumulate_flows) before backward_flows")
         node_mars, element_mars = self._mars
@@ -234,13 +238,20 @@ class CompiledCircuit(torch.nn.Module):
         bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)
         listener = self.flow_listener if accumulate_params else None
         for step in self.plan.backward_steps(inputs=accumulate_params):
-            self._backward_step(step, *bufs)
+            self._backward_step(step, *bufs, keep_node_flows)
             if listener is not None:
                 listener(step)
         return node_flows
 
     def _backward_step(
-        self, step: Step, node_mars, element_mars, node_flows, element_flows, param_flows
+        self,
+        step: Step,
+        node_mars,
+        element_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows=True,
     ) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "sum":
@@ -253,7 +264,14 @@ class CompiledCircuit(torch.nn.Module):
                 self.backend.prod_forward(table, node_mars, element_mars)
             elif layer.kind == "sum":
                 self.backend.sum_backward(
-                    table, self.params, element_mars, node_mars, node_flows, element_flows, param_flows
+                    table,
+                    self.params,
+                    element_mars,
+                    node_mars,
+                    node_flows,
+                    element_flows,
+                    param_flows,
+                    keep_node_flows=keep_node_flows,
                 )
             elif layer.kind == "product":
                 self.backend.prod_backward(table, element_flows, node_flows)
@@ -274,7 +292,7 @@ class CompiledCircuit(torch.nn.Module):
     def accumulate_flows(self, x, missing=None, validate: bool = True) -> torch.Tensor:
         """Forward, then the flows pass adding this batch's parameter flows; returns log p(x) `[B]`."""
         lls = self.forward(x, missing, validate)
-        self.backward_flows(accumulate_params=True)
+        self.backward_flows(accumulate_params=True, keep_node_flows=False)  # no node flows returned
         return lls
 
     @torch.no_grad()

@@ -61,9 +61,18 @@ class Backend(ABC):
 
     @abstractmethod
     def sum_backward(
-        self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows
+        self,
+        table,
+        params,
+        element_mars,
+        node_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows: bool = True,
     ) -> None:
-        """Element flows and parameter flows of one sum layer."""
+        """Element flows and parameter flows of one sum layer. `keep_node_flows=False`: the caller
+        reads none of this layer's node flows afterwards, so the executor may overwrite them (scratch)."""
 
     def overwrites_element_flows(self, table) -> bool:
         """True when this sum layer's backward writes every element-flow row below it (no zeroing)."""
@@ -122,9 +131,17 @@ class TorchBackend(Backend):
             torch_ops.sum_forward_max(pt, params, element_mars, node_mars)
 
     def sum_backward(
-        self, table: SumLayerTensors, params, element_mars, node_mars, node_flows, element_flows, param_flows
+        self,
+        table: SumLayerTensors,
+        params,
+        element_mars,
+        node_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows: bool = True,
     ) -> None:
-        for pt in table.parts:
+        for pt in table.parts:  # node flows are only read here: `keep_node_flows` changes nothing
             torch_ops.sum_backward(
                 pt, params, element_mars, node_mars, node_flows, element_flows, param_flows
             )

@@ -99,12 +99,23 @@ class TritonBackend(TorchBackend):
                 torch_ops.sum_forward(pt, params, element_mars, node_mars)
 
     def sum_backward(
-        self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows
+        self,
+        table,
+        params,
+        element_mars,
+        node_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows: bool = True,
     ) -> None:
+        """`KernelOptions.scale_in_place` takes effect only when `keep_node_flows` is False: the tiled
+        partitions then write their node scale over their own node-flow rows (disjoint per partition)."""
+        in_place = bool(self.options.scale_in_place) and not keep_node_flows
         for pt in table.parts:
             args = (pt, params, element_mars, node_mars, node_flows, element_flows, param_flows)
             if isinstance(pt, BlockSumTensors):
-                sum_backward_block(*args, self.options, torch_ops.EXP_CLAMP)
+                sum_backward_block(*args, self.options, torch_ops.EXP_CLAMP, in_place)
             elif isinstance(pt, SparseSumTensors):
                 sum_backward_sparse(*args, self.options, torch_ops.EXP_CLAMP)
             else:

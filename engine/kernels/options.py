@@ -9,6 +9,11 @@
 - "tf32" / "bf16": opt-in, one MMA per product instead of three, less accurate (errors reported by
   benchmarks/check_kernels_gpu.py; bf16's epoch times against PyJuice are in benchmarks/README.md,
   round 3: 2.05-3.41x, LLs within 0.05% of the default's).
+
+Two opt-in variants of the tiled sum backward (engine/kernels/sum_block.py), off by default until an
+A/B on a GPU says otherwise: `param_split` (parameter flows of launches with few programs reduced
+over batch ranges, partials summed by a second launch in a fixed order) and `scale_in_place` (the
+node scale written over the layer's own node flows when the caller does not read node flows).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class KernelOptions:
     stats_cats_major: bool = True  # tile as [categories, nodes]: the MMA's long side is the categories
     stats_split: bool = True  # flows x one-hot as 2 tf32 MMAs (flow hi + lo; the one-hot is exact)
     stats_warps: int = 0  # 0: num_warps
+    # opt-in variants of the block sum backward, default off (A/B: benchmarks/kernel_breakdown.py)
+    param_split: int = 0  # >1: parameter flows of small launches split over up to N batch ranges
+    scale_in_place: bool = False  # training steps write the node scale over the layer's node flows
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -65,3 +73,7 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.param_split < 0:
+            raise ValueError(f"param_split must be >= 0 (0 or 1: off), got {self.param_split}")
+        if self.scale_in_place not in (0, 1):
+            raise ValueError(f"scale_in_place must be a bool (or 0 / 1), got {self.scale_in_place!r}")

@@ -22,6 +22,15 @@ Four kernels, and the reference they are tested against is the same-named functi
   rows need no zeroing and no read-back.
 - parameter flows: one program per (node block, group of G child blocks) reduces over the whole
   batch with tl.dot, then adds `W * acc` into the parameter flows.
+
+Opt-in variants (KernelOptions, default off):
+- `param_split=N`: a parameter-flow launch of fewer than two programs per SM runs up to N programs per
+  slab, each over one batch range, writing its partial to a `[splits, nb, bs, width * bs]` scratch
+  (write splits * P floats); a second launch sums the partials in range order and does the same
+  read-modify-write `pflows += W * acc` (read splits * P + 2P, write P). Deterministic, no atomics;
+  the sum order differs from one walk over the batch (float32 rounding, not bit-identical).
+- `scale_in_place`: the node scale goes over the partition's own node-flow rows (same `[bs, B]` per
+  block) instead of the scratch, when the caller reads no sum node's flows afterwards (training).
 """
 
 from __future__ import annotations
@@ -96,8 +105,21 @@ def _sum_fwd_block_kernel(
 
 
 @triton.jit
-def _node_scale_kernel(nmars, nflows, node_rows, scale, mus, B, num_bt, BS: tl.constexpr, BB: tl.constexpr):
-    """scale[i*BS + n] = exp(u - mu), u = log f - v, mu = max_n u (finite or 0); mus[i] = mu."""
+def _node_scale_kernel(
+    nmars,
+    nflows,
+    node_rows,
+    scale,
+    mus,
+    B,
+    num_bt,
+    BS: tl.constexpr,
+    BB: tl.constexpr,
+    IN_PLACE: tl.constexpr,
+):
+    """scale[i*BS + n] = exp(u - mu), u = log f - v, mu = max_n u (finite or 0); mus[i] = mu.
+    IN_PLACE: the scale goes to the node-flow rows it was derived from (each program reads its tile,
+    then writes it), so `scale` is unused."""
     pid = tl.program_id(0)
     i = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -111,11 +133,14 @@ def _node_scale_kernel(nmars, nflows, node_rows, scale, mus, B, num_bt, BS: tl.c
     u = tl.where(f > 0, tl.log(tl.maximum(f, TINY)) - v, ninf)
     mu = tl.max(u, 0)
     mu = tl.where(mu == float("-inf"), 0.0, mu)
-    tl.store(
-        scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :],
-        tl.exp(u - mu[None, :]),
-        mask=bmask[None, :],
-    )
+    if IN_PLACE:
+        tl.store(nflows + ptr, tl.exp(u - mu[None, :]), mask=bmask[None, :])
+    else:
+        tl.store(
+            scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :],
+            tl.exp(u - mu[None, :]),
+            mask=bmask[None, :],
+        )
     tl.store(mus + i.to(tl.int64) * B + offs_b, mu, mask=bmask)
 
 
@@ -126,6 +151,7 @@ def _sum_bwd_elem_block_kernel(
     scale,
     mus,
     eflows,
+    node_rows,
     cblocks,
     ptr,
     par_i,
@@ -139,6 +165,7 @@ def _sum_bwd_elem_block_kernel(
     G: tl.constexpr,
     PREC: tl.constexpr,
     ACCUM: tl.constexpr,
+    IN_PLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // num_bt
@@ -168,9 +195,13 @@ def _sum_bwd_elem_block_kernel(
         emask = eq < end
         iq = tl.load(par_i + eq, mask=emask, other=0)
         kq = tl.load(par_k + eq, mask=emask, other=0)
+        if IN_PLACE:  # the scale sits in the parents' node-flow rows
+            srow = tl.load(node_rows + iq, mask=emask, other=0)
+        else:
+            srow = iq * BS
         a = (
             tl.load(
-                scale + (iq * BS + q % BS)[:, None] * B + offs_b[None, :],
+                scale + (srow + q % BS)[:, None] * B + offs_b[None, :],
                 mask=emask[:, None] & bmask[None, :],
                 other=0.0,
             )
@@ -201,19 +232,35 @@ def _sum_bwd_param_block_kernel(
     scale,
     mus,
     child_rows,
+    node_rows,
+    part,
     B,
     W,
     param_off,
     num_kg,
+    num_split,
+    split_cols,
+    num_params,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
     EXP_CLAMP: tl.constexpr,
+    IN_PLACE: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    i = pid // num_kg
-    k0 = (pid % num_kg) * G
+    if SPLIT:  # batch range s of `split_cols` columns (a multiple of BB); the partial goes to `part`
+        s = pid % num_split
+        t = pid // num_split
+        b_lo = s * split_cols
+        b_hi = tl.minimum(B, b_lo + split_cols)
+    else:
+        t = pid
+        b_lo = 0
+        b_hi = B
+    i = t // num_kg
+    k0 = (t % num_kg) * G
     q = tl.arange(0, G * BS)
     kk = k0 + q // BS
     kmask = kk < W
@@ -221,9 +268,12 @@ def _sum_bwd_param_block_kernel(
     if tl.max(c0, 0) > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
         r = tl.arange(0, BS)
         crow = (c0 + q % BS)[:, None] * B
-        srow = (i * BS + r).to(tl.int64)[:, None] * B
+        if IN_PLACE:  # the scale sits in this node block's node-flow rows
+            srow = (tl.load(node_rows + i) + r).to(tl.int64)[:, None] * B
+        else:
+            srow = (i * BS + r).to(tl.int64)[:, None] * B
         acc = tl.zeros([BS, G * BS], dtype=tl.float32)
-        for b0 in range(0, B, BB):
+        for b0 in range(b_lo, b_hi, BB):
             offs_b = b0 + tl.arange(0, BB)
             bmask = offs_b < B
             a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
@@ -233,14 +283,63 @@ def _sum_bwd_param_block_kernel(
             )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
-        wptr = param_off + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
-        w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
-        # read-modify-write one BS x G*BS slab of parameter flows
-        tl.store(
-            pflows + wptr,
-            tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
-            mask=kmask[None, :],
-        )
+        if SPLIT:  # write the BS x G*BS partial of this batch range: part[s, i, n, k0 * BS + q]
+            slab = _slab(s.to(tl.int64) * num_params, i, k0, r, q, W, BS)
+            tl.store(part + slab, acc, mask=kmask[None, :])
+        else:
+            _add_weighted_flows(prm, pflows, _slab(param_off, i, k0, r, q, W, BS), kmask, acc)
+
+
+@triton.jit
+def _slab(base, i, k0, r, q, W, BS: tl.constexpr):
+    """Offsets `[BS, G*BS]` of node block i's weight slab for child blocks k0.. in a `[nb, BS, W*BS]`
+    array starting at `base` (base added first, as a scalar: the default kernel's address arithmetic)."""
+    return base + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
+
+
+@triton.jit
+def _add_weighted_flows(prm, pflows, wptr, kmask, acc):
+    """Read-modify-write one BS x G*BS slab of parameter flows: pflows += W * acc."""
+    w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
+    tl.store(
+        pflows + wptr,
+        tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
+        mask=kmask[None, :],
+    )
+
+
+@triton.jit
+def _param_split_reduce_kernel(
+    prm,
+    pflows,
+    part,
+    child_rows,
+    W,
+    param_off,
+    num_params,
+    num_kg,
+    num_split,
+    BS: tl.constexpr,
+    G: tl.constexpr,
+):
+    """pflows[slab] += W[slab] * sum_s part[s, slab], s = 0, 1, ... in order: one program per slab of
+    the parameter-flow kernel, so every output has one writer and a fixed sum order (no atomics).
+    Reads num_split * BS * G*BS partials and the weight slab; read-modify-writes the flow slab."""
+    pid = tl.program_id(0)
+    i = pid // num_kg
+    k0 = (pid % num_kg) * G
+    q = tl.arange(0, G * BS)
+    kk = k0 + q // BS
+    kmask = kk < W
+    c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
+    if tl.max(c0, 0) > 0:  # the partial kernel skipped padded slabs: their partials are unwritten
+        r = tl.arange(0, BS)
+        acc = tl.zeros([BS, G * BS], dtype=tl.float32)
+        pp = part + _slab(0, i, k0, r, q, W, BS)
+        for _ in range(0, num_split):  # range 0, 1, ... in order
+            acc += tl.load(pp, mask=kmask[None, :], other=0.0)
+            pp += num_params
+        _add_weighted_flows(prm, pflows, _slab(param_off, i, k0, r, q, W, BS), kmask, acc)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -266,6 +365,22 @@ def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch
     while bb > 32 and num_node_blocks * triton.cdiv(B, bb) < target:
         bb //= 2
     return bb
+
+
+def param_batch_splits(
+    programs: int, B: int, bb: int, max_splits: int, device: torch.device
+) -> tuple[int, int]:
+    """(batch ranges, columns per range) of the parameter-flow launch: one range of B columns unless
+    `max_splits` > 1 and the launch has fewer than two programs per SM; then enough ranges for two
+    per SM, at most `max_splits`, each a multiple of `bb` columns. Why: on HCLT-128 (H200 trace,
+    results/kernel_trace_h200.json) ~30 layers run 8-48 programs that each walk all 512 columns (~17 us);
+    ranges cut each program's walk, and a second launch sums the partials."""
+    target = 2 * _sm_count(device)
+    if max_splits <= 1 or programs >= target:
+        return 1, B
+    want = min(max_splits, triton.cdiv(target, programs), triton.cdiv(B, bb))
+    cols = triton.cdiv(triton.cdiv(B, want), bb) * bb
+    return triton.cdiv(B, cols), cols
 
 
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
@@ -302,12 +417,20 @@ def sum_backward_block(
     param_flows,
     opts: KernelOptions,
     exp_clamp: float,
+    in_place: bool = False,
 ) -> None:
-    """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch)."""
+    """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch).
+
+    `in_place`: the node scale overwrites this partition's node-flow rows instead of a `[nb * bs, B]`
+    scratch; only for callers that read no sum node's flows afterwards (training steps), and valid
+    because a layer's partitions own disjoint node rows (each reads only its own)."""
     B = element_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     bs, nb = pt.block_size, pt.num_node_blocks
-    scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
+    if in_place:
+        scale = node_flows
+    else:
+        scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
     mus = torch.empty(nb, B, device=element_mars.device, dtype=element_mars.dtype)
     _node_scale_kernel[(nb * nbt,)](
         node_mars,
@@ -319,6 +442,7 @@ def sum_backward_block(
         nbt,
         BS=bs,
         BB=opts.block_b,
+        IN_PLACE=in_place,
         num_warps=opts.num_warps,
     )
     nc = pt.cblocks.shape[0]
@@ -331,6 +455,7 @@ def sum_backward_block(
             scale,
             mus,
             element_flows,
+            pt.node_rows,
             pt.cblocks,
             pt.cptr,
             pt.par_i,
@@ -344,28 +469,64 @@ def sum_backward_block(
             G=group_size(bs, max_par, opts.group_cols),
             PREC=opts.precision,
             ACCUM=not pt.sole_writer,
+            IN_PLACE=in_place,
             num_warps=opts.num_warps,
         )
+    param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp, in_place)
+
+
+def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp, in_place) -> None:
+    """param_flows += W * (scale x exp(element_mars + mu)^T) summed over the batch, per slab; split
+    over batch ranges (`param_batch_splits`) into a `[splits, nb, bs, width * bs]` scratch of partials
+    that a second launch sums in order, when `opts.param_split` asks and the launch is small."""
+    B = element_mars.shape[1]
+    bs, nb = pt.block_size, pt.num_node_blocks
     g = group_size(bs, pt.width, opts.group_cols)
     nkg = triton.cdiv(pt.width, g)
-    _sum_bwd_param_block_kernel[(nb * nkg,)](
+    splits, cols = param_batch_splits(nb * nkg, B, opts.block_b, opts.param_split, element_mars.device)
+    part = scale  # unused unless split
+    if splits > 1:
+        part = torch.empty(splits, pt.num_params, device=element_mars.device, dtype=element_mars.dtype)
+    _sum_bwd_param_block_kernel[(nb * nkg * splits,)](
         params,
         param_flows,
         element_mars,
         scale,
         mus,
         pt.child_rows,
+        pt.node_rows,
+        part,
         B,
         pt.width,
         pt.param_offset,
         nkg,
+        splits,
+        cols,
+        pt.num_params,
         BS=bs,
         BB=opts.block_b,
         G=g,
         PREC=opts.precision,
         EXP_CLAMP=exp_clamp,
+        IN_PLACE=in_place,
+        SPLIT=splits > 1,
         num_warps=opts.num_warps,
     )
+    if splits > 1:
+        _param_split_reduce_kernel[(nb * nkg,)](
+            params,
+            param_flows,
+            part,
+            pt.child_rows,
+            pt.width,
+            pt.param_offset,
+            pt.num_params,
+            nkg,
+            splits,
+            BS=bs,
+            G=g,
+            num_warps=opts.num_warps,
+        )
 
 
 @dataclass
