@@ -17,6 +17,7 @@ from engine.compiler import DEFAULT_TOLERANCE, compile_circuit
 from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
 from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
+from engine.executor.streams import FlowStreams
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.executor.ties import TiedSlots
 from engine.nodes import NodeVector
@@ -89,6 +90,7 @@ class CompiledCircuit(torch.nn.Module):
         # called with each Step of a parameter-accumulating flows pass once its flows are final
         # (data-parallel EM starts all-reducing a layer's flows while lower layers still compute)
         self.flow_listener: Callable[[Step], None] | None = None
+        self._flow_streams: FlowStreams | None = None  # side streams of the overlapped flows pass
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
@@ -237,6 +239,14 @@ class CompiledCircuit(torch.nn.Module):
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
         bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)
         listener = self.flow_listener if accumulate_params else None
+        if (
+            accumulate_params
+            and not keep_node_flows
+            and self.profiler is None
+            and self.backend.overlaps_flows
+        ):
+            self._flows_on_streams(*bufs, listener)
+            return node_flows
         for step in self.plan.backward_steps(inputs=accumulate_params):
             self._backward_step(step, *bufs, keep_node_flows)
             if listener is not None:
@@ -252,6 +262,7 @@ class CompiledCircuit(torch.nn.Module):
         element_flows,
         param_flows,
         keep_node_flows=True,
+        defer: list | None = None,
     ) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "sum":
@@ -272,6 +283,7 @@ class CompiledCircuit(torch.nn.Module):
                     element_flows,
                     param_flows,
                     keep_node_flows=keep_node_flows,
+                    defer=defer,
                 )
             elif layer.kind == "product":
                 self.backend.prod_backward(table, element_flows, node_flows)
@@ -281,6 +293,50 @@ class CompiledCircuit(torch.nn.Module):
                 self.backend.input_stats(
                     inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows]
                 )
+
+    def _flows_on_streams(self, node_mars, element_mars, node_flows, element_flows, param_flows, listener):
+        """A training step's flows pass with each product layer recomputed ahead on one side stream (into
+        two alternating element buffers) and each sum layer's parameter flows behind on another
+        (engine/executor/streams.py); the listener hears of a sum layer once its parameter flows are queued."""
+        streams = self._flow_streams
+        if streams is None or streams.device != self.device:
+            streams = self._flow_streams = FlowStreams(self.device)
+        spare = self._scratch(*element_mars.shape)
+        spare[:PAD_ROWS] = -torch.inf
+        ebufs = (element_mars, spare)
+        freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
+        held = []  # deferred launches and the tensors they read stay alive until the join
+        streams.fork()
+        k = 0  # the element buffer of the current sum layer
+        for step in self.plan.backward_steps(inputs=True):
+            if step.pass_name == "recompute":
+                with streams.on(streams.recompute):
+                    streams.wait(freed[k])
+                    self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows)
+                    ready = streams.mark()
+                streams.wait(ready)
+            elif step.layer.kind == "sum":
+                later: list = []
+                self._backward_step(
+                    step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False, later
+                )
+                scaled = streams.mark()
+                with streams.on(streams.params):
+                    streams.wait(scaled)
+                    for launch in later:
+                        launch()
+                    if listener is not None:  # an all-reduce of these flows follows them on this stream
+                        listener(step)
+                    freed[k] = streams.mark()
+                held += later
+                k ^= 1
+                continue
+            else:
+                self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False)
+            if listener is not None:
+                listener(step)
+        streams.join()
+        held.clear()
 
     @torch.no_grad()
     def zero_flows(self) -> None:

@@ -108,18 +108,27 @@ class TritonBackend(TorchBackend):
         element_flows,
         param_flows,
         keep_node_flows: bool = True,
+        defer: list | None = None,
     ) -> None:
-        """`KernelOptions.scale_in_place` takes effect only when `keep_node_flows` is False: the tiled
-        partitions then write their node scale over their own node-flow rows (disjoint per partition)."""
-        in_place = bool(self.options.scale_in_place) and not keep_node_flows
+        """`KernelOptions.scale_in_place` (and `overlap`) take effect only when `keep_node_flows` is
+        False: the tiled partitions then write their node scale over their own node-flow rows (disjoint
+        per partition). Their parameter flows go to `defer` only then: a deferred launch reads the
+        scale, which must outlive this call (node-flow rows do; a scratch would not)."""
+        opts = self.options
+        in_place = bool(opts.scale_in_place or opts.overlap) and not keep_node_flows
         for pt in table.parts:
             args = (pt, params, element_mars, node_mars, node_flows, element_flows, param_flows)
             if isinstance(pt, BlockSumTensors):
-                sum_backward_block(*args, self.options, torch_ops.EXP_CLAMP, in_place)
+                later = defer if in_place else None
+                sum_backward_block(*args, opts, torch_ops.EXP_CLAMP, in_place, later)
             elif isinstance(pt, SparseSumTensors):
                 sum_backward_sparse(*args, self.options, torch_ops.EXP_CLAMP)
             else:
                 torch_ops.sum_backward(*args)
+
+    @property
+    def overlaps_flows(self) -> bool:
+        return bool(self.options.overlap)
 
     def overwrites_element_flows(self, table: SumLayerKernelTensors) -> bool:
         return table.sole_writer

@@ -13,7 +13,8 @@
 Two opt-in variants of the tiled sum backward (engine/kernels/sum_block.py), off by default until an
 A/B on a GPU says otherwise: `param_split` (parameter flows of launches with few programs reduced
 over batch ranges, partials summed by a second launch in a fixed order) and `scale_in_place` (the
-node scale written over the layer's own node flows when the caller does not read node flows).
+node scale written over the layer's own node flows when the caller does not read node flows). And
+one of the training step's schedule: `overlap` (flows pass on three streams, engine/executor/streams.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class KernelOptions:
     # opt-in variants of the block sum backward, default off (A/B: benchmarks/kernel_breakdown.py)
     param_split: int = 0  # >1: parameter flows of small launches split over up to N batch ranges
     scale_in_place: bool = False  # training steps write the node scale over the layer's node flows
+    # training steps' flows pass on side streams: recompute ahead, parameter flows behind (implies
+    # scale_in_place there; engine/executor/streams.py)
+    overlap: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -75,5 +79,6 @@ class KernelOptions:
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.param_split < 0:
             raise ValueError(f"param_split must be >= 0 (0 or 1: off), got {self.param_split}")
-        if self.scale_in_place not in (0, 1):
-            raise ValueError(f"scale_in_place must be a bool (or 0 / 1), got {self.scale_in_place!r}")
+        for name in ("scale_in_place", "overlap"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

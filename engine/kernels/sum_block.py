@@ -418,6 +418,7 @@ def sum_backward_block(
     opts: KernelOptions,
     exp_clamp: float,
     in_place: bool = False,
+    defer: list | None = None,
 ) -> None:
     """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch).
 
@@ -472,7 +473,11 @@ def sum_backward_block(
             IN_PLACE=in_place,
             num_warps=opts.num_warps,
         )
-    param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp, in_place)
+    args = (pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp, in_place)
+    if defer is not None:  # the caller launches them later (engine/executor/streams.py)
+        defer.append(functools.partial(param_flows_block, *args))
+    else:
+        param_flows_block(*args)
 
 
 def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp, in_place) -> None:
