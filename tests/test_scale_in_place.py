@@ -152,3 +152,30 @@ def test_scale_in_place_gpu_training_is_bit_identical():
         _, ref = run(root, x, m, "torch", None, "cuda", torch.float64)
         _, err = errors(root, x, m, KernelOptions(scale_in_place=True), "cuda", ref=ref)
         assert max(err.values()) < 1e-4, (name, err)
+
+
+@pytest.mark.parametrize("name", ["hclt", "pd"])
+def test_contiguous_slab_and_row_lookup_paths_agree(name):
+    """HCLT and PD node blocks sit on contiguous rows (the scale goes to their slab of node flows,
+    the scratch kernels unchanged); the row-lookup path (IN_PLACE) for scattered blocks gives the same
+    training, bit for bit."""
+    root, dists = CASES[name]()
+    batches = batches_for(dists)
+    pc, slab = train(root, batches, "triton", IN_PLACE)
+    parts = block_partitions(pc)
+    assert parts and all(pt.rows_start >= 0 for pt in parts)
+    real = engine.compile
+
+    def scattered(*args, **kw):
+        out = real(*args, **kw)
+        for pt in block_partitions(out):
+            pt.rows_start = -1
+        return out
+
+    engine.compile = scattered
+    try:
+        _, lookup = train(root, batches, "triton", IN_PLACE)
+    finally:
+        engine.compile = real
+    for k in slab:
+        assert torch.equal(slab[k], lookup[k]), k

@@ -55,6 +55,7 @@ class KernelOptions:
     # training steps' flows pass on side streams: recompute ahead, parameter flows behind (implies
     # scale_in_place there; engine/executor/streams.py)
     overlap: bool = False
+    input_whole_batch: bool = False  # input forward: one program per node tile walks the whole batch
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -79,6 +80,6 @@ class KernelOptions:
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.param_split < 0:
             raise ValueError(f"param_split must be >= 0 (0 or 1: off), got {self.param_split}")
-        for name in ("scale_in_place", "overlap"):
+        for name in ("scale_in_place", "overlap", "input_whole_batch"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")
