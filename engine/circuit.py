@@ -224,7 +224,8 @@ class CompiledCircuit(torch.nn.Module):
 
         `keep_node_flows=False` (training steps: `accumulate_flows`): only parameter flows, input
         statistics and input nodes' rows are wanted, so the executor may overwrite a sum layer's node
-        flows once its backward has read them (KernelOptions.scale_in_place); sum rows are then not flows."""
+        flows once its backward has read them (the tiled kernels put their node scale there, and the
+        overlapped schedule of engine/executor/streams.py runs); sum rows are then not flows."""
         if self._mars is None:
             raise RuntimeError("call forward (or accumulate_flows) before backward_flows")
         node_mars, element_mars = self._mars

@@ -1,10 +1,12 @@
-"""`KernelOptions.overlap`: a training step's flows pass on three streams (engine/executor/streams.py).
+"""Training steps' flows pass (`KernelOptions.overlap`, engine/executor/streams.py) and the in-place
+node scale it relies on.
 
-The recompute goes to two alternating element buffers and each sum layer's parameter flows run
-after the layer's critical-path kernels; the arithmetic is the same, so training is bit-identical to
-the option off. On the CPU (Triton interpreter) the schedule runs in program order: these tests
-check the buffers, the deferral and the order the listener hears the layers in; the GPU test checks
-the streams inside a captured CUDA graph.
+Training steps write each tiled sum partition's node scale over its own node-flow rows (contiguous
+blocks), recompute product layers into two alternating element buffers, and run each sum layer's
+parameter flows after the layer's critical-path kernels; the arithmetic is the same, so training is
+bit-identical to the plain schedule. On the CPU (Triton interpreter) the schedule runs in program
+order: these tests check the buffers, the deferral and the order the listener hears the layers in;
+the GPU test checks the streams inside a captured CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,15 +24,36 @@ if not torch.cuda.is_available():
 
 import engine  # noqa: E402
 import engine.circuit as circuit_mod  # noqa: E402
-import engine.kernels.sum_block as sum_block  # noqa: E402
+import engine.kernels.backend as kernel_backend  # noqa: E402
 from engine.dists import Categorical  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
-from engine.structures import hclt_from_tree  # noqa: E402
-from tests.kernel_runner import DEVICE, OPTS, rel  # noqa: E402
-from tests.test_param_split import CASES as SPLIT_CASES  # noqa: E402
-from tests.test_scale_in_place import batches_for, train  # noqa: E402
+from engine.kernels.sum_block import BlockSumTensors  # noqa: E402
+from engine.nodes import inputs, multiply, summate  # noqa: E402
+from engine.structures import hclt_from_tree, pd  # noqa: E402
+from tests.kernel_runner import DEVICE, EM, OPTS, data, errors, rel  # noqa: E402
 
 OVERLAP = dataclasses.replace(OPTS, overlap=True)
+PLAIN = dataclasses.replace(OPTS, overlap=False)
+
+
+def hclt_case():
+    edges = np.array([[0, 1], [1, 2], [1, 3], [3, 4]])
+    return hclt_from_tree(edges, 5, 32, Categorical(7)), [Categorical(7)] * 5
+
+
+def pd_case():
+    return pd((4, 4), 16, (2, 2), input_dist=Categorical(4)), [Categorical(4)] * 16
+
+
+def two_partition_case():
+    """A sum layer of two tiled partitions: node block 0 reads 1 child block, node block 1 reads 3
+    (degrees 1 and 3 are not grouped at the default tolerance), both reading child block 0."""
+    x = [inputs(v, 48, Categorical(5)) for v in range(4)]
+    prod = multiply(x[0], x[1])  # 48 products: 3 child blocks of 16
+    s = summate(prod, num_nodes=32, edge_ids=np.array([[0, 1, 1, 1], [0, 0, 1, 2]]), block_size=16)
+    t = summate(multiply(x[2], x[3]), num_nodes=32, block_size=16)
+    root = summate(multiply(s, t), num_nodes=1)
+    return root, [Categorical(5)] * 4
 
 
 def chain_case():
@@ -39,7 +62,49 @@ def chain_case():
     return hclt_from_tree(edges, 8, 16, Categorical(5)), [Categorical(5)] * 8
 
 
-CASES = {**SPLIT_CASES, "chain": chain_case}
+CASES = {"hclt": hclt_case, "pd": pd_case, "two_partitions": two_partition_case, "chain": chain_case}
+
+
+def block_partitions(pc):
+    return [
+        pt
+        for t in pc.tables.layers
+        if t is not None and hasattr(t, "parts")
+        for pt in t.parts
+        if isinstance(pt, BlockSumTensors)
+    ]
+
+
+def batches_for(dists):
+    out = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        x, m = data(dists, 20)
+        out.append((x.long(), m))
+    return out
+
+
+def train(root, batches, backend, opts, dtype=torch.float32, steps=2, scattered=False):
+    """`steps` CapturedStep-style EM steps (zero_flows; accumulate_flows; em_step) over `batches`;
+    returns the circuit and the LLs, each step's flows and statistics, and the parameters after.
+    `scattered`: treat every node block as non-contiguous (the scratch path)."""
+    pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend=backend, kernel_options=opts).to(dtype)
+    if scattered:
+        for pt in block_partitions(pc):
+            pt.rows_start = -1
+    out = {}
+    for i in range(steps):
+        x, m = batches[i % len(batches)]
+        pc.zero_flows()
+        out[f"ll_{i}"] = pc.accumulate_flows(x.to(DEVICE), m.to(DEVICE), validate=False)
+        out[f"param_flows_{i}"] = pc.param_flows.clone()
+        for j in range(len(pc.input_layers)):
+            out[f"stats_{i}_{j}"] = pc.input_stats(j).clone()
+        pc.em_step(*EM)
+    out["params"] = pc.params.clone()
+    for j in range(len(pc.input_layers)):
+        out[f"inputs_{j}"] = pc.input_params(j).clone()
+    return pc, out
 
 
 @pytest.fixture(autouse=True)
@@ -52,13 +117,13 @@ def poisoned(monkeypatch):
 def deferred(monkeypatch):
     """The number of parameter-flow launches, and how many of them were deferred."""
     seen = {"deferred": 0, "direct": 0}
-    real = sum_block.sum_backward_block
+    real = kernel_backend.sum_backward_block
 
     def spy(*args):
-        seen["deferred" if args[10] is not None else "direct"] += 1
-        return real(*args)
-
-    import engine.kernels.backend as kernel_backend
+        queued = args[10]
+        before = len(queued) if queued is not None else 0
+        real(*args)
+        seen["deferred" if queued is not None and len(queued) > before else "direct"] += 1
 
     monkeypatch.setattr(kernel_backend, "sum_backward_block", spy)
     return seen
@@ -69,7 +134,7 @@ def test_overlapped_training_is_bit_identical_and_matches_float64(name, deferred
     root, dists = CASES[name]()
     batches = batches_for(dists)
     _, ref = train(root, batches, "torch", None, torch.float64)
-    _, off = train(root, batches, "triton", OPTS)
+    _, off = train(root, batches, "triton", PLAIN)
     assert deferred["deferred"] == 0 and deferred["direct"] > 0
     direct = deferred["direct"]
     deferred.update(deferred=0, direct=0)
@@ -104,7 +169,7 @@ def test_listener_hears_every_step_in_order():
     root, dists = CASES["two_partitions"]()
     (x, m), _ = batches_for(dists)
     heard = {}
-    for opts in (OPTS, OVERLAP):
+    for opts in (PLAIN, OVERLAP):
         pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=opts)
         steps = heard[opts.overlap] = []
         pc.flow_listener = lambda step, steps=steps: steps.append((step.layer.index, step.pass_name))
@@ -125,6 +190,47 @@ def test_public_backward_flows_and_profiled_steps_do_not_overlap(deferred):
     assert deferred["deferred"] == 0 and deferred["direct"] > 0
 
 
+@pytest.mark.parametrize("name", ["hclt", "pd"])
+def test_scattered_blocks_use_a_scratch_and_run_their_parameter_flows_at_once(name, deferred):
+    """HCLT and PD node blocks sit on contiguous rows (the scale goes to their slab of node flows and
+    the parameter flows may wait); blocks on scattered rows keep a per-call scratch, which would not
+    outlive the call, so their parameter flows run at once: same results, bit for bit."""
+    root, dists = CASES[name]()
+    batches = batches_for(dists)
+    pc, slab = train(root, batches, "triton", OVERLAP)
+    assert all(pt.rows_start >= 0 for pt in block_partitions(pc)) and deferred["direct"] == 0
+    deferred.update(deferred=0, direct=0)
+    _, scattered = train(root, batches, "triton", OVERLAP, scattered=True)
+    assert deferred["deferred"] == 0 and deferred["direct"] > 0
+    for k in slab:
+        assert torch.equal(slab[k], scattered[k]), k
+
+
+@pytest.mark.parametrize("name", ["hclt", "two_partitions"])
+def test_public_backward_flows_stay_exact(name):
+    """`backward_flows()` returns node flows (queries, the workbench read them): the in-place scale of
+    training steps must not touch them (tests.kernel_runner.run calls the public pass)."""
+    root, dists = CASES[name]()
+    x, m = data(dists, 20)
+    _, err = errors(root, x.long(), m, OVERLAP, ref_dtype=torch.float64)
+    assert err["node_flows"] < 2e-5 and max(err.values()) < 2e-5, err
+
+
+def test_partitions_of_a_layer_own_disjoint_node_rows():
+    """What the in-place scale relies on: each node row belongs to one node block of one partition, so
+    a partition's scale never overwrites flows another partition of the layer still reads."""
+    multi = 0
+    for name, case in CASES.items():
+        root, _ = case()
+        pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=OVERLAP)
+        for layer in pc.plan.sum_layers:
+            rows = torch.cat([pt.node_idx.cpu() for pt in pc.tables.layers[layer.index].parts])
+            assert rows.unique().numel() == rows.numel(), (name, layer.index)
+            multi += len(pc.tables.layers[layer.index].parts) > 1
+        assert block_partitions(pc)
+    assert multi, "expected a sum layer of several partitions"
+
+
 def test_option_validation():
     assert KernelOptions(overlap=1).overlap
     with pytest.raises(ValueError, match="overlap"):
@@ -143,7 +249,7 @@ def test_overlap_gpu_graph_training_is_bit_identical():
     for name in ("hclt64_mnist", "pd32_mnist"):
         root, _ = gpu_cases(mnist)[name]
         out = []
-        for opts in (KernelOptions(), KernelOptions(overlap=True)):
+        for opts in (KernelOptions(overlap=False), KernelOptions()):
             pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
             step = CapturedStep(pc, 512, em=(0.1, 0.1))
             for i in range(5):

@@ -110,17 +110,13 @@ class TritonBackend(TorchBackend):
         keep_node_flows: bool = True,
         defer: list | None = None,
     ) -> None:
-        """`KernelOptions.scale_in_place` (and `overlap`) take effect only when `keep_node_flows` is
-        False: the tiled partitions then write their node scale over their own node-flow rows (disjoint
-        per partition). Their parameter flows go to `defer` only then: a deferred launch reads the
-        scale, which must outlive this call (node-flow rows do; a scratch would not)."""
-        opts = self.options
-        in_place = bool(opts.scale_in_place or opts.overlap) and not keep_node_flows
+        """Training steps (`keep_node_flows=False`) put tiled partitions' node scale over their own
+        node-flow rows (sum_backward_block `in_place`), and only those partitions' parameter flows
+        may go to `defer`."""
         for pt in table.parts:
             args = (pt, params, element_mars, node_mars, node_flows, element_flows, param_flows)
             if isinstance(pt, BlockSumTensors):
-                later = defer if in_place else None
-                sum_backward_block(*args, opts, torch_ops.EXP_CLAMP, in_place, later)
+                sum_backward_block(*args, self.options, torch_ops.EXP_CLAMP, not keep_node_flows, defer)
             elif isinstance(pt, SparseSumTensors):
                 sum_backward_sparse(*args, self.options, torch_ops.EXP_CLAMP)
             else:

@@ -6,9 +6,6 @@ The data is read as `x^T: [num_vars, B]` (and `missing^T`), indexed by each node
 
 - forward: one program per (BN nodes, BB batch columns): reads BN*BB data values (cached: nodes of
   one variable share them) and BN*BB parameters, writes BN*BB log-probabilities into node_mars.
-  `input_whole_batch`: one program per BN nodes walks all batch tiles, so a categorical node's
-  parameter row (1 KB at 256 categories), gathered by each column's value, is fetched from memory
-  once per batch instead of once per batch tile.
 - tile statistics (families with at most 3 statistics): per-node reductions over the batch, one
   program per BN nodes; the family's `kernel_stats_tile` gives each batch tile's increments.
   Families with a specialised statistics kernel (Categorical) launch their own.
@@ -25,41 +22,20 @@ from engine.kernels.options import KernelOptions
 
 @triton.jit
 def _input_fwd_kernel(
-    prm,
-    xt,
-    mt,
-    vars_,
-    out,
-    N,
-    B,
-    P,
-    C,
-    num_bt,
-    LOG_PROB: tl.constexpr,
-    BN: tl.constexpr,
-    BB: tl.constexpr,
-    WHOLE_B: tl.constexpr,
+    prm, xt, mt, vars_, out, N, B, P, C, num_bt, LOG_PROB: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr
 ):
     pid = tl.program_id(0)
-    if WHOLE_B:  # one program walks the whole batch for its nodes: their parameter rows stay in L1
-        n = pid * BN + tl.arange(0, BN)
-        b_lo = 0
-        b_hi = B
-    else:
-        n = (pid // num_bt) * BN + tl.arange(0, BN)
-        b_lo = (pid % num_bt) * BB
-        b_hi = b_lo + BB
+    n = (pid // num_bt) * BN + tl.arange(0, BN)
+    offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
     nm = n < N
-    n64 = n.to(tl.int64)
+    m2 = nm[:, None] & (offs_b < B)[None, :]
     var = tl.load(vars_ + n, mask=nm, other=0)
-    for b0 in range(b_lo, b_hi, BB):
-        offs_b = b0 + tl.arange(0, BB)
-        m2 = nm[:, None] & (offs_b < B)[None, :]
-        dptr = var[:, None] * B + offs_b[None, :]
-        miss = tl.load(mt + dptr, mask=m2, other=1) != 0
-        xv = tl.load(xt + dptr, mask=m2, other=0)
-        lp = LOG_PROB(prm, n64, nm, xv, P, C)
-        tl.store(out + n64[:, None] * B + offs_b[None, :], tl.where(miss, 0.0, lp), mask=m2)
+    dptr = var[:, None] * B + offs_b[None, :]
+    miss = tl.load(mt + dptr, mask=m2, other=1) != 0
+    n64 = n.to(tl.int64)
+    xv = tl.load(xt + dptr, mask=m2, other=0)
+    lp = LOG_PROB(prm, n64, nm, xv, P, C)
+    tl.store(out + n64[:, None] * B + offs_b[None, :], tl.where(miss, 0.0, lp), mask=m2)
 
 
 @triton.jit
@@ -120,7 +96,7 @@ def prepare_data(dist, x: torch.Tensor, missing: torch.Tensor):
 def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions) -> None:
     """out `[N, B]` (a node_mars slice) = log p(x_var(n)) per node, 0 where missing."""
     N, B = out.shape
-    nbt = 1 if opts.input_whole_batch else triton.cdiv(B, opts.block_b)
+    nbt = triton.cdiv(B, opts.block_b)
     _input_fwd_kernel[(triton.cdiv(N, opts.input_nodes) * nbt,)](
         params,
         xt,
@@ -135,7 +111,6 @@ def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions) -> None
         LOG_PROB=dist.kernel_log_prob,
         BN=opts.input_nodes,
         BB=opts.block_b,
-        WHOLE_B=opts.input_whole_batch,
         num_warps=opts.num_warps,
     )
 

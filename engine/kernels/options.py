@@ -9,12 +9,6 @@
 - "tf32" / "bf16": opt-in, one MMA per product instead of three, less accurate (errors reported by
   benchmarks/check_kernels_gpu.py; bf16's epoch times against PyJuice are in benchmarks/README.md,
   round 3: 2.05-3.41x, LLs within 0.05% of the default's).
-
-Two opt-in variants of the tiled sum backward (engine/kernels/sum_block.py), off by default until an
-A/B on a GPU says otherwise: `param_split` (parameter flows of launches with few programs reduced
-over batch ranges, partials summed by a second launch in a fixed order) and `scale_in_place` (the
-node scale written over the layer's own node flows when the caller does not read node flows). And
-one of the training step's schedule: `overlap` (flows pass on three streams, engine/executor/streams.py).
 """
 
 from __future__ import annotations
@@ -49,13 +43,10 @@ class KernelOptions:
     stats_cats_major: bool = True  # tile as [categories, nodes]: the MMA's long side is the categories
     stats_split: bool = True  # flows x one-hot as 2 tf32 MMAs (flow hi + lo; the one-hot is exact)
     stats_warps: int = 0  # 0: num_warps
-    # opt-in variants of the block sum backward, default off (A/B: benchmarks/kernel_breakdown.py)
-    param_split: int = 0  # >1: parameter flows of small launches split over up to N batch ranges
-    scale_in_place: bool = False  # training steps write the node scale over the layer's node flows
-    # training steps' flows pass on side streams: recompute ahead, parameter flows behind (implies
-    # scale_in_place there; engine/executor/streams.py)
-    overlap: bool = False
-    input_whole_batch: bool = False  # input forward: one program per node tile walks the whole batch
+    # training steps' flows pass on three streams: product recompute ahead, parameter flows behind
+    # (engine/executor/streams.py); A/B on an H200 2026-11-30 13:54, step -15% HCLT-128, -9% HCLT-256,
+    # -6% PD-64, -2% PD-128 (benchmarks/results/kernel_breakdown_h200_overlap2.json)
+    overlap: bool = True
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -78,8 +69,5 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-        if self.param_split < 0:
-            raise ValueError(f"param_split must be >= 0 (0 or 1: off), got {self.param_split}")
-        for name in ("scale_in_place", "overlap", "input_whole_batch"):
-            if getattr(self, name) not in (0, 1):
-                raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")
+        if self.overlap not in (0, 1):
+            raise ValueError(f"overlap must be a bool (or 0 / 1), got {self.overlap!r}")

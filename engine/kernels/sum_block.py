@@ -22,15 +22,6 @@ Four kernels, and the reference they are tested against is the same-named functi
   rows need no zeroing and no read-back.
 - parameter flows: one program per (node block, group of G child blocks) reduces over the whole
   batch with tl.dot, then adds `W * acc` into the parameter flows.
-
-Opt-in variants (KernelOptions, default off):
-- `param_split=N`: a parameter-flow launch of fewer than two programs per SM runs up to N programs per
-  slab, each over one batch range, writing its partial to a `[splits, nb, bs, width * bs]` scratch
-  (write splits * P floats); a second launch sums the partials in range order and does the same
-  read-modify-write `pflows += W * acc` (read splits * P + 2P, write P). Deterministic, no atomics;
-  the sum order differs from one walk over the batch (float32 rounding, not bit-identical).
-- `scale_in_place`: the node scale goes over the partition's own node-flow rows (same `[bs, B]` per
-  block) instead of the scratch, when the caller reads no sum node's flows afterwards (training).
 """
 
 from __future__ import annotations
@@ -105,21 +96,8 @@ def _sum_fwd_block_kernel(
 
 
 @triton.jit
-def _node_scale_kernel(
-    nmars,
-    nflows,
-    node_rows,
-    scale,
-    mus,
-    B,
-    num_bt,
-    BS: tl.constexpr,
-    BB: tl.constexpr,
-    IN_PLACE: tl.constexpr,
-):
-    """scale[i*BS + n] = exp(u - mu), u = log f - v, mu = max_n u (finite or 0); mus[i] = mu.
-    IN_PLACE: the scale goes to the node-flow rows it was derived from (each program reads its tile,
-    then writes it), so `scale` is unused."""
+def _node_scale_kernel(nmars, nflows, node_rows, scale, mus, B, num_bt, BS: tl.constexpr, BB: tl.constexpr):
+    """scale[i*BS + n] = exp(u - mu), u = log f - v, mu = max_n u (finite or 0); mus[i] = mu."""
     pid = tl.program_id(0)
     i = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -133,14 +111,11 @@ def _node_scale_kernel(
     u = tl.where(f > 0, tl.log(tl.maximum(f, TINY)) - v, ninf)
     mu = tl.max(u, 0)
     mu = tl.where(mu == float("-inf"), 0.0, mu)
-    if IN_PLACE:
-        tl.store(nflows + ptr, tl.exp(u - mu[None, :]), mask=bmask[None, :])
-    else:
-        tl.store(
-            scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :],
-            tl.exp(u - mu[None, :]),
-            mask=bmask[None, :],
-        )
+    tl.store(
+        scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :],
+        tl.exp(u - mu[None, :]),
+        mask=bmask[None, :],
+    )
     tl.store(mus + i.to(tl.int64) * B + offs_b, mu, mask=bmask)
 
 
@@ -151,7 +126,6 @@ def _sum_bwd_elem_block_kernel(
     scale,
     mus,
     eflows,
-    node_rows,
     cblocks,
     ptr,
     par_i,
@@ -165,7 +139,6 @@ def _sum_bwd_elem_block_kernel(
     G: tl.constexpr,
     PREC: tl.constexpr,
     ACCUM: tl.constexpr,
-    IN_PLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // num_bt
@@ -195,13 +168,9 @@ def _sum_bwd_elem_block_kernel(
         emask = eq < end
         iq = tl.load(par_i + eq, mask=emask, other=0)
         kq = tl.load(par_k + eq, mask=emask, other=0)
-        if IN_PLACE:  # the scale sits in the parents' node-flow rows
-            srow = tl.load(node_rows + iq, mask=emask, other=0)
-        else:
-            srow = iq * BS
         a = (
             tl.load(
-                scale + (srow + q % BS)[:, None] * B + offs_b[None, :],
+                scale + (iq * BS + q % BS)[:, None] * B + offs_b[None, :],
                 mask=emask[:, None] & bmask[None, :],
                 other=0.0,
             )
@@ -232,35 +201,19 @@ def _sum_bwd_param_block_kernel(
     scale,
     mus,
     child_rows,
-    node_rows,
-    part,
     B,
     W,
     param_off,
     num_kg,
-    num_split,
-    split_cols,
-    num_params,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
     EXP_CLAMP: tl.constexpr,
-    IN_PLACE: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if SPLIT:  # batch range s of `split_cols` columns (a multiple of BB); the partial goes to `part`
-        s = pid % num_split
-        t = pid // num_split
-        b_lo = s * split_cols
-        b_hi = tl.minimum(B, b_lo + split_cols)
-    else:
-        t = pid
-        b_lo = 0
-        b_hi = B
-    i = t // num_kg
-    k0 = (t % num_kg) * G
+    i = pid // num_kg
+    k0 = (pid % num_kg) * G
     q = tl.arange(0, G * BS)
     kk = k0 + q // BS
     kmask = kk < W
@@ -268,12 +221,9 @@ def _sum_bwd_param_block_kernel(
     if tl.max(c0, 0) > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
         r = tl.arange(0, BS)
         crow = (c0 + q % BS)[:, None] * B
-        if IN_PLACE:  # the scale sits in this node block's node-flow rows
-            srow = (tl.load(node_rows + i) + r).to(tl.int64)[:, None] * B
-        else:
-            srow = (i * BS + r).to(tl.int64)[:, None] * B
+        srow = (i * BS + r).to(tl.int64)[:, None] * B
         acc = tl.zeros([BS, G * BS], dtype=tl.float32)
-        for b0 in range(b_lo, b_hi, BB):
+        for b0 in range(0, B, BB):
             offs_b = b0 + tl.arange(0, BB)
             bmask = offs_b < B
             a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
@@ -283,63 +233,14 @@ def _sum_bwd_param_block_kernel(
             )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
-        if SPLIT:  # write the BS x G*BS partial of this batch range: part[s, i, n, k0 * BS + q]
-            slab = _slab(s.to(tl.int64) * num_params, i, k0, r, q, W, BS)
-            tl.store(part + slab, acc, mask=kmask[None, :])
-        else:
-            _add_weighted_flows(prm, pflows, _slab(param_off, i, k0, r, q, W, BS), kmask, acc)
-
-
-@triton.jit
-def _slab(base, i, k0, r, q, W, BS: tl.constexpr):
-    """Offsets `[BS, G*BS]` of node block i's weight slab for child blocks k0.. in a `[nb, BS, W*BS]`
-    array starting at `base` (base added first, as a scalar: the default kernel's address arithmetic)."""
-    return base + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
-
-
-@triton.jit
-def _add_weighted_flows(prm, pflows, wptr, kmask, acc):
-    """Read-modify-write one BS x G*BS slab of parameter flows: pflows += W * acc."""
-    w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
-    tl.store(
-        pflows + wptr,
-        tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
-        mask=kmask[None, :],
-    )
-
-
-@triton.jit
-def _param_split_reduce_kernel(
-    prm,
-    pflows,
-    part,
-    child_rows,
-    W,
-    param_off,
-    num_params,
-    num_kg,
-    num_split,
-    BS: tl.constexpr,
-    G: tl.constexpr,
-):
-    """pflows[slab] += W[slab] * sum_s part[s, slab], s = 0, 1, ... in order: one program per slab of
-    the parameter-flow kernel, so every output has one writer and a fixed sum order (no atomics).
-    Reads num_split * BS * G*BS partials and the weight slab; read-modify-writes the flow slab."""
-    pid = tl.program_id(0)
-    i = pid // num_kg
-    k0 = (pid % num_kg) * G
-    q = tl.arange(0, G * BS)
-    kk = k0 + q // BS
-    kmask = kk < W
-    c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
-    if tl.max(c0, 0) > 0:  # the partial kernel skipped padded slabs: their partials are unwritten
-        r = tl.arange(0, BS)
-        acc = tl.zeros([BS, G * BS], dtype=tl.float32)
-        pp = part + _slab(0, i, k0, r, q, W, BS)
-        for _ in range(0, num_split):  # range 0, 1, ... in order
-            acc += tl.load(pp, mask=kmask[None, :], other=0.0)
-            pp += num_params
-        _add_weighted_flows(prm, pflows, _slab(param_off, i, k0, r, q, W, BS), kmask, acc)
+        wptr = param_off + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
+        w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
+        # read-modify-write one BS x G*BS slab of parameter flows
+        tl.store(
+            pflows + wptr,
+            tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
+            mask=kmask[None, :],
+        )
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -365,22 +266,6 @@ def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch
     while bb > 32 and num_node_blocks * triton.cdiv(B, bb) < target:
         bb //= 2
     return bb
-
-
-def param_batch_splits(
-    programs: int, B: int, bb: int, max_splits: int, device: torch.device
-) -> tuple[int, int]:
-    """(batch ranges, columns per range) of the parameter-flow launch: one range of B columns unless
-    `max_splits` > 1 and the launch has fewer than two programs per SM; then enough ranges for two
-    per SM, at most `max_splits`, each a multiple of `bb` columns. Why: on HCLT-128 (H200 trace,
-    results/kernel_trace_h200.json) ~30 layers run 8-48 programs that each walk all 512 columns (~17 us);
-    ranges cut each program's walk, and a second launch sums the partials."""
-    target = 2 * _sm_count(device)
-    if max_splits <= 1 or programs >= target:
-        return 1, B
-    want = min(max_splits, triton.cdiv(target, programs), triton.cdiv(B, bb))
-    cols = triton.cdiv(triton.cdiv(B, want), bb) * bb
-    return triton.cdiv(B, cols), cols
 
 
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
@@ -422,20 +307,18 @@ def sum_backward_block(
 ) -> None:
     """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch).
 
-    `in_place`: the node scale overwrites this partition's node-flow rows instead of a `[nb * bs, B]`
-    scratch; only for callers that read no sum node's flows afterwards (training steps), and valid
-    because a layer's partitions own disjoint node rows (each reads only its own). Node blocks on
-    contiguous rows (every HCLT and PD partition) pass their slab of node flows as the scratch, so the
-    kernels are the scratch version's; others look each block's rows up (IN_PLACE, slower on an H200:
-    +0.12-0.18 ms a step at HCLT-128/256, PD-128, results/kernel_breakdown_h200_overlap.json)."""
+    `in_place` (training steps, which read no sum node's flows afterwards): node blocks on contiguous
+    rows (`rows_start`, every HCLT and PD partition) write the scale over their own slab of node flows
+    instead of a `[nb * bs, B]` scratch: the same kernels (each scale program reads its tile, then
+    writes the same addresses), one scratch less at peak. Only then may the parameter flows go to
+    `defer` (a list the caller runs later, engine/executor/streams.py): a scratch would not outlive
+    this call, node-flow rows do."""
     B = element_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     bs, nb = pt.block_size, pt.num_node_blocks
-    if in_place and pt.rows_start >= 0:  # the node-flow rows are one slab: the kernels see a scratch
+    slab = in_place and pt.rows_start >= 0
+    if slab:
         scale = node_flows[pt.rows_start : pt.rows_start + nb * bs]
-        in_place = False  # (each scale program reads its tile, then writes the same addresses)
-    elif in_place:  # scattered node blocks: the kernels look each block's rows up
-        scale = node_flows
     else:
         scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
     mus = torch.empty(nb, B, device=element_mars.device, dtype=element_mars.dtype)
@@ -449,7 +332,6 @@ def sum_backward_block(
         nbt,
         BS=bs,
         BB=opts.block_b,
-        IN_PLACE=in_place,
         num_warps=opts.num_warps,
     )
     nc = pt.cblocks.shape[0]
@@ -462,7 +344,6 @@ def sum_backward_block(
             scale,
             mus,
             element_flows,
-            pt.node_rows,
             pt.cblocks,
             pt.cptr,
             pt.par_i,
@@ -476,68 +357,39 @@ def sum_backward_block(
             G=group_size(bs, max_par, opts.group_cols),
             PREC=opts.precision,
             ACCUM=not pt.sole_writer,
-            IN_PLACE=in_place,
             num_warps=opts.num_warps,
         )
-    args = (pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp, in_place)
-    if defer is not None:  # the caller launches them later (engine/executor/streams.py)
+    args = (pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp)
+    if slab and defer is not None:
         defer.append(functools.partial(param_flows_block, *args))
     else:
         param_flows_block(*args)
 
 
-def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp, in_place) -> None:
-    """param_flows += W * (scale x exp(element_mars + mu)^T) summed over the batch, per slab; split
-    over batch ranges (`param_batch_splits`) into a `[splits, nb, bs, width * bs]` scratch of partials
-    that a second launch sums in order, when `opts.param_split` asks and the launch is small."""
+def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp) -> None:
+    """param_flows += W * (scale x exp(element_mars + mu)^T), reduced over the batch per weight slab."""
     B = element_mars.shape[1]
     bs, nb = pt.block_size, pt.num_node_blocks
     g = group_size(bs, pt.width, opts.group_cols)
     nkg = triton.cdiv(pt.width, g)
-    splits, cols = param_batch_splits(nb * nkg, B, opts.block_b, opts.param_split, element_mars.device)
-    part = scale  # unused unless split
-    if splits > 1:
-        part = torch.empty(splits, pt.num_params, device=element_mars.device, dtype=element_mars.dtype)
-    _sum_bwd_param_block_kernel[(nb * nkg * splits,)](
+    _sum_bwd_param_block_kernel[(nb * nkg,)](
         params,
         param_flows,
         element_mars,
         scale,
         mus,
         pt.child_rows,
-        pt.node_rows,
-        part,
         B,
         pt.width,
         pt.param_offset,
         nkg,
-        splits,
-        cols,
-        pt.num_params,
         BS=bs,
         BB=opts.block_b,
         G=g,
         PREC=opts.precision,
         EXP_CLAMP=exp_clamp,
-        IN_PLACE=in_place,
-        SPLIT=splits > 1,
         num_warps=opts.num_warps,
     )
-    if splits > 1:
-        _param_split_reduce_kernel[(nb * nkg,)](
-            params,
-            param_flows,
-            part,
-            pt.child_rows,
-            pt.width,
-            pt.param_offset,
-            pt.num_params,
-            nkg,
-            splits,
-            BS=bs,
-            G=g,
-            num_warps=opts.num_warps,
-        )
 
 
 @dataclass
@@ -562,8 +414,7 @@ def block_tensors(
     cb, ptr, pi, pk = child_major_blocks(long(child_rows), first_real_row)
     max_parents = int((ptr[1:] - ptr[:-1]).max()) if len(cb) else 1
     rows = torch.as_tensor(node_rows).reshape(-1).cpu()
-    step = torch.arange(rows.numel()) * int(pt.block_size)
-    contiguous = rows.numel() > 0 and torch.equal(rows - rows[0], step)
+    contiguous = rows.numel() > 0 and torch.equal(rows - rows[0], torch.arange(rows.numel()) * pt.block_size)
     return BlockSumTensors(
         **vars(pt),
         node_rows=long(node_rows),
