@@ -137,9 +137,12 @@ def main() -> int:
             row = {"config": spec, "variant": variant}
             try:
                 pc = engine.compile(root, device="cuda", kernel_options=opts)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
                 step = CapturedStep(pc, BATCH, em=(STEP, PSEUDO))
                 row["graph_ms_per_batch"] = time_graph(step, data)
                 row["graph_captured"] = step.captured
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9  # data + circuit + step
                 step = None  # free the graph's pool before the eager profile
                 trace = [] if args.trace else None
                 row["kernels"] = kernel_table(pc, data, trace)
@@ -156,6 +159,7 @@ def main() -> int:
                 + (
                     row.get("error")
                     or f"graph {row['graph_ms_per_batch']:.2f} ms/batch, eager kernels {row['eager_kernel_ms']:.2f} ms"
+                    f", peak {row['peak_gb']:.3f} GB"
                 ),
                 flush=True,
             )

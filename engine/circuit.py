@@ -17,6 +17,7 @@ from engine.compiler import DEFAULT_TOLERANCE, compile_circuit
 from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
 from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
+from engine.executor.streams import FlowStreams
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.executor.ties import TiedSlots
 from engine.nodes import NodeVector
@@ -92,6 +93,7 @@ class CompiledCircuit(torch.nn.Module):
         # input layer i -> None or (rows per chunk, after(lo, hi)): that layer's statistics are then
         # computed in node-row chunks, each reported once final (Backend.input_stats)
         self.stats_listener: Callable[[int], tuple | None] | None = None
+        self._flow_streams: FlowStreams | None = None  # side streams of the overlapped flows pass
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
@@ -220,8 +222,13 @@ class CompiledCircuit(torch.nn.Module):
         return node_mars[self.plan.root_row].clone()
 
     # ----------------------------------------------------------------- flows and EM
-    def backward_flows(self, accumulate_params: bool = True) -> torch.Tensor:
-        """Flows pass after `forward`; returns node_flows `[rows, B]` (probabilities)."""
+    def backward_flows(self, accumulate_params: bool = True, keep_node_flows: bool = True) -> torch.Tensor:
+        """Flows pass after `forward`; returns node_flows `[rows, B]` (probabilities).
+
+        `keep_node_flows=False` (training steps: `accumulate_flows`): only parameter flows, input
+        statistics and input nodes' rows are wanted, so the executor may overwrite a sum layer's node
+        flows once its backward has read them (the tiled kernels put their node scale there, and the
+        overlapped schedule of engine/executor/streams.py runs); sum rows are then not flows."""
         if self._mars is None:
             raise RuntimeError("call forward (or accumulate_flows) before backward_flows")
         node_mars, element_mars = self._mars
@@ -236,14 +243,30 @@ class CompiledCircuit(torch.nn.Module):
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
         bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)
         listener = self.flow_listener if accumulate_params else None
+        if (
+            accumulate_params
+            and not keep_node_flows
+            and self.profiler is None
+            and self.backend.overlaps_flows
+        ):
+            self._flows_on_streams(*bufs, listener)
+            return node_flows
         for step in self.plan.backward_steps(inputs=accumulate_params):
-            self._backward_step(step, *bufs)
+            self._backward_step(step, *bufs, keep_node_flows)
             if listener is not None:
                 listener(step)
         return node_flows
 
     def _backward_step(
-        self, step: Step, node_mars, element_mars, node_flows, element_flows, param_flows
+        self,
+        step: Step,
+        node_mars,
+        element_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows=True,
+        defer: list | None = None,
     ) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "sum":
@@ -256,7 +279,15 @@ class CompiledCircuit(torch.nn.Module):
                 self.backend.prod_forward(table, node_mars, element_mars)
             elif layer.kind == "sum":
                 self.backend.sum_backward(
-                    table, self.params, element_mars, node_mars, node_flows, element_flows, param_flows
+                    table,
+                    self.params,
+                    element_mars,
+                    node_mars,
+                    node_flows,
+                    element_flows,
+                    param_flows,
+                    keep_node_flows=keep_node_flows,
+                    defer=defer,
                 )
             elif layer.kind == "product":
                 self.backend.prod_backward(table, element_flows, node_flows)
@@ -268,6 +299,50 @@ class CompiledCircuit(torch.nn.Module):
                     inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows], *(chunks or ())
                 )
 
+    def _flows_on_streams(self, node_mars, element_mars, node_flows, element_flows, param_flows, listener):
+        """A training step's flows pass with each product layer recomputed ahead on one side stream (into
+        two alternating element buffers) and each sum layer's parameter flows behind on another
+        (engine/executor/streams.py); the listener hears of a sum layer once its parameter flows are queued."""
+        streams = self._flow_streams
+        if streams is None or streams.device != self.device:
+            streams = self._flow_streams = FlowStreams(self.device)
+        spare = self._scratch(*element_mars.shape)
+        spare[:PAD_ROWS] = -torch.inf
+        ebufs = (element_mars, spare)
+        freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
+        held = []  # deferred launches and the tensors they read stay alive until the join
+        streams.fork()
+        k = 0  # the element buffer of the current sum layer
+        for step in self.plan.backward_steps(inputs=True):
+            if step.pass_name == "recompute":
+                with streams.on(streams.recompute):
+                    streams.wait(freed[k])
+                    self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows)
+                    ready = streams.mark()
+                streams.wait(ready)
+            elif step.layer.kind == "sum":
+                later: list = []
+                self._backward_step(
+                    step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False, later
+                )
+                scaled = streams.mark()
+                with streams.on(streams.params):
+                    streams.wait(scaled)
+                    for launch in later:
+                        launch()
+                    if listener is not None:  # an all-reduce of these flows follows them on this stream
+                        listener(step)
+                    freed[k] = streams.mark()
+                held += later
+                k ^= 1
+                continue
+            else:
+                self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False)
+            if listener is not None:
+                listener(step)
+        streams.join()
+        held.clear()
+
     @torch.no_grad()
     def zero_flows(self) -> None:
         self.param_flows.zero_()
@@ -278,7 +353,7 @@ class CompiledCircuit(torch.nn.Module):
     def accumulate_flows(self, x, missing=None, validate: bool = True) -> torch.Tensor:
         """Forward, then the flows pass adding this batch's parameter flows; returns log p(x) `[B]`."""
         lls = self.forward(x, missing, validate)
-        self.backward_flows(accumulate_params=True)
+        self.backward_flows(accumulate_params=True, keep_node_flows=False)  # no node flows returned
         return lls
 
     @torch.no_grad()

@@ -43,6 +43,9 @@ class Backend(ABC):
     values log-probabilities (shapes in engine/executor/torch_ops.py)."""
 
     name: str
+    # True: training steps run the flows pass on side streams (engine/executor/streams.py), and
+    # sum_backward may hand back its parameter flows as deferred launches (`defer`)
+    overlaps_flows = False
     # True: the first product layer to reach a node row in the flows pass stores its flows, so
     # node_flows needs no zero fill (only row 0); False: node_flows starts at zero
     first_writes_node_flows = False
@@ -61,9 +64,21 @@ class Backend(ABC):
 
     @abstractmethod
     def sum_backward(
-        self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows
+        self,
+        table,
+        params,
+        element_mars,
+        node_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows: bool = True,
+        defer: list | None = None,
     ) -> None:
-        """Element flows and parameter flows of one sum layer."""
+        """Element flows and parameter flows of one sum layer. `keep_node_flows=False`: the caller
+        reads none of this layer's node flows afterwards, so the executor may overwrite them (scratch).
+        `defer` (a list): the executor may append its parameter-flow launches as callables instead of
+        running them; the caller runs them later (another stream) and keeps them until that work is done."""
 
     def overwrites_element_flows(self, table) -> bool:
         """True when this sum layer's backward writes every element-flow row below it (no zeroing)."""
@@ -128,9 +143,18 @@ class TorchBackend(Backend):
             torch_ops.sum_forward_max(pt, params, element_mars, node_mars)
 
     def sum_backward(
-        self, table: SumLayerTensors, params, element_mars, node_mars, node_flows, element_flows, param_flows
+        self,
+        table: SumLayerTensors,
+        params,
+        element_mars,
+        node_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows: bool = True,
+        defer: list | None = None,
     ) -> None:
-        for pt in table.parts:
+        for pt in table.parts:  # node flows are only read here, nothing is deferred
             torch_ops.sum_backward(
                 pt, params, element_mars, node_mars, node_flows, element_flows, param_flows
             )

@@ -100,16 +100,32 @@ class TritonBackend(TorchBackend):
                 torch_ops.sum_forward(pt, params, element_mars, node_mars)
 
     def sum_backward(
-        self, table, params, element_mars, node_mars, node_flows, element_flows, param_flows
+        self,
+        table,
+        params,
+        element_mars,
+        node_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        keep_node_flows: bool = True,
+        defer: list | None = None,
     ) -> None:
+        """Training steps (`keep_node_flows=False`) put tiled partitions' node scale over their own
+        node-flow rows (sum_backward_block `in_place`), and only those partitions' parameter flows
+        may go to `defer`."""
         for pt in table.parts:
             args = (pt, params, element_mars, node_mars, node_flows, element_flows, param_flows)
             if isinstance(pt, BlockSumTensors):
-                sum_backward_block(*args, self.options, torch_ops.EXP_CLAMP)
+                sum_backward_block(*args, self.options, torch_ops.EXP_CLAMP, not keep_node_flows, defer)
             elif isinstance(pt, SparseSumTensors):
                 sum_backward_sparse(*args, self.options, torch_ops.EXP_CLAMP)
             else:
                 torch_ops.sum_backward(*args)
+
+    @property
+    def overlaps_flows(self) -> bool:
+        return bool(self.options.overlap)
 
     def overwrites_element_flows(self, table: SumLayerKernelTensors) -> bool:
         return table.sole_writer

@@ -43,6 +43,10 @@ class KernelOptions:
     stats_cats_major: bool = True  # tile as [categories, nodes]: the MMA's long side is the categories
     stats_split: bool = True  # flows x one-hot as 2 tf32 MMAs (flow hi + lo; the one-hot is exact)
     stats_warps: int = 0  # 0: num_warps
+    # training steps' flows pass on three streams: product recompute ahead, parameter flows behind
+    # (engine/executor/streams.py); A/B on an H200 2026-11-30 13:54, step -15% HCLT-128, -9% HCLT-256,
+    # -6% PD-64, -2% PD-128 (benchmarks/results/kernel_breakdown_h200_overlap2.json)
+    overlap: bool = True
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -65,3 +69,5 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.overlap not in (0, 1):
+            raise ValueError(f"overlap must be a bool (or 0 / 1), got {self.overlap!r}")

@@ -302,12 +302,25 @@ def sum_backward_block(
     param_flows,
     opts: KernelOptions,
     exp_clamp: float,
+    in_place: bool = False,
+    defer: list | None = None,
 ) -> None:
-    """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch)."""
+    """Node scale, element flows (child-major, no atomics), parameter flows (tile reduction over the batch).
+
+    `in_place` (training steps, which read no sum node's flows afterwards): node blocks on contiguous
+    rows (`rows_start`, every HCLT and PD partition) write the scale over their own slab of node flows
+    instead of a `[nb * bs, B]` scratch: the same kernels (each scale program reads its tile, then
+    writes the same addresses), one scratch less at peak. Only then may the parameter flows go to
+    `defer` (a list the caller runs later, engine/executor/streams.py): a scratch would not outlive
+    this call, node-flow rows do."""
     B = element_mars.shape[1]
     nbt = triton.cdiv(B, opts.block_b)
     bs, nb = pt.block_size, pt.num_node_blocks
-    scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
+    slab = in_place and pt.rows_start >= 0
+    if slab:
+        scale = node_flows[pt.rows_start : pt.rows_start + nb * bs]
+    else:
+        scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
     mus = torch.empty(nb, B, device=element_mars.device, dtype=element_mars.dtype)
     _node_scale_kernel[(nb * nbt,)](
         node_mars,
@@ -346,6 +359,17 @@ def sum_backward_block(
             ACCUM=not pt.sole_writer,
             num_warps=opts.num_warps,
         )
+    args = (pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp)
+    if slab and defer is not None:
+        defer.append(functools.partial(param_flows_block, *args))
+    else:
+        param_flows_block(*args)
+
+
+def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp) -> None:
+    """param_flows += W * (scale x exp(element_mars + mu)^T), reduced over the batch per weight slab."""
+    B = element_mars.shape[1]
+    bs, nb = pt.block_size, pt.num_node_blocks
     g = group_size(bs, pt.width, opts.group_cols)
     nkg = triton.cdiv(pt.width, g)
     _sum_bwd_param_block_kernel[(nb * nkg,)](
@@ -380,6 +404,7 @@ class BlockSumTensors(SumPartitionTensors):
     par_k: torch.Tensor  # [nnz] which child slot of that parent
     max_parents: int
     sole_writer: bool = False  # the only writer of every element row of the product layer below
+    rows_start: int = -1  # node_rows[i] == rows_start + i * block_size for all i (contiguous), else -1
 
 
 def block_tensors(
@@ -388,6 +413,8 @@ def block_tensors(
     """The tiled kernels' tables for one partition (`long`: makes a device long tensor)."""
     cb, ptr, pi, pk = child_major_blocks(long(child_rows), first_real_row)
     max_parents = int((ptr[1:] - ptr[:-1]).max()) if len(cb) else 1
+    rows = torch.as_tensor(node_rows).reshape(-1).cpu()
+    contiguous = rows.numel() > 0 and torch.equal(rows - rows[0], torch.arange(rows.numel()) * pt.block_size)
     return BlockSumTensors(
         **vars(pt),
         node_rows=long(node_rows),
@@ -397,6 +424,7 @@ def block_tensors(
         par_i=long(pi),
         par_k=long(pk),
         max_parents=max_parents,
+        rows_start=int(rows[0]) if contiguous else -1,
     )
 
 
