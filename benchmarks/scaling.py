@@ -13,9 +13,10 @@ the step: the flow buffers' all-reduce timed alone (median of 50, CUDA events) o
 (epoch time / steps).
 
 `--chunk-ab [MIB ...]` (issue 12): also trains ours with the input statistics reduced in chunks of
-those sizes (none given: 0, one all-reduce after the layer, the pre-chunking behaviour) next to the
-default (`engine.distributed.CHUNK_BYTES`), in the same processes, alternating which goes first, and
-times the statistics launches alone (one launch against the chunked launches, no collective).
+those sizes (none given: 32 MiB; 0 is one all-reduce after the layer) next to the default
+(`engine.distributed.CHUNK_BYTES`, since the 14:17 run 0), in the same processes, alternating which
+goes first, and times the statistics launches alone (one launch against the chunked launches, no
+collective).
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def main():
         default=None,
         metavar="MIB",
         help="also time ours with the input statistics reduced in chunks of these MiB (0: one "
-        "all-reduce after the layer; no value: 0) besides the default chunk size (2+ GPUs), in the "
+        "all-reduce after the layer; no value: 32) besides the default chunk size (2+ GPUs), in the "
         "same processes, in alternating order; every run also times the statistics launches alone, "
         "chunked and not",
     )
@@ -213,7 +214,7 @@ def main():
         plain_first = args.overlap_ab and ranks.world > 1 and len(info["results"]) % 2 == 1
         if plain_first:
             row_plain = run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
-        sizes = [int(m * 2**20) for m in (args.chunk_ab or [0])] if args.chunk_ab is not None else []
+        sizes = [int(m * 2**20) for m in (args.chunk_ab or [32])] if args.chunk_ab is not None else []
         timed = sorted({distributed.CHUNK_BYTES, *sizes} - {0}) if args.chunk_ab is not None else ()
         chunks = sizes if ranks.world > 1 else []
         odd = len(info["results"]) % 2 == 1  # alternate which goes first: the default, or the variants

@@ -141,12 +141,13 @@ REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 BUCKET_BYTES = 8 * 2**20  # sum layers' flows are all-reduced in buckets of at least this much
-# an input layer's statistics larger than this are computed and all-reduced in chunks of about this
-# much: each chunk's all-reduce overlaps the next chunk's statistics kernel, and only the last
-# chunk's is left exposed. HCLT-256's 205 MB categorical statistics make 7 chunks of ~1,000 programs
-# each (16 MiB: 13 launches of ~2 waves on 132 SMs, where each launch's tail starts to cost);
-# not yet measured, see benchmarks/NOTES.md. 0 turns chunking off (one all-reduce after the layer).
-CHUNK_BYTES = 32 * 2**20
+# `chunk_bytes` > 0: an input layer's statistics larger than that are computed and all-reduced in
+# chunks of about that much, each chunk's all-reduce overlapping the next chunk's statistics kernel.
+# Off by default: on 2 H200s (2026-11-30 14:17, results/scaling_h200x2_2gpu_round4.json) 32 MiB chunks
+# against none gave 0.556 / 0.559 s an epoch at HCLT-256, 1.587 / 1.592 at HCLT-512, 0.563 / 0.563 at
+# PD-128 (0-0.5%, within run-to-run noise), while the chunked statistics launches alone cost 0.05-0.16
+# ms more a step than one launch. Kept opt-in (`fit(reduce_chunk_bytes=32 << 20)`) for slower links.
+CHUNK_BYTES = 0
 
 
 class FlowReducer:
