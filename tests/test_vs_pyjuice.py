@@ -45,6 +45,17 @@ def test_table_reproduces_the_round3_rows():
     assert "no cliff" in out
 
 
+def test_table_reproduces_the_round4_rows():
+    """The README's round-4 tables (issue 11, 2026-11-30 13:59 and 14:06 UTC) came from these files."""
+    docs = [tbl.load(os.path.join(RESULTS, f"vs_pyjuice_{k}_h200_round4.json")) for k in ("hclt", "pd")]
+    out = tbl.render(docs)
+    assert "| HCLT-128 | 0.438 | 0.438 | 1.00 | 0.616 | 0.864 | 1.97x |" in out
+    assert "| HCLT-512 | 2.973 | 2.958 | 1.01 | 4.224 | 5.969 | 2.01x |" in out
+    assert "| PD-128 | 1.057 | 1.057 | 1.00 | 1.361 | 1.760 | 1.66x |" in out
+    assert "| HCLT-256 | 4096 | 14 | 0.816 | 70,315 | 1.216 | 47,156 | 1.49x |" in out  # the curve
+    assert "no cliff" in out
+
+
 def test_table_rejects_a_file_that_is_not_a_result(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"rows": []}))

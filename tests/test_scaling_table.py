@@ -1,0 +1,25 @@
+"""benchmarks/scaling.py --table: the README's data-parallel rows come from the saved result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import scaling  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+
+
+def test_round4_rows(capsys):
+    runs = []
+    for gpus in (1, 2):
+        with open(os.path.join(RESULTS, f"scaling_h200x2_{gpus}gpu_round4.json")) as f:
+            runs.append(json.load(f))
+    scaling.print_table(runs)
+    out = capsys.readouterr().out
+    assert "hclt-256     2 |     0.556  1.84    14.5 |    1.099  1.81 |       1.98" in out
+    assert "hclt-512     2 |     1.587  1.86    13.1 |    3.193  1.86 |       2.01" in out
+    assert "pd-128       2 |     0.563  1.88     9.9 |    0.938  1.85 |       1.67" in out
+    assert "chunks 0 MiB: 0.559 s/ep, scaling 1.83" in out  # the chunked-statistics A/B
