@@ -1,0 +1,119 @@
+"""When each step of a training step runs on three CUDA streams: the rule of engine/executor/streams.py
+as a list schedule, with no torch, for the engine's docs and the workbench's Schedule tab.
+
+`CompiledCircuit._flows_on_streams` queues a training step's flows pass on three streams:
+- **main**: the forward, then top-down per sum layer its node scale and element flows (the part of
+  the sum layer's backward that the layer below waits for), the product layer's backward, and at the
+  end the input layers' statistics;
+- **recompute**: each product layer recomputed *ahead* into one of two element-value buffers,
+  alternating per sum layer; the recompute for the i-th sum layer (top-down) reuses the buffer of
+  sum layer i-2, so it waits for that layer's parameter flows (its last reader, queued after its
+  element flows);
+- **param flows**: each sum layer's parameter flows *behind*, once its node scale is written.
+The side streams start after the forward (the fork) and the step ends when all three are done (the
+join). A step starts when its stream is free and what it waits for is done: each stream runs its
+steps in queue order, like the GPU does. Streams are assumed not to slow each other (HCLT's small
+layers leave most SMs idle), so the makespan is a lower bound of the overlapped step.
+
+Profiled batches, `backward_flows()` and the CPU executor run the plain one-stream order instead
+(`one_stream`): each step after the previous one.
+
+A sum layer's backward is one step in the plan (and one measured span), so its time is split: a
+fraction `param_share` is the parameter flows, the rest node scale + element flows. Default 1/2 by
+FLOPs: element flows and parameter flows each do one tile matmul per weight per example (node scale
+is per node, not per weight: small beside either).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # no engine import at run time: importable without torch
+    from engine.compiler.plan import Step
+
+MAIN, RECOMPUTE, PARAMS = "main", "recompute", "param flows"
+STREAMS = (MAIN, RECOMPUTE, PARAMS)
+PARAM_SHARE = 0.5  # parameter flows' share of a sum layer's backward (FLOPs: one matmul of two)
+NUM_ELEMENT_BUFFERS = 2  # element-value buffers the recompute alternates between
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One piece of work on one stream. `step`: index into the step list; `part`: the step's pass,
+    or "param flows" for the parameter-flows part of a sum layer's backward; times in ms from the
+    step's start; `waits`: indices (into the returned slots) of the slots it waits for on other streams."""
+
+    step: int
+    layer: int
+    kind: str
+    part: str
+    stream: str
+    start: float
+    end: float
+    waits: tuple[int, ...] = ()
+
+    @property
+    def ms(self) -> float:
+        return self.end - self.start
+
+
+def _check(steps: Sequence[Step], ms: Sequence[float], param_share: float) -> None:
+    if len(steps) != len(ms):
+        raise ValueError(f"{len(steps)} steps but {len(ms)} costs: one cost (ms) per step")
+    bad = next((i for i, t in enumerate(ms) if not t >= 0), None)  # also catches NaN
+    if bad is not None:
+        raise ValueError(f"step {bad} has cost {ms[bad]!r} ms: costs must be >= 0")
+    if not 0.0 <= param_share <= 1.0:
+        raise ValueError(f"param_share must be in [0, 1], got {param_share}")
+
+
+def one_stream(steps: Sequence[Step], ms: Sequence[float]) -> list[Slot]:
+    """The plain order (profiled batches, `backward_flows()`, CPU): every step on `main`, end to end."""
+    _check(steps, ms, PARAM_SHARE)
+    out, t = [], 0.0
+    for i, (s, c) in enumerate(zip(steps, ms)):
+        out.append(Slot(i, s.layer.index, s.layer.kind, s.pass_name, MAIN, t, t + float(c)))
+        t += float(c)
+    return out
+
+
+def three_streams(steps: Sequence[Step], ms: Sequence[float], param_share: float = PARAM_SHARE) -> list[Slot]:
+    """Slots of a training step on three streams, in queue order (a sum layer's backward gives two:
+    its main part, then its parameter flows). `steps`: `plan.steps()` (or any steps in that order:
+    forward, then per sum layer recompute / backward / product backward, then input layers);
+    `ms[i]`: step i's time on one stream."""
+    _check(steps, ms, param_share)
+    free = dict.fromkeys(STREAMS, 0.0)
+    out: list[Slot] = []
+    fork = None  # the last forward slot: the side streams start after it
+    ready = None  # the recompute slot the next sum layer's backward reads
+    freed: list[int | None] = [None] * NUM_ELEMENT_BUFFERS  # per buffer: its last reader's slot
+    k = 0  # the element buffer of the current sum layer
+
+    def put(i: int, part: str, stream: str, cost: float, waits: list[int | None]) -> int:
+        waits = tuple(w for w in waits if w is not None)
+        start = max([free[stream], *(out[w].end for w in waits)])
+        layer = steps[i].layer
+        out.append(Slot(i, layer.index, layer.kind, part, stream, start, start + cost, waits))
+        free[stream] = start + cost
+        return len(out) - 1
+
+    for i, (s, c) in enumerate(zip(steps, ms)):
+        c = float(c)
+        if s.pass_name == "forward":
+            fork = put(i, "forward", MAIN, c, [])
+        elif s.pass_name == "recompute":
+            ready = put(i, "recompute", RECOMPUTE, c, [fork, freed[k]])
+        elif s.layer.kind == "sum":
+            scaled = put(i, "backward", MAIN, c * (1.0 - param_share), [ready])
+            freed[k] = put(i, PARAMS, PARAMS, c * param_share, [scaled])
+            ready, k = None, k ^ 1
+        else:  # a product layer's backward, an input layer's statistics
+            put(i, "backward", MAIN, c, [])
+    return out
+
+
+def makespan(slots: Sequence[Slot]) -> float:
+    """The step's time (ms): the join waits for every stream."""
+    return max((s.end for s in slots), default=0.0)

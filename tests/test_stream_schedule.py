@@ -1,0 +1,219 @@
+"""engine/executor/stream_schedule.py: the three-stream list schedule of a training step.
+
+Checked on a small compiled plan with random step costs: each stream serial, every wait honoured,
+the buffer-reuse rule, bounds against the one-stream sum and the main chain; and against an
+independent reference: the launches and waits that `CompiledCircuit._flows_on_streams` itself
+queues (recorded through a stand-in for FlowStreams) replayed as per-stream FIFO queues.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine.compiler import compile_plan
+from engine.dists import Categorical
+from engine.executor import stream_schedule as ss
+from engine.structures import hclt_from_tree
+
+PATH_EDGES = np.array([[i, i + 1] for i in range(6)])  # a path of 7 variables: a chain of sum layers
+
+
+def chain_root():
+    return hclt_from_tree(PATH_EDGES, 7, 4, Categorical(3), root_var=0)  # rooted at an end: deepest
+
+
+@pytest.fixture(scope="module")
+def plan():
+    p, _, _ = compile_plan(chain_root(), None, 0.5)
+    assert len(p.sum_layers) >= 4  # enough for each element buffer to be reused
+    return p
+
+
+def random_ms(n: int, seed: int) -> list[float]:
+    return list(np.random.default_rng(seed).uniform(0.01, 1.0, n))
+
+
+def by_stream(slots):
+    return {s: [x for x in slots if x.stream == s] for s in ss.STREAMS}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_streams_are_serial_waits_are_honoured_and_bounds_hold(plan, seed):
+    steps = plan.steps()
+    ms = random_ms(len(steps), seed)
+    slots = ss.three_streams(steps, ms)
+    n_sum = sum(s.pass_name == "backward" and s.layer.kind == "sum" for s in steps)
+    assert len(slots) == len(steps) + n_sum  # a sum layer's backward: main part + parameter flows
+    for lane in by_stream(slots).values():
+        for a, b in zip(lane, lane[1:]):
+            assert b.start >= a.end - 1e-12  # one stream runs one step at a time, in queue order
+    for x in slots:
+        assert all(x.start >= slots[w].end - 1e-12 for w in x.waits)
+        share = ss.PARAM_SHARE if x.part == ss.PARAMS else 1.0
+        if x.kind == "sum" and x.part == "backward":
+            share = 1.0 - ss.PARAM_SHARE  # node scale + element flows
+        assert x.ms == pytest.approx(ms[x.step] * share)
+    main = sum(x.ms for x in slots if x.stream == ss.MAIN)
+    span = ss.makespan(slots)
+    assert main - 1e-9 <= span <= sum(ms) + 1e-9
+    assert ss.makespan(ss.one_stream(steps, ms)) == pytest.approx(sum(ms))
+    assert span < sum(ms)  # random costs: some side work overlaps
+
+
+def test_dependency_rules(plan):
+    steps = plan.steps()
+    slots = ss.three_streams(steps, random_ms(len(steps), 7))
+    last_forward = max(i for i, x in enumerate(slots) if x.part == "forward")
+    recomputes = [i for i, x in enumerate(slots) if x.part == "recompute"]
+    mains = [i for i, x in enumerate(slots) if x.kind == "sum" and x.part == "backward"]
+    params = [i for i, x in enumerate(slots) if x.part == ss.PARAMS]
+    assert len(recomputes) == len(mains) == len(params) == len(plan.sum_layers)
+    for j, (r, m, p) in enumerate(zip(recomputes, mains, params)):
+        assert slots[r].stream == ss.RECOMPUTE and slots[p].stream == ss.PARAMS and slots[m].stream == ss.MAIN
+        assert slots[m].layer == slots[p].layer == steps[slots[r].step].partner.index
+        assert r in slots[m].waits  # the sum layer reads the element values recomputed for it
+        assert m in slots[p].waits  # parameter flows need the layer's node scale
+        assert slots[r].start >= slots[last_forward].end  # side streams fork after the forward
+        if j >= 2:  # buffer reuse: wait for the last reader of the buffer, two sum layers up
+            assert params[j - 2] in slots[r].waits
+            assert slots[r].start >= slots[params[j - 2]].end
+        else:
+            assert slots[r].waits == (last_forward,)
+    # slow parameter flows hold the recompute back through the buffer rule, not through the main chain
+    ms = [1.0 if s.pass_name == "backward" and s.layer.kind == "sum" else 0.01 for s in steps]
+    slots = ss.three_streams(steps, ms, param_share=0.9)
+    r2 = [x for x in slots if x.part == "recompute"][2]
+    p0 = [x for x in slots if x.part == ss.PARAMS][0]
+    assert r2.start == pytest.approx(p0.end)
+
+
+def test_bad_input_is_named(plan):
+    steps = plan.steps()
+    with pytest.raises(ValueError, match="one cost"):
+        ss.three_streams(steps, [1.0])
+    with pytest.raises(ValueError, match="step 3 has cost"):
+        ss.three_streams(steps, [1.0] * 3 + [float("nan")] + [1.0] * (len(steps) - 4))
+    with pytest.raises(ValueError, match="param_share"):
+        ss.three_streams(steps, [1.0] * len(steps), param_share=1.5)
+
+
+def test_module_imports_without_torch():
+    """Views import it: it must load where torch cannot be imported."""
+    path = Path(ss.__file__)
+    code = (
+        "import sys, importlib.util; sys.modules['torch'] = None; "
+        f"spec = importlib.util.spec_from_file_location('m', {str(path)!r}); "
+        "m = sys.modules['m'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.STREAMS)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "param flows" in out.stdout
+    assert importlib.util.find_spec("engine.executor.stream_schedule") is not None
+
+
+# ------------------------------------------------------------- reference: what the engine queues
+
+
+class RecordingStreams:
+    """Stands in for FlowStreams: records each stream's launches and waits instead of running them."""
+
+    def __init__(self, device, queues):
+        self.device, self.queues = device, queues
+        self.recompute, self.params, self.current = ss.RECOMPUTE, ss.PARAMS, ss.MAIN
+
+    def _ops(self, stream):
+        return sum(1 for q in self.queues[stream] if q[0] == "op")
+
+    def fork(self):
+        for s in (self.recompute, self.params):
+            self.queues[s].append(("wait", (ss.MAIN, self._ops(ss.MAIN))))
+
+    def join(self):
+        pass
+
+    @contextmanager
+    def on(self, stream):
+        prev, self.current = self.current, stream
+        yield
+        self.current = prev
+
+    def mark(self):
+        return (self.current, self._ops(self.current))
+
+    def wait(self, event):
+        if event is not None:
+            self.queues[self.current].append(("wait", event))
+
+    def launch(self, label):
+        self.queues[self.current].append(("op", label))
+
+
+def replay(queues, cost):
+    """FIFO queues with waits on 'the first n launches of stream s' -> {label: (start, end)}."""
+    t = dict.fromkeys(queues, 0.0)
+    ends = {s: [] for s in queues}
+    pos = dict.fromkeys(queues, 0)
+    times, blocked = {}, dict.fromkeys(queues, 0.0)
+    while any(pos[s] < len(q) for s, q in queues.items()):
+        moved = False
+        for s, q in queues.items():
+            while pos[s] < len(q):
+                what, arg = q[pos[s]]
+                if what == "wait":
+                    other, n = arg
+                    if len(ends[other]) < n:
+                        break  # not yet known: come back after the other stream moves
+                    blocked[s] = max(blocked[s], ends[other][n - 1] if n else 0.0)
+                else:
+                    start = max(t[s], blocked[s])
+                    t[s] = start + cost[arg]
+                    ends[s].append(t[s])
+                    times[arg] = (start, t[s])
+                pos[s] += 1
+                moved = True
+        assert moved, "the recorded waits form a cycle"
+    return times
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_model_matches_the_queues_the_engine_builds(seed):
+    pc = engine.compile(chain_root(), device="cpu", backend="torch")
+    plan = pc.plan
+    steps = plan.steps()
+    ms = random_ms(len(steps), 100 + seed)
+    queues = {s: [] for s in ss.STREAMS}
+    rec = RecordingStreams(pc.device, queues)
+    for s in plan.forward_steps():  # the forward is queued on the caller's stream before the fork
+        rec.launch((s.layer.index, "forward"))
+
+    def fake_step(step, *bufs_and_flags):
+        defer = bufs_and_flags[6] if len(bufs_and_flags) > 6 else None
+        rec.launch((step.layer.index, step.pass_name))
+        if defer is not None and step.layer.kind == "sum":
+            defer.append(lambda i=step.layer.index: rec.launch((i, ss.PARAMS)))
+
+    pc._flow_streams = rec
+    pc._backward_step = fake_step
+    rows = plan.num_element_rows
+    bufs = [torch.zeros(plan.num_node_rows, 2), torch.zeros(rows, 2)]
+    pc._flows_on_streams(bufs[0], bufs[1], torch.zeros_like(bufs[0]), torch.zeros_like(bufs[1]), None, None)
+
+    slots = ss.three_streams(steps, ms)
+    cost = {}
+    for x in slots:
+        cost[(x.layer, x.part)] = x.ms
+    times = replay(queues, cost)
+    assert len(times) == len(slots)
+    for x in slots:
+        assert (x.layer, x.part) in times, f"the engine queued no {x.part} of layer {x.layer}"
+        start, end = times[(x.layer, x.part)]
+        assert x.start == pytest.approx(start) and x.end == pytest.approx(end)
+        assert (x.layer, x.part) in [label for op, label in queues[x.stream] if op == "op"]
