@@ -58,3 +58,38 @@ def test_calibration_needs_measured_steps(demo_plan):
     for r in recs[:2]:
         r["measured_ms"] = 1.0
     assert calibrate.calibrate(recs, 1e11, 2e10, 5.0) is None
+
+
+def test_three_stream_memory_holds_a_second_element_buffer_in_the_flows_pass(demo_plan):
+    batch = 256
+    recs = plans.schedule(demo_plan, batch)
+    tl = memory.memory_timeline(demo_plan, recs, batch)
+    three, one = tl["three streams"], tl["recompute"]
+    assert len(three) == len(recs)
+    buffer = demo_plan.num_element_rows * 4 * batch  # the spare _flows_on_streams allocates
+    for r, a, b in zip(recs, three, one, strict=True):
+        extra = buffer if r["pass"] != "forward" else 0  # held from the first backward step on
+        assert a["element values"] == b["element values"] + extra
+        assert a["total"] == b["total"] + extra and a["node flows"] == b["node flows"]
+    assert memory.peak(three) == demo_plan.memory_bytes(batch)["total"] + buffer
+    assert memory.peak(one) == demo_plan.memory_bytes(batch)["total"]
+
+
+def test_stream_schedule_service_lays_the_records_on_one_or_three_streams(demo_plan):
+    recs = plans.schedule(demo_plan, 512)
+    serial = sum(r["predicted_ms"] for r in recs)
+    one = plans.stream_schedule(demo_plan, recs, num_streams=1)
+    assert [s["pass"] for s in one] == [r["pass"] for r in recs]
+    assert plans.step_ms(one) == pytest.approx(serial)
+    three = plans.stream_schedule(demo_plan, recs)
+    n_sums = sum(r["kind"] == "sum" and r["pass"] == "backward" for r in recs)
+    assert len(three) == len(recs) + n_sums
+    assert {s["lane"] for s in three} == set(plans.STREAM_LANES.values())
+    main = sum(s["ms"] for s in three if s["stream"] == "main")
+    assert main <= plans.step_ms(three) < serial
+    assert sum(s["ms"] for s in three) == pytest.approx(serial)  # the same work, split and overlapped
+    # a run's plan dict lays out the same way; an unmeasured step cannot be laid out
+    assert plans.stream_schedule(demo_plan.to_dict(512), recs) == three
+    assert plans.stream_schedule(demo_plan, recs, key="measured_ms") is None
+    with pytest.raises(ValueError, match="records for a plan"):
+        plans.stream_schedule(demo_plan, recs[:-1])

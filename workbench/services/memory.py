@@ -7,6 +7,10 @@ Two policies over the same schedule (`plans.schedule` order), from the plan's bu
   before the backward of the sum layer above.
 - **store**: every product layer keeps its own element values from the forward pass until its
   backward, the way an autograd framework keeps activations.
+- **three streams** (GPU training: engine/executor/stream_schedule.py): recompute as above, but the
+  flows pass recomputes each product layer *ahead* into a second element-value buffer as well (the
+  two alternate per sum layer), so two element-value buffers are held from the first backward step
+  on. The node scale is written over the node-flow rows: no scratch of its own.
 
 Node values, node flows and parameters are the same under both. Sizes in bytes (float32).
 """
@@ -14,6 +18,7 @@ Node values, node flows and parameters are the same under both. Sizes in bytes (
 from __future__ import annotations
 
 from engine.compiler.plan import PAD_ROWS, LayerPlan
+from engine.executor.stream_schedule import NUM_ELEMENT_BUFFERS
 
 FLOAT_BYTES = 4
 BUFFERS = ["parameters", "node values", "node flows", "element values", "element flows"]
@@ -28,14 +33,14 @@ def memory_timeline(plan: LayerPlan, records: list[dict], batch_size: int) -> di
     """Live bytes per buffer after each schedule step, for each policy.
 
     `records`: `plans.schedule(plan, ...)` output (step order, "layer", "pass"). Returns
-    {"recompute": [...], "store": [...]}, one dict per record: step, layer, pass, one key per
+    {"recompute": [...], "store": [...], "three streams": [...]}, one dict per record: step, layer, pass, one key per
     `BUFFERS` entry (bytes) and "total" (bytes).
     """
     per_row = FLOAT_BYTES * batch_size
     params = FLOAT_BYTES * (2 * plan.num_params + 2 * plan.num_input_params)  # weights + their flows
     prod = _product_rows(plan)
     scratch = (PAD_ROWS + max(prod.values(), default=0)) * per_row
-    out: dict[str, list[dict]] = {"recompute": [], "store": []}
+    out: dict[str, list[dict]] = {"recompute": [], "store": [], "three streams": []}
     stored: dict[int, int] = {}  # store policy: product layer -> bytes kept
     backward = False
     for r in records:
@@ -50,6 +55,8 @@ def memory_timeline(plan: LayerPlan, records: list[dict], batch_size: int) -> di
         }
         keys = {"step": r["step"], "layer": r["layer"], "pass": r["pass"]}
         out["recompute"].append({**keys, **common, "element values": scratch})
+        two = NUM_ELEMENT_BUFFERS * scratch if backward else scratch  # the spare exists in the flows pass
+        out["three streams"].append({**keys, **common, "element values": two})
         out["store"].append({**keys, **common, "element values": PAD_ROWS * per_row + sum(stored.values())})
         if r["layer"] in prod and r["pass"] == "backward":
             stored.pop(r["layer"], None)  # its flows are passed down: its values are no longer needed
@@ -57,6 +64,11 @@ def memory_timeline(plan: LayerPlan, records: list[dict], batch_size: int) -> di
         for d in rows:
             d["total"] = sum(d[b] for b in BUFFERS)
     return out
+
+
+def peak(rows: list[dict]) -> int:
+    """Peak live bytes of one policy's timeline."""
+    return max((d["total"] for d in rows), default=0)
 
 
 def peak_saving(timeline: dict[str, list[dict]]) -> tuple[int, int]:

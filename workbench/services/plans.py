@@ -11,6 +11,7 @@ import numpy as np
 
 from engine.compiler import compile_plan
 from engine.compiler.plan import PAD_ROWS, Layer, LayerPlan
+from engine.executor import stream_schedule as engine_streams
 
 # Roofline defaults: a single CPU core-ish machine; views let the user set an H100 (~50e12, 3.35e12).
 DEFAULT_PEAK_FLOPS = 1e11  # FLOP/s
@@ -280,3 +281,64 @@ def schedule(
             }
         )
     return out
+
+
+# ------------------------------------------------------------------------------- three-stream schedule
+
+STREAM_LANES = {
+    engine_streams.MAIN: "main chain",
+    engine_streams.RECOMPUTE: "recompute ahead",
+    engine_streams.PARAMS: "param flows behind",
+}
+
+
+def stream_schedule(
+    plan: LayerPlan | dict,
+    records: list[dict],
+    key: str = "predicted_ms",
+    num_streams: int = 3,
+    param_share: float = engine_streams.PARAM_SHARE,
+) -> list[dict] | None:
+    """When each step of `records` (`schedule(plan, ...)` output, one per `plan.steps()` step) runs,
+    timed by `records[i][key]` (ms), on one stream (`num_streams=1`: profiled batches, the CPU) or three
+    (`num_streams=3`: GPU training, engine/executor/stream_schedule.py's list schedule).
+
+    One dict per slot, in queue order: {"step" (record index), "layer", "kind", "pass" ("forward",
+    "recompute", "backward", or "param flows": the parameter-flows part, `param_share` of a sum layer's
+    backward), "stream" ("main", "recompute", "param flows"), "lane" (`STREAM_LANES` name), "start_ms",
+    "end_ms", "ms"}. None when a record has no time under `key` (a step not measured)."""
+    if isinstance(plan, dict):
+        plan = plan_from_dict(plan)
+    steps = plan.steps()
+    if len(steps) != len(records):
+        raise ValueError(
+            f"{len(records)} records for a plan of {len(steps)} steps: schedule() of another plan"
+        )
+    ms = [r.get(key) for r in records]
+    if any(t is None for t in ms):
+        return None
+    if num_streams == 3:
+        slots = engine_streams.three_streams(steps, ms, param_share)
+    elif num_streams == 1:
+        slots = engine_streams.one_stream(steps, ms)
+    else:
+        raise ValueError(f"num_streams must be 1 or 3, got {num_streams}")
+    return [
+        {
+            "step": x.step,
+            "layer": x.layer,
+            "kind": x.kind,
+            "pass": x.part,
+            "stream": x.stream,
+            "lane": STREAM_LANES[x.stream],
+            "start_ms": x.start,
+            "end_ms": x.end,
+            "ms": x.ms,
+        }
+        for x in slots
+    ]
+
+
+def step_ms(slots: list[dict] | None) -> float:
+    """A training step's time (ms) under `stream_schedule`'s slots: the last stream to finish."""
+    return max((s["end_ms"] for s in slots or ()), default=0.0)
