@@ -18,10 +18,19 @@ BUFFER_COLORS = {
 STORE_COLOR = "#222222"
 
 
-def memory_plot(timeline: dict[str, list[dict]]):
-    """Stacked areas: the engine's buffers per step (recompute); a dashed line: the total if every
+POLICY_NOTE = {
+    "recompute": "one stream",
+    "three streams": "three streams: two element buffers in the flows pass",
+}
+
+
+def memory_plot(timeline: dict[str, list[dict]], policy: str = "recompute"):
+    """Stacked areas: the engine's buffers per step under `policy` ("recompute": one stream, "three
+    streams": GPU training's flows pass, two element-value buffers); a dashed line: the total if every
     product layer were stored instead; pass boundaries shaded in the pass colours."""
-    rec, store = timeline["recompute"], timeline["store"]
+    if policy not in POLICY_NOTE:
+        raise ValueError(f"memory policy must be one of {sorted(POLICY_NOTE)}, got {policy!r}")
+    rec, store = timeline[policy], timeline["store"]
     steps = np.arange(len(rec), dtype=float)
     totals = np.array([d["total"] for d in store], dtype=float)
     recomputed = np.array([sum(d[b] for b in BUFFERS) for d in rec], dtype=float)
@@ -42,7 +51,7 @@ def memory_plot(timeline: dict[str, list[dict]]):
     spans = _pass_spans(rec)
     peak_re, peak_st = base.max(initial=0), totals.max(initial=0)
     title = (
-        f"Step memory: peak {fmt_bytes(peak_re)} with product layers recomputed, "
+        f"Step memory: peak {fmt_bytes(peak_re)} with product layers recomputed ({POLICY_NOTE[policy]}), "
         f"{fmt_bytes(peak_st)} if stored ({_saving(peak_re, peak_st)})"
     )
     return hv.Overlay([*spans, *layers, stored]).opts(

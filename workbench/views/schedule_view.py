@@ -6,6 +6,12 @@ milliseconds. `measured` ({(layer, pass): mean ms}) is set by the app from the t
 `run_plan` (the plan event the worker sent, `plan.to_dict()`). When that run's plan differs from the
 current one, a switch draws the run's own plan (laid out from the dict by `plans.schedule`) with its
 measured times; the current what-if plan is never drawn against another plan's measurements.
+
+A second switch picks the stream schedule: one stream (profiled batches, `backward_flows()`, the CPU
+executor) or the three streams of a GPU training step (`plans.stream_schedule`, the engine's rule in
+engine/executor/stream_schedule.py), which also sets the memory plot's policy. Measured times always
+come from profiled batches, which run on one stream: drawn as measured, and laid out on three streams
+only as a prediction.
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ import panel as pn
 import param
 
 from workbench.services import calibrate, memory
-from workbench.services.plans import plan_batch_size, plan_from_dict, plan_signature
+from workbench.services.plans import (
+    STREAM_LANES,
+    plan_batch_size,
+    plan_from_dict,
+    plan_signature,
+    step_ms,
+    stream_schedule,
+)
 from workbench.state.plan import PlanState
 from workbench.views._common import KIND_COLORS, NO_WHEEL, fmt_bytes, fmt_count, learn
 from workbench.views._deferred import DeferWhileHidden
@@ -29,6 +42,15 @@ LEARN = """**Layer schedule.** The compiled circuit runs layer by layer: the for
 then the backward (flows) pass top-down. Product layers are cheap elementwise work but would need a
 buffer each, so the engine keeps one *scratch* buffer and **recomputes** each product layer just before
 the backward of the sum layer above it (the middle lane): a little extra compute buys a lot of memory.
+**Streams.** That is the one-stream order: the CPU, profiled batches and `backward_flows()` run it. A
+GPU training step runs its flows pass on **three streams**: the *main chain* (forward, then per sum
+layer its node scale and element flows and the product layer's backward, then the input statistics),
+each product layer *recomputed ahead* on a second stream into one of **two** alternating element
+buffers (a buffer is reused only after the parameter flows of the sum layer two above have read it),
+and each sum layer's *parameter flows behind* on a third, since nothing reads them until the EM update.
+Switch *Stream schedule* to see it: the side work hides behind the main chain, for one more element
+buffer of memory. The model splits a sum layer's backward half and half (element flows and parameter
+flows are one matmul each) and assumes the streams do not slow each other, so it is a lower bound.
 The top timeline is each step's predicted time (a roofline: the larger of FLOPs / peak and bytes /
 bandwidth, plus a launch cost per partition); once this very plan has been trained with profiling,
 its measured times appear below on the same time axis, with the device model *calibrated* to them
@@ -40,6 +62,11 @@ roofline plot places every step by arithmetic intensity: left of the ridge, memo
 (input and product layers); right of it, compute. Tap a bar to highlight its layer in every tab."""
 
 LANES = ["forward", "recompute", "backward"]
+STREAM_LANE_NAMES = list(STREAM_LANES.values())  # main chain, recompute ahead, param flows behind
+STREAM_OPTIONS = {
+    "Stream schedule: one stream (CPU, profiled batches)": 1,
+    "three streams (GPU training default)": 3,
+}
 TABLE_COLUMNS = [
     "step",
     "layer",
@@ -89,6 +116,46 @@ def timeline(
     )
 
 
+def stream_timeline(slots: list[dict], title: str, x_end: float | None = None, selected: int | None = None):
+    """`plans.stream_schedule` slots as rectangles at their own start/end (ms), one lane per stream."""
+    rects = [
+        (
+            s["start_ms"],
+            STREAM_LANE_NAMES.index(s["lane"]) - 0.4,
+            s["end_ms"],
+            STREAM_LANE_NAMES.index(s["lane"]) + 0.4,
+            s["kind"],
+            s["layer"],
+            s["pass"],
+            s["ms"],
+            1.0 if selected is None or s["layer"] == selected else 0.3,
+        )
+        for s in slots
+    ]
+    t = step_ms(slots)
+    el = hv.Rectangles(
+        rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=["kind", "layer", "pass", "ms", "alpha"]
+    )
+    return el.opts(
+        color="kind",
+        cmap=KIND_COLORS,
+        alpha="alpha",
+        line_color="white",
+        line_width=0.5,
+        responsive=True,
+        height=200,
+        tools=["hover", "tap"],
+        title=f"{title}: {t:.3g} ms per training step",
+        xlabel="time in the step (ms)",
+        ylabel="",
+        yticks=list(enumerate(STREAM_LANE_NAMES)),
+        ylim=(-0.6, 2.6),
+        xlim=(0, max(x_end or t, 1e-6) * 1.02),
+        show_legend=False,
+        **NO_WHEEL,
+    )
+
+
 def log_ticks(lo: float, hi: float, max_ticks: int = 5) -> list[float]:
     """At most `max_ticks` round tick positions (1, 2, 5 x 10^k) for a log axis over [lo, hi].
 
@@ -120,6 +187,11 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         default="current",
         objects=["current", "run"],
         doc="Which plan the timelines draw: the current what-if plan, or the profiled run's own plan",
+    )
+    num_streams = param.Selector(
+        default=1,
+        objects=[1, 3],
+        doc="Stream schedule drawn: 1 (CPU, profiled batches) or 3 (a GPU training step's flows pass)",
     )
 
     def __init__(self, **params):
@@ -162,6 +234,11 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             options=self._switch_options(), value="current", disabled=True, width=520
         )
         self.plan_switch.param.watch(lambda e: setattr(self, "show", e.new), "value")
+        self.stream_switch = pn.widgets.RadioButtonGroup(
+            options=STREAM_OPTIONS, value=self.num_streams, width=560
+        )
+        self.stream_switch.param.watch(lambda e: setattr(self, "num_streams", e.new), "value")
+        self.streams_info = pn.pane.Markdown("", margin=(0, 10))
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(columns=TABLE_COLUMNS),
             show_index=False,
@@ -178,7 +255,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         self.plan.param.watch(
             redraw, ["plan", "peak_flops", "bandwidth", "launch_us", "absent", "selected_layer"]
         )
-        self.param.watch(redraw, ["measured", "measured_plan", "run_plan", "show"])
+        self.param.watch(redraw, ["measured", "measured_plan", "run_plan", "show", "num_streams"])
         self.refresh()
 
     def _on_device(self, event) -> None:
@@ -246,25 +323,79 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
         x_end = max(predicted, measured, calibrated)
         sel = self.plan.selected_layer
-        el = timeline(records, "predicted_ms", "Predicted (roofline)", x_end, sel)
+        el, picks = self._timeline(
+            self.plan.plan, records, "predicted_ms", "Predicted (roofline)", x_end, sel
+        )
         self._tap = hv.streams.Selection1D(source=el)  # tap a bar: select its layer in every view
-        self._tap.add_subscriber(lambda index: self._select(records, index))
+        self._tap.add_subscriber(lambda index: self._select(picks, index))
         self.predicted.object = el
         self.measured_plot.object = (
-            timeline(records, "measured_ms", f"Measured ({src})", x_end, sel) if ok else None
+            timeline(records, "measured_ms", f"Measured ({src}), profiled batches on one stream", x_end, sel)
+            if ok
+            else None
         )
         self.calibrated_plot.object = (
-            timeline(records, "calibrated_ms", "Calibrated model", x_end, sel) if cal is not None else None
+            self._timeline(self.plan.plan, records, "calibrated_ms", "Calibrated model", x_end, sel)[0]
+            if cal is not None
+            else None
         )
         self.calibration_info.object = self._calibration_line(cal)
         self.use_calibrated.disabled = cal is None
         self.scatter.object = roofline(records, self.plan.peak_flops, self.plan.bandwidth, ok)
         self.memory.object = memory_plot(
-            memory.memory_timeline(self.plan.plan, records, self.plan.batch_size)
+            memory.memory_timeline(self.plan.plan, records, self.plan.batch_size), self._memory_policy()
         )
+        self.streams_info.object = self._streams_line(self.plan.plan, records, ok)
         self.info.object = self._summary(records) + self._measured_line(src, predicted, measured)
 
+    def _timeline(self, plan, records: list[dict], key: str, title: str, x_end: float, sel=None):
+        """(element, records its bars stand for in order): the one-stream timeline by pass, or the
+        three-stream one by stream, whichever `num_streams` picks."""
+        if self.num_streams == 3:
+            slots = stream_schedule(plan, records, key)
+            if slots is not None:
+                return stream_timeline(slots, f"{title}, three streams (GPU training)", x_end, sel), slots
+        picks = [r for r in records if r.get(key) is not None]
+        return timeline(records, key, f"{title}, one stream", x_end, sel), picks
+
+    def _memory_policy(self) -> str:
+        return "three streams" if self.num_streams == 3 else "recompute"
+
+    def _streams_line(self, plan, records: list[dict], measured: bool) -> str:
+        """The predicted step on one stream and on three, and what the measured times are."""
+        one = sum(r["predicted_ms"] for r in records)
+        three = step_ms(stream_schedule(plan, records))
+        gain = f"{100 * (1 - three / one):.0f}% less" if one > 0 else "no change"
+        line = (
+            f"Predicted step: **{one:.3g} ms on one stream** (CPU, profiled batches), "
+            f"**{three:.3g} ms on three streams** (GPU training default, {gain}). "
+        )
+        if self.num_streams == 3:
+            line += (
+                "Drawn: **three streams**, a GPU training step (Triton executor, "
+                "`KernelOptions.overlap=True`): the side streams' work overlaps the main chain; the "
+                "memory plot holds two element buffers in the flows pass. "
+            )
+        else:
+            line += (
+                "Drawn: **one stream**, what the CPU executor and profiled batches run; a GPU training "
+                "step runs three streams: switch *Stream schedule* to see it. "
+            )
+        if measured:
+            t = stream_schedule(plan, records, "measured_ms")
+            line += (
+                "*Measured per-layer times come from profiled batches, which run on one stream* (each "
+                "layer timed alone), so the measured timeline is a one-stream one"
+                + (
+                    f"; laid out on three streams they predict **{step_ms(t):.3g} ms** per step."
+                    if t
+                    else "."
+                )
+            )
+        return line
+
     def _clear(self) -> None:
+        self.streams_info.object = ""
         for pane in (self.predicted, self.measured_plot, self.calibrated_plot, self.scatter, self.memory):
             pane.object = None
         self.table.value = pd.DataFrame(columns=TABLE_COLUMNS)
@@ -292,19 +423,22 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         x_end = max(predicted, measured, calibrated)
         src = self.measured_source
         self._tap = None
-        self.predicted.object = timeline(
-            records, "predicted_ms", f"Predicted (roofline), plan of {src}", x_end
-        )
+        self.predicted.object = self._timeline(
+            skeleton, records, "predicted_ms", f"Predicted (roofline), plan of {src}", x_end
+        )[0]
         self.measured_plot.object = timeline(
-            records, "measured_ms", f"Measured ({src}) on its own plan", x_end
+            records, "measured_ms", f"Measured ({src}) on its own plan, profiled batches on one stream", x_end
         )
         self.calibrated_plot.object = (
-            timeline(records, "calibrated_ms", "Calibrated model", x_end) if cal is not None else None
+            self._timeline(skeleton, records, "calibrated_ms", "Calibrated model", x_end)[0]
+            if cal is not None
+            else None
         )
         self.calibration_info.object = self._calibration_line(cal)
         self.use_calibrated.disabled = cal is None
         self.scatter.object = roofline(records, p.peak_flops, p.bandwidth, True)
-        self.memory.object = memory_plot(memory.memory_timeline(skeleton, records, bs))
+        self.memory.object = memory_plot(memory.memory_timeline(skeleton, records, bs), self._memory_policy())
+        self.streams_info.object = self._streams_line(skeleton, records, True)
         n_re = sum(r["pass"] == "recompute" for r in records)
         self.info.object = (
             f"**The plan of run {src}** (not the current circuit's): **{len(skeleton.layers)}** layers, "
@@ -360,6 +494,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             )
 
     def _select(self, records: list[dict], index: list[int]) -> None:
+        """`records`: what the tapped timeline's bars stand for, in order (records or stream slots)."""
         if index:
             self.plan.selected_layer = records[index[0]]["layer"]
 
@@ -394,7 +529,9 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             learn(LEARN),
             pn.Row(self.peak, self.legend, align="end"),
             self.plan_switch,
+            self.stream_switch,
             self.info,
+            self.streams_info,
             self.predicted,
             self.calibrated_plot,
             self.measured_plot,
