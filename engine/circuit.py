@@ -8,6 +8,7 @@ memory saving).
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import nullcontext
 from typing import Callable
 
@@ -312,34 +313,44 @@ class CompiledCircuit(torch.nn.Module):
         freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
         held = []  # deferred launches and the tensors they read stay alive until the join
         streams.fork()
-        k = 0  # the element buffer of the current sum layer
-        for step in self.plan.backward_steps(inputs=True):
-            if step.pass_name == "recompute":
-                with streams.on(streams.recompute):
-                    streams.wait(freed[k])
-                    self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows)
-                    ready = streams.mark()
-                streams.wait(ready)
-            elif step.layer.kind == "sum":
-                later: list = []
-                self._backward_step(
-                    step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False, later
-                )
-                scaled = streams.mark()
-                with streams.on(streams.params):
-                    streams.wait(scaled)
-                    for launch in later:
-                        launch()
-                    if listener is not None:  # an all-reduce of these flows follows them on this stream
-                        listener(step)
-                    freed[k] = streams.mark()
-                held += later
-                k ^= 1
-                continue
-            else:
-                self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False)
-            if listener is not None:
-                listener(step)
+        try:
+            k = 0  # the element buffer of the current sum layer
+            for step in self.plan.backward_steps(inputs=True):
+                if step.pass_name == "recompute":
+                    with streams.on(streams.recompute):
+                        streams.wait(freed[k])
+                        self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows)
+                        ready = streams.mark()
+                    streams.wait(ready)
+                elif step.layer.kind == "sum":
+                    later: list = []
+                    self._backward_step(
+                        step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False, later
+                    )
+                    scaled = streams.mark()
+                    with streams.on(streams.params):
+                        streams.wait(scaled)
+                        for launch in later:
+                            launch()
+                        if listener is not None:  # an all-reduce of these flows follows them on this stream
+                            listener(step)
+                        freed[k] = streams.mark()
+                    held += later
+                    k ^= 1
+                    continue
+                else:
+                    self._backward_step(
+                        step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False
+                    )
+                if listener is not None:
+                    listener(step)
+        except BaseException:
+            # a launch raised (a kernel's compile error, out of memory, Ctrl-C): join anyway, or the caching
+            # allocator could hand the spare buffer, `mus` or a scale to new tensors while a side stream
+            # still writes or reads them; a join that fails too (an invalidated capture) must not hide the error
+            with contextlib.suppress(Exception):
+                streams.join()
+            raise
         streams.join()
         held.clear()
 

@@ -5,15 +5,19 @@ Training steps write each tiled sum partition's node scale over its own node-flo
 blocks), recompute product layers into two alternating element buffers, and run each sum layer's
 parameter flows after the layer's critical-path kernels; the arithmetic is the same, so training is
 bit-identical to the plain schedule. On the CPU (Triton interpreter) the schedule runs in program
-order: these tests check the buffers, the deferral and the order the listener hears the layers in;
-the GPU test checks the streams inside a captured CUDA graph.
+order: these tests check the buffers, the deferral and the order the listener hears the layers in,
+and a recording stand-in for the streams (RecordingStreams) checks the schedule's dependency graph:
+every access to rows another stream touched waits for it. The GPU test checks the streams inside a
+captured CUDA graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -260,3 +264,226 @@ def test_overlap_gpu_graph_training_is_bit_identical():
         assert torch.equal(out[0][0], out[1][0]), name
         assert torch.equal(out[0][1], out[1][1]), name
         assert out[0][2] == out[1][2], name
+
+
+ALL = object()  # an access to every buffer: the work queued before the pass and after it
+
+
+class RecordingStreams:
+    """FlowStreams' interface on the CPU, recording instead of ordering: each launch is an op on the
+    stream current at the time (main, recompute, params) with the buffer rows it reads and writes, and
+    fork / join / mark / wait move vector clocks as CUDA's stream waits and events would. `violations`
+    then lists every pair of conflicting ops on different streams (same rows, one writes) where the
+    later one in program order does not wait for the earlier: the races a GPU would have, found on the
+    CPU. `ignore` drops the waits queued on one stream (to check that the check sees the difference)."""
+
+    STREAMS = ("main", "recompute", "params")
+
+    def __init__(self, ignore: str | None = None):
+        self.device, self.ignore = None, ignore  # the device: the circuit's (record_flows_pass)
+        self.recompute, self.params = "recompute", "params"
+        self.clock = {s: {s: 0} for s in self.STREAMS}
+        self.current = "main"
+        self.ops: list = []  # (name, stream, clock after the op, [(buffer key, rows or None, writes)])
+        self.deferred: list = []  # weak references to the deferred launches
+        self.alive_at_join: bool | None = None
+        self.forked = False
+
+    def record(self, name, accesses) -> None:
+        if not self.forked:  # the forward's launches: "before the pass" stands for them
+            return
+        c = self.clock[self.current]
+        c[self.current] += 1
+        self.ops.append((name, self.current, dict(c), accesses))
+
+    def _merge(self, stream, clock) -> None:
+        c = self.clock[stream]
+        for s, n in clock.items():
+            c[s] = max(c.get(s, 0), n)
+
+    def fork(self) -> None:
+        self.forked = True
+        self.record("before the pass", [(ALL, None, True)])  # the forward, the buffers' fills
+        for s in (self.recompute, self.params):
+            self._merge(s, self.clock["main"])
+
+    def join(self) -> None:
+        for s in (self.recompute, self.params):
+            self._merge("main", self.clock[s])
+        self.alive_at_join = all(ref() is not None for ref in self.deferred)
+
+    @contextlib.contextmanager
+    def on(self, stream):
+        before, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def mark(self):
+        return dict(self.clock[self.current])
+
+    def wait(self, event) -> None:
+        if event is not None and self.current != self.ignore:
+            self._merge(self.current, event)
+
+    def violations(self) -> list[tuple[str, str]]:
+        def conflict(a, b):
+            for ka, ra, wa in a:
+                for kb, rb, wb in b:
+                    same = ka is ALL or kb is ALL or ka == kb
+                    rows = ra is None or rb is None or bool(ra & rb)
+                    if same and rows and (wa or wb):
+                        return True
+            return False
+
+        out = []
+        for i, (na, sa, ca, aa) in enumerate(self.ops):
+            for nb, sb, cb, ab in self.ops[i + 1 :]:
+                if sa != sb and cb.get(sa, 0) < ca[sa] and conflict(aa, ab):
+                    out.append((na, nb))
+        return out
+
+
+class _Deferred:
+    """A deferred parameter-flow launch that records itself when run (weakly referenced)."""
+
+    def __init__(self, launch, record):
+        self.launch, self.record = launch, record
+
+    def __call__(self):
+        self.record()
+        self.launch()
+
+
+def record_flows_pass(monkeypatch, root, dists, streams=None) -> RecordingStreams:
+    """One training step's flows pass on a recording stand-in for the streams: every backend launch and
+    every listener call recorded with the rows it touches (engine.compiler.plan Layer.writes)."""
+    pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=OVERLAP)
+    streams = pc._flow_streams = streams or RecordingStreams()
+    streams.device = pc.device  # the circuit keeps streams made for its device
+    layer_of = {id(t): i for i, t in enumerate(pc.tables.layers) if t is not None}
+    be = pc.backend
+
+    def key(t):
+        return t.untyped_storage().data_ptr()
+
+    def rows(layer_index):
+        _, lo, hi = pc.plan.layers[layer_index].writes
+        return frozenset(range(lo, hi))
+
+    def slots(parts):
+        return frozenset(i for p in parts for i in range(p.param_offset, p.param_offset + p.num_params))
+
+    def view_rows(view, base):  # the node-flow rows a scale slab covers
+        first = (view.storage_offset() - base.storage_offset()) // base.stride(0)
+        return frozenset(range(first, first + view.shape[0]))
+
+    real = {n: getattr(be, n) for n in ("prod_forward", "sum_backward", "prod_backward", "input_stats")}
+
+    def prod_forward(table, node_mars, element_mars):
+        streams.record("recompute", [(key(element_mars), rows(layer_of[id(table)]), True)])
+        real["prod_forward"](table, node_mars, element_mars)
+
+    def sum_backward(table, params, em, nm, nf, ef, pf, keep_node_flows=True, defer=None):
+        li = layer_of[id(table)]
+        mine: list = []
+        real["sum_backward"](table, params, em, nm, nf, ef, pf, keep_node_flows, mine)
+        later = [d.args[0] for d in mine]
+        streams.record(
+            f"sum {li} element flows",
+            [
+                (key(em), rows(li - 1), False),
+                (key(nf), rows(li), True),  # node flows in, the scale over them
+                (key(ef), rows(li - 1), True),
+                (key(pf), slots([p for p in table.parts if all(p is not q for q in later)]), True),
+            ],
+        )
+        for d in mine:
+            pt, scale = d.args[0], d.args[3]
+            acc = [(key(em), rows(li - 1), False), (key(nf), view_rows(scale, nf), False)]
+            acc.append((key(pf), slots([pt]), True))
+            run = _Deferred(d, lambda acc=acc: streams.record(f"sum {li} parameter flows", acc))
+            streams.deferred.append(weakref.ref(run))
+            defer.append(run)
+
+    def prod_backward(table, ef, nf):
+        li = layer_of[id(table)]
+        written = frozenset(table.flow_rows.tolist())
+        streams.record(f"product {li} flows", [(key(ef), rows(li), False), (key(nf), written, True)])
+        real["prod_backward"](table, ef, nf)
+
+    def input_stats(layer, table, cache, flows, *rest):
+        i = next(j for j, inp in enumerate(pc.input_layers) if inp is layer)
+        first = flows.storage_offset() // flows.stride(0)  # a row slice of node flows
+        acc = [
+            (key(flows), frozenset(range(first, first + flows.shape[0])), False),
+            (("stats", i), None, True),
+        ]
+        streams.record(f"input {i} statistics", acc)
+        real["input_stats"](layer, table, cache, flows, *rest)
+
+    for name, fn in dict(
+        prod_forward=prod_forward,
+        sum_backward=sum_backward,
+        prod_backward=prod_backward,
+        input_stats=input_stats,
+    ).items():
+        monkeypatch.setattr(be, name, fn)
+
+    def listener(step):  # an all-reduce of the layer's flows, queued on the current stream
+        li = step.layer.index
+        if step.layer.kind == "sum" and step.pass_name == "backward":
+            streams.record(
+                f"all-reduce {li}", [(key(pc.param_flows), slots(pc.tables.layers[li].parts), False)]
+            )
+        elif step.layer.kind == "input":
+            streams.record(f"all-reduce {li}", [(("stats", pc._input_index[li]), None, False)])
+
+    pc.flow_listener = listener
+    (x, m), _ = batches_for(dists)
+    pc.zero_flows()
+    pc.accumulate_flows(x, m, validate=False)
+    streams.record("after the pass (EM, the next step)", [(ALL, None, True)])
+    return streams
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_cross_stream_access_waits_for_the_one_before(name, monkeypatch):
+    """The dependency graph of the three-stream schedule: every read of rows another stream wrote, and
+    every write of rows another stream read or wrote, waits (through events, fork or join) for that
+    access; the deferred launches are alive until the join."""
+    streams = record_flows_pass(monkeypatch, *CASES[name]())
+    kinds = {s for _, s, _, _ in streams.ops}
+    assert kinds == set(RecordingStreams.STREAMS), kinds
+    assert any("parameter flows" in n for n, *_ in streams.ops)
+    assert streams.violations() == []
+    assert streams.alive_at_join is True
+
+
+@pytest.mark.parametrize("ignore", ["main", "recompute", "params"])
+def test_the_dependency_check_sees_a_missing_wait(ignore, monkeypatch):
+    """The check above is not vacuous: dropping the waits of any one stream leaves races it reports."""
+    streams = record_flows_pass(monkeypatch, *CASES["chain"](), RecordingStreams(ignore))
+    assert streams.violations(), ignore
+
+
+def test_a_launch_that_raises_still_joins_the_side_streams(monkeypatch):
+    """An error mid-pass (compile error, out of memory, Ctrl-C) must not free the spare buffer or a
+    deferred launch's scale and `mus` while a side stream may still use them: the pass joins first."""
+    root, dists = CASES["chain"]()
+    calls = {"n": 0}
+    real = kernel_backend.product.prod_backward
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("launch failed")
+        real(*args)
+
+    monkeypatch.setattr(kernel_backend.product, "prod_backward", failing)
+    streams = RecordingStreams()
+    with pytest.raises(RuntimeError, match="launch failed"):
+        record_flows_pass(monkeypatch, root, dists, streams)
+    assert calls["n"] == 3 and streams.ops[-1][0] != "after the pass (EM, the next step)"
+    assert streams.deferred and streams.alive_at_join is True
