@@ -18,9 +18,9 @@ BUFFER_COLORS = {
 STORE_COLOR = "#222222"
 
 
-POLICY_NOTE = {
-    "recompute": "one stream",
-    "three streams": "three streams: two element buffers in the flows pass",
+POLICY_NOTE = {  # how the title names what is recomputed into
+    "recompute": "with product layers recomputed",
+    "three streams": "recomputing into two element buffers (three streams)",
 }
 
 
@@ -51,7 +51,7 @@ def memory_plot(timeline: dict[str, list[dict]], policy: str = "recompute"):
     spans = _pass_spans(rec)
     peak_re, peak_st = base.max(initial=0), totals.max(initial=0)
     title = (
-        f"Step memory: peak {fmt_bytes(peak_re)} with product layers recomputed ({POLICY_NOTE[policy]}), "
+        f"Step memory: peak {fmt_bytes(peak_re)} {POLICY_NOTE[policy]}, "
         f"{fmt_bytes(peak_st)} if stored ({_saving(peak_re, peak_st)})"
     )
     return hv.Overlay([*spans, *layers, stored]).opts(
