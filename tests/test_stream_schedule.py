@@ -217,3 +217,19 @@ def test_model_matches_the_queues_the_engine_builds(seed):
         start, end = times[(x.layer, x.part)]
         assert x.start == pytest.approx(start) and x.end == pytest.approx(end)
         assert (x.layer, x.part) in [label for op, label in queues[x.stream] if op == "op"]
+
+
+def test_per_step_param_shares(plan):
+    steps = plan.steps()
+    ms = random_ms(len(steps), 11)
+    shares = list(np.random.default_rng(12).uniform(0, 1, len(steps)))
+    slots = ss.three_streams(steps, ms, shares)
+    for x in slots:
+        if x.part == ss.PARAMS:
+            assert x.ms == pytest.approx(ms[x.step] * shares[x.step])
+        elif x.kind == "sum" and x.part == "backward":
+            assert x.ms == pytest.approx(ms[x.step] * (1 - shares[x.step]))
+    with pytest.raises(ValueError, match="param_share values"):
+        ss.three_streams(steps, ms, shares[:-1])
+    with pytest.raises(ValueError, match=r"got -0.5 \(step 2\)"):
+        ss.three_streams(steps, ms, shares[:2] + [-0.5] + shares[3:])

@@ -58,14 +58,20 @@ class Slot:
         return self.end - self.start
 
 
-def _check(steps: Sequence[Step], ms: Sequence[float], param_share: float) -> None:
+def _check(steps: Sequence[Step], ms: Sequence[float], param_share: float | Sequence[float]) -> list[float]:
+    """Validate; returns one parameter-flows share per step."""
     if len(steps) != len(ms):
         raise ValueError(f"{len(steps)} steps but {len(ms)} costs: one cost (ms) per step")
     bad = next((i for i, t in enumerate(ms) if not t >= 0), None)  # also catches NaN
     if bad is not None:
         raise ValueError(f"step {bad} has cost {ms[bad]!r} ms: costs must be >= 0")
-    if not 0.0 <= param_share <= 1.0:
-        raise ValueError(f"param_share must be in [0, 1], got {param_share}")
+    shares = [param_share] * len(steps) if isinstance(param_share, (int, float)) else list(param_share)
+    if len(shares) != len(steps):
+        raise ValueError(f"{len(steps)} steps but {len(shares)} param_share values")
+    bad = next((i for i, f in enumerate(shares) if not 0.0 <= f <= 1.0), None)
+    if bad is not None:
+        raise ValueError(f"param_share must be in [0, 1], got {shares[bad]!r} (step {bad})")
+    return [float(f) for f in shares]
 
 
 def one_stream(steps: Sequence[Step], ms: Sequence[float]) -> list[Slot]:
@@ -78,12 +84,15 @@ def one_stream(steps: Sequence[Step], ms: Sequence[float]) -> list[Slot]:
     return out
 
 
-def three_streams(steps: Sequence[Step], ms: Sequence[float], param_share: float = PARAM_SHARE) -> list[Slot]:
+def three_streams(
+    steps: Sequence[Step], ms: Sequence[float], param_share: float | Sequence[float] = PARAM_SHARE
+) -> list[Slot]:
     """Slots of a training step on three streams, in queue order (a sum layer's backward gives two:
     its main part, then its parameter flows). `steps`: `plan.steps()` (or any steps in that order:
     forward, then per sum layer recompute / backward / product backward, then input layers);
-    `ms[i]`: step i's time on one stream."""
-    _check(steps, ms, param_share)
+    `ms[i]`: step i's time on one stream; `param_share`: one share for all sum layers, or one per
+    step (e.g. from a kernel trace that times parameter flows apart)."""
+    shares = _check(steps, ms, param_share)
     free = dict.fromkeys(STREAMS, 0.0)
     out: list[Slot] = []
     fork = None  # the last forward slot: the side streams start after it
@@ -106,8 +115,8 @@ def three_streams(steps: Sequence[Step], ms: Sequence[float], param_share: float
         elif s.pass_name == "recompute":
             ready = put(i, "recompute", RECOMPUTE, c, [fork, freed[k]])
         elif s.layer.kind == "sum":
-            scaled = put(i, "backward", MAIN, c * (1.0 - param_share), [ready])
-            freed[k] = put(i, PARAMS, PARAMS, c * param_share, [scaled])
+            scaled = put(i, "backward", MAIN, c * (1.0 - shares[i]), [ready])
+            freed[k] = put(i, PARAMS, PARAMS, c * shares[i], [scaled])
             ready, k = None, k ^ 1
         else:  # a product layer's backward, an input layer's statistics
             put(i, "backward", MAIN, c, [])
