@@ -50,7 +50,9 @@ buffers (a buffer is reused only after the parameter flows of the sum layer two 
 and each sum layer's *parameter flows behind* on a third, since nothing reads them until the EM update.
 Switch *Stream schedule* to see it: the side work hides behind the main chain, for one more element
 buffer of memory. The model splits a sum layer's backward half and half (element flows and parameter
-flows are one matmul each) and assumes the streams do not slow each other, so it is a lower bound.
+flows are one matmul each) and assumes the streams do not slow each other, so it is a lower bound:
+fed an H200's one-stream kernel trace it predicts -23% for HCLT-128 and -20% for PD-128, where the
+GPU measured -15% and -2% (benchmarks/README.md, round 4): PD's large layers already fill the card.
 The top timeline is each step's predicted time (a roofline: the larger of FLOPs / peak and bytes /
 bandwidth, plus a launch cost per partition); once this very plan has been trained with profiling,
 its measured times appear below on the same time axis, with the device model *calibrated* to them
@@ -373,8 +375,9 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         if self.num_streams == 3:
             line += (
                 "Drawn: **three streams**, a GPU training step (Triton executor, "
-                "`KernelOptions.overlap=True`): the side streams' work overlaps the main chain; the "
-                "memory plot holds two element buffers in the flows pass. "
+                "`KernelOptions.overlap=True`): the side streams' work overlaps the main chain, taken as "
+                "not slowing it (a lower bound: large layers leave no idle SMs); the memory plot holds "
+                "two element buffers in the flows pass. "
             )
         else:
             line += (
