@@ -30,6 +30,7 @@ import engine  # noqa: E402
 import engine.circuit as circuit_mod  # noqa: E402
 import engine.kernels.backend as kernel_backend  # noqa: E402
 from engine.dists import Categorical  # noqa: E402
+from engine.executor.streams import FlowStreams  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.sum_block import BlockSumTensors  # noqa: E402
 from engine.nodes import inputs, multiply, summate  # noqa: E402
@@ -356,10 +357,13 @@ class _Deferred:
         self.launch()
 
 
-def record_flows_pass(monkeypatch, root, dists, streams=None) -> RecordingStreams:
+def record_flows_pass(monkeypatch, root, dists, streams=None, scattered=False) -> RecordingStreams:
     """One training step's flows pass on a recording stand-in for the streams: every backend launch and
-    every listener call recorded with the rows it touches (engine.compiler.plan Layer.writes)."""
+    every listener call recorded with the rows it touches (engine.compiler.plan Layer.writes).
+    `scattered`: every node block treated as non-contiguous (nothing deferred)."""
     pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=OVERLAP)
+    for pt in block_partitions(pc) if scattered else ():
+        pt.rows_start = -1
     streams = pc._flow_streams = streams or RecordingStreams()
     streams.device = pc.device  # the circuit keeps streams made for its device
     layer_of = {id(t): i for i, t in enumerate(pc.tables.layers) if t is not None}
@@ -461,6 +465,15 @@ def test_every_cross_stream_access_waits_for_the_one_before(name, monkeypatch):
     assert streams.alive_at_join is True
 
 
+def test_scattered_blocks_all_reduce_after_their_main_stream_flows(monkeypatch):
+    """Nothing deferred (scattered node blocks): the parameter flows run on the main stream, and the
+    all-reduce queued on the parameter-flow stream must still wait for them."""
+    streams = record_flows_pass(monkeypatch, *CASES["hclt"](), scattered=True)
+    assert not any("parameter flows" in n for n, *_ in streams.ops)
+    assert any(n.startswith("all-reduce") and s == "params" for n, s, *_ in streams.ops)
+    assert streams.violations() == []
+
+
 @pytest.mark.parametrize("ignore", ["main", "recompute", "params"])
 def test_the_dependency_check_sees_a_missing_wait(ignore, monkeypatch):
     """The check above is not vacuous: dropping the waits of any one stream leaves races it reports."""
@@ -487,3 +500,57 @@ def test_a_launch_that_raises_still_joins_the_side_streams(monkeypatch):
         record_flows_pass(monkeypatch, root, dists, streams)
     assert calls["n"] == 3 and streams.ops[-1][0] != "after the pass (EM, the next step)"
     assert streams.deferred and streams.alive_at_join is True
+
+
+class DelayedStreams(FlowStreams):
+    """FlowStreams with one stream slowed down: `slow` ("main", "recompute" or "params") sleeps about
+    `cycles` GPU cycles before each of its blocks (main: before each event it records). A wait the
+    schedule forgot then lets the other streams run ahead of it, and the numbers change."""
+
+    def __init__(self, device, slow: str, cycles: int = 1_000_000):
+        super().__init__(device)
+        self.slow, self.cycles = slow, cycles
+
+    @contextlib.contextmanager
+    def on(self, stream):
+        with super().on(stream):
+            if stream is getattr(self, self.slow, None):
+                torch.cuda._sleep(self.cycles)
+            yield
+
+    def mark(self):
+        current = torch.cuda.current_stream()
+        if self.slow == "main" and current != self.recompute and current != self.params:
+            torch.cuda._sleep(self.cycles)
+        return super().mark()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_overlap_gpu_with_one_slow_stream_is_bit_identical(graph):
+    """Each stream slowed down in turn (eager steps and a captured graph): EM steps on three streams
+    still give the one-stream parameters bit for bit, so no read or reuse of a buffer outruns its writer."""
+    from engine.data import mnist_like
+    from engine.kernels.graph import CapturedStep
+    from tests.kernel_runner import gpu_cases
+
+    mnist = mnist_like(2048)
+    root, _ = gpu_cases(mnist)["hclt64_mnist"]
+
+    def trained(opts, slow=None):
+        pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
+        if slow is not None:
+            pc._flow_streams = DelayedStreams(pc.device, slow)
+        step = CapturedStep(pc, 512, em=(0.1, 0.1), enabled=graph)
+        for i in range(4):
+            step(mnist[i * 512 : (i + 1) * 512].cuda())
+        assert step.captured == graph, step.failed
+        torch.cuda.synchronize()
+        assert slow is None or isinstance(pc._flow_streams, DelayedStreams)  # kept, not remade
+        return pc.params.clone(), pc.input_params(0).clone(), step.ll_sum.item()
+
+    ref = trained(KernelOptions(overlap=False))
+    for slow in ("main", "recompute", "params"):
+        got = trained(KernelOptions(), slow)
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]), slow
+        assert ref[2] == got[2], slow

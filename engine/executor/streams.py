@@ -9,7 +9,8 @@ flows, the product layer's flows: the critical path). Two pieces do not feed tha
 On HCLT most sum layers hold a few node blocks (H200 trace, benchmarks/results/kernel_trace_h200.json:
 ~60 us a layer of which ~17 parameter flows and ~4-8 recompute), too few programs to fill the card,
 so the side work fills idle SMs. The streams fork from the caller's stream and join it again before
-`run` returns, so the pass also records into one CUDA graph (one branch per stream).
+`CompiledCircuit._flows_on_streams` returns (also when a launch raises), so the pass also records into
+one CUDA graph (one branch per stream) and every tensor freed after it is free on all three streams.
 
 A buffer is reused only after everything that reads it is done: the recompute into element buffer
 k waits for the parameter flows of the layer two above (which ran after that layer's element flows).
