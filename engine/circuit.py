@@ -303,7 +303,9 @@ class CompiledCircuit(torch.nn.Module):
     def _flows_on_streams(self, node_mars, element_mars, node_flows, element_flows, param_flows, listener):
         """A training step's flows pass with each product layer recomputed ahead on one side stream (into
         two alternating element buffers) and each sum layer's parameter flows behind on another
-        (engine/executor/streams.py); the listener hears of a sum layer once its parameter flows are queued."""
+        (engine/executor/streams.py); the listener hears of a sum layer once its parameter flows are queued,
+        with the parameter-flow stream current (work it queues follows them; a tensor it allocates there
+        belongs to that stream's pool), and of every other step on the caller's stream."""
         streams = self._flow_streams
         if streams is None or streams.device != self.device:
             streams = self._flow_streams = FlowStreams(self.device)

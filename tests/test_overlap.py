@@ -554,3 +554,57 @@ def test_overlap_gpu_with_one_slow_stream_is_bit_identical(graph):
         got = trained(KernelOptions(), slow)
         assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1]), slow
         assert ref[2] == got[2], slow
+
+
+def _nccl_slow_params_worker(rank, port, out):
+    """One rank of `test_two_gpus_slow_parameter_stream_trains_like_one_stream`."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
+    import torch.distributed as dist
+
+    from engine import distributed, optim
+    from engine.structures import hclt
+
+    distributed.join("cuda")
+    x = torch.randint(0, 256, (2048, 64), generator=torch.Generator().manual_seed(0))
+    root = hclt(x, 32, input_dist=Categorical(256))
+    results = {}
+    for slow in (None, "params", "main"):
+        opts = KernelOptions(overlap=slow is not None)
+        pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
+        if slow is not None:
+            pc._flow_streams = DelayedStreams(pc.device, slow)
+        sched = optim.EMSchedule(batch_size=128, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
+        hist = optim.fit(
+            pc, x, epochs=2, schedule=sched, generator=torch.Generator().manual_seed(1), distributed=True
+        )
+        results[slow] = {
+            "params": pc.params.cpu(),
+            "inputs": pc.input_params(0).cpu(),
+            "replays": hist[-2].get("graph_batches") if hist else None,
+        }
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_slow_parameter_stream_trains_like_one_stream(tmp_path):
+    """NCCL all-reduces of sum layers' flows are queued on the parameter-flow stream (FlowReducer's
+    listener): with that stream (or the main one) slowed down, 2-GPU EM in CUDA graphs still trains
+    bit-identically to the one-stream flows pass, so no bucket is sent before its flows are final."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nccl_slow_params_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for slow in (None, "params", "main"):
+        assert torch.equal(r0[slow]["params"], r1[slow]["params"]), slow  # the ranks agree
+        assert r0[slow]["replays"], slow  # the all-reduces ran inside CUDA graphs
+        assert torch.equal(r0[slow]["params"], r0[None]["params"]), slow
+        assert torch.equal(r0[slow]["inputs"], r0[None]["inputs"]), slow
