@@ -514,7 +514,7 @@ class DelayedStreams(FlowStreams):
     @contextlib.contextmanager
     def on(self, stream):
         with super().on(stream):
-            if stream is getattr(self, self.slow, None):
+            if stream is not None and stream is getattr(self, self.slow, None):
                 torch.cuda._sleep(self.cycles)
             yield
 
