@@ -77,3 +77,28 @@ def test_measured_times_are_said_to_come_from_one_stream_and_are_laid_out_on_thr
     t = plans.step_ms(plans.stream_schedule(ses.plan.plan, records, "measured_ms"))
     assert f"they predict **{t:.3g} ms** per step" in view.streams_info.object
     assert "three streams" in _title(view.calibrated_plot)
+
+
+def test_a_run_of_another_plan_is_laid_out_on_three_streams_on_its_own_plan():
+    from tests.workbench.test_schedule_run_plan import _run_of
+    from workbench.views.training_view import TrainingView
+
+    ses, view = _view()
+    train = TrainingView(session=ses, schedule=view)
+    a_plan = ses.plan.plan
+    ses.run, ms = _run_of(ses)
+    train._finished()
+    ses.build.template.num_latents = 4  # circuit B
+    assert ses.build.build().ok
+    view.plan_switch.value = "run"
+    view.stream_switch.value = 3
+    assert view.showing_run()
+    a_records = plans.schedule(a_plan, ses.plan.batch_size, measured=ms)
+    slots = plans.stream_schedule(a_plan, a_records)
+    assert "plan of run-a, three streams" in _title(view.predicted)
+    assert _ms(_title(view.predicted)) == pytest.approx(plans.step_ms(slots), rel=1e-3)
+    assert len(view.predicted.object.data) == len(slots)  # A's steps, not B's
+    assert "profiled batches on one stream" in _title(view.measured_plot)
+    t = plans.step_ms(plans.stream_schedule(a_plan, a_records, "measured_ms"))
+    assert t < sum(ms.values()) and f"they predict **{t:.3g} ms** per step" in view.streams_info.object
+    assert "two element buffers" in _title(view.memory)
