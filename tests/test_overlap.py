@@ -519,9 +519,10 @@ class DelayedStreams(FlowStreams):
             yield
 
     def mark(self):
-        current = torch.cuda.current_stream()
-        if self.slow == "main" and current != self.recompute and current != self.params:
-            torch.cuda._sleep(self.cycles)
+        if self.cuda and self.slow == "main":
+            current = torch.cuda.current_stream()
+            if current != self.recompute and current != self.params:
+                torch.cuda._sleep(self.cycles)
         return super().mark()
 
 
