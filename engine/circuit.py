@@ -244,18 +244,13 @@ class CompiledCircuit(torch.nn.Module):
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
         bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)
         listener = self.flow_listener if accumulate_params else None
-        if (
+        overlap = (
             accumulate_params
             and not keep_node_flows
             and self.profiler is None
             and self.backend.overlaps_flows
-        ):
-            self._flows_on_streams(*bufs, listener)
-            return node_flows
-        for step in self.plan.backward_steps(inputs=accumulate_params):
-            self._backward_step(step, *bufs, keep_node_flows)
-            if listener is not None:
-                listener(step)
+        )
+        self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows)
         return node_flows
 
     def _backward_step(
@@ -300,50 +295,65 @@ class CompiledCircuit(torch.nn.Module):
                     inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows], *(chunks or ())
                 )
 
-    def _flows_on_streams(self, node_mars, element_mars, node_flows, element_flows, param_flows, listener):
-        """A training step's flows pass with each product layer recomputed ahead on one side stream (into
-        two alternating element buffers) and each sum layer's parameter flows behind on another
-        (engine/executor/streams.py); the listener hears of a sum layer once its parameter flows are queued,
-        with the parameter-flow stream current (work it queues follows them; a tensor it allocates there
-        belongs to that stream's pool), and of every other step on the caller's stream."""
-        streams = self._flow_streams
-        if streams is None or streams.device != self.device:
+    def _flows_pass(
+        self,
+        node_mars,
+        element_mars,
+        node_flows,
+        element_flows,
+        param_flows,
+        listener,
+        overlap: bool = True,
+        inputs: bool = True,
+        keep_node_flows: bool = False,
+    ):
+        """The flows pass, top-down: per sum layer the recompute of the product layer below, the sum
+        layer's backward and the product layer's backward, then (`inputs`) the input layers' statistics.
+
+        `overlap` (training steps): each product layer is recomputed ahead on one side stream (into two
+        alternating element buffers) and each sum layer's parameter flows run behind on another
+        (engine/executor/streams.py); the listener hears of a sum layer once its parameter flows are
+        queued, with the parameter-flow stream current (work it queues follows them; a tensor it
+        allocates there belongs to that stream's pool), and of every other step on the caller's stream.
+        Otherwise the same walk runs every launch in order on the caller's stream (one element buffer,
+        nothing deferred): queries that read node flows, profiled batches, the PyTorch executor."""
+        streams = self._flow_streams if overlap else FlowStreams.one_stream()
+        if overlap and (streams is None or streams.device != self.device):
             streams = self._flow_streams = FlowStreams(self.device)
-        spare = self._scratch(*element_mars.shape)
-        spare[:PAD_ROWS] = -torch.inf
-        ebufs = (element_mars, spare)
+        ebufs = (element_mars, element_mars)
+        if overlap:
+            spare = self._scratch(*element_mars.shape)
+            spare[:PAD_ROWS] = -torch.inf
+            ebufs = (element_mars, spare)
         freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
         held = []  # deferred launches and the tensors they read stay alive until the join
         streams.fork()
         try:
             k = 0  # the element buffer of the current sum layer
-            for step in self.plan.backward_steps(inputs=True):
+            for step in self.plan.backward_steps(inputs=inputs):
+                args = (node_mars, ebufs[k], node_flows, element_flows, param_flows, keep_node_flows)
                 if step.pass_name == "recompute":
                     with streams.on(streams.recompute):
                         streams.wait(freed[k])
-                        self._backward_step(step, node_mars, ebufs[k], node_flows, element_flows, param_flows)
+                        self._backward_step(step, *args)
                         ready = streams.mark()
                     streams.wait(ready)
                 elif step.layer.kind == "sum":
-                    later: list = []
-                    self._backward_step(
-                        step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False, later
-                    )
+                    later: list | None = [] if overlap else None
+                    self._backward_step(step, *args, later)
                     scaled = streams.mark()
                     with streams.on(streams.params):
                         streams.wait(scaled)
-                        for launch in later:
+                        for launch in later or ():
                             launch()
                         if listener is not None:  # an all-reduce of these flows follows them on this stream
                             listener(step)
                         freed[k] = streams.mark()
-                    held += later
+                    held += later or ()
                     k ^= 1
                     continue
                 else:
-                    self._backward_step(
-                        step, node_mars, ebufs[k], node_flows, element_flows, param_flows, False
-                    )
+                    self._backward_step(step, *args)
                 if listener is not None:
                     listener(step)
         except BaseException:

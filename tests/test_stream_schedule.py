@@ -2,7 +2,7 @@
 
 Checked on a small compiled plan with random step costs: each stream serial, every wait honoured,
 the buffer-reuse rule, bounds against the one-stream sum and the main chain; and against an
-independent reference: the launches and waits that `CompiledCircuit._flows_on_streams` itself
+independent reference: the launches and waits that `CompiledCircuit._flows_pass` itself
 queues (recorded through a stand-in for FlowStreams) replayed as per-stream FIFO queues.
 """
 
@@ -204,7 +204,7 @@ def test_model_matches_the_queues_the_engine_builds(seed):
     pc._backward_step = fake_step
     rows = plan.num_element_rows
     bufs = [torch.zeros(plan.num_node_rows, 2), torch.zeros(rows, 2)]
-    pc._flows_on_streams(bufs[0], bufs[1], torch.zeros_like(bufs[0]), torch.zeros_like(bufs[1]), None, None)
+    pc._flows_pass(bufs[0], bufs[1], torch.zeros_like(bufs[0]), torch.zeros_like(bufs[1]), None, None)
 
     slots = ss.three_streams(steps, ms)
     cost = {}

@@ -1,7 +1,7 @@
 """When each step of a training step runs on three CUDA streams: the rule of engine/executor/streams.py
 as a list schedule, with no torch, for the engine's docs and the workbench's Schedule tab.
 
-`CompiledCircuit._flows_on_streams` queues a training step's flows pass on three streams:
+`CompiledCircuit._flows_pass` queues a training step's flows pass on three streams:
 - **main**: the forward, then top-down per sum layer its node scale and element flows (the part of
   the sum layer's backward that the layer below waits for), the product layer's backward, and at the
   end the input layers' statistics;

@@ -9,7 +9,7 @@ flows, the product layer's flows: the critical path). Two pieces do not feed tha
 On HCLT most sum layers hold a few node blocks (H200 trace, benchmarks/results/kernel_trace_h200.json:
 ~60 us a layer of which ~17 parameter flows and ~4-8 recompute), too few programs to fill the card,
 so the side work fills idle SMs. The streams fork from the caller's stream and join it again before
-`CompiledCircuit._flows_on_streams` returns (also when a launch raises), so the pass also records into
+`CompiledCircuit._flows_pass` returns (also when a launch raises), so the pass also records into
 one CUDA graph (one branch per stream) and every tensor freed after it is free on all three streams.
 
 A buffer is reused only after everything that reads it is done: the recompute into element buffer
@@ -35,6 +35,11 @@ class FlowStreams:
             self.params = torch.cuda.Stream(device)
         else:
             self.recompute = self.params = None
+
+    @classmethod
+    def one_stream(cls) -> FlowStreams:
+        """No side streams: every launch in program order on the caller's stream (the plain pass)."""
+        return cls(torch.device("cpu"))
 
     def fork(self) -> None:
         """Both side streams start after what the caller's stream has queued (the forward)."""

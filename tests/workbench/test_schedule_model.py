@@ -66,7 +66,7 @@ def test_three_stream_memory_holds_a_second_element_buffer_in_the_flows_pass(dem
     tl = memory.memory_timeline(demo_plan, recs, batch)
     three, one = tl["three streams"], tl["recompute"]
     assert len(three) == len(recs)
-    buffer = demo_plan.num_element_rows * 4 * batch  # the spare _flows_on_streams allocates
+    buffer = demo_plan.num_element_rows * 4 * batch  # the spare _flows_pass allocates
     for r, a, b in zip(recs, three, one, strict=True):
         extra = buffer if r["pass"] != "forward" else 0  # held from the first backward step on
         assert a["element values"] == b["element values"] + extra
