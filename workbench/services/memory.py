@@ -1,6 +1,6 @@
 """Memory timeline of one training step: which buffers are live at each step of the schedule.
 
-Two policies over the same schedule (`plans.schedule` order), from the plan's buffer sizes:
+Three policies over the same schedule (`plans.schedule` order), from the plan's buffer sizes:
 
 - **recompute** (what the engine does): product layers write one shared element scratch buffer,
   sized for the largest product layer; the flows pass recomputes each product layer into it just
@@ -12,7 +12,7 @@ Two policies over the same schedule (`plans.schedule` order), from the plan's bu
   two alternate per sum layer), so two element-value buffers are held from the first backward step
   on. The node scale is written over the node-flow rows: no scratch of its own.
 
-Node values, node flows and parameters are the same under both. Sizes in bytes (float32).
+Node values, node flows and parameters are the same under all three. Sizes in bytes (float32).
 """
 
 from __future__ import annotations
@@ -73,5 +73,4 @@ def peak(rows: list[dict]) -> int:
 
 def peak_saving(timeline: dict[str, list[dict]]) -> tuple[int, int]:
     """(peak bytes with recompute, peak bytes when every product layer is stored)."""
-    peak = {k: max((d["total"] for d in rows), default=0) for k, rows in timeline.items()}
-    return peak["recompute"], peak["store"]
+    return peak(timeline["recompute"]), peak(timeline["store"])
