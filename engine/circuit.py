@@ -18,6 +18,7 @@ from engine.compiler import DEFAULT_TOLERANCE, compile_circuit
 from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
 from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
+from engine.executor.stream_schedule import early_stats
 from engine.executor.streams import FlowStreams
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.executor.ties import TiedSlots
@@ -95,6 +96,7 @@ class CompiledCircuit(torch.nn.Module):
         # computed in node-row chunks, each reported once final (Backend.input_stats)
         self.stats_listener: Callable[[int], tuple | None] | None = None
         self._flow_streams: FlowStreams | None = None  # side streams of the overlapped flows pass
+        self._early: tuple | None = None  # (plan, its early input statistics): _early_stats
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
@@ -263,6 +265,7 @@ class CompiledCircuit(torch.nn.Module):
         param_flows,
         keep_node_flows=True,
         defer: list | None = None,
+        stats_from: int = 0,
     ) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "sum":
@@ -288,12 +291,22 @@ class CompiledCircuit(torch.nn.Module):
             elif layer.kind == "product":
                 self.backend.prod_backward(table, element_flows, node_flows)
             else:
-                i = self._input_index[layer.index]
-                inp = self.input_layers[i]
-                chunks = self.stats_listener(i) if self.stats_listener is not None else None
-                self.backend.input_stats(
-                    inp, self.tables.inputs[i], self._inputs_cache[i], node_flows[inp.rows], *(chunks or ())
-                )
+                self._input_stats(self._input_index[layer.index], node_flows, stats_from)
+
+    def _input_stats(self, i: int, node_flows, lo: int = 0, hi: int | None = None) -> int:
+        """Input layer i's statistics of the nodes `[lo, end)`, `end <= hi` (`Backend.input_stats`),
+        reported to `stats_listener`; returns `end`."""
+        inp = self.input_layers[i]
+        chunks = self.stats_listener(i) if self.stats_listener is not None else None
+        return self.backend.input_stats(
+            inp,
+            self.tables.inputs[i],
+            self._inputs_cache[i],
+            node_flows[inp.rows],
+            *(chunks or (0, None)),
+            lo,
+            hi,
+        )
 
     def _flows_pass(
         self,
@@ -327,10 +340,12 @@ class CompiledCircuit(torch.nn.Module):
             ebufs = (element_mars, spare)
         freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
         held = []  # deferred launches and the tensors they read stay alive until the join
+        early = self._early_stats() if overlap and inputs else {}
+        stats_done = [0] * len(self.input_layers)  # per input layer: its nodes [0, done) have statistics
         streams.fork()
         try:
             k = 0  # the element buffer of the current sum layer
-            for step in self.plan.backward_steps(inputs=inputs):
+            for p, step in enumerate(self.plan.backward_steps(inputs=inputs)):
                 args = (node_mars, ebufs[k], node_flows, element_flows, param_flows, keep_node_flows)
                 if step.pass_name == "recompute":
                     with streams.on(streams.recompute):
@@ -352,8 +367,17 @@ class CompiledCircuit(torch.nn.Module):
                     held += later or ()
                     k ^= 1
                     continue
+                elif step.layer.kind == "input":
+                    i = self._input_index[step.layer.index]
+                    self._backward_step(step, *args, stats_from=stats_done[i])
                 else:
                     self._backward_step(step, *args)
+                    if p in early:  # input rows whose flows this product layer finished
+                        final = streams.mark()
+                        with streams.on(streams.params):
+                            streams.wait(final)
+                            for i, _, hi in early[p]:
+                                stats_done[i] = self._input_stats(i, node_flows, stats_done[i], hi)
                 if listener is not None:
                     listener(step)
         except BaseException:
@@ -365,6 +389,13 @@ class CompiledCircuit(torch.nn.Module):
             raise
         streams.join()
         held.clear()
+
+    def _early_stats(self) -> dict[int, list]:
+        """The overlapped pass's early input statistics (stream_schedule.early_stats), once per plan."""
+        if self._early is None or self._early[0] is not self.plan:
+            sizes = [inp.num_nodes for inp in self.input_layers]
+            self._early = (self.plan, early_stats(self.plan.input_flows_ready(), sizes))
+        return self._early[1]
 
     @torch.no_grad()
     def zero_flows(self) -> None:

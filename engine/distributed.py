@@ -162,13 +162,15 @@ class FlowReducer:
     `overlap=True` (the default; fp32 only): `start()` before a step's flows pass makes the circuit report each
     finished layer (`pc.flow_listener`); the flows of consecutive sum layers (contiguous in the
     flat vector, top-down) are all-reduced asynchronously in buckets of >= `bucket_bytes` while
-    the layers below still compute, and the input statistics right after their layer; `reducer()`
+    the layers below still compute; the input statistics range by range as the circuit reports them
+    (`pc.stats_listener`, each range a contiguous `[rows, num_stats]` view): in a training step the
+    rows whose flows are final early (HCLT: most of them, `LayerPlan.input_flows_ready`) are computed
+    and reduced while the layers below still run, the rest after the input layer's step. `reducer()`
     then waits for them all. The profiler span then measures only the wait, the exposed part.
 
     With overlap, an input layer whose statistics exceed `chunk_bytes` (>0) is asked to compute them
-    in chunks of node rows (`pc.stats_listener`, `Backend.input_stats`); each chunk's rows (a
-    contiguous `[rows, num_stats]` view) are all-reduced as soon as they are queued, while the
-    next chunk computes. Every rank issues the same collectives in the same order: the chunks
+    in chunks of node rows (`Backend.input_stats`), each all-reduced as soon as it is queued, while
+    the next chunk computes. Every rank issues the same collectives in the same order: the ranges
     follow from the plan and the kernel options, which the ranks share. `chunk_rows` maps such an
     input layer's index to its rows per chunk (empty: no chunking).
     """
@@ -195,8 +197,9 @@ class FlowReducer:
         if int(chunk_bytes) < 0:
             raise ValueError(f"chunk_bytes must be >= 0 (0: no chunking), got {chunk_bytes}")
         self.chunk_rows = _stats_chunk_rows(pc, int(chunk_bytes)) if self.overlap else {}
-        for i in self.chunk_rows:  # reduced chunk by chunk instead of after the layer's step
-            del self.buckets[(pc.input_layers[i].layer.index, "backward")]
+        if self.overlap:  # statistics are reduced range by range as the pass reports them
+            for inp in pc.input_layers:
+                del self.buckets[(inp.layer.index, "backward")]
         self._pending: list = []
         self._reported: dict[int, int] = {}  # chunked input layer -> its rows reduced so far this step
         self._armed = False
@@ -205,8 +208,7 @@ class FlowReducer:
         """Before a flows pass whose flows this reducer will sum: reduce layer by layer as they finish."""
         if self.overlap:
             self.pc.flow_listener = self._on_step
-            if self.chunk_rows:
-                self.pc.stats_listener = self._stats_chunks
+            self.pc.stats_listener = self._stats_chunks
             self._armed = True
 
     def __call__(self) -> None:
@@ -233,9 +235,8 @@ class FlowReducer:
             )
 
     def _stats_chunks(self, i: int):
-        """The circuit's question before input layer i's statistics: (rows per chunk, after) or None."""
-        rows = self.chunk_rows.get(i)
-        return None if rows is None else (rows, lambda lo, hi: self._on_stats_chunk(i, lo, hi))
+        """The circuit's question before input layer i's statistics: (rows per chunk, after)."""
+        return self.chunk_rows.get(i, 0), lambda lo, hi: self._on_stats_chunk(i, lo, hi)
 
     def _on_stats_chunk(self, i: int, lo: int, hi: int) -> None:
         if lo != self._reported.get(i, 0) or hi <= lo:
@@ -251,7 +252,7 @@ class FlowReducer:
         self.cancel()
         for work in pending:  # on CUDA: the compute stream waits for NCCL's stream, the host does not
             _collective("all-reduce of the parameter flows", work.wait)
-        for i in self.chunk_rows:  # a chunk never reported would be silently left unsummed
+        for i in range(len(self.pc.input_layers)):  # rows never reported would be silently left unsummed
             n = self.pc.input_stats(i).shape[0]
             if reported.get(i, 0) != n:
                 raise RuntimeError(

@@ -417,15 +417,20 @@ def record_flows_pass(monkeypatch, root, dists, streams=None, scattered=False) -
         streams.record(f"product {li} flows", [(key(ef), rows(li), False), (key(nf), written, True)])
         real["prod_backward"](table, ef, nf)
 
-    def input_stats(layer, table, cache, flows, *rest):
+    def input_stats(layer, table, cache, flows, chunk_rows=0, after=None, lo=0, hi=None):
         i = next(j for j, inp in enumerate(pc.input_layers) if inp is layer)
         first = flows.storage_offset() // flows.stride(0)  # a row slice of node flows
-        acc = [
-            (key(flows), frozenset(range(first, first + flows.shape[0])), False),
-            (("stats", i), None, True),
-        ]
-        streams.record(f"input {i} statistics", acc)
-        real["input_stats"](layer, table, cache, flows, *rest)
+
+        def launched(a, b):  # each launch recorded with the nodes [a, b) it reads and writes, in order
+            acc = [
+                (key(flows), frozenset(range(first + a, first + b)), False),
+                (("stats", i), frozenset(range(a, b)), True),
+            ]
+            streams.record(f"input {i} statistics {a}:{b}", acc)
+            if after is not None:
+                after(a, b)
+
+        return real["input_stats"](layer, table, cache, flows, chunk_rows, launched, lo, hi)
 
     for name, fn in dict(
         prod_forward=prod_forward,
@@ -441,10 +446,17 @@ def record_flows_pass(monkeypatch, root, dists, streams=None, scattered=False) -
             streams.record(
                 f"all-reduce {li}", [(key(pc.param_flows), slots(pc.tables.layers[li].parts), False)]
             )
-        elif step.layer.kind == "input":
-            streams.record(f"all-reduce {li}", [(("stats", pc._input_index[li]), None, False)])
+
+    def stats_ranges(i):  # the reducer's question: each range of statistics all-reduced once queued
+        def reduce(a, b):
+            streams.record(
+                f"all-reduce statistics {i} {a}:{b}", [(("stats", i), frozenset(range(a, b)), False)]
+            )
+
+        return 0, reduce
 
     pc.flow_listener = listener
+    pc.stats_listener = stats_ranges
     (x, m), _ = batches_for(dists)
     pc.zero_flows()
     pc.accumulate_flows(x, m, validate=False)

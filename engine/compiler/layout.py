@@ -31,9 +31,30 @@ def tile_size_for(s: SumNodes, block_size: int | None) -> int:
     return s.block_size if block_size is None else math.gcd(s.block_size, int(block_size))
 
 
+def flows_final_depth(ir: CircuitIR) -> dict[int, int]:
+    """Input vector uid -> depth of the lowest sum layer reading it (through its product layer).
+
+    The flows pass runs top-down, so an input's flows are final once that layer's product layer is
+    done: the higher this depth, the earlier its statistics can be computed."""
+    lowest: dict[int, int] = {}
+    for s in ir.sums:
+        d = ir.depth[s.uid]
+        for p in ir.sum_children[s.uid]:
+            for v, _ in p.factors:
+                lowest[v.uid] = min(lowest.get(v.uid, d), d)
+    return lowest
+
+
 def layout_inputs(ir: CircuitIR, lay: Layout) -> None:
+    """One input layer per distribution family; within it, vectors whose flows are final first.
+
+    Rows in order of `flows_final_depth` (deepest reader first, stable) make the rows whose flows
+    are final after each product layer of the flows pass a prefix of the layer, so a training step
+    can compute (and a data-parallel step all-reduce) those rows' statistics while the layers below
+    still run (`LayerPlan.input_flows_ready`)."""
+    final = flows_final_depth(ir)
     groups: dict[tuple, list] = {}
-    for v in ir.inputs:
+    for v in sorted(ir.inputs, key=lambda v: -final.get(v.uid, 0)):
         groups.setdefault(v.dist.key(), []).append(v)
     for key, vecs in groups.items():
         start, vars_, members, n = lay.num_node_rows, [], [], 0

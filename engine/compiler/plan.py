@@ -232,6 +232,37 @@ class LayerPlan:
                 ]
         return forward, tuple(down), tuple(Step(layer, "backward") for layer in self.input_layers)
 
+    def input_flows_ready(self) -> tuple[tuple[int, int, int, int], ...]:
+        """`(p, i, lo, hi)`: after step `p` of `backward_steps()` (a product layer's backward) the
+        nodes `[lo, hi)` of input layer `i` (of `input_layers`, local node indices) have their final
+        flows, so their statistics may be computed before the flows pass ends. Per layer the ranges
+        tile `[0, n)` in order; `p` grows along them. Only the layer's longest *prefix* of final rows
+        counts, so the ranges are coarse unless rows are laid out in the order their flows finish
+        (the compiler's `layout_inputs` does; rows no product reads are final at once, `p = -1`)."""
+        return self._flows_ready
+
+    @cached_property
+    def _flows_ready(self) -> tuple[tuple[int, int, int, int], ...]:
+        inputs = self.input_layers
+        final = [np.full(layer.num_nodes, -1, dtype=np.int64) for layer in inputs]
+        for p, step in enumerate(self.backward_steps(inputs=False)):
+            if step.layer.kind != "product" or step.pass_name != "backward":
+                continue
+            rows = np.concatenate([part.child_rows.reshape(-1) for part in step.layer.partitions])
+            for f, layer in zip(final, inputs):
+                _, lo, hi = layer.writes
+                hit = rows[(rows >= lo) & (rows < hi)] - lo
+                f[hit] = p  # positions only grow: the last reader wins
+        out = []
+        for i, f in enumerate(final):
+            if f.size == 0:
+                continue
+            ready = np.maximum.accumulate(f)  # a row is usable once every row before it is final
+            cuts = np.flatnonzero(np.diff(ready)) + 1
+            bounds = [0, *cuts.tolist(), f.size]
+            out += [(int(ready[a]), i, a, b) for a, b in zip(bounds, bounds[1:])]
+        return tuple(out)
+
     def with_kernels(self, names: dict[int, list[str]]) -> LayerPlan:
         """A copy naming, per layer index, the kernel that runs each partition (the rest unchanged)."""
         layers = []

@@ -108,12 +108,16 @@ class Backend(ABC):
 
     @abstractmethod
     def input_stats(
-        self, layer: InputLayer, table, cache, flows: torch.Tensor, chunk_rows=0, after=None
-    ) -> None:
-        """layer.stats += this batch's flow-weighted statistics (`flows: [n, B]`).
+        self, layer: InputLayer, table, cache, flows: torch.Tensor, chunk_rows=0, after=None, lo=0, hi=None
+    ) -> int:
+        """layer.stats += this batch's flow-weighted statistics (`flows: [n, B]`) of the nodes
+        `[lo, end)`, `end <= hi` (default: the layer's end); returns `end`.
 
-        `after(lo, hi)` (optional): called once the stats rows `[lo, hi)` are final, in order, the
-        ranges tiling `[0, n)`; a backend may compute them in chunks of about `chunk_rows` rows
+        `end` is `hi` or the nearest point below it where the backend may cut the layer (a kernel's
+        segment boundary; `lo` must be one, as every `end` returned is): a training step computes the
+        rows whose flows are final early and the rest at the end (`CompiledCircuit._flows_pass`).
+        `after(a, b)` (optional): called once the stats rows `[a, b)` are final, in order, the ranges
+        tiling `[lo, end)`; a backend may compute them in chunks of about `chunk_rows` rows
         (data-parallel EM sums each chunk over ranks while the next computes) or in one piece."""
 
     @abstractmethod
@@ -180,12 +184,26 @@ class TorchBackend(Backend):
         return GatheredInputs(xv, miss)
 
     def input_stats(
-        self, layer: InputLayer, table, cache: GatheredInputs, flows: torch.Tensor, chunk_rows=0, after=None
-    ) -> None:
-        """In one piece: `after` (if any) is called once, for all rows."""
-        layer.dist.accumulate_stats(layer.stats, layer.params, cache.xv, cache.miss, flows)
-        if after is not None:
-            after(0, layer.num_nodes)
+        self,
+        layer: InputLayer,
+        table,
+        cache: GatheredInputs,
+        flows: torch.Tensor,
+        chunk_rows=0,
+        after=None,
+        lo=0,
+        hi=None,
+    ) -> int:
+        """In one piece, cut anywhere: `after` (if any) is called once, for rows `[lo, hi)`."""
+        hi = layer.num_nodes if hi is None else hi
+        if hi > lo:
+            rows = slice(lo, hi)
+            layer.dist.accumulate_stats(
+                layer.stats[rows], layer.params[rows], cache.xv[rows], cache.miss[rows], flows[rows]
+            )
+            if after is not None:
+                after(lo, hi)
+        return max(lo, hi)
 
     def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
         layer.params.copy_(layer.dist.em_update(layer.params, layer.stats, step_size, pseudocount))

@@ -38,6 +38,29 @@ PARAM_SHARE = 0.5  # parameter flows' share of a sum layer's backward (FLOPs: on
 NUM_ELEMENT_BUFFERS = 2  # element-value buffers the recompute alternates between
 
 
+EARLY_STATS_PARTS = 8  # an early statistics launch covers at least 1/8 of its input layer's nodes
+
+
+def early_stats(ready, sizes: Sequence[int], parts: int = EARLY_STATS_PARTS) -> dict[int, list]:
+    """Backward position `p` -> `[(input layer i, lo, hi)]`: the input statistics a training step
+    computes on the parameter-flows stream right after step `p` of `plan.backward_steps()`, the rows
+    whose flows are final by then (`ready`: `plan.input_flows_ready()`; `sizes[i]`: layer i's nodes).
+
+    Ranges are merged until one holds `1/parts` of its layer (fewer, fuller launches; a collective
+    each under data-parallel EM); the layer's last range, and any short rest before it, stays for the
+    input layer's own step at the end of the pass. HCLT: the rows of variables whose subtree is
+    higher than one layer come early (~70% of its input nodes); PD reads every input node in its
+    lowest layer, so nothing comes early there."""
+    out: dict[int, list] = {}
+    start: dict[int, int] = {}
+    for p, i, lo, hi in ready:
+        a = start.setdefault(i, lo)
+        if hi < sizes[i] and p >= 0 and (hi - a) * parts >= sizes[i]:
+            out.setdefault(p, []).append((i, a, hi))
+            start[i] = hi
+    return out
+
+
 @dataclass(frozen=True)
 class Slot:
     """One piece of work on one stream. `step`: index into the step list; `part`: the step's pass,

@@ -163,36 +163,49 @@ class TritonBackend(TorchBackend):
         flows,
         chunk_rows=0,
         after=None,
-    ) -> None:
-        """Without `after`: one statistics launch for the layer. With it: one launch per chunk of about
-        `chunk_rows` node rows (whole segments; `inputs.chunk_ranges`), `after(lo, hi)` after each,
-        so a data-parallel reducer can sum chunk k while chunk k+1 computes. The chunk tables are
-        made once per `chunk_rows` and kept in the layer's table (not while a CUDA graph is being
-        captured: there they are remade inside the graph)."""
+        lo=0,
+        hi=None,
+    ) -> int:
+        """The whole layer without `after`: one statistics launch. Otherwise the nodes `[lo, end)`,
+        `end` the last segment boundary at or below `hi`, in one launch per chunk of about
+        `chunk_rows` node rows (0: one chunk; whole segments, `inputs.chunk_ranges`), `after(a, b)`
+        after each, so a data-parallel reducer can sum chunk k while chunk k+1 computes. The chunk
+        tables are made once per `(chunk_rows, lo, hi)` and kept in the layer's table (not while a
+        CUDA graph is being captured: there they are remade inside the graph)."""
+        n = layer.num_nodes
+        hi = n if hi is None else hi
         args = (layer.dist, layer.stats, layer.params, layer.vars, cache.xt, cache.mt, flows)
-        if after is None:
-            done = inputs.input_stats(*args, table.segments, self.options)
+        if after is None and (lo, hi) == (0, n):
+            if inputs.input_stats(*args, table.segments, self.options):
+                return n
+            chunks = [(0, n, None)]
         else:
-            chunks = table.chunks.get(chunk_rows) or self._stats_chunks(layer, table, chunk_rows)
-            done = inputs.input_stats_chunked(*args, chunks, self.options, after)
-        if not done:
-            xv, miss = gather(layer.vars, cache.xt.T, cache.mt.T, layer.dist.discrete)
-            layer.dist.accumulate_stats(layer.stats, layer.params, xv, miss, flows)
-            if after is not None:
-                after(0, layer.num_nodes)
+            key = (int(chunk_rows), lo, hi)
+            chunks = table.chunks.get(key) or self._stats_chunks(layer, table, key)
+            if not chunks:
+                return lo
+            if inputs.input_stats_chunked(*args, chunks, self.options, after or (lambda a, b: None)):
+                return chunks[-1][1]
+        a, b = chunks[0][0], chunks[-1][1]  # no kernel for this family: PyTorch on the same rows
+        xv, miss = gather(layer.vars[a:b], cache.xt.T, cache.mt.T, layer.dist.discrete)
+        layer.dist.accumulate_stats(layer.stats[a:b], layer.params[a:b], xv, miss, flows[a:b])
+        if after is not None:
+            after(a, b)
+        return b
 
-    def _stats_chunks(self, layer: InputLayer, table: InputKernelTable, rows: int) -> list:
-        """`[(lo, hi, segments of rows lo..hi, rebased to lo)]` for chunks of about `rows` node rows."""
+    def _stats_chunks(self, layer: InputLayer, table: InputKernelTable, key: tuple[int, int, int]) -> list:
+        """`[(a, b, segments of rows a..b, rebased to a)]` tiling `[lo, end)` (see `input_stats`)."""
+        rows, lo, hi = key
         host_starts = inputs.segments(
             torch.as_tensor(layer.layer.input_group.vars), self.options.stats_nodes
         )[0]
         chunks = [
-            (lo, hi, inputs.chunk_segments(table.segments, a, b, lo))
-            for a, b, lo, hi in inputs.chunk_ranges(host_starts, layer.num_nodes, int(rows))
+            (a, b, inputs.chunk_segments(table.segments, s, e, a))
+            for s, e, a, b in inputs.chunk_ranges(host_starts, layer.num_nodes, rows, lo, hi)
         ]
         dev = table.segments[0].device
         if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            table.chunks[rows] = chunks
+            table.chunks[key] = chunks
         return chunks
 
     def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:

@@ -157,14 +157,23 @@ def input_stats(dist, stats, params, vars_, xt, mt, flows, segs, opts: KernelOpt
     return dist.kernel_stats(stats, params, vars_, xt, mt, flows, segs, opts)
 
 
-def chunk_ranges(seg_starts: torch.Tensor, n: int, rows: int) -> list[tuple[int, int, int, int]]:
+def chunk_ranges(
+    seg_starts: torch.Tensor, n: int, rows: int, lo: int = 0, hi: int | None = None
+) -> list[tuple[int, int, int, int]]:
     """Consecutive segments grouped into chunks of about `rows` node rows (whole segments, so at most
-    `rows + stats_nodes - 1`): `(first segment, end segment, lo, hi)` each, the node ranges
-    `[lo, hi)` tiling `[0, n)` in order. `seg_starts`: the host segment starts (`segments`)."""
+    `rows + stats_nodes - 1`; `rows <= 0`: one chunk): `(first segment, end segment, a, b)` each,
+    the node ranges `[a, b)` tiling `[lo, end)` in order, `end` the last segment boundary at or below
+    `hi` (default `n`; empty when none lies above `lo`). `lo` must be a segment boundary.
+    `seg_starts`: the host segment starts (`segments`)."""
     bounds = seg_starts.tolist() + [n]
-    out, a = [], 0
-    while a < len(bounds) - 1:
-        b = max(a + 1, bisect.bisect_left(bounds, bounds[a] + rows, a + 1, len(bounds) - 1))
+    hi = n if hi is None else hi
+    first = bisect.bisect_left(bounds, lo)
+    if first == len(bounds) or bounds[first] != lo:
+        raise ValueError(f"statistics rows must start at a segment boundary, got {lo}")
+    last = bisect.bisect_right(bounds, hi) - 1  # the end segment: its start bounds the range
+    out, a = [], first
+    while a < last:
+        b = last if rows <= 0 else max(a + 1, bisect.bisect_left(bounds, bounds[a] + rows, a + 1, last))
         out.append((a, b, bounds[a], bounds[b]))
         a = b
     return out
