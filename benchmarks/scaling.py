@@ -47,8 +47,10 @@ from vs_pyjuice import (  # noqa: E402
 
 import engine  # noqa: E402
 from engine import distributed, optim  # noqa: E402
+from engine.compiler import compile_plan  # noqa: E402
 from engine.data import mnist_like  # noqa: E402
-from engine.kernels import inputs  # noqa: E402
+from engine.executor.stream_schedule import early_stats  # noqa: E402
+from engine.kernels import KernelOptions, inputs  # noqa: E402
 
 BATCH = 512  # per GPU
 
@@ -86,13 +88,28 @@ def stats_kernel_ms(pc, x, sizes: list[int], reps: int = 20) -> dict:
     return out
 
 
+def has_early_stats(root) -> bool:
+    """Whether a training step computes some input statistics during the flows pass (the plan only)."""
+    plan, _, _ = compile_plan(root)
+    return bool(early_stats(plan.input_flows_ready(), [layer.num_nodes for layer in plan.input_layers]))
+
+
 def run_ours(
-    root, data_cpu, ranks, epochs, reduce_dtype="fp32", overlap=True, chunk_bytes=None, time_stats=()
+    root,
+    data_cpu,
+    ranks,
+    epochs,
+    reduce_dtype="fp32",
+    overlap=True,
+    chunk_bytes=None,
+    time_stats=(),
+    opts=None,
 ) -> dict:
     """`chunk_bytes`: the input statistics' chunk size (None: the default, 0: not chunked);
-    `time_stats`: chunk sizes to time the statistics launches alone with (`stats_kernel_ms`)."""
+    `time_stats`: chunk sizes to time the statistics launches alone with (`stats_kernel_ms`);
+    `opts`: KernelOptions (None: the defaults)."""
     chunk_bytes = distributed.CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    pc = engine.compile(root, device="cuda")
+    pc = engine.compile(root, device="cuda", kernel_options=opts)
     sched = schedule(BATCH)  # the same EM settings as the single-GPU comparison
     hist = optim.fit(
         pc,
@@ -184,6 +201,12 @@ def main():
         "same processes, in alternating order; every run also times the statistics launches alone, "
         "chunked and not",
     )
+    ap.add_argument(
+        "--early-ab",
+        action="store_true",
+        help="also time ours with the input statistics all computed after the flows pass "
+        "(KernelOptions(early_stats=False)) on any number of GPUs, in the same processes, in alternating order",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these result files")
     args = ap.parse_args()
@@ -218,6 +241,11 @@ def main():
         timed = sorted({distributed.CHUNK_BYTES, *sizes} - {0}) if args.chunk_ab is not None else ()
         chunks = sizes if ranks.world > 1 else []
         odd = len(info["results"]) % 2 == 1  # alternate which goes first: the default, or the variants
+        late = KernelOptions(early_stats=False)
+        early_ab = args.early_ab and has_early_stats(
+            root
+        )  # PD: no row is final early, the runs would be equal
+        early_off = run_ours(root, data_cpu, ranks, args.epochs, opts=late) if early_ab and odd else None
         variants = {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if odd}
         row = {
             "config": f"{kind}-{nl}",
@@ -226,6 +254,9 @@ def main():
         variants.update(
             {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if not odd}
         )
+        if early_ab:
+            row["ours_early_off"] = early_off or run_ours(root, data_cpu, ranks, args.epochs, opts=late)
+            row["early_ab_order"] = "variant first" if odd else "default first"
         if variants:
             row["ours_chunk_ab"] = {str(b): variants[b] for b in chunks}
             row["chunk_ab_order"] = "variants first" if odd else "default first"
@@ -281,6 +312,14 @@ def print_table(runs):
                 print(
                     f" | {h['epoch_s']:13.3f} {b['ours']['epoch_s'] / h['epoch_s']:5.2f} "
                     f"{100 * h.get('allreduce_share', 0.0):7.1f} {h['train_ll']:9.4f} (fp32 {o['train_ll']:.4f})",
+                    end="",
+                )
+            e = row.get("ours_early_off")
+            if e:
+                e1 = b.get("ours_early_off", e)["epoch_s"]
+                print(
+                    f" | statistics all at the end: {e['epoch_s']:.3f} s/ep, scaling {e1 / e['epoch_s']:.2f}, "
+                    f"train LL {e['train_ll']:.4f} (early {o['train_ll']:.4f})",
                     end="",
                 )
             ab = row.get("ours_chunk_ab", {})

@@ -340,7 +340,7 @@ class CompiledCircuit(torch.nn.Module):
             ebufs = (element_mars, spare)
         freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
         held = []  # deferred launches and the tensors they read stay alive until the join
-        early = self._early_stats() if overlap and inputs else {}
+        early = self._early_stats() if overlap and inputs and self.backend.early_stats else {}
         stats_done = [0] * len(self.input_layers)  # per input layer: its nodes [0, done) have statistics
         streams.fork()
         try:

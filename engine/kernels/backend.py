@@ -127,6 +127,10 @@ class TritonBackend(TorchBackend):
     def overlaps_flows(self) -> bool:
         return bool(self.options.overlap)
 
+    @property
+    def early_stats(self) -> bool:
+        return bool(self.options.early_stats)
+
     def overwrites_element_flows(self, table: SumLayerKernelTensors) -> bool:
         return table.sole_writer
 

@@ -47,6 +47,9 @@ class KernelOptions:
     # (engine/executor/streams.py); A/B on an H200 2026-11-30 13:54, step -15% HCLT-128, -9% HCLT-256,
     # -6% PD-64, -2% PD-128 (benchmarks/results/kernel_breakdown_h200_overlap2.json)
     overlap: bool = True
+    # with `overlap`: the input statistics of rows whose flows are final early (HCLT: most rows) run
+    # on the parameter-flow stream during the pass (LayerPlan.input_flows_ready), the rest at its end
+    early_stats: bool = True
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -69,5 +72,6 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-        if self.overlap not in (0, 1):
-            raise ValueError(f"overlap must be a bool (or 0 / 1), got {self.overlap!r}")
+        for name in ("overlap", "early_stats"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")
