@@ -316,7 +316,7 @@ def print_table(runs):
                 )
             e = row.get("ours_early_off")
             if e:
-                e1 = b.get("ours_early_off", e)["epoch_s"]
+                e1 = (b.get("ours_early_off") or b["ours"])["epoch_s"]  # 1 GPU without the A/B: the default
                 print(
                     f" | statistics all at the end: {e['epoch_s']:.3f} s/ep, scaling {e1 / e['epoch_s']:.2f}, "
                     f"train LL {e['train_ll']:.4f} (early {o['train_ll']:.4f})",

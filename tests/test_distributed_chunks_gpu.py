@@ -4,7 +4,8 @@ Skipped without CUDA (the `gpu` marker); run on the lent GPUs with `pytest -m gp
 chunked launches recorded in a CUDA graph (their chunk tables made in the eager first step) give
 the single eager launch's statistics bit for bit. Two GPUs (skipped on one): NCCL with the chunks'
 all-reduces in the graphs of `fit` trains bit-identically to the unchunked reduction (two ranks:
-every sum is a + b, however the buffers are cut).
+every sum is a + b, however the buffers are cut), and so does the default early statistics (HCLT: most
+rows computed and all-reduced during the pass) against all of them at the end.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def test_chunked_statistics_in_a_cuda_graph_equal_one_eager_launch():
         step(xb)
     assert step.captured, step.failed
     n = pc2.input_layers[0].num_nodes  # 64 variables x 32 nodes: segments of 32, chunks of 256 rows
-    k = n // 256
-    eager = [(j * 256, (j + 1) * 256) for j in range(k)]
-    assert k > 1 and calls == eager + eager  # the eager step and the capture; replays run no Python
+    eager = calls[: len(calls) // 2]
+    assert len(eager) > 1 and calls == eager + eager  # the eager step and the capture; replays run no Python
+    assert eager[0][0] == 0 and eager[-1][1] == n and all(a[1] == b[0] for a, b in zip(eager, eager[1:]))
+    assert all(0 < hi - lo <= 256 for lo, hi in eager)  # chunks of at most 256 rows (early ranges cut too)
     assert torch.equal(pc2.input_stats(0), one)
 
 
@@ -69,8 +71,12 @@ def _nccl_worker(rank, port, out):
     distributed.join("cuda")
     root, x = _setup()
     results = {}
-    for chunk in (0, 256 * 256 * 4):  # unchunked; 8 chunks of 256 nodes
-        pc = engine.compile(copy.deepcopy(root), device="cuda")
+    from engine.kernels import KernelOptions
+
+    late = KernelOptions(early_stats=False)  # every statistic after the pass: the reference for the others
+    for chunk in (0, 256 * 256 * 4, "late"):  # unchunked; 8 chunks of 256 nodes; all at the end
+        opts = late if chunk == "late" else None
+        pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
         sched = optim.EMSchedule(batch_size=128, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
         hist = optim.fit(
             pc,
@@ -79,7 +85,7 @@ def _nccl_worker(rank, port, out):
             schedule=sched,
             generator=torch.Generator().manual_seed(1),
             distributed=True,
-            reduce_chunk_bytes=chunk,
+            reduce_chunk_bytes=0 if chunk == "late" else chunk,
         )
         results[chunk] = {
             "params": pc.params.cpu(),
@@ -97,9 +103,12 @@ def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
 
     mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    plain, chunked = r0[0], r0[256 * 256 * 4]
-    for c in (0, 256 * 256 * 4):  # the ranks agree
+    plain, chunked, late = r0[0], r0[256 * 256 * 4], r0["late"]
+    for c in (0, 256 * 256 * 4, "late"):  # the ranks agree
         assert torch.equal(r1[c]["params"], r0[c]["params"]) and torch.equal(r1[c]["inputs"], r0[c]["inputs"])
     assert chunked["replays"] and plain["replays"]  # the chunks' all-reduces ran inside CUDA graphs
     assert torch.equal(plain["params"], chunked["params"]) and torch.equal(plain["inputs"], chunked["inputs"])
     assert plain["lls"] == chunked["lls"] and len(plain["lls"]) == 3
+    # early statistics (reduced range by range during the pass) train what the reduction at the end trains
+    assert torch.equal(plain["params"], late["params"]) and torch.equal(plain["inputs"], late["inputs"])
+    assert plain["lls"] == late["lls"]
