@@ -411,15 +411,20 @@ class CompiledCircuit(torch.nn.Module):
         return lls
 
     @torch.no_grad()
-    def em_step(self, step_size: float = 1.0, pseudocount: float = 0.0) -> None:
+    def em_step(self, step_size: float = 1.0, pseudocount: float = 0.0, pending=None) -> None:
         """One EM update from the accumulated flows: new = (1-step) * old + step * normalised flows.
 
-        Tied parameters (`NodeVector.tie_to`) are updated from the flows of all their copies."""
+        Tied parameters (`NodeVector.tie_to`) are updated from the flows of all their copies.
+        `pending` (data-parallel EM, `engine.distributed.PendingStats`): input statistics whose sums
+        over ranks may still be arriving; each input layer's rows are updated once theirs have, so
+        the sum-weight update overlaps the last all-reduce."""
         if not 0.0 < step_size <= 1.0:
             raise ValueError(f"step_size must be in (0, 1], got {step_size}")
         if pseudocount < 0:
             raise ValueError(f"pseudocount must be >= 0, got {pseudocount}")
         ties = None if self._ties.empty else self._ties
+        if pending is not None and ties is not None:
+            pending.wait_all()  # tied copies' flows move between layers: everything must be summed first
         saved = ties.before_em(self) if ties is not None else None  # copies' flows into their sources
         self.backend.sum_em_update_all(
             self.tables,
@@ -430,8 +435,15 @@ class CompiledCircuit(torch.nn.Module):
             step_size,
             pseudocount,
         )
-        for inp, table in zip(self.input_layers, self.tables.inputs):
-            self.backend.input_em_update(inp, table, step_size, pseudocount)
+        for i, (inp, table) in enumerate(zip(self.input_layers, self.tables.inputs)):
+            pieces = pending.pieces(i) if pending is not None else []
+            for lo, hi, wait in pieces:
+                wait()
+                self.backend.input_em_update(inp, table, step_size, pseudocount, lo, hi)
+            if not pieces:
+                self.backend.input_em_update(inp, table, step_size, pseudocount)
+        if pending is not None:
+            pending.wait_all()  # no all-reduce of this step left in flight after it
         if ties is not None:
             ties.after_em(self, saved)  # sources' new values into their copies
 

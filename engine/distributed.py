@@ -22,6 +22,7 @@ import datetime
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -211,13 +212,17 @@ class FlowReducer:
             self.pc.stats_listener = self._stats_chunks
             self._armed = True
 
-    def __call__(self) -> None:
+    def __call__(self, defer_stats: bool = False) -> PendingStats | None:
+        """Wait for (or, not started, run) the reduction. `defer_stats` (an EM update follows at once
+        and takes the result, `CompiledCircuit.em_step(pending=...)`): only the parameter flows are
+        waited for here; the input statistics still on their way come back as `PendingStats`, so the
+        sum-weight update runs while the last statistics arrive."""
         prof = self.pc.profiler
         with prof.span(ALLREDUCE_LAYER, "allreduce", "allreduce") if prof is not None else nullcontext():
             if self._armed:
-                self._finish()
-            else:
-                self._reduce()
+                return self._finish(defer_stats)
+            self._reduce()
+            return None
 
     def cancel(self) -> None:
         """Forget a started reduction without waiting (a CUDA-graph capture that failed midway)."""
@@ -230,9 +235,8 @@ class FlowReducer:
     def _on_step(self, step) -> None:
         what = self.buckets.get((step.layer.index, step.pass_name))
         if what is not None:
-            self._pending.append(
-                _collective("all-reduce of the parameter flows", dist.all_reduce, what, async_op=True)
-            )
+            work = _collective("all-reduce of the parameter flows", dist.all_reduce, what, async_op=True)
+            self._pending.append((None, work))
 
     def _stats_chunks(self, i: int):
         """The circuit's question before input layer i's statistics: (rows per chunk, after)."""
@@ -243,21 +247,27 @@ class FlowReducer:
             raise RuntimeError(f"input layer {i}: statistics rows {lo}..{hi} reported out of order")
         self._reported[i] = hi
         view = self.pc.input_stats(i)[lo:hi]  # whole rows of a [n, S] tensor: contiguous
-        self._pending.append(
-            _collective("all-reduce of the input statistics", dist.all_reduce, view, async_op=True)
-        )
+        work = _collective("all-reduce of the input statistics", dist.all_reduce, view, async_op=True)
+        self._pending.append(((i, lo, hi), work))
 
-    def _finish(self) -> None:
+    def _finish(self, defer_stats: bool) -> PendingStats | None:
         pending, reported = self._pending, self._reported
         self.cancel()
-        for work in pending:  # on CUDA: the compute stream waits for NCCL's stream, the host does not
-            _collective("all-reduce of the parameter flows", work.wait)
+        for key, work in pending:  # on CUDA: the compute stream waits for NCCL's stream, the host does not
+            if key is None:
+                _collective("all-reduce of the parameter flows", work.wait)
+        stats = PendingStats([(key, work) for key, work in pending if key is not None])
         for i in range(len(self.pc.input_layers)):  # rows never reported would be silently left unsummed
             n = self.pc.input_stats(i).shape[0]
             if reported.get(i, 0) != n:
+                stats.wait_all()  # nothing of this step may be left in flight
                 raise RuntimeError(
                     f"input layer {i}: statistics rows {reported.get(i, 0)}..{n} were never reduced"
                 )
+        if defer_stats:
+            return stats
+        stats.wait_all()
+        return None
 
     def _reduce(self) -> None:
         if self.flat is None:
@@ -272,6 +282,32 @@ class FlowReducer:
         _collective("all-reduce of the parameter flows", dist.all_reduce, self.flat)
         for t, v in zip(self.tensors, views):  # read N bf16, write N fp32
             t.copy_(v.view(t.shape))
+
+
+class PendingStats:
+    """Input statistics whose all-reduce may still run when the EM update starts: the update of
+    layer i's rows waits only for the all-reduces of those rows (`pieces`)."""
+
+    def __init__(self, works: list):
+        self._works = works  # [((layer i, lo, hi), work)], each layer's ranges in order
+
+    def pieces(self, i: int) -> list[tuple[int, int, Callable[[], None]]]:
+        """`[(lo, hi, wait)]` tiling layer i's rows: all ranges but the last, then the last (the
+        statistics computed at the end of the pass, the ones still arriving): two EM launches at most."""
+        mine = [(lo, hi, work) for (j, lo, hi), work in self._works if j == i]
+        if not mine:
+            return []
+        head, (lo, hi, last) = mine[:-1], mine[-1]
+        out = [(head[0][0], lo, lambda: [self._wait(w) for _, _, w in head])] if head else []
+        return out + [(lo, hi, lambda: self._wait(last))]
+
+    def wait_all(self) -> None:
+        for _, work in self._works:
+            self._wait(work)
+
+    @staticmethod
+    def _wait(work) -> None:
+        _collective("all-reduce of the input statistics", work.wait)
 
 
 def _flow_buckets(pc, bucket_bytes: int) -> dict:

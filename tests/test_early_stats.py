@@ -206,3 +206,58 @@ def test_two_ranks_reduce_early_statistics_and_train_what_one_process_trains(tmp
     assert torch.allclose(r0["params"], params, rtol=1e-4, atol=1e-6)
     for a, b in zip(lls, r0["lls"]):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+class _Work:
+    """A stand-in for an all-reduce's work handle: records when the EM update waits for it."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait(self):
+        self.log.append(("wait", self.name))
+
+
+def test_em_update_waits_for_each_statistics_range_just_before_its_rows(monkeypatch):
+    """Data-parallel EM hands the update the statistics still arriving: the sum weights are updated
+    first, then each input layer's rows once their all-reduces are waited for (early ranges together,
+    the last range last), giving exactly the plain update."""
+    from engine.distributed import PendingStats
+
+    root, dists = _hclt()
+    x, m = data(dists, 32)
+    pcs = []
+    for _ in range(2):
+        pc = engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS)
+        pc.zero_flows()
+        pc.accumulate_flows(x, m, validate=False)
+        pcs.append(pc)
+    plain, split = pcs
+    plain.em_step(0.5, 0.1)
+    n = split.input_layers[0].num_nodes
+    log: list = []
+    works = [((0, 0, 16), _Work("a", log)), ((0, 16, 40), _Work("b", log)), ((0, 40, n), _Work("c", log))]
+    be = split.backend
+    sums, inputs_ = be.sum_em_update_all, be.input_em_update
+    monkeypatch.setattr(be, "sum_em_update_all", lambda *a: (log.append(("sum EM",)), sums(*a)))
+    monkeypatch.setattr(
+        be,
+        "input_em_update",
+        lambda layer, t, s, p, lo=0, hi=None: (
+            log.append(("input EM", lo, hi)),
+            inputs_(layer, t, s, p, lo, hi),
+        ),
+    )
+    before = split.input_params(0).clone()
+    split.em_step(0.5, 0.1, pending=PendingStats(works))
+    assert log[:6] == [
+        ("sum EM",),
+        ("wait", "a"),
+        ("wait", "b"),
+        ("input EM", 0, 40),
+        ("wait", "c"),
+        ("input EM", 40, n),
+    ]
+    assert torch.equal(split.params, plain.params)
+    assert torch.equal(split.input_params(0), plain.input_params(0))
+    assert not torch.equal(split.input_params(0), before)  # a real update ran

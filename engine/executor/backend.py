@@ -122,8 +122,16 @@ class Backend(ABC):
         (data-parallel EM sums each chunk over ranks while the next computes) or in one piece."""
 
     @abstractmethod
-    def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
-        """EM update of one input layer's params, in place."""
+    def input_em_update(
+        self,
+        layer: InputLayer,
+        table,
+        step_size: float,
+        pseudocount: float,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> None:
+        """EM update of one input layer's params (of its nodes `[lo, hi)`, default all), in place."""
 
 
 class TorchBackend(Backend):
@@ -206,8 +214,17 @@ class TorchBackend(Backend):
                 after(lo, hi)
         return max(lo, hi)
 
-    def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
-        layer.params.copy_(layer.dist.em_update(layer.params, layer.stats, step_size, pseudocount))
+    def input_em_update(
+        self,
+        layer: InputLayer,
+        table,
+        step_size: float,
+        pseudocount: float,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> None:
+        params, stats = layer.params[lo:hi], layer.stats[lo:hi]
+        params.copy_(layer.dist.em_update(params, stats, step_size, pseudocount))
 
 
 TORCH_BACKEND = TorchBackend()

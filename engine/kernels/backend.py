@@ -212,11 +212,20 @@ class TritonBackend(TorchBackend):
             table.chunks[key] = chunks
         return chunks
 
-    def input_em_update(self, layer: InputLayer, table, step_size: float, pseudocount: float) -> None:
+    def input_em_update(
+        self,
+        layer: InputLayer,
+        table,
+        step_size: float,
+        pseudocount: float,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> None:
+        rows = slice(lo, hi)  # whole rows of [n, k] tensors: contiguous
         if not inputs.input_em_update(
-            layer.dist, layer.params, layer.stats, step_size, pseudocount, self.options
+            layer.dist, layer.params[rows], layer.stats[rows], step_size, pseudocount, self.options
         ):
-            super().input_em_update(layer, table, step_size, pseudocount)
+            super().input_em_update(layer, table, step_size, pseudocount, lo, hi)
 
 
 def _sum_layer(layer: Layer, base: SumLayerTensors, kernels: list[str], long) -> SumLayerKernelTensors:

@@ -74,10 +74,11 @@ class CapturedStep:
             if self.reduce is not None:
                 self.reduce.start()  # a data-parallel reducer may start summing layers as they finish
             ll = pc.accumulate_flows(x, missing, validate=False)
-            if self.reduce is not None:
-                self.reduce()
+            pending = None
+            if self.reduce is not None:  # with an EM update next, the last statistics may arrive during it
+                pending = self.reduce(defer_stats=self.em is not None)
             if self.em is not None:
-                pc.em_step(*self.em)
+                pc.em_step(*self.em, pending=pending)
             pc._mars, pc._inputs_cache = None, []  # the step buffers are not needed after the flows
         self.ll_sum += ll.sum(dtype=torch.float64)
         return ll
