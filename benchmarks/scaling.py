@@ -152,6 +152,15 @@ def run_ours(
     return out
 
 
+def run_undeferred(root, data_cpu, ranks, epochs) -> dict:
+    """`run_ours` with every all-reduce waited for before the EM update (the --defer-ab variant)."""
+    distributed.DEFER_STATS = False
+    try:
+        return run_ours(root, data_cpu, ranks, epochs)
+    finally:
+        distributed.DEFER_STATS = True
+
+
 def run_pyjuice(juice, bridge, root, data_u8, ranks, epochs) -> dict:
     pc = juice.compile(bridge.to_pyjuice(root, juice), verbose=False)
     pc.to("cuda")
@@ -207,6 +216,12 @@ def main():
         help="also time ours with the input statistics all computed after the flows pass "
         "(KernelOptions(early_stats=False)) on any number of GPUs, in the same processes, in alternating order",
     )
+    ap.add_argument(
+        "--defer-ab",
+        action="store_true",
+        help="also time ours with every all-reduce waited for before the EM update starts "
+        "(engine.distributed.DEFER_STATS = False) on 2+ GPUs, in the same processes, in alternating order",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these result files")
     args = ap.parse_args()
@@ -246,6 +261,8 @@ def main():
             root
         )  # PD: no row is final early, the runs would be equal
         early_off = run_ours(root, data_cpu, ranks, args.epochs, opts=late) if early_ab and odd else None
+        defer_ab = args.defer_ab and ranks.world > 1
+        undeferred = run_undeferred(root, data_cpu, ranks, args.epochs) if defer_ab and odd else None
         variants = {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if odd}
         row = {
             "config": f"{kind}-{nl}",
@@ -254,6 +271,9 @@ def main():
         variants.update(
             {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if not odd}
         )
+        if defer_ab:
+            row["ours_undeferred"] = undeferred or run_undeferred(root, data_cpu, ranks, args.epochs)
+            row["defer_ab_order"] = "variant first" if odd else "default first"
         if early_ab:
             row["ours_early_off"] = early_off or run_ours(root, data_cpu, ranks, args.epochs, opts=late)
             row["early_ab_order"] = "variant first" if odd else "default first"
@@ -312,6 +332,13 @@ def print_table(runs):
                 print(
                     f" | {h['epoch_s']:13.3f} {b['ours']['epoch_s'] / h['epoch_s']:5.2f} "
                     f"{100 * h.get('allreduce_share', 0.0):7.1f} {h['train_ll']:9.4f} (fp32 {o['train_ll']:.4f})",
+                    end="",
+                )
+            u = row.get("ours_undeferred")
+            if u:
+                print(
+                    f" | EM after every all-reduce: {u['epoch_s']:.3f} s/ep, scaling "
+                    f"{b['ours']['epoch_s'] / u['epoch_s']:.2f}, train LL {u['train_ll']:.4f}",
                     end="",
                 )
             e = row.get("ours_early_off")

@@ -149,6 +149,10 @@ BUCKET_BYTES = 8 * 2**20  # sum layers' flows are all-reduced in buckets of at l
 # PD-128 (0-0.5%, within run-to-run noise), while the chunked statistics launches alone cost 0.05-0.16
 # ms more a step than one launch. Kept opt-in (`fit(reduce_chunk_bytes=32 << 20)`) for slower links.
 CHUNK_BYTES = 0
+# The EM update after an all-reduced step waits only for the parameter flows before the sum weights
+# and for each input layer's statistics before its rows (`PendingStats`). False: every all-reduce
+# is waited for before the update starts (the A/B of benchmarks/scaling.py --defer-ab).
+DEFER_STATS = True
 
 
 class FlowReducer:
@@ -220,7 +224,7 @@ class FlowReducer:
         prof = self.pc.profiler
         with prof.span(ALLREDUCE_LAYER, "allreduce", "allreduce") if prof is not None else nullcontext():
             if self._armed:
-                return self._finish(defer_stats)
+                return self._finish(defer_stats and DEFER_STATS)
             self._reduce()
             return None
 

@@ -261,3 +261,30 @@ def test_em_update_waits_for_each_statistics_range_just_before_its_rows(monkeypa
     assert torch.equal(split.params, plain.params)
     assert torch.equal(split.input_params(0), plain.input_params(0))
     assert not torch.equal(split.input_params(0), before)  # a real update ran
+
+
+def test_reducer_hands_the_statistics_still_arriving_to_the_em_update(monkeypatch):
+    import torch.distributed as dist
+
+    from engine import distributed
+
+    root, dists = _hclt()
+    x, m = data(dists, 32)
+    pc = engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        r = distributed.FlowReducer(pc)
+        got = []
+        for defer, switch in ((True, True), (False, True), (True, False)):
+            monkeypatch.setattr(distributed, "DEFER_STATS", switch)
+            pc.zero_flows()
+            r.start()
+            pc.accumulate_flows(x, m, validate=False)
+            got.append(r(defer_stats=defer))
+        pending = got[0]
+        n = pc.input_layers[0].num_nodes
+        spans = [(lo, hi) for lo, hi, _ in pending.pieces(0)]
+        assert len(spans) == 2 and spans[0][0] == 0 and spans[0][1] == spans[1][0] and spans[1][1] == n
+        assert got[1] is None and got[2] is None  # not asked for, or switched off: all waited for
+    finally:
+        dist.destroy_process_group()
