@@ -23,3 +23,17 @@ def test_round4_rows(capsys):
     assert "hclt-512     2 |     1.587  1.86    13.1 |    3.193  1.86 |       2.01" in out
     assert "pd-128       2 |     0.563  1.88     9.9 |    0.938  1.85 |       1.67" in out
     assert "chunks 0 MiB: 0.559 s/ep, scaling 1.83" in out  # the chunked-statistics A/B
+
+
+def test_round5_rows(capsys):
+    runs = []
+    for gpus in (1, 2):
+        with open(os.path.join(RESULTS, f"scaling_h200x2_{gpus}gpu_round5b.json")) as f:
+            runs.append(json.load(f))
+    scaling.print_table(runs)
+    out = capsys.readouterr().out
+    assert "hclt-256     2 |     0.544  1.89    14.5 |    1.109  1.82 |       2.04" in out
+    assert "hclt-512     2 |     1.561  1.91    13.7 |    3.174  1.86 |       2.03" in out
+    assert "pd-128       2 |     0.560  1.90     9.9 |    0.973  1.83 |       1.74" in out
+    assert "pd-256       2 |     1.574  1.93    10.3 |    2.867  1.88 |       1.82" in out
+    assert "EM after every all-reduce: 0.548 s/ep, scaling 1.87" in out  # the deferred-wait A/B
