@@ -328,6 +328,10 @@ class CompiledCircuit(torch.nn.Module):
         (engine/executor/streams.py); the listener hears of a sum layer once its parameter flows are
         queued, with the parameter-flow stream current (work it queues follows them; a tensor it
         allocates there belongs to that stream's pool), and of every other step on the caller's stream.
+        With `early_stats` (a kernel option), the input rows whose flows a product layer's backward
+        finished (`LayerPlan.input_flows_ready`, merged by `stream_schedule.early_stats`) get their
+        statistics on the parameter-flow stream right after it, each range reported to
+        `stats_listener` there; the input layer's step computes only the rest.
         Otherwise the same walk runs every launch in order on the caller's stream (one element buffer,
         nothing deferred): queries that read node flows, profiled batches, the PyTorch executor."""
         streams = self._flow_streams if overlap else FlowStreams.one_stream()
