@@ -183,8 +183,14 @@ def replay(queues, cost):
     return times
 
 
+def label(x: ss.Slot) -> tuple:
+    """What a slot stands for: (layer, part), and an early statistics launch's last row."""
+    return (x.layer, x.part) if x.rows is None else (x.layer, x.part, x.rows[1])
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["stats-at-end", "early-stats"])
 @pytest.mark.parametrize("seed", range(3))
-def test_model_matches_the_queues_the_engine_builds(seed):
+def test_model_matches_the_queues_the_engine_builds(seed, early, monkeypatch):
     pc = engine.compile(chain_root(), device="cpu", backend="torch")
     plan = pc.plan
     steps = plan.steps()
@@ -194,29 +200,36 @@ def test_model_matches_the_queues_the_engine_builds(seed):
     for s in plan.forward_steps():  # the forward is queued on the caller's stream before the fork
         rec.launch((s.layer.index, "forward"))
 
-    def fake_step(step, *bufs_and_flags):
+    def fake_step(step, *bufs_and_flags, stats_from=0):
         defer = bufs_and_flags[6] if len(bufs_and_flags) > 6 else None
         rec.launch((step.layer.index, step.pass_name))
         if defer is not None and step.layer.kind == "sum":
             defer.append(lambda i=step.layer.index: rec.launch((i, ss.PARAMS)))
 
+    def fake_stats(i, node_flows, lo=0, hi=None):  # an early launch: the executor calls it directly
+        rec.launch((plan.input_layers[i].index, ss.STATISTICS, hi))
+        return hi
+
+    monkeypatch.setattr(pc.backend, "early_stats", early)  # the Triton executor's default; torch's is off
     pc._flow_streams = rec
     pc._backward_step = fake_step
+    pc._input_stats = fake_stats
     rows = plan.num_element_rows
     bufs = [torch.zeros(plan.num_node_rows, 2), torch.zeros(rows, 2)]
     pc._flows_pass(bufs[0], bufs[1], torch.zeros_like(bufs[0]), torch.zeros_like(bufs[1]), None, None)
 
-    slots = ss.three_streams(steps, ms)
-    cost = {}
-    for x in slots:
-        cost[(x.layer, x.part)] = x.ms
+    launches = ss.early_stats(plan.input_flows_ready(), [la.num_nodes for la in plan.input_layers])
+    assert bool(launches) and len(queues[ss.PARAMS]) > 0
+    slots = ss.three_streams(steps, ms, early=launches if early else None)
+    assert any(x.part == ss.STATISTICS for x in slots) == early
+    cost = {label(x): x.ms for x in slots}
     times = replay(queues, cost)
     assert len(times) == len(slots)
     for x in slots:
-        assert (x.layer, x.part) in times, f"the engine queued no {x.part} of layer {x.layer}"
-        start, end = times[(x.layer, x.part)]
+        assert label(x) in times, f"the engine queued no {x.part} of layer {x.layer}"
+        start, end = times[label(x)]
         assert x.start == pytest.approx(start) and x.end == pytest.approx(end)
-        assert (x.layer, x.part) in [label for op, label in queues[x.stream] if op == "op"]
+        assert label(x) in [lab for op, lab in queues[x.stream] if op == "op"]
 
 
 def test_per_step_param_shares(plan):
@@ -233,3 +246,87 @@ def test_per_step_param_shares(plan):
         ss.three_streams(steps, ms, shares[:-1])
     with pytest.raises(ValueError, match=r"got -0.5 \(step 2\)"):
         ss.three_streams(steps, ms, shares[:2] + [-0.5] + shares[3:])
+
+
+# ------------------------------------------------------------- early input statistics
+
+
+def early_of(plan) -> dict:
+    return ss.early_stats(plan.input_flows_ready(), [la.num_nodes for la in plan.input_layers])
+
+
+def test_without_early_launches_the_slots_are_the_plain_three_streams(plan):
+    steps = plan.steps()
+    ms = random_ms(len(steps), 21)
+    plain = ss.three_streams(steps, ms)
+    assert ss.three_streams(steps, ms, early=None) == plain == ss.three_streams(steps, ms, early={})
+    assert all(x.rows is None and x.part != ss.STATISTICS for x in plain)
+    inputs = [x for x in plain if x.kind == "input" and x.part == "backward"]
+    assert all(x.end == x.start + ms[x.step] for x in inputs)  # every statistic at the end, on main
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_early_statistics_follow_their_product_layer_on_the_param_stream(plan, seed):
+    steps = plan.steps()
+    ms = random_ms(len(steps), 30 + seed)
+    early = early_of(plan)
+    first = len(plan.forward_steps())
+    slots = ss.three_streams(steps, ms, early=early)
+    stats = [x for x in slots if x.part == ss.STATISTICS]
+    assert len(stats) == sum(len(v) for v in early.values()) > 0
+    for (p, launches), x in zip(
+        ((p, la) for p, ls in sorted(early.items()) for la in ls), stats, strict=True
+    ):
+        after = slots[x.waits[0]]
+        assert x.waits == (slots.index(after),) and (after.step, after.part) == (first + p, "backward")
+        assert after.kind == "product" and after.stream == ss.MAIN
+        assert x.stream == ss.PARAMS and x.start >= after.end - 1e-12
+        i, lo, hi = launches
+        n = plan.input_layers[i].num_nodes
+        assert steps[x.step].layer is plan.input_layers[i] and x.rows == (lo, hi)
+        assert x.ms == pytest.approx(ms[x.step] * (hi - lo) / n)
+    for lane in by_stream(slots).values():
+        for a, b in zip(lane, lane[1:]):
+            assert b.start >= a.end - 1e-12  # the parameter-flows stream still runs in queue order
+    # main's input step keeps only the rows not done early; the work is the same, split
+    for x in (x for x in slots if x.kind == "input" and x.part == "backward"):
+        moved = sum(y.rows[1] - y.rows[0] for y in stats if y.step == x.step)
+        assert x.stream == ss.MAIN and x.ms == pytest.approx(
+            ms[x.step] * (1 - moved / steps[x.step].layer.num_nodes)
+        )
+        assert moved > 0
+    assert sum(x.ms for x in slots) == pytest.approx(sum(ms))
+    # streams taken as not slowing each other: moving work off main costs at most the moved time
+    # (the FIFO param stream may hold a later sum layer's parameter flows back by it) ...
+    span, plain = ss.makespan(slots), ss.makespan(ss.three_streams(steps, ms))
+    assert span <= plain + sum(x.ms for x in stats) + 1e-9
+    assert span >= sum(x.ms for x in slots if x.stream == ss.MAIN) - 1e-9
+
+
+def test_early_statistics_shorten_a_step_whose_input_statistics_weigh(plan):
+    """HCLT-like costs (input statistics a large share of the step, side streams light): the rows
+    done early leave the main chain, so the step ends sooner by about the moved time."""
+    steps = plan.steps()
+    for seed in range(20):
+        ms = random_ms(len(steps), 50 + seed)
+        ms = [
+            10 * t if s.layer.kind == "input" and s.pass_name == "backward" else t for s, t in zip(steps, ms)
+        ]
+        slots = ss.three_streams(steps, ms, early=early_of(plan))
+        plain = ss.makespan(ss.three_streams(steps, ms))
+        moved = sum(x.ms for x in slots if x.part == ss.STATISTICS)
+        assert ss.makespan(slots) < plain - 0.5 * moved
+
+
+def test_bad_early_launches_are_named(plan):
+    steps = plan.steps()
+    ms = [1.0] * len(steps)
+    n = plan.input_layers[0].num_nodes
+    with pytest.raises(ValueError, match="backward step 1: not a product layer's backward"):
+        ss.three_streams(steps, ms, early={1: [(0, 0, 1)]})  # step 1 is a sum layer's backward
+    with pytest.raises(ValueError, match="backward step -1"):
+        ss.three_streams(steps, ms, early={-1: [(0, 0, 1)]})
+    with pytest.raises(ValueError, match="input layer 3: the steps have 1"):
+        ss.three_streams(steps, ms, early={2: [(3, 0, 1)]})
+    with pytest.raises(ValueError, match=rf"nodes \[0, {n + 1}\) of input layer 0 \({n} nodes\)"):
+        ss.three_streams(steps, ms, early={2: [(0, 0, n + 1)]})

@@ -307,4 +307,5 @@ class LayerPlan:
             "pass_seconds": {k: round(v, 6) for k, v in self.pass_seconds.items()},
             "memory_bytes": {"batch_size": batch_size, **self.memory_bytes(batch_size)},
             "layers": [layer.to_dict() for layer in self.layers],
+            "input_flows_ready": [list(r) for r in self.input_flows_ready()],  # (p, i, lo, hi) each
         }

@@ -22,6 +22,15 @@ A sum layer's backward is one step in the plan (and one measured span), so its t
 fraction `param_share` is the parameter flows, the rest node scale + element flows. Default 1/2 by
 FLOPs: element flows and parameter flows each do one tile matmul per weight per example (node scale
 is per node, not per weight: small beside either).
+
+Early input statistics (`early_stats`, the Triton executor's default): right after the product
+layer's backward that finished some input rows' flows, main records an event and the parameter-flows
+stream waits for it and computes those rows' statistics; the input layer's own step at the end of
+the pass does only the rest. Its time is split by rows: a launch of `hi - lo` of the layer's `n`
+nodes costs `(hi - lo) / n` of the input step's time (the statistics are per node and example).
+That shortens the main chain, but the parameter-flows stream runs in queue order: a launch queued
+before a later sum layer's parameter flows holds them back (and, through the buffer rule, a
+recompute), so the step may end later, by at most the time moved.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ if TYPE_CHECKING:  # no engine import at run time: importable without torch
     from engine.compiler.plan import Step
 
 MAIN, RECOMPUTE, PARAMS = "main", "recompute", "param flows"
+STATISTICS = "statistics"  # the part name of an input layer's statistics computed early
 STREAMS = (MAIN, RECOMPUTE, PARAMS)
 PARAM_SHARE = 0.5  # parameter flows' share of a sum layer's backward (FLOPs: one matmul of two)
 NUM_ELEMENT_BUFFERS = 2  # element-value buffers the recompute alternates between
@@ -64,8 +74,10 @@ def early_stats(ready, sizes: Sequence[int], parts: int = EARLY_STATS_PARTS) -> 
 @dataclass(frozen=True)
 class Slot:
     """One piece of work on one stream. `step`: index into the step list; `part`: the step's pass,
-    or "param flows" for the parameter-flows part of a sum layer's backward; times in ms from the
-    step's start; `waits`: indices (into the returned slots) of the slots it waits for on other streams."""
+    "param flows" for the parameter-flows part of a sum layer's backward, or "statistics" for an input
+    layer's statistics computed early (`rows`: its nodes `[lo, hi)`, local to the layer); times in ms
+    from the step's start; `waits`: indices (into the returned slots) of the slots it waits for on
+    other streams."""
 
     step: int
     layer: int
@@ -75,6 +87,7 @@ class Slot:
     start: float
     end: float
     waits: tuple[int, ...] = ()
+    rows: tuple[int, int] | None = None
 
     @property
     def ms(self) -> float:
@@ -107,15 +120,47 @@ def one_stream(steps: Sequence[Step], ms: Sequence[float]) -> list[Slot]:
     return out
 
 
+def _early_at(steps: Sequence[Step], early: dict[int, list] | None) -> tuple[dict, dict]:
+    """`early` (`early_stats`: backward position -> `[(input layer i, lo, hi)]`) as step indices:
+    (product backward step -> `[(input step, lo, hi)]`, input step -> fraction of its nodes moved)."""
+    if not early:
+        return {}, {}
+    first = next((k for k, s in enumerate(steps) if s.pass_name != "forward"), len(steps))
+    inputs = [k for k, s in enumerate(steps) if s.layer.kind == "input" and s.pass_name == "backward"]
+    at: dict[int, list] = {}
+    moved: dict[int, float] = {}
+    for p, launches in sorted(early.items()):
+        k = first + p
+        step = steps[k] if 0 <= p and k < len(steps) else None
+        if step is None or step.layer.kind != "product" or step.pass_name != "backward":
+            raise ValueError(f"early statistics after backward step {p}: not a product layer's backward")
+        for i, lo, hi in launches:
+            if not 0 <= i < len(inputs):
+                raise ValueError(f"early statistics of input layer {i}: the steps have {len(inputs)}")
+            n = steps[inputs[i]].layer.num_nodes
+            if not 0 <= lo < hi <= n:
+                raise ValueError(f"early statistics of nodes [{lo}, {hi}) of input layer {i} ({n} nodes)")
+            at.setdefault(k, []).append((inputs[i], lo, hi))
+            moved[inputs[i]] = moved.get(inputs[i], 0.0) + (hi - lo) / n
+    return at, moved
+
+
 def three_streams(
-    steps: Sequence[Step], ms: Sequence[float], param_share: float | Sequence[float] = PARAM_SHARE
+    steps: Sequence[Step],
+    ms: Sequence[float],
+    param_share: float | Sequence[float] = PARAM_SHARE,
+    early: dict[int, list] | None = None,
 ) -> list[Slot]:
     """Slots of a training step on three streams, in queue order (a sum layer's backward gives two:
     its main part, then its parameter flows). `steps`: `plan.steps()` (or any steps in that order:
     forward, then per sum layer recompute / backward / product backward, then input layers);
     `ms[i]`: step i's time on one stream; `param_share`: one share for all sum layers, or one per
-    step (e.g. from a kernel trace that times parameter flows apart)."""
+    step (e.g. from a kernel trace that times parameter flows apart). `early`: `early_stats(...)` of
+    the plan (positions in `backward_steps()`): each launch a "statistics" slot on the parameter-flows
+    stream after its product layer's backward, taking its share of the input step's time off main.
+    None or {}: every input statistic at the end, on main."""
     shares = _check(steps, ms, param_share)
+    early_at, moved = _early_at(steps, early)
     free = dict.fromkeys(STREAMS, 0.0)
     out: list[Slot] = []
     fork = None  # the last forward slot: the side streams start after it
@@ -123,11 +168,11 @@ def three_streams(
     freed: list[int | None] = [None] * NUM_ELEMENT_BUFFERS  # per buffer: its last reader's slot
     k = 0  # the element buffer of the current sum layer
 
-    def put(i: int, part: str, stream: str, cost: float, waits: list[int | None]) -> int:
+    def put(i: int, part: str, stream: str, cost: float, waits: list[int | None], rows=None) -> int:
         waits = tuple(w for w in waits if w is not None)
         start = max([free[stream], *(out[w].end for w in waits)])
         layer = steps[i].layer
-        out.append(Slot(i, layer.index, layer.kind, part, stream, start, start + cost, waits))
+        out.append(Slot(i, layer.index, layer.kind, part, stream, start, start + cost, waits, rows))
         free[stream] = start + cost
         return len(out) - 1
 
@@ -141,8 +186,11 @@ def three_streams(
             scaled = put(i, "backward", MAIN, c * (1.0 - shares[i]), [ready])
             freed[k] = put(i, PARAMS, PARAMS, c * shares[i], [scaled])
             ready, k = None, k ^ 1
-        else:  # a product layer's backward, an input layer's statistics
-            put(i, "backward", MAIN, c, [])
+        else:  # a product layer's backward (then the input statistics it made final), an input layer's
+            final = put(i, "backward", MAIN, c * max(0.0, 1.0 - moved.get(i, 0.0)), [])
+            for j, lo, hi in early_at.get(i, ()):
+                cost = float(ms[j]) * (hi - lo) / steps[j].layer.num_nodes
+                put(j, STATISTICS, PARAMS, cost, [final], (lo, hi))
     return out
 
 

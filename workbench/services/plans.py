@@ -186,15 +186,31 @@ def _pass_cost(layer: Layer, pass_name: str, batch_size: int) -> tuple[int, int]
     return flops, bytes_
 
 
+def _stored_flows_ready(d: dict) -> tuple[tuple[int, int, int, int], ...]:
+    """`d["input_flows_ready"]` (`[[p, i, lo, hi], ...]`, `LayerPlan.input_flows_ready()`) as tuples;
+    () for a dict written before plans stored it (older runs): then no input statistics come early."""
+    try:
+        ready = tuple(tuple(int(x) for x in r) for r in d.get("input_flows_ready") or ())
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"plan dict input_flows_ready is malformed: {err!r}") from None
+    bad = next((r for r in ready if len(r) != 4), None)
+    if bad is not None:
+        raise ValueError(f"plan dict input_flows_ready holds {list(bad)}: expected [p, i, lo, hi]")
+    return ready
+
+
 def plan_from_dict(d: dict | list) -> LayerPlan:
     """A skeleton `LayerPlan` from `plan.to_dict()` (or its `layers` list): kinds, sizes, buffer rows
     and per-example costs, with partition *summaries* (dicts) instead of index tables. Enough for the
     one traversal (`steps()`), `schedule` and the memory timeline of a plan compiled elsewhere (a run's
-    plan event), not for running it. Raises ValueError naming what is missing."""
+    plan event), not for running it. Its `input_flows_ready()` answers the stored ranges (none, so no
+    early input statistics, for a dict without them: a run from before plans stored them). Raises
+    ValueError naming what is missing."""
     if isinstance(d, list):
         d = {"layers": d}
     if not isinstance(d, dict) or not isinstance(d.get("layers"), list) or not d["layers"]:
         raise ValueError("plan dict has no layers (expected plan.to_dict())")
+    ready = _stored_flows_ready(d)
     layers = []
     for i, la in enumerate(d["layers"]):
         try:
@@ -217,7 +233,7 @@ def plan_from_dict(d: dict | list) -> LayerPlan:
             raise ValueError(f"plan dict layer {i} is malformed: {err!r}") from None
         if layers[-1].kind not in ("input", "product", "sum"):
             raise ValueError(f"plan dict layer {i} has unknown kind {layers[-1].kind!r}")
-    return LayerPlan(
+    plan = LayerPlan(
         layers=layers,
         num_vars=int(d.get("num_vars", 0)),
         num_node_rows=int(d.get("num_node_rows", 0)),
@@ -228,6 +244,10 @@ def plan_from_dict(d: dict | list) -> LayerPlan:
         block_size=d.get("block_size"),
         tolerance=float(d.get("tolerance", 0.0)),
     )
+    # no index tables to find the ready rows from: fill the plan's cached answer with the stored one
+    # (a cached_property reads the instance dict first, so `input_flows_ready()` returns it)
+    plan.__dict__["_flows_ready"] = ready
+    return plan
 
 
 def plan_batch_size(d: dict, default: int) -> int:
@@ -292,6 +312,13 @@ STREAM_LANES = {
 }
 
 
+def early_launches(plan: LayerPlan) -> dict[int, list]:
+    """The input statistics a GPU training step computes early (`stream_schedule.early_stats`, the
+    executor's own rule): backward position -> `[(input layer i, lo, hi)]`; {} when none (PD)."""
+    sizes = [layer.num_nodes for layer in plan.input_layers]
+    return engine_streams.early_stats(plan.input_flows_ready(), sizes)
+
+
 def stream_schedule(
     plan: LayerPlan | dict,
     records: list[dict],
@@ -304,9 +331,17 @@ def stream_schedule(
     (`num_streams=3`: GPU training, engine/executor/stream_schedule.py's list schedule).
 
     One dict per slot, in queue order: {"step" (record index), "layer", "kind", "pass" ("forward",
-    "recompute", "backward", or "param flows": the parameter-flows part, `param_share` of a sum layer's
-    backward), "stream" ("main", "recompute", "param flows"), "lane" (`STREAM_LANES` name), "start_ms",
-    "end_ms", "ms"}. None when a record has no time under `key` (a step not measured)."""
+    "recompute", "backward", "param flows": the parameter-flows part, `param_share` of a sum layer's
+    backward, or "statistics": an input layer's statistics computed early, see below), "stream"
+    ("main", "recompute", "param flows"), "lane" (`STREAM_LANES` name), "start_ms", "end_ms", "ms",
+    "rows" ([lo, hi): a "statistics" slot's input nodes; else None), "after" (a "statistics" slot: the
+    product layer whose backward made those rows' flows final; else None)}. None when a record has no
+    time under `key` (a step not measured).
+
+    Three streams also place the early input statistics (`early_launches`): rows whose flows are final
+    before the pass ends get their share of the input step's time on the parameter-flows stream right
+    after that product layer's backward; the input step on main keeps the rest. A plan dict without
+    stored ready ranges (a run from before plans stored them) has none early."""
     if isinstance(plan, dict):
         plan = plan_from_dict(plan)
     steps = plan.steps()
@@ -318,7 +353,7 @@ def stream_schedule(
     if any(t is None for t in ms):
         return None
     if num_streams == 3:
-        slots = engine_streams.three_streams(steps, ms, param_share)
+        slots = engine_streams.three_streams(steps, ms, param_share, early_launches(plan))
     elif num_streams == 1:
         slots = engine_streams.one_stream(steps, ms)
     else:
@@ -334,6 +369,8 @@ def stream_schedule(
             "start_ms": x.start,
             "end_ms": x.end,
             "ms": x.ms,
+            "rows": list(x.rows) if x.rows is not None else None,
+            "after": slots[x.waits[0]].layer if x.part == engine_streams.STATISTICS else None,
         }
         for x in slots
     ]
