@@ -17,6 +17,7 @@ only as a prediction.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import holoviews as hv
 import pandas as pd
@@ -48,6 +49,11 @@ layer its node scale and element flows and the product layer's backward, then th
 each product layer *recomputed ahead* on a second stream into one of **two** alternating element
 buffers (a buffer is reused only after the parameter flows of the sum layer two above have read it),
 and each sum layer's *parameter flows behind* on a third, since nothing reads them until the EM update.
+**Early input statistics**: input rows whose flows are final before the pass ends (in an HCLT, the
+variables whose subtree ends above the lowest layer, ~70% of its input nodes) get their statistics on
+the third stream right after the product layer that finished them (bars in the input layers'
+colour in the *param flows behind* lane); the input layers' own step at the end does only the rest. A PD reads every input node
+in its lowest layer, so there all statistics stay at the end.
 Switch *Stream schedule* to see it: the side work hides behind the main chain, for one more element
 buffer of memory. The model splits a sum layer's backward half and half (element flows and parameter
 flows are one matmul each) and assumes the streams do not slow each other, so it is a lower bound:
@@ -118,8 +124,25 @@ def timeline(
     )
 
 
+def slot_note(slot: dict, early_steps: Collection[int] = ()) -> str:
+    """What a stream slot does, in words, for its hover: an early statistics launch says which input
+    nodes and which product layer made their flows final; `early_steps`: input steps with such launches."""
+    if slot["pass"] == "statistics":
+        lo, hi = slot["rows"]
+        return (
+            f"input statistics of nodes {lo}-{hi - 1}, computed early: their flows are final after "
+            f"product layer {slot['after']}'s backward"
+        )
+    if slot["kind"] == "input" and slot["pass"] == "backward" and slot["stream"] == "main":
+        rest = " of the nodes not done early" if slot["step"] in early_steps else ""
+        return f"input statistics{rest}, at the end of the pass"
+    return slot["pass"]
+
+
 def stream_timeline(slots: list[dict], title: str, x_end: float | None = None, selected: int | None = None):
-    """`plans.stream_schedule` slots as rectangles at their own start/end (ms), one lane per stream."""
+    """`plans.stream_schedule` slots as rectangles at their own start/end (ms), one lane per stream,
+    coloured by layer kind (early input statistics in the input colour, in the param-flows lane)."""
+    early_steps = {s["step"] for s in slots if s["pass"] == "statistics"}
     rects = [
         (
             s["start_ms"],
@@ -130,13 +153,14 @@ def stream_timeline(slots: list[dict], title: str, x_end: float | None = None, s
             s["layer"],
             s["pass"],
             s["ms"],
+            slot_note(s, early_steps),
             1.0 if selected is None or s["layer"] == selected else 0.3,
         )
         for s in slots
     ]
     t = step_ms(slots)
     el = hv.Rectangles(
-        rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=["kind", "layer", "pass", "ms", "alpha"]
+        rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=["kind", "layer", "pass", "ms", "what", "alpha"]
     )
     return el.opts(
         color="kind",
@@ -366,7 +390,8 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
     def _streams_line(self, plan, records: list[dict], measured: bool) -> str:
         """The predicted step on one stream and on three, and what the measured times are."""
         one = sum(r["predicted_ms"] for r in records)
-        three = step_ms(stream_schedule(plan, records))
+        slots = stream_schedule(plan, records)
+        three = step_ms(slots)
         gain = f"{100 * (1 - three / one):.0f}% less" if one > 0 else "no change"
         line = (
             f"Predicted step: **{one:.3g} ms on one stream** (CPU, profiled batches), "
@@ -378,7 +403,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
                 "`KernelOptions.overlap=True`): the side streams' work overlaps the main chain, taken as "
                 "not slowing it (a lower bound: large layers leave no idle SMs); the memory plot holds "
                 "two element buffers in the flows pass. "
-            )
+            ) + self._early_line(slots)
         else:
             line += (
                 "Drawn: **one stream**, what the CPU executor and profiled batches run; a GPU training "
@@ -396,6 +421,24 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
                 )
             )
         return line
+
+    @staticmethod
+    def _early_line(slots: list[dict]) -> str:
+        """How much of the input statistics the three-stream step computes early, or that none is."""
+        early = [s for s in slots if s["pass"] == "statistics"]
+        if not early:
+            return (
+                "No input statistics come early here: every input node's flows are final only at the "
+                "end of the pass (or the plan is from a run that did not store when they are), so all "
+                "run on the main chain at the end. "
+            )
+        stats = sum(s["ms"] for s in slots if s["kind"] == "input" and s["pass"] != "forward")
+        moved = sum(s["ms"] for s in early)
+        return (
+            f"**{len(early)} early input-statistics launches** on the param-flows stream, each after the "
+            f"product layer that made its rows' flows final: {100 * moved / max(stats, 1e-12):.0f}% of "
+            "the input statistics' time leaves the end of the main chain. "
+        )
 
     def _clear(self) -> None:
         self.streams_info.object = ""

@@ -1,0 +1,156 @@
+"""The Schedule tab's three streams with early input statistics: input rows whose flows are final before
+the flows pass ends get their statistics on the param-flows stream right after the product layer that
+finished them (the executor's rule, `stream_schedule.early_stats`); the input step on main keeps the rest.
+
+Checked on a real HCLT plan (some rows come early) and a PD plan (none), for the compiled plan and for
+the plan dict a run stores (with and without the stored ranges), and in the drawn timeline.
+"""
+
+from __future__ import annotations
+
+import json
+
+import holoviews.plotting.bokeh  # noqa: F401  (the backend the timelines' options are read from)
+import numpy as np
+import panel as pn
+import pytest
+
+from engine.dists import Categorical
+from engine.executor.stream_schedule import early_stats, three_streams
+from engine.structures import hclt, pd
+from workbench.services import plans
+from workbench.views.schedule_view import STREAM_LANE_NAMES, ScheduleView, slot_note
+
+BATCH = 512
+
+
+@pytest.fixture(scope="module")
+def hclt_plan():
+    rng = np.random.default_rng(0)
+    z = rng.integers(0, 2, (500, 1))  # one hidden cause: a Chow-Liu tree with some depth
+    x = (z + (rng.random((500, 12)) < 0.2)) % 2 + 2 * rng.integers(0, 2, (500, 12))
+    return plans.make_plan(hclt(x, 16), None, 0.5)
+
+
+@pytest.fixture(scope="module")
+def pd_plan():
+    return plans.make_plan(pd((4, 4), 16, (2, 2), input_dist=Categorical(4)), None, 0.5)
+
+
+def executor_launches(plan) -> list[tuple[int, int, int, int]]:
+    """(backward position, input layer, lo, hi) of each early launch, by the executor's own rule."""
+    e = early_stats(plan.input_flows_ready(), [la.num_nodes for la in plan.input_layers])
+    return [(p, *launch) for p in sorted(e) for launch in e[p]]
+
+
+def test_an_hclt_step_computes_its_early_statistics_behind_the_product_layers(hclt_plan):
+    plan = hclt_plan
+    recs = plans.schedule(plan, BATCH)
+    slots = plans.stream_schedule(plan, recs)
+    launches = executor_launches(plan)
+    stats = [s for s in slots if s["pass"] == "statistics"]
+    assert len(stats) == len(launches) > 0
+    back = plan.backward_steps()
+    for s, (p, i, lo, hi) in zip(stats, launches, strict=True):
+        layer = plan.input_layers[i]
+        assert (s["lane"], s["stream"], s["kind"], s["layer"]) == (
+            "param flows behind",
+            "param flows",
+            "input",
+            layer.index,
+        )
+        assert s["rows"] == [lo, hi] and s["after"] == back[p].layer.index
+        assert s["ms"] == pytest.approx(recs[s["step"]]["predicted_ms"] * (hi - lo) / layer.num_nodes)
+        product = next(
+            x for x in slots if x["layer"] == s["after"] and x["pass"] == "backward" and x["stream"] == "main"
+        )
+        assert s["start_ms"] >= product["end_ms"] - 1e-12  # waits for the rows' last product layer
+    moved = {}
+    for s in stats:
+        moved[s["step"]] = moved.get(s["step"], 0) + s["rows"][1] - s["rows"][0]
+    for s in (s for s in slots if s["kind"] == "input" and s["pass"] == "backward"):
+        n = plan.layers[s["layer"]].num_nodes
+        assert s["stream"] == "main" and s["rows"] is None and s["after"] is None
+        assert s["ms"] == pytest.approx(recs[s["step"]]["predicted_ms"] * (1 - moved.get(s["step"], 0) / n))
+    assert sum(moved.values()) > 0.5 * sum(la.num_nodes for la in plan.input_layers)  # most rows early
+    assert sum(s["ms"] for s in slots) == pytest.approx(sum(r["predicted_ms"] for r in recs))
+    # profiled batches (one stream) compute every statistic at the end
+    assert not any(s["pass"] == "statistics" for s in plans.stream_schedule(plan, recs, num_streams=1))
+
+
+def test_a_run_plan_dict_lays_out_the_same_early_statistics(hclt_plan):
+    plan = hclt_plan
+    recs = plans.schedule(plan, BATCH)
+    slots = plans.stream_schedule(plan, recs)
+    d = json.loads(json.dumps(plan.to_dict(BATCH)))  # as a run's plan event stores it
+    assert d["input_flows_ready"] == [list(r) for r in plan.input_flows_ready()]
+    skeleton = plans.plan_from_dict(d)
+    assert skeleton.input_flows_ready() == plan.input_flows_ready()  # stored, not recomputed
+    assert plans.early_launches(skeleton) == plans.early_launches(plan)
+    assert plans.stream_schedule(d, recs) == slots == plans.stream_schedule(skeleton, recs)
+
+
+def test_a_plan_dict_without_stored_ranges_has_none_early(hclt_plan):
+    """A run from before plans stored the ranges: every statistic at the end, as the model did then."""
+    plan = hclt_plan
+    recs = plans.schedule(plan, BATCH)
+    d = plan.to_dict(BATCH)
+    del d["input_flows_ready"]
+    skeleton = plans.plan_from_dict(d)
+    assert skeleton.input_flows_ready() == () and plans.early_launches(skeleton) == {}
+    slots = plans.stream_schedule(d, recs)
+    plain = three_streams(plan.steps(), [r["predicted_ms"] for r in recs])
+    assert [(s["step"], s["pass"], s["stream"], s["start_ms"], s["end_ms"]) for s in slots] == [
+        (x.step, x.part, x.stream, x.start, x.end) for x in plain
+    ]
+    assert plans.step_ms(slots) > plans.step_ms(plans.stream_schedule(plan, recs))  # early ones help here
+    with pytest.raises(ValueError, match=r"input_flows_ready holds \[1, 2\]: expected \[p, i, lo, hi\]"):
+        plans.plan_from_dict({**d, "input_flows_ready": [[1, 2]]})
+    with pytest.raises(ValueError, match="input_flows_ready is malformed"):
+        plans.plan_from_dict({**d, "input_flows_ready": [["a", 0, 0, 1]]})
+
+
+def test_a_pd_plan_keeps_every_statistic_at_the_end(pd_plan):
+    recs = plans.schedule(pd_plan, BATCH)
+    assert plans.early_launches(pd_plan) == {} and len(pd_plan.input_flows_ready()) == 1
+    for plan in (pd_plan, pd_plan.to_dict(BATCH)):
+        slots = plans.stream_schedule(plan, recs)
+        assert not any(s["pass"] == "statistics" for s in slots)
+        inputs = [s for s in slots if s["kind"] == "input" and s["pass"] == "backward"]
+        assert [s["ms"] for s in inputs] == pytest.approx([recs[s["step"]]["predicted_ms"] for s in inputs])
+        assert "No input statistics come early" in ScheduleView._early_line(slots)
+
+
+def _view():
+    from workbench.services import Services
+    from workbench.services.jobs import JobRunner
+    from workbench.services.store import RunStore
+    from workbench.state.session import SessionState
+
+    store = RunStore(None)
+    ses = SessionState(Services(store, JobRunner(store)))
+    assert ses.build.build_demo().ok
+    view = ScheduleView(plan=ses.plan)
+    pn.panel(view).get_root()
+    return ses, view
+
+
+def test_the_timeline_draws_early_statistics_in_the_param_lane_as_input_work():
+    ses, view = _view()
+    view.stream_switch.value = 3
+    slots = plans.stream_schedule(ses.plan.plan, ses.plan.schedule())
+    stats = [k for k, s in enumerate(slots) if s["pass"] == "statistics"]
+    assert stats  # the demo is an HCLT
+    df = view.predicted.object.data
+    assert len(df) == len(slots)
+    lane = STREAM_LANE_NAMES.index("param flows behind")
+    drawn = df[df["pass"] == "statistics"]
+    assert len(drawn) == len(stats)
+    assert (drawn["lane0"].round() == lane).all() and (drawn["kind"] == "input").all()  # input colour
+    assert all("computed early" in w and "product layer" in w for w in drawn["what"])
+    ends = df[(df["kind"] == "input") & (df["pass"] == "backward")]
+    assert all("not done early" in w for w in ends["what"])
+    assert "early input-statistics launches" in view.streams_info.object
+    view._tap.event(index=[stats[0]])  # tap one: its input layer is selected in every view
+    assert ses.plan.selected_layer == slots[stats[0]]["layer"]
+    assert slot_note(slots[stats[0]]).startswith(f"input statistics of nodes {slots[stats[0]]['rows'][0]}-")
