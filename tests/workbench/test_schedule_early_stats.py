@@ -12,12 +12,12 @@ import json
 
 import holoviews.plotting.bokeh  # noqa: F401  (the backend the timelines' options are read from)
 import numpy as np
-import panel as pn
 import pytest
 
 from engine.dists import Categorical
 from engine.executor.stream_schedule import early_stats, three_streams
 from engine.structures import hclt, pd
+from tests.workbench.test_schedule_streams_view import _view
 from workbench.services import plans
 from workbench.views.schedule_view import STREAM_LANE_NAMES, ScheduleView, slot_note
 
@@ -119,20 +119,6 @@ def test_a_pd_plan_keeps_every_statistic_at_the_end(pd_plan):
         inputs = [s for s in slots if s["kind"] == "input" and s["pass"] == "backward"]
         assert [s["ms"] for s in inputs] == pytest.approx([recs[s["step"]]["predicted_ms"] for s in inputs])
         assert "No input statistics come early" in ScheduleView._early_line(slots)
-
-
-def _view():
-    from workbench.services import Services
-    from workbench.services.jobs import JobRunner
-    from workbench.services.store import RunStore
-    from workbench.state.session import SessionState
-
-    store = RunStore(None)
-    ses = SessionState(Services(store, JobRunner(store)))
-    assert ses.build.build_demo().ok
-    view = ScheduleView(plan=ses.plan)
-    pn.panel(view).get_root()
-    return ses, view
 
 
 def test_the_timeline_draws_early_statistics_in_the_param_lane_as_input_work():
