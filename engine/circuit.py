@@ -344,7 +344,10 @@ class CompiledCircuit(torch.nn.Module):
             ebufs = (element_mars, spare)
         freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
         held = []  # deferred launches and the tensors they read stay alive until the join
-        early = self._early_stats() if overlap and inputs and self.backend.early_stats else {}
+        # early statistics in every pass a reducer listens to, overlapped or not (a profiled batch runs the
+        # plain pass): each rank must issue the same all-reduces in the same order, whichever batch it samples
+        listening = self.stats_listener is not None
+        early = self._early_stats() if inputs and self.backend.early_stats and (overlap or listening) else {}
         stats_done = [0] * len(self.input_layers)  # per input layer: its nodes [0, done) have statistics
         streams.fork()
         try:
@@ -381,7 +384,8 @@ class CompiledCircuit(torch.nn.Module):
                         with streams.on(streams.params):
                             streams.wait(final)
                             for i, _, hi in early[p]:
-                                stats_done[i] = self._input_stats(i, node_flows, stats_done[i], hi)
+                                with self._span(self.input_layers[i].layer, "backward"):  # merged per batch
+                                    stats_done[i] = self._input_stats(i, node_flows, stats_done[i], hi)
                 if listener is not None:
                     listener(step)
         except BaseException:
@@ -422,6 +426,13 @@ class CompiledCircuit(torch.nn.Module):
         `pending` (data-parallel EM, `engine.distributed.PendingStats`): input statistics whose sums
         over ranks may still be arriving; each input layer's rows are updated once theirs have, so
         the sum-weight update overlaps the last all-reduce."""
+        try:
+            self._em_step(step_size, pseudocount, pending)
+        finally:
+            if pending is not None:
+                pending.wait_all()  # no all-reduce of this step left in flight after it, even on an error
+
+    def _em_step(self, step_size: float, pseudocount: float, pending) -> None:
         if not 0.0 < step_size <= 1.0:
             raise ValueError(f"step_size must be in (0, 1], got {step_size}")
         if pseudocount < 0:
@@ -446,8 +457,6 @@ class CompiledCircuit(torch.nn.Module):
                 self.backend.input_em_update(inp, table, step_size, pseudocount, lo, hi)
             if not pieces:
                 self.backend.input_em_update(inp, table, step_size, pseudocount)
-        if pending is not None:
-            pending.wait_all()  # no all-reduce of this step left in flight after it
         if ties is not None:
             ties.after_em(self, saved)  # sources' new values into their copies
 

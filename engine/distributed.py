@@ -206,11 +206,12 @@ class FlowReducer:
             for inp in pc.input_layers:
                 del self.buckets[(inp.layer.index, "backward")]
         self._pending: list = []
-        self._reported: dict[int, int] = {}  # chunked input layer -> its rows reduced so far this step
+        self._reported: dict[int, int] = {}  # input layer -> its statistics rows reduced so far this step
         self._armed = False
 
     def start(self) -> None:
         """Before a flows pass whose flows this reducer will sum: reduce layer by layer as they finish."""
+        self._pending, self._reported = [], {}  # a step that raised mid-pass left its own behind
         if self.overlap:
             self.pc.flow_listener = self._on_step
             self.pc.stats_listener = self._stats_chunks

@@ -92,30 +92,39 @@ class LayerProfiler:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._last = end
-            self._pending.append((layer, kind, pass_name, start, end))
+            self._pending.append((self.batches, layer, kind, pass_name, start, end))
         else:
             t0 = time.perf_counter()
             yield
-            self._pending.append((layer, kind, pass_name, (time.perf_counter() - t0) * 1e3, None))
+            self._pending.append(
+                (self.batches, layer, kind, pass_name, (time.perf_counter() - t0) * 1e3, None)
+            )
 
     def collect(self, block: bool = False) -> list[dict]:
-        """Resolve finished spans into events, oldest first.
+        """Resolve finished spans into events, oldest first; the spans of one pass of one layer in a
+        batch (a layer timed in pieces) give one event, their sum.
 
         On CUDA, without `block`, spans whose end event has not completed stay pending for a later
         call, so collecting once per batch never serialises the run (the GPU may lag the CPU by a
         batch); `block=True` waits for everything recorded so far.
         """
         if self.cuda and self._pending and block:
-            self._pending[-1][4].synchronize()
+            self._pending[-1][5].synchronize()
         done = len(self._pending)
         if self.cuda and not block:
             done = 0
-            while done < len(self._pending) and self._pending[done][4].query():
+            while done < len(self._pending) and self._pending[done][5].query():
                 done += 1
+            while 0 < done < len(self._pending) and self._pending[done - 1][0] == self._pending[done][0]:
+                done -= 1  # a batch's spans are resolved together (see below)
         ready, self._pending = self._pending[:done], self._pending[done:]
-        events = []
-        for layer, kind, pass_name, a, b in ready:
+        merged: dict[tuple, list] = {}  # (batch, layer, pass) -> [kind, ms]: one event per pass of a batch
+        for batch, layer, kind, pass_name, a, b in ready:
             ms = a.elapsed_time(b) if self.cuda else a
+            acc = merged.setdefault((batch, layer, pass_name), [kind, 0.0])
+            acc[1] += ms  # several spans: input statistics computed early plus the rest at the end
+        events = []
+        for (_, layer, pass_name), (kind, ms) in merged.items():
             key = (layer, pass_name)
             self.totals[key] = self.totals.get(key, 0.0) + ms
             self.counts[key] = self.counts.get(key, 0) + 1

@@ -288,3 +288,112 @@ def test_reducer_hands_the_statistics_still_arriving_to_the_em_update(monkeypatc
         assert got[1] is None and got[2] is None  # not asked for, or switched off: all waited for
     finally:
         dist.destroy_process_group()
+
+
+def _world_of_one():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return dist
+
+
+def test_a_profiled_batch_issues_the_same_collectives_as_any_other(monkeypatch):
+    """Ranks sample their profiled batches on their own clocks, and a profiled batch runs the plain
+    one-stream pass: it must still all-reduce the same buffers in the same order (review finding)."""
+    from engine import distributed
+
+    root, dists = _hclt()
+    x, m = data(dists, 32)
+    pc = engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS)
+    dist = _world_of_one()
+    try:
+        r = distributed.FlowReducer(pc)
+        seq: list = []
+        real = dist.all_reduce
+        monkeypatch.setattr(
+            dist, "all_reduce", lambda t, *a, **k: (seq.append(tuple(t.shape)), real(t, *a, **k))[1]
+        )
+
+        def step(profiled: bool) -> list:
+            seq.clear()
+            pc.profile(profiled, every=1)
+            pc.zero_flows()
+            r.start()
+            pc.accumulate_flows(x, m, validate=False)
+            pc.em_step(0.5, 0.1, pending=r(defer_stats=True))
+            return list(seq)
+
+        plain, profiled = step(False), step(True)
+        assert len(plain) > 2 and profiled == plain
+        events = [e for e in pc.profiler.collect(block=True) if e["type"] == "layer_time"]
+        inp = pc.input_layers[0].layer.index
+        mine = [e for e in events if e["layer"] == inp and e["pass"] == "backward"]
+        assert len(mine) == 1 and mine[0]["ms"] > 0  # early pieces and the rest: one event per batch
+    finally:
+        pc.profile(False)
+        dist.destroy_process_group()
+
+
+def test_a_step_that_raises_leaves_no_reduction_armed(monkeypatch):
+    from engine import distributed
+    from engine.kernels.graph import CapturedStep
+
+    root, dists = _hclt()
+    x, m = data(dists, 16)
+    pc = engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS)
+    dist = _world_of_one()
+    try:
+        r = distributed.FlowReducer(pc)
+        step = CapturedStep(pc, 16, em=(0.5, 0.1), reduce=r)
+        calls = {"n": 0}
+        real = pc.backend.prod_backward
+
+        def failing(*a):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("launch failed")
+            return real(*a)
+
+        monkeypatch.setattr(pc.backend, "prod_backward", failing)
+        with pytest.raises(RuntimeError, match="launch failed"):
+            step(x, m)
+        assert pc.flow_listener is None and pc.stats_listener is None and r._pending == []
+        lls = step(x, m)  # the next step trains as if nothing happened
+        assert torch.isfinite(lls).all()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_em_update_that_raises_still_waits_for_the_statistics():
+    from engine.distributed import PendingStats
+
+    root, _ = _hclt()
+    pc = engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS)
+    log: list = []
+    pending = PendingStats([((0, 0, pc.input_layers[0].num_nodes), _Work("all", log))])
+    with pytest.raises(ValueError, match="step_size"):
+        pc.em_step(2.0, 0.1, pending=pending)
+    assert log == [("wait", "all")]
+
+
+def test_input_layers_keep_the_order_their_families_first_appear():
+    """Only the rows inside a family's layer follow the flows' finishing order; the layers themselves
+    (input_params(i), profiler layer indices) stay in first-appearance order."""
+    from engine.dists import Bernoulli, Gaussian
+    from engine.nodes import inputs, multiply, summate
+
+    g0, b1, g2, b3 = (
+        inputs(0, 16, Gaussian()),
+        inputs(1, 16, Bernoulli()),
+        inputs(2, 16, Gaussian()),
+        inputs(3, 16, Bernoulli()),
+    )
+    low = summate(multiply(g2, b3), num_nodes=16, block_size=16)  # depth 1: read last in the flows pass
+    mid = summate(multiply(low, b1), num_nodes=16, block_size=16)
+    root = summate(multiply(mid, g0), num_nodes=1)
+    pc = engine.compile(root)
+    first = next(v for v in pc.root.topological() if isinstance(v, InputNodes))
+    assert pc.input_layers[0].dist.name == first.dist.name
+    for inp in pc.input_layers:  # inside a layer: the variable read higher up comes first
+        vars_ = inp.vars.tolist()
+        assert vars_[0] in (0, 1) and vars_[-1] in (2, 3)

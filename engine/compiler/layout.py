@@ -54,8 +54,10 @@ def layout_inputs(ir: CircuitIR, lay: Layout) -> None:
     still run (`LayerPlan.input_flows_ready`)."""
     final = flows_final_depth(ir)
     groups: dict[tuple, list] = {}
-    for v in sorted(ir.inputs, key=lambda v: -final.get(v.uid, 0)):
+    for v in ir.inputs:  # the layers in the order their families first appear, as before
         groups.setdefault(v.dist.key(), []).append(v)
+    for vecs in groups.values():
+        vecs.sort(key=lambda v: -final.get(v.uid, 0))  # stable: ties keep the topological order
     for key, vecs in groups.items():
         start, vars_, members, n = lay.num_node_rows, [], [], 0
         for v in vecs:

@@ -102,11 +102,15 @@ class Distribution:
         raise NotImplementedError
 
     def accumulate_stats(self, stats, params, xv, miss, flows) -> None:
-        """stats: [n, num_stats] += the flow-weighted sufficient statistics of this batch."""
+        """stats: [n, num_stats] += the flow-weighted sufficient statistics of this batch.
+
+        Row-local: node i's row reads only row i of params, xv, miss and flows, so the executor may
+        call it on a slice of the nodes (early statistics, engine/circuit.py)."""
         raise NotImplementedError
 
     def em_update(self, params, stats, step_size: float, pseudocount: float) -> torch.Tensor:
-        """New params `[n, num_params]`: (1 - step) * old + step * the M-step from `stats`."""
+        """New params `[n, num_params]`: (1 - step) * old + step * the M-step from `stats`; row-local
+        like `accumulate_stats` (data-parallel EM updates the rows whose statistics arrived first)."""
         raise NotImplementedError
 
     def sample(self, params) -> torch.Tensor:

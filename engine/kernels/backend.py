@@ -185,7 +185,7 @@ class TritonBackend(TorchBackend):
             chunks = [(0, n, None)]
         else:
             key = (int(chunk_rows), lo, hi)
-            chunks = table.chunks.get(key) or self._stats_chunks(layer, table, key)
+            chunks = table.chunks[key] if key in table.chunks else self._stats_chunks(layer, table, key)
             if not chunks:
                 return lo
             if inputs.input_stats_chunked(*args, chunks, self.options, after or (lambda a, b: None)):

@@ -73,7 +73,12 @@ class CapturedStep:
                 pc.zero_flows()
             if self.reduce is not None:
                 self.reduce.start()  # a data-parallel reducer may start summing layers as they finish
-            ll = pc.accumulate_flows(x, missing, validate=False)
+            try:
+                ll = pc.accumulate_flows(x, missing, validate=False)
+            except BaseException:
+                if self.reduce is not None:
+                    self.reduce.cancel()  # no listener left armed, no half step's works waited on next time
+                raise
             pending = None
             if self.reduce is not None:  # with an EM update next, the last statistics may arrive during it
                 pending = self.reduce(defer_stats=self.em is not None)
