@@ -74,9 +74,16 @@ def _nccl_worker(rank, port, out):
     from engine.kernels import KernelOptions
 
     late = KernelOptions(early_stats=False)  # every statistic after the pass: the reference for the others
-    for chunk in (0, 256 * 256 * 4, "late"):  # unchunked; 8 chunks of 256 nodes; all at the end
+    for chunk in (
+        0,
+        256 * 256 * 4,
+        "late",
+        "profiled",
+    ):  # unchunked; 8 chunks; all at the end; rank 0 profiled
         opts = late if chunk == "late" else None
         pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
+        if chunk == "profiled" and rank == 0:  # its sampled batches run the plain pass, rank 1's never do
+            pc.profile(every=3)
         sched = optim.EMSchedule(batch_size=128, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
         hist = optim.fit(
             pc,
@@ -85,7 +92,7 @@ def _nccl_worker(rank, port, out):
             schedule=sched,
             generator=torch.Generator().manual_seed(1),
             distributed=True,
-            reduce_chunk_bytes=0 if chunk == "late" else chunk,
+            reduce_chunk_bytes=chunk if isinstance(chunk, int) else 0,
         )
         results[chunk] = {
             "params": pc.params.cpu(),
@@ -104,7 +111,7 @@ def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
     mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     plain, chunked, late = r0[0], r0[256 * 256 * 4], r0["late"]
-    for c in (0, 256 * 256 * 4, "late"):  # the ranks agree
+    for c in (0, 256 * 256 * 4, "late", "profiled"):  # the ranks agree
         assert torch.equal(r1[c]["params"], r0[c]["params"]) and torch.equal(r1[c]["inputs"], r0[c]["inputs"])
     assert chunked["replays"] and plain["replays"]  # the chunks' all-reduces ran inside CUDA graphs
     assert torch.equal(plain["params"], chunked["params"]) and torch.equal(plain["inputs"], chunked["inputs"])
@@ -112,3 +119,6 @@ def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
     # early statistics (reduced range by range during the pass) train what the reduction at the end trains
     assert torch.equal(plain["params"], late["params"]) and torch.equal(plain["inputs"], late["inputs"])
     assert plain["lls"] == late["lls"]
+    # one rank profiling (its sampled batches on one stream) issues the same collectives: the same training
+    prof = r0["profiled"]
+    assert torch.equal(plain["params"], prof["params"]) and torch.equal(plain["inputs"], prof["inputs"])
