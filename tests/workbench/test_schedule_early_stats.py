@@ -9,7 +9,9 @@ the plan dict a run stores (with and without the stored ranges), and in the draw
 from __future__ import annotations
 
 import json
+import re
 
+import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401  (the backend the timelines' options are read from)
 import numpy as np
 import pytest
@@ -140,3 +142,36 @@ def test_the_timeline_draws_early_statistics_in_the_param_lane_as_input_work():
     view._tap.event(index=[stats[0]])  # tap one: its input layer is selected in every view
     assert ses.plan.selected_layer == slots[stats[0]]["layer"]
     assert slot_note(slots[stats[0]]).startswith(f"input statistics of nodes {slots[stats[0]]['rows'][0]}-")
+
+
+def test_a_stream_bar_hover_says_what_it_does_and_its_time_not_its_corners():
+    """The hover of an early bar names its nodes and product layer and its time in ms, without the
+    rectangle's corners, lane coordinates and alpha that a new user cannot read."""
+    from bokeh.models import HoverTool
+
+    ses, view = _view()
+    view.stream_switch.value = 3
+    fig = hv.render(view.predicted.object, backend="bokeh")
+    (hover,) = [t for t in fig.tools if isinstance(t, HoverTool)]
+    tips = {k: re.sub(r"@\{(\w+)\}", r"@\1", v) for k, v in hover.tooltips}  # holoviews writes @{col}
+    assert list(tips) == ["layer", "does", "time"]
+    assert tips["does"] == "@what" and tips["time"].startswith("@ms") and " ms" in tips["time"]
+    assert not any(f in v for v in tips.values() for f in ("@lane0", "@lane1", "@alpha"))
+    assert "what" in view.predicted.object.data  # the column it reads
+
+
+def test_the_streams_line_says_plainly_why_none_come_early(hclt_plan, pd_plan):
+    """A PD (the current circuit) gets a plain 'none in this circuit', not a hedge about stored runs;
+    only a run's stored plan without the ranges is said to lack them."""
+    ses, view = _view()
+    view.stream_switch.value = 3
+    pd_line = view._streams_line(pd_plan, plans.schedule(pd_plan, BATCH), False)
+    assert "No input statistics come early in this circuit" in pd_line
+    assert "stored" not in pd_line and "early input-statistics launches" not in pd_line
+    d = hclt_plan.to_dict(BATCH)
+    del d["input_flows_ready"]
+    old = view._streams_line(plans.plan_from_dict(d), plans.schedule(hclt_plan, BATCH), False)
+    assert "this run's stored plan does not say when its input nodes' flows are final" in old
+    assert "in this circuit" not in old
+    hclt_line = view._streams_line(hclt_plan, plans.schedule(hclt_plan, BATCH), False)
+    assert "early input-statistics launches" in hclt_line and "No input statistics" not in hclt_line

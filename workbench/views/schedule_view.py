@@ -71,6 +71,13 @@ roofline plot places every step by arithmetic intensity: left of the ridge, memo
 
 LANES = ["forward", "recompute", "backward"]
 STREAM_LANE_NAMES = list(STREAM_LANES.values())  # main chain, recompute ahead, param flows behind
+# a stream bar's hover: what it does in words (an early statistics launch: its nodes and product layer)
+# and its time in ms, not the rectangle's corners, lane coordinates and alpha
+STREAM_HOVER = [
+    ("layer", "@layer (@kind)"),
+    ("does", "@what"),
+    ("time", "@ms{0.000[0]} ms, from @t0{0.000[0]} to @t1{0.000[0]} ms"),
+]
 STREAM_OPTIONS = {
     "Stream schedule: one stream (CPU, profiled batches)": 1,
     "three streams (GPU training default)": 3,
@@ -171,6 +178,7 @@ def stream_timeline(slots: list[dict], title: str, x_end: float | None = None, s
         responsive=True,
         height=200,
         tools=["hover", "tap"],
+        hover_tooltips=STREAM_HOVER,
         title=f"{title}: {t:.3g} ms per training step",
         xlabel="time in the step (ms)",
         ylabel="",
@@ -403,7 +411,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
                 "`KernelOptions.overlap=True`): the side streams' work overlaps the main chain, taken as "
                 "not slowing it (a lower bound: large layers leave no idle SMs); the memory plot holds "
                 "two element buffers in the flows pass. "
-            ) + self._early_line(slots)
+            ) + self._early_line(slots, known=bool(plan.input_flows_ready()))
         else:
             line += (
                 "Drawn: **one stream**, what the CPU executor and profiled batches run; a GPU training "
@@ -423,14 +431,22 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         return line
 
     @staticmethod
-    def _early_line(slots: list[dict]) -> str:
-        """How much of the input statistics the three-stream step computes early, or that none is."""
+    def _early_line(slots: list[dict], known: bool = True) -> str:
+        """How much of the input statistics the three-stream step computes early, or that none is and
+        why; `known`: the plan says when its input nodes' flows are final (a run's stored plan from
+        before plans stored it does not)."""
         early = [s for s in slots if s["pass"] == "statistics"]
+        if not early and not known:
+            return (
+                "No input statistics are drawn early: this run's stored plan does not say when its input "
+                "nodes' flows are final (stored before plans kept that), so all run on the main chain "
+                "at the end. "
+            )
         if not early:
             return (
-                "No input statistics come early here: every input node's flows are final only at the "
-                "end of the pass (or the plan is from a run that did not store when they are), so all "
-                "run on the main chain at the end. "
+                "**No input statistics come early in this circuit**: too few input nodes have their "
+                "final flows before the lowest product layer's backward (a PD reads every input node "
+                "there), so all run on the main chain at the end, as on one stream. "
             )
         stats = sum(s["ms"] for s in slots if s["kind"] == "input" and s["pass"] != "forward")
         moved = sum(s["ms"] for s in early)
