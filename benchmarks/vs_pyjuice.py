@@ -412,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["bf16", "tf32", "ieee"],
         help="also run ours with these opt-in precisions (each its own column)",
     )
+    ap.add_argument(
+        "--extra-options",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="also run ours with these KernelOptions (e.g. fuse_scale=1), each its own 'ours_opts:<spec>' entry",
+    )
     ap.add_argument("--no-pyjuice", action="store_true")
     ap.add_argument("--cli-config", default=None, help="e.g. hclt:128: also time the CLI end to end")
     ap.add_argument(
@@ -558,6 +565,10 @@ def run_row(args, juice, bridge, root, kind, nl, bs, k, main_run, data_cpu, data
     for p in args.extra_precision:
         row["ours_" + p] = run_ours(root, data_cpu, data_u8, args.epochs, bs, KernelOptions(precision=p))
         print(f"  {row['config']} @{bs} ours {p}: {_short(row['ours_' + p])}", flush=True)
+    for spec in args.extra_options:
+        kw = {k: int(v) for k, v in (part.split("=") for part in spec.split(","))}
+        row["ours_opts:" + spec] = run_ours(root, data_cpu, data_u8, args.epochs, bs, KernelOptions(**kw))
+        print(f"  {row['config']} @{bs} ours {spec}: {_short(row['ours_opts:' + spec])}", flush=True)
     return row
 
 
