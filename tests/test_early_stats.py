@@ -297,15 +297,19 @@ def _world_of_one():
     return dist
 
 
+def _chain_step(n: int):
+    """The chain HCLT compiled for the kernels, a batch of n rows for it, and a gloo world of one."""
+    root, dists = _hclt()
+    x, m = data(dists, n)
+    return engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS), x, m, _world_of_one()
+
+
 def test_a_profiled_batch_issues_the_same_collectives_as_any_other(monkeypatch):
     """Ranks sample their profiled batches on their own clocks, and a profiled batch runs the plain
     one-stream pass: it must still all-reduce the same buffers in the same order (review finding)."""
     from engine import distributed
 
-    root, dists = _hclt()
-    x, m = data(dists, 32)
-    pc = engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS)
-    dist = _world_of_one()
+    pc, x, m, dist = _chain_step(32)
     try:
         r = distributed.FlowReducer(pc)
         seq: list = []
@@ -338,10 +342,7 @@ def test_a_step_that_raises_leaves_no_reduction_armed(monkeypatch):
     from engine import distributed
     from engine.kernels.graph import CapturedStep
 
-    root, dists = _hclt()
-    x, m = data(dists, 16)
-    pc = engine.compile(copy.deepcopy(root), backend="triton", kernel_options=OPTS)
-    dist = _world_of_one()
+    pc, x, m, dist = _chain_step(16)
     try:
         r = distributed.FlowReducer(pc)
         step = CapturedStep(pc, 16, em=(0.5, 0.1), reduce=r)

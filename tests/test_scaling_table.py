@@ -12,13 +12,18 @@ import scaling  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
 
 
-def test_round4_rows(capsys):
+def table(capsys, tag: str) -> str:
+    """The printed table of the 1- and 2-GPU result files of one round."""
     runs = []
     for gpus in (1, 2):
-        with open(os.path.join(RESULTS, f"scaling_h200x2_{gpus}gpu_round4.json")) as f:
+        with open(os.path.join(RESULTS, f"scaling_h200x2_{gpus}gpu_{tag}.json")) as f:
             runs.append(json.load(f))
     scaling.print_table(runs)
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_round4_rows(capsys):
+    out = table(capsys, "round4")
     assert "hclt-256     2 |     0.556  1.84    14.5 |    1.099  1.81 |       1.98" in out
     assert "hclt-512     2 |     1.587  1.86    13.1 |    3.193  1.86 |       2.01" in out
     assert "pd-128       2 |     0.563  1.88     9.9 |    0.938  1.85 |       1.67" in out
@@ -26,12 +31,7 @@ def test_round4_rows(capsys):
 
 
 def test_round5_rows(capsys):
-    runs = []
-    for gpus in (1, 2):
-        with open(os.path.join(RESULTS, f"scaling_h200x2_{gpus}gpu_round5b.json")) as f:
-            runs.append(json.load(f))
-    scaling.print_table(runs)
-    out = capsys.readouterr().out
+    out = table(capsys, "round5b")
     assert "hclt-256     2 |     0.544  1.89    14.5 |    1.109  1.82 |       2.04" in out
     assert "hclt-512     2 |     1.561  1.91    13.7 |    3.174  1.86 |       2.03" in out
     assert "pd-128       2 |     0.560  1.90     9.9 |    0.973  1.83 |       1.74" in out
