@@ -50,7 +50,7 @@ each product layer *recomputed ahead* on a second stream into one of **two** alt
 buffers (a buffer is reused only after the parameter flows of the sum layer two above have read it),
 and each sum layer's *parameter flows behind* on a third, since nothing reads them until the EM update.
 **Early input statistics**: input rows whose flows are final before the pass ends (in an HCLT, the
-variables whose subtree ends above the lowest layer, ~70% of its input nodes) get their statistics on
+variables whose subtree ends above the lowest layer: about half of its input nodes or more) get their statistics on
 the third stream right after the product layer that finished them (bars in the input layers'
 colour in the *param flows behind* lane); the input layers' own step at the end does only the rest. A PD reads every input node
 in its lowest layer, so there all statistics stay at the end.
