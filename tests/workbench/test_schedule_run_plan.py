@@ -117,9 +117,15 @@ def test_a_run_of_circuit_a_is_drawn_on_its_own_plan_after_circuit_b_is_built():
     assert (
         view.predicted.object.opts.get().kwargs["cmap"] == view.measured_plot.object.opts.get().kwargs["cmap"]
     )
-    xlim = view.predicted.object.opts.get().kwargs["xlim"]
-    assert xlim == view.measured_plot.object.opts.get().kwargs["xlim"]
-    assert xlim[1] >= sum(ms.values())  # one time axis holds the whole measured step
+    # each timeline's time axis fits its own step (no sliver of a predicted step on a measured axis)
+    predicted = sum(r["predicted_ms"] for r in a_records)
+    assert view.predicted.object.opts.get().kwargs["xlim"][1] == pytest.approx(1.02 * predicted)
+    assert view.measured_plot.object.opts.get().kwargs["xlim"][1] == pytest.approx(1.02 * sum(ms.values()))
+    assert "each timeline's time axis fits its own step" in view.info.object
+    # no tap tool: the run's layer indices are not the current plan's
+    for pane in (view.predicted, view.measured_plot, view.calibrated_plot):
+        assert "tap" not in pane.object.opts.get().kwargs["tools"]
+    assert view._tap is None and view._taps == {}
     assert list(view.table.value["measured_ms"]) == pytest.approx([round(ms[k[:2]], 4) for k in want])
     assert f"The plan of run run-a** (not the current circuit's): **{n}** layers" in view.info.object
     assert view.calibration is not None and view.memory.object is not None

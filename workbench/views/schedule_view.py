@@ -61,23 +61,38 @@ fed an H200's one-stream kernel trace it predicts -23% for HCLT-128 and -20% for
 GPU measured -15% and -2% (benchmarks/README.md, round 4): PD's large layers already fill the card.
 The top timeline is each step's predicted time (a roofline: the larger of FLOPs / peak and bytes /
 bandwidth, plus a launch cost per partition); once this very plan has been trained with profiling,
-its measured times appear below on the same time axis, with the device model *calibrated* to them
-(throughput, bandwidth and launch cost fitted to the run) in between. The memory plot stacks the
+its measured times appear below, with the device model *calibrated* to them (throughput, bandwidth
+and launch cost fitted to the run) in between. Each timeline's time axis fits its own step (the
+preset can be 10x off): compare the step times in their titles. The memory plot stacks the
 buffers live at each step; the dashed line is what storing every product layer would take instead
 of recomputing it. A run of another plan (another circuit, block size or tolerance) is not lined up
 against this one: switch *Plan* to the run's own plan to see its layers with its measured times. The
 roofline plot places every step by arithmetic intensity: left of the ridge, memory traffic bounds it
-(input and product layers); right of it, compute. Tap a bar to highlight its layer in every tab."""
+(input and product layers); right of it, compute. Tap a bar of any timeline of the current plan to
+highlight its layer in every tab."""
 
 LANES = ["forward", "recompute", "backward"]
 STREAM_LANE_NAMES = list(STREAM_LANES.values())  # main chain, recompute ahead, param flows behind
-# a stream bar's hover: what it does in words (an early statistics launch: its nodes and product layer)
-# and its time in ms, not the rectangle's corners, lane coordinates and alpha
-STREAM_HOVER = [
+# a bar's hover, on one stream or three: what it does in words (an early statistics launch: its nodes
+# and product layer) and its time in ms, not the rectangle's corners, lane coordinates and alpha
+HOVER = [
     ("layer", "@layer (@kind)"),
     ("does", "@what"),
     ("time", "@ms{0.000[0]} ms, from @t0{0.000[0]} to @t1{0.000[0]} ms"),
 ]
+# what a one-stream step does, by (kind, pass); any other kind: by pass
+STEP_NOTES = {
+    ("input", "forward"): "forward: the input distributions' values",
+    ("product", "forward"): "forward: products of its children's values",
+    ("sum", "forward"): "forward: weighted sums of its children's values",
+    ("product", "recompute"): "recomputed into the scratch buffer just before the sum layer above needs it",
+    ("product", "backward"): "backward: flows to its children",
+    ("sum", "backward"): "backward: element flows and parameter flows",
+    ("input", "backward"): "input statistics, at the end of the pass",
+}
+# the stacked timelines do not share an x axis: a 0.45 ms predicted step on a measured step's 8 ms axis
+# is a sliver no one can read
+OWN_AXES = "each timeline's time axis fits its own step: compare the step times in their titles."
 STREAM_OPTIONS = {
     "Stream schedule: one stream (CPU, profiled batches)": 1,
     "three streams (GPU training default)": 3,
@@ -96,11 +111,44 @@ TABLE_COLUMNS = [
 ]
 
 
-def timeline(
-    records: list[dict], key: str, title: str, x_end: float | None = None, selected: int | None = None
-):
-    """Rectangles laid end to end along x by `key` (ms), one lane per pass; `x_end` (ms) fixes the
-    x range so predicted and measured timelines share one scale."""
+def step_note(r: dict) -> str:
+    """What a one-stream step (a `PlanState.schedule` record) does, in words, for its hover."""
+    return STEP_NOTES.get((r["kind"], r["pass"]), r["pass"])
+
+
+def bars(rects: list[tuple], lanes: list[str], title: str, t: float, tap: bool = True):
+    """Rectangles (t0, lane0, t1, lane1, kind, layer, pass, ms, what, alpha) coloured by kind, one lane
+    each of `lanes`; the x axis fits this step alone (`t` ms, 2% margin), so a short step is not drawn
+    as a sliver of a longer one's axis. `tap`: bars can be tapped (the caller selects the layer)."""
+    vdims = ["kind", "layer", "pass", "ms", "what", "alpha"]
+    el = hv.Rectangles(rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=vdims)
+    return el.opts(
+        color="kind",
+        cmap=KIND_COLORS,
+        alpha="alpha",
+        # a faint dark edge: bars stay apart, and one narrower than a pixel keeps its colour
+        # (a white edge washed it out)
+        line_color="black",
+        line_alpha=0.25,
+        line_width=0.5,
+        responsive=True,
+        height=200,
+        tools=["hover", "tap"] if tap else ["hover"],
+        hover_tooltips=HOVER,
+        title=f"{title}: {t:.3g} ms per training step",
+        xlabel="time in the step (ms)",
+        ylabel="",
+        yticks=list(enumerate(lanes)),
+        ylim=(-0.6, 2.6),
+        xlim=(0, max(t, 1e-6) * 1.02),
+        show_legend=False,
+        **NO_WHEEL,
+    )
+
+
+def timeline(records: list[dict], key: str, title: str, selected: int | None = None, tap: bool = True):
+    """Rectangles laid end to end along x by `key` (ms), one lane per pass; the bars stand for the
+    records with a `key` time, in order."""
     t, rects = 0.0, []
     for r in records:
         ms = r.get(key)
@@ -108,27 +156,11 @@ def timeline(
             continue
         lane = LANES.index(r["pass"])
         alpha = 1.0 if selected is None or r["layer"] == selected else 0.3
-        rects.append((t, lane - 0.4, t + ms, lane + 0.4, r["kind"], r["layer"], r["pass"], ms, alpha))
+        rects.append(
+            (t, lane - 0.4, t + ms, lane + 0.4, r["kind"], r["layer"], r["pass"], ms, step_note(r), alpha)
+        )
         t += ms
-    vdims = ["kind", "layer", "pass", "ms", "alpha"]
-    el = hv.Rectangles(rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=vdims)
-    return el.opts(
-        color="kind",
-        cmap=KIND_COLORS,
-        alpha="alpha",
-        line_color=None,
-        responsive=True,
-        height=200,
-        tools=["hover", "tap"],
-        title=f"{title}: {t:.3g} ms per training step",
-        xlabel="time in the step (ms)",
-        ylabel="",
-        yticks=[(i, p) for i, p in enumerate(LANES)],
-        ylim=(-0.6, 2.6),
-        xlim=(0, max(x_end or t, 1e-6) * 1.02),
-        show_legend=False,
-        **NO_WHEEL,
-    )
+    return bars(rects, LANES, title, t, tap)
 
 
 def slot_note(slot: dict, early_steps: Collection[int] = ()) -> str:
@@ -146,7 +178,7 @@ def slot_note(slot: dict, early_steps: Collection[int] = ()) -> str:
     return slot["pass"]
 
 
-def stream_timeline(slots: list[dict], title: str, x_end: float | None = None, selected: int | None = None):
+def stream_timeline(slots: list[dict], title: str, selected: int | None = None, tap: bool = True):
     """`plans.stream_schedule` slots as rectangles at their own start/end (ms), one lane per stream,
     coloured by layer kind (early input statistics in the input colour, in the param-flows lane)."""
     early_steps = {s["step"] for s in slots if s["pass"] == "statistics"}
@@ -165,29 +197,7 @@ def stream_timeline(slots: list[dict], title: str, x_end: float | None = None, s
         )
         for s in slots
     ]
-    t = step_ms(slots)
-    el = hv.Rectangles(
-        rects, kdims=["t0", "lane0", "t1", "lane1"], vdims=["kind", "layer", "pass", "ms", "what", "alpha"]
-    )
-    return el.opts(
-        color="kind",
-        cmap=KIND_COLORS,
-        alpha="alpha",
-        line_color="white",
-        line_width=0.5,
-        responsive=True,
-        height=200,
-        tools=["hover", "tap"],
-        hover_tooltips=STREAM_HOVER,
-        title=f"{title}: {t:.3g} ms per training step",
-        xlabel="time in the step (ms)",
-        ylabel="",
-        yticks=list(enumerate(STREAM_LANE_NAMES)),
-        ylim=(-0.6, 2.6),
-        xlim=(0, max(x_end or t, 1e-6) * 1.02),
-        show_legend=False,
-        **NO_WHEEL,
-    )
+    return bars(rects, STREAM_LANE_NAMES, title, step_ms(slots), tap)
 
 
 def log_ticks(lo: float, hi: float, max_ticks: int = 5) -> list[float]:
@@ -350,47 +360,59 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         found = self.this_plan_measured()
         ok = found is not None
         src, times = found or ("", {})
-        records = self.plan.schedule(times if ok else None)
+        plan, records = self.plan.plan, self.plan.schedule(times if ok else None)
         cal = self._calibrate(records, ok, src)
         predicted = sum(r["predicted_ms"] for r in records)
         measured = sum(r["measured_ms"] or 0.0 for r in records) if ok else 0.0
-        calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
-        x_end = max(predicted, measured, calibrated)
         sel = self.plan.selected_layer
-        el, picks = self._timeline(
-            self.plan.plan, records, "predicted_ms", "Predicted (roofline)", x_end, sel
+        # tap a bar of any timeline: select its layer in every view
+        self._taps = {}
+        self.predicted.object = self._tappable(
+            "predicted", *self._timeline(plan, records, "predicted_ms", "Predicted (roofline)", sel)
         )
-        self._tap = hv.streams.Selection1D(source=el)  # tap a bar: select its layer in every view
-        self._tap.add_subscriber(lambda index: self._select(picks, index))
-        self.predicted.object = el
         self.measured_plot.object = (
-            timeline(records, "measured_ms", f"Measured ({src}), profiled batches on one stream", x_end, sel)
+            self._tappable(
+                "measured",
+                timeline(records, "measured_ms", f"Measured ({src}), profiled batches on one stream", sel),
+                [r for r in records if r.get("measured_ms") is not None],
+            )
             if ok
             else None
         )
         self.calibrated_plot.object = (
-            self._timeline(self.plan.plan, records, "calibrated_ms", "Calibrated model", x_end, sel)[0]
+            self._tappable(
+                "calibrated", *self._timeline(plan, records, "calibrated_ms", "Calibrated model", sel)
+            )
             if cal is not None
             else None
         )
-        self.calibration_info.object = self._calibration_line(cal)
+        self._tap = self._taps["predicted"]
+        self.calibration_info.object = self._calibration_line(cal, plan, records)
         self.use_calibrated.disabled = cal is None
         self.scatter.object = roofline(records, self.plan.peak_flops, self.plan.bandwidth, ok)
         self.memory.object = memory_plot(
-            memory.memory_timeline(self.plan.plan, records, self.plan.batch_size), self._memory_policy()
+            memory.memory_timeline(plan, records, self.plan.batch_size), self._memory_policy()
         )
-        self.streams_info.object = self._streams_line(self.plan.plan, records, ok)
+        self.streams_info.object = self._streams_line(plan, records, ok)
         self.info.object = self._summary(records) + self._measured_line(src, predicted, measured)
 
-    def _timeline(self, plan, records: list[dict], key: str, title: str, x_end: float, sel=None):
+    def _tappable(self, name: str, el, picks: list[dict]):
+        """`el` with a tap stream that selects the layer of the tapped bar (`picks`: what its bars
+        stand for, in order), kept in `_taps[name]`."""
+        tap = hv.streams.Selection1D(source=el)
+        tap.add_subscriber(lambda index: self._select(picks, index))
+        self._taps[name] = tap
+        return el
+
+    def _timeline(self, plan, records: list[dict], key: str, title: str, sel=None, tap: bool = True):
         """(element, records its bars stand for in order): the one-stream timeline by pass, or the
         three-stream one by stream, whichever `num_streams` picks."""
         if self.num_streams == 3:
             slots = stream_schedule(plan, records, key)
             if slots is not None:
-                return stream_timeline(slots, f"{title}, three streams (GPU training)", x_end, sel), slots
+                return stream_timeline(slots, f"{title}, three streams (GPU training)", sel, tap), slots
         picks = [r for r in records if r.get(key) is not None]
-        return timeline(records, key, f"{title}, one stream", x_end, sel), picks
+        return timeline(records, key, f"{title}, one stream", sel, tap), picks
 
     def _memory_policy(self) -> str:
         return "three streams" if self.num_streams == 3 else "recompute"
@@ -457,6 +479,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         )
 
     def _clear(self) -> None:
+        self._tap, self._taps = None, {}
         self.streams_info.object = ""
         for pane in (self.predicted, self.measured_plot, self.calibrated_plot, self.scatter, self.memory):
             pane.object = None
@@ -481,22 +504,23 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         cal = self._calibrate(records, True, self.measured_source)
         predicted = sum(r["predicted_ms"] for r in records)
         measured = sum(r["measured_ms"] or 0.0 for r in records)
-        calibrated = sum(r["calibrated_ms"] or 0.0 for r in records)
-        x_end = max(predicted, measured, calibrated)
         src = self.measured_source
-        self._tap = None
+        self._tap, self._taps = None, {}  # no tap tool: the run's layer indices are not this plan's
         self.predicted.object = self._timeline(
-            skeleton, records, "predicted_ms", f"Predicted (roofline), plan of {src}", x_end
+            skeleton, records, "predicted_ms", f"Predicted (roofline), plan of {src}", tap=False
         )[0]
         self.measured_plot.object = timeline(
-            records, "measured_ms", f"Measured ({src}) on its own plan, profiled batches on one stream", x_end
+            records,
+            "measured_ms",
+            f"Measured ({src}) on its own plan, profiled batches on one stream",
+            tap=False,
         )
         self.calibrated_plot.object = (
-            self._timeline(skeleton, records, "calibrated_ms", "Calibrated model", x_end)[0]
+            self._timeline(skeleton, records, "calibrated_ms", "Calibrated model", tap=False)[0]
             if cal is not None
             else None
         )
-        self.calibration_info.object = self._calibration_line(cal)
+        self.calibration_info.object = self._calibration_line(cal, skeleton, records)
         self.use_calibrated.disabled = cal is None
         self.scatter.object = roofline(records, p.peak_flops, p.bandwidth, True)
         self.memory.object = memory_plot(memory.memory_timeline(skeleton, records, bs), self._memory_policy())
@@ -506,7 +530,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             f"**The plan of run {src}** (not the current circuit's): **{len(skeleton.layers)}** layers, "
             f"{len(records)} steps per training step ({n_re} product-layer recomputations), batch {bs}. "
             f"Measured **{measured:.3g} ms per step**, predicted {predicted:.3g} ms for this plan "
-            f"({measured / max(predicted, 1e-12):.3g}x): both timelines share one time axis. "
+            f"({measured / max(predicted, 1e-12):.3g}x); {OWN_AXES} "
             "Switch *Plan* back to the current circuit for its what-if timeline."
         )
 
@@ -532,20 +556,25 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         self.table.value = df
         return cal
 
-    def _calibration_line(self, cal: calibrate.Calibration | None) -> str:
-        """What the device model is calibrated to, or that it is not."""
+    def _calibration_line(self, cal: calibrate.Calibration | None, plan=None, records=None) -> str:
+        """What the device model is calibrated to, or that it is not; every step time says which
+        schedule it is for (one stream: what was measured; three: `records`' calibrated_ms laid out on
+        `plan`'s streams, the calibrated three-stream timeline's step)."""
         if cal is None:
             return (
                 "Device model: **uncalibrated** (the preset above). Train this plan with profiling "
                 "(Train tab) and its measured times calibrate the model."
             )
+        slots = stream_schedule(plan, records, "calibrated_ms") if plan is not None and records else None
+        three = f", **{step_ms(slots):.3g} ms on three streams** (a GPU training step)" if slots else ""
         return (
             f"Device model **calibrated** to {self._calibration_source} ({cal.num_steps} measured steps): "
             f"throughput **{fmt_count(cal.peak_flops)}FLOP/s**, bandwidth **{fmt_bytes(cal.bandwidth)}/s**, "
             f"launch **{cal.launch_us:.3g} us** per partition. Calibrated prediction "
-            f"**{cal.predicted_ms:.3g} ms** per step against {cal.measured_ms:.3g} ms measured "
-            f"(factor **{cal.factor:.2f}x**, median step off by {cal.median_error:.2f}x); the preset "
-            f"predicted {cal.uncalibrated_ms:.3g} ms (factor {cal.uncalibrated_factor:.3g}x)."
+            f"**{cal.predicted_ms:.3g} ms per step on one stream** against {cal.measured_ms:.3g} ms "
+            f"measured on one stream (factor **{cal.factor:.2f}x**, median step off by "
+            f"{cal.median_error:.2f}x){three}; the preset predicted {cal.uncalibrated_ms:.3g} ms on one "
+            f"stream (factor {cal.uncalibrated_factor:.3g}x)."
         )
 
     def _apply_calibration(self) -> None:
@@ -575,8 +604,7 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
         if source:
             return (
                 f" Measured ({source}): **{measured:.3g} ms per step**, predicted "
-                f"{predicted:.3g} ms ({measured / max(predicted, 1e-12):.3g}x): both timelines share one "
-                "time axis."
+                f"{predicted:.3g} ms ({measured / max(predicted, 1e-12):.3g}x); {OWN_AXES}"
             )
         if self.measured:
             return (
