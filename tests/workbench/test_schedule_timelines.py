@@ -141,3 +141,14 @@ def test_a_tap_on_the_calibrated_or_measured_timeline_selects_its_layer(streams)
             assert set(df.loc[df["alpha"] == 1.0, "layer"]) == {data["layer"][i]}
             assert "tap" in _kw(pane)["tools"]
     assert len(view.measured_plot.object.data) == len(records)
+
+
+def test_every_three_stream_bar_says_what_it_does_in_words():
+    ses, view = _view()
+    view.stream_switch.value = 3
+    df = view.predicted.object.data
+    assert all(w and w != p for p, w in zip(df["pass"], df["what"], strict=True))
+    words = dict(zip(zip(df["kind"], df["pass"]), df["what"], strict=True))
+    assert words[("sum", "param flows")].startswith("parameter flows, behind the main chain")
+    assert "element flows" in words[("sum", "backward")] and "parameter" not in words[("sum", "backward")]
+    assert "two alternating element buffers" in words[("product", "recompute")]

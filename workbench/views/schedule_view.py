@@ -90,6 +90,12 @@ STEP_NOTES = {
     ("sum", "backward"): "backward: element flows and parameter flows",
     ("input", "backward"): "input statistics, at the end of the pass",
 }
+# what a three-stream slot does where it differs from one stream (`slot_note`)
+SLOT_NOTES = {
+    ("product", "recompute"): "recomputed ahead, into one of two alternating element buffers",
+    ("sum", "backward"): "backward: node scale and element flows (the main chain waits for these)",
+    ("sum", "param flows"): "parameter flows, behind the main chain: only the EM update reads them",
+}
 # the stacked timelines do not share an x axis: a 0.45 ms predicted step on a measured step's 8 ms axis
 # is a sliver no one can read
 OWN_AXES = "each timeline's time axis fits its own step: compare the step times in their titles."
@@ -175,7 +181,7 @@ def slot_note(slot: dict, early_steps: Collection[int] = ()) -> str:
     if slot["kind"] == "input" and slot["pass"] == "backward" and slot["stream"] == "main":
         rest = " of the nodes not done early" if slot["step"] in early_steps else ""
         return f"input statistics{rest}, at the end of the pass"
-    return slot["pass"]
+    return SLOT_NOTES.get((slot["kind"], slot["pass"])) or step_note(slot)
 
 
 def stream_timeline(slots: list[dict], title: str, selected: int | None = None, tap: bool = True):
