@@ -49,7 +49,7 @@ import engine  # noqa: E402
 from engine import distributed, optim  # noqa: E402
 from engine.compiler import compile_plan  # noqa: E402
 from engine.data import mnist_like  # noqa: E402
-from engine.executor.stream_schedule import early_stats  # noqa: E402
+from engine.executor.stream_schedule import plan_early_stats  # noqa: E402
 from engine.kernels import KernelOptions, inputs  # noqa: E402
 
 BATCH = 512  # per GPU
@@ -91,7 +91,7 @@ def stats_kernel_ms(pc, x, sizes: list[int], reps: int = 20) -> dict:
 def has_early_stats(root) -> bool:
     """Whether a training step computes some input statistics during the flows pass (the plan only)."""
     plan, _, _ = compile_plan(root)
-    return bool(early_stats(plan.input_flows_ready(), [layer.num_nodes for layer in plan.input_layers]))
+    return bool(plan_early_stats(plan))
 
 
 def run_ours(

@@ -18,7 +18,7 @@ from engine.compiler import DEFAULT_TOLERANCE, compile_circuit
 from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
 from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
-from engine.executor.stream_schedule import early_stats
+from engine.executor.stream_schedule import plan_early_stats
 from engine.executor.streams import FlowStreams
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.executor.ties import TiedSlots
@@ -401,8 +401,7 @@ class CompiledCircuit(torch.nn.Module):
     def _early_stats(self) -> dict[int, list]:
         """The overlapped pass's early input statistics (stream_schedule.early_stats), once per plan."""
         if self._early is None or self._early[0] is not self.plan:
-            sizes = [inp.num_nodes for inp in self.input_layers]
-            self._early = (self.plan, early_stats(self.plan.input_flows_ready(), sizes))
+            self._early = (self.plan, plan_early_stats(self.plan))
         return self._early[1]
 
     @torch.no_grad()

@@ -202,9 +202,6 @@ class FlowReducer:
         if int(chunk_bytes) < 0:
             raise ValueError(f"chunk_bytes must be >= 0 (0: no chunking), got {chunk_bytes}")
         self.chunk_rows = _stats_chunk_rows(pc, int(chunk_bytes)) if self.overlap else {}
-        if self.overlap:  # statistics are reduced range by range as the pass reports them
-            for inp in pc.input_layers:
-                del self.buckets[(inp.layer.index, "backward")]
         self._pending: list = []
         self._reported: dict[int, int] = {}  # input layer -> its statistics rows reduced so far this step
         self._armed = False
@@ -320,8 +317,8 @@ def _flow_buckets(pc, bucket_bytes: int) -> dict:
 
     Sum layers come top-down in the flows pass and own contiguous, descending parameter ranges:
     consecutive ones are merged until a bucket holds `bucket_bytes`; the last sum layer closes the
-    final bucket. Each input layer's statistics follow its own step. Empty when the layers' ranges
-    do not tile the flat vector this way."""
+    final bucket. Empty when the layers' ranges do not tile the flat vector this way. (The input
+    statistics are reduced range by range as the circuit reports them: `FlowReducer._on_stats_chunk`.)"""
     out, lo, hi, last = {}, None, None, None
     flows = pc.param_flows
     sums = [st for st in pc.plan.backward_steps() if st.layer.kind == "sum" and st.pass_name == "backward"]
@@ -338,8 +335,6 @@ def _flow_buckets(pc, bucket_bytes: int) -> dict:
             lo = hi = None
     if sum(t.numel() for t in out.values()) != flows.numel():
         return {}  # a layout with gaps or another order: reduce everything at the end instead
-    for i, inp in enumerate(pc.input_layers):
-        out[(inp.layer.index, "backward")] = pc.input_stats(i)
     return out
 
 

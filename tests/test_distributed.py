@@ -236,8 +236,8 @@ def test_flow_buckets_tile_the_parameter_flows_top_down():
     from engine.distributed import FlowReducer
 
     assert FlowReducer(pc, overlap=True).overlap and not FlowReducer(pc, "bf16", overlap=True).overlap
-    assert len(_flow_buckets(pc, 1)) == n_sum + len(pc.input_layers)
-    assert len(_flow_buckets(pc, 10**9)) == 1 + len(pc.input_layers)
+    assert len(_flow_buckets(pc, 1)) == n_sum  # the statistics are reduced as they are reported
+    assert len(_flow_buckets(pc, 10**9)) == 1
 
 
 def _overlap_worker(rank, port, out):

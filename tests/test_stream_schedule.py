@@ -218,7 +218,7 @@ def test_model_matches_the_queues_the_engine_builds(seed, early, monkeypatch):
     bufs = [torch.zeros(plan.num_node_rows, 2), torch.zeros(rows, 2)]
     pc._flows_pass(bufs[0], bufs[1], torch.zeros_like(bufs[0]), torch.zeros_like(bufs[1]), None, None)
 
-    launches = ss.early_stats(plan.input_flows_ready(), [la.num_nodes for la in plan.input_layers])
+    launches = ss.plan_early_stats(plan)
     assert bool(launches) and len(queues[ss.PARAMS]) > 0
     slots = ss.three_streams(steps, ms, early=launches if early else None)
     assert any(x.part == ss.STATISTICS for x in slots) == early
@@ -252,7 +252,7 @@ def test_per_step_param_shares(plan):
 
 
 def early_of(plan) -> dict:
-    return ss.early_stats(plan.input_flows_ready(), [la.num_nodes for la in plan.input_layers])
+    return ss.plan_early_stats(plan)
 
 
 def test_without_early_launches_the_slots_are_the_plain_three_streams(plan):

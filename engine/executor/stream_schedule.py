@@ -72,6 +72,12 @@ def early_stats(ready, sizes: Sequence[int], parts: int = EARLY_STATS_PARTS) -> 
     return out
 
 
+def plan_early_stats(plan, parts: int = EARLY_STATS_PARTS) -> dict[int, list]:
+    """`early_stats` of a plan (anything with `input_flows_ready()` and `input_layers`): the launches
+    the executor makes, the Schedule tab draws and the benchmarks ask about."""
+    return early_stats(plan.input_flows_ready(), [layer.num_nodes for layer in plan.input_layers], parts)
+
+
 @dataclass(frozen=True)
 class Slot:
     """One piece of work on one stream. `step`: index into the step list; `part`: the step's pass,

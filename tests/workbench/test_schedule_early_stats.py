@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from engine.dists import Categorical
-from engine.executor.stream_schedule import early_stats, three_streams
+from engine.executor.stream_schedule import plan_early_stats, three_streams
 from engine.structures import hclt, pd
 from tests.workbench.test_schedule_streams_view import _view
 from workbench.services import plans
@@ -41,7 +41,7 @@ def pd_plan():
 
 def executor_launches(plan) -> list[tuple[int, int, int, int]]:
     """(backward position, input layer, lo, hi) of each early launch, by the executor's own rule."""
-    e = early_stats(plan.input_flows_ready(), [la.num_nodes for la in plan.input_layers])
+    e = plan_early_stats(plan)
     return [(p, *launch) for p in sorted(e) for launch in e[p]]
 
 

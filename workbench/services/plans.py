@@ -315,8 +315,7 @@ STREAM_LANES = {
 def early_launches(plan: LayerPlan) -> dict[int, list]:
     """The input statistics a GPU training step computes early (`stream_schedule.early_stats`, the
     executor's own rule): backward position -> `[(input layer i, lo, hi)]`; {} when none (PD)."""
-    sizes = [layer.num_nodes for layer in plan.input_layers]
-    return engine_streams.early_stats(plan.input_flows_ready(), sizes)
+    return engine_streams.plan_early_stats(plan)
 
 
 def stream_schedule(
