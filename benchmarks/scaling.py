@@ -161,6 +161,16 @@ def run_undeferred(root, data_cpu, ranks, epochs) -> dict:
         distributed.DEFER_STATS = True
 
 
+def run_normal_priority(root, data_cpu, ranks, epochs) -> dict:
+    """`run_ours` with the flows all-reduced on the default process group, whose NCCL stream has normal
+    priority (the --priority-ab variant; engine.distributed.HIGH_PRIORITY)."""
+    distributed.HIGH_PRIORITY = False
+    try:
+        return run_ours(root, data_cpu, ranks, epochs)
+    finally:
+        distributed.HIGH_PRIORITY = True
+
+
 def run_pyjuice(juice, bridge, root, data_u8, ranks, epochs) -> dict:
     pc = juice.compile(bridge.to_pyjuice(root, juice), verbose=False)
     pc.to("cuda")
@@ -222,6 +232,20 @@ def main():
         help="also time ours with every all-reduce waited for before the EM update starts "
         "(engine.distributed.DEFER_STATS = False) on 2+ GPUs, in the same processes, in alternating order",
     )
+    ap.add_argument(
+        "--priority-ab",
+        action="store_true",
+        help="also time ours with the flows all-reduced on the default process group (normal-priority "
+        "NCCL stream; engine.distributed.HIGH_PRIORITY = False) on 2+ GPUs, in the same processes, "
+        "in alternating order",
+    )
+    ap.add_argument(
+        "--options-ab",
+        default=None,
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="also time ours with these KernelOptions (e.g. stream_priority=1) on any number of GPUs, "
+        "in the same processes, in alternating order",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", nargs="*", default=None, help="print the table of these result files")
     args = ap.parse_args()
@@ -263,6 +287,14 @@ def main():
         early_off = run_ours(root, data_cpu, ranks, args.epochs, opts=late) if early_ab and odd else None
         defer_ab = args.defer_ab and ranks.world > 1
         undeferred = run_undeferred(root, data_cpu, ranks, args.epochs) if defer_ab and odd else None
+        extra = (
+            KernelOptions(**{k: int(v) for k, v in (kv.split("=") for kv in args.options_ab.split(","))})
+            if args.options_ab
+            else None
+        )
+        with_options = run_ours(root, data_cpu, ranks, args.epochs, opts=extra) if extra and odd else None
+        priority_ab = args.priority_ab and ranks.world > 1
+        normal = run_normal_priority(root, data_cpu, ranks, args.epochs) if priority_ab and odd else None
         variants = {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if odd}
         row = {
             "config": f"{kind}-{nl}",
@@ -274,6 +306,13 @@ def main():
         if defer_ab:
             row["ours_undeferred"] = undeferred or run_undeferred(root, data_cpu, ranks, args.epochs)
             row["defer_ab_order"] = "variant first" if odd else "default first"
+        if extra is not None:
+            row["ours_options"] = with_options or run_ours(root, data_cpu, ranks, args.epochs, opts=extra)
+            row["options_ab"] = args.options_ab
+            row["options_ab_order"] = "variant first" if odd else "default first"
+        if priority_ab:
+            row["ours_normal_priority"] = normal or run_normal_priority(root, data_cpu, ranks, args.epochs)
+            row["priority_ab_order"] = "variant first" if odd else "default first"
         if early_ab:
             row["ours_early_off"] = early_off or run_ours(root, data_cpu, ranks, args.epochs, opts=late)
             row["early_ab_order"] = "variant first" if odd else "default first"
@@ -339,6 +378,21 @@ def print_table(runs):
                 print(
                     f" | EM after every all-reduce: {u['epoch_s']:.3f} s/ep, scaling "
                     f"{b['ours']['epoch_s'] / u['epoch_s']:.2f}, train LL {u['train_ll']:.4f}",
+                    end="",
+                )
+            x = row.get("ours_options")
+            if x:
+                x1 = (b.get("ours_options") or b["ours"])["epoch_s"]
+                print(
+                    f" | {row['options_ab']}: {x['epoch_s']:.3f} s/ep, scaling {x1 / x['epoch_s']:.2f}, "
+                    f"train LL {x['train_ll']:.4f}",
+                    end="",
+                )
+            n = row.get("ours_normal_priority")
+            if n:
+                print(
+                    f" | normal-priority NCCL: {n['epoch_s']:.3f} s/ep, scaling "
+                    f"{b['ours']['epoch_s'] / n['epoch_s']:.2f}, train LL {n['train_ll']:.4f}",
                     end="",
                 )
             e = row.get("ours_early_off")

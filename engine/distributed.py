@@ -155,6 +155,39 @@ CHUNK_BYTES = 0
 DEFER_STATS = True
 
 
+# The flows' all-reduces run on their own NCCL communicator whose CUDA stream has high priority, so
+# their kernels take SMs ahead of queued compute (CUDA graphs keep the priority each node was captured
+# with). Measured on 2 H200s (benchmarks/NOTES.md, "NCCL stream priority"). False: the default group.
+HIGH_PRIORITY = True
+_FLOW_GROUPS: dict = {}  # id of the default group -> (that group, the flows' high-priority group)
+
+
+def flow_group():
+    """The process group the flows are all-reduced on: the default one (gloo, or HIGH_PRIORITY off),
+    or a high-priority NCCL group over the same ranks, made once per default group (every rank makes
+    it at the same point: the reducer's construction) and initialised by one all-reduce outside any
+    CUDA graph capture."""
+    if not HIGH_PRIORITY or not dist.is_initialized() or dist.get_backend() != "nccl":
+        return None
+    world = dist.group.WORLD
+    cached = _FLOW_GROUPS.get(id(world))
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    group = _collective(
+        "creation of the flows' process group",
+        dist.new_group,
+        backend="nccl",
+        pg_options=opts,
+        timeout=datetime.timedelta(seconds=timeout_s()),
+    )
+    warm = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+    _collective("first all-reduce of the flows' process group", dist.all_reduce, warm, group=group)
+    _FLOW_GROUPS.clear()  # a default group destroyed and made again: its old flows group goes too
+    _FLOW_GROUPS[id(world)] = (world, group)
+    return group
+
+
 class FlowReducer:
     """Sums the parameter flows and input statistics over ranks, in place; its own profiler span.
 
@@ -192,6 +225,7 @@ class FlowReducer:
             raise ValueError(f"reduce dtype must be one of {', '.join(REDUCE_DTYPES)}, got {dtype!r}")
         self.pc = pc
         self.dtype = dtype
+        self.group = flow_group()
         self.tensors = [pc.param_flows] + [pc.input_stats(i) for i in range(len(pc.input_layers))]
         self.flat = None
         if dtype != "fp32":
@@ -237,7 +271,9 @@ class FlowReducer:
     def _on_step(self, step) -> None:
         what = self.buckets.get((step.layer.index, step.pass_name))
         if what is not None:
-            work = _collective("all-reduce of the parameter flows", dist.all_reduce, what, async_op=True)
+            work = _collective(
+                "all-reduce of the parameter flows", dist.all_reduce, what, group=self.group, async_op=True
+            )
             self._pending.append((None, work))
 
     def _stats_chunks(self, i: int):
@@ -249,7 +285,9 @@ class FlowReducer:
             raise RuntimeError(f"input layer {i}: statistics rows {lo}..{hi} reported out of order")
         self._reported[i] = hi
         view = self.pc.input_stats(i)[lo:hi]  # whole rows of a [n, S] tensor: contiguous
-        work = _collective("all-reduce of the input statistics", dist.all_reduce, view, async_op=True)
+        work = _collective(
+            "all-reduce of the input statistics", dist.all_reduce, view, group=self.group, async_op=True
+        )
         self._pending.append(((i, lo, hi), work))
 
     def _finish(self, defer_stats: bool) -> PendingStats | None:
@@ -274,14 +312,14 @@ class FlowReducer:
     def _reduce(self) -> None:
         if self.flat is None:
             for t in self.tensors:
-                _collective("all-reduce of the parameter flows", dist.all_reduce, t)
+                _collective("all-reduce of the parameter flows", dist.all_reduce, t, group=self.group)
             return
         views, at = [], 0
         for t in self.tensors:  # read N fp32, write N bf16
             views.append(self.flat[at : at + t.numel()])
             views[-1].copy_(t.reshape(-1))
             at += t.numel()
-        _collective("all-reduce of the parameter flows", dist.all_reduce, self.flat)
+        _collective("all-reduce of the parameter flows", dist.all_reduce, self.flat, group=self.group)
         for t, v in zip(self.tensors, views):  # read N bf16, write N fp32
             t.copy_(v.view(t.shape))
 
