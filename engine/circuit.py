@@ -336,7 +336,7 @@ class CompiledCircuit(torch.nn.Module):
         nothing deferred): queries that read node flows, profiled batches, the PyTorch executor."""
         streams = self._flow_streams if overlap else FlowStreams.one_stream()
         if overlap and (streams is None or streams.device != self.device):
-            streams = self._flow_streams = FlowStreams(self.device, self.backend.stream_priority)
+            streams = self._flow_streams = FlowStreams(self.device)
         ebufs = (element_mars, element_mars)
         if overlap:
             spare = self._scratch(*element_mars.shape)

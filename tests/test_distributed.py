@@ -200,6 +200,7 @@ def test_bf16_reduction_sends_the_flows_rounded_to_bfloat16():
         for a, b in zip(FlowReducer(pc).tensors, before):
             assert torch.equal(a, b.to(torch.bfloat16).float())
         assert any(not torch.equal(a, b) for a, b in zip(FlowReducer(pc).tensors, before))
+        assert FlowReducer(pc).group is None  # gloo: the default group (NCCL gets its own, tested on GPUs)
     finally:
         dist.destroy_process_group()
     with pytest.raises(ValueError, match="reduce dtype"):

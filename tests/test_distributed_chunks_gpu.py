@@ -5,7 +5,8 @@ chunked launches recorded in a CUDA graph (their chunk tables made in the eager 
 the single eager launch's statistics bit for bit. Two GPUs (skipped on one): NCCL with the chunks'
 all-reduces in the graphs of `fit` trains bit-identically to the unchunked reduction (two ranks:
 every sum is a + b, however the buffers are cut), and so does the default early statistics (HCLT: most
-rows computed and all-reduced during the pass) against all of them at the end.
+rows computed and all-reduced during the pass) against all of them at the end, and the flows' own
+high-priority NCCL group (`distributed.flow_group`) against the default group.
 """
 
 from __future__ import annotations
@@ -74,13 +75,19 @@ def _nccl_worker(rank, port, out):
     from engine.kernels import KernelOptions
 
     late = KernelOptions(early_stats=False)  # every statistic after the pass: the reference for the others
+    group = distributed.flow_group()  # the flows' own high-priority NCCL group, made once
+    results["group"] = (
+        group is not None and group is not dist.group.WORLD and distributed.flow_group() is group
+    )
     for chunk in (
         0,
         256 * 256 * 4,
         "late",
         "profiled",
-    ):  # unchunked; 8 chunks; all at the end; rank 0 profiled
+        "normal",
+    ):  # unchunked; 8 chunks; all at the end; rank 0 profiled; on the default group (normal priority)
         opts = late if chunk == "late" else None
+        distributed.HIGH_PRIORITY = chunk != "normal"
         pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
         if chunk == "profiled" and rank == 0:  # its sampled batches run the plain pass, rank 1's never do
             pc.profile(every=3)
@@ -100,6 +107,7 @@ def _nccl_worker(rank, port, out):
             "lls": [h["train_ll"] for h in hist],
             "replays": hist[-2].get("graph_batches") if hist else None,
         }
+    distributed.HIGH_PRIORITY = True
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -111,7 +119,8 @@ def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
     mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     plain, chunked, late = r0[0], r0[256 * 256 * 4], r0["late"]
-    for c in (0, 256 * 256 * 4, "late", "profiled"):  # the ranks agree
+    assert r0["group"] and r1["group"]
+    for c in (0, 256 * 256 * 4, "late", "profiled", "normal"):  # the ranks agree
         assert torch.equal(r1[c]["params"], r0[c]["params"]) and torch.equal(r1[c]["inputs"], r0[c]["inputs"])
     assert chunked["replays"] and plain["replays"]  # the chunks' all-reduces ran inside CUDA graphs
     assert torch.equal(plain["params"], chunked["params"]) and torch.equal(plain["inputs"], chunked["inputs"])
@@ -122,3 +131,7 @@ def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
     # one rank profiling (its sampled batches on one stream) issues the same collectives: the same training
     prof = r0["profiled"]
     assert torch.equal(plain["params"], prof["params"]) and torch.equal(plain["inputs"], prof["inputs"])
+    # the high-priority group only changes when NCCL's kernels get SMs, not what they sum
+    normal = r0["normal"]
+    assert torch.equal(plain["params"], normal["params"]) and torch.equal(plain["inputs"], normal["inputs"])
+    assert plain["lls"] == normal["lls"]

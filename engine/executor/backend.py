@@ -47,7 +47,6 @@ class Backend(ABC):
     # sum_backward may hand back its parameter flows as deferred launches (`defer`)
     overlaps_flows = False
     early_stats = False  # with overlaps_flows: input statistics of rows final early run during the pass
-    stream_priority = False  # with overlaps_flows: the chain and recompute streams above the parameter flows'
     # True: the first product layer to reach a node row in the flows pass stores its flows, so
     # node_flows needs no zero fill (only row 0); False: node_flows starts at zero
     first_writes_node_flows = False

@@ -23,19 +23,15 @@ from contextlib import nullcontext
 
 import torch
 
-CHAIN_PRIORITY = -2  # CUDA stream priority of the critical chain (lower is higher; 0 the default, lowest)
-
 
 class FlowStreams:
     """The two side streams of one device (none on the CPU) and the events between them."""
 
-    def __init__(self, device: torch.device, priority: bool = False):
-        """`priority`: the recompute stream gets CHAIN_PRIORITY (the chain waits for it); the
-        parameter flows keep the default, lowest priority."""
+    def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.recompute = torch.cuda.Stream(device, priority=CHAIN_PRIORITY if priority else 0)
+            self.recompute = torch.cuda.Stream(device)
             self.params = torch.cuda.Stream(device)
         else:
             self.recompute = self.params = None

@@ -131,10 +131,6 @@ class TritonBackend(TorchBackend):
     def early_stats(self) -> bool:
         return bool(self.options.early_stats)
 
-    @property
-    def stream_priority(self) -> bool:
-        return bool(self.options.stream_priority)
-
     def overwrites_element_flows(self, table: SumLayerKernelTensors) -> bool:
         return table.sole_writer
 

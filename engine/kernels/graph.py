@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from engine.executor.streams import CHAIN_PRIORITY
-
 
 def _graph_pool(pc):
     """The circuit's one CUDA-graph memory pool, made on first use."""
@@ -32,14 +30,6 @@ def _graph_pool(pc):
     if pool is None:
         pool = pc._graph_pool = torch.cuda.graph_pool_handle()
     return pool
-
-
-def _capture_stream(pc):
-    """The stream a step is captured on; its priority is each captured node's (CUDA graphs keep it):
-    with the `stream_priority` option the critical chain's (engine/executor/streams.py)."""
-    if not getattr(pc.backend, "stream_priority", False):
-        return None
-    return torch.cuda.Stream(pc.device, priority=CHAIN_PRIORITY)
 
 
 class CapturedStep:
@@ -111,7 +101,7 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         prof, pc.profiler = pc.profiler, None  # no profiler events inside the graph
         try:
-            with torch.cuda.graph(graph, pool=_graph_pool(pc), stream=_capture_stream(pc)):
+            with torch.cuda.graph(graph, pool=_graph_pool(pc)):
                 self.static_ll = self._eager(self.static_x, self.static_m)
         except Exception as err:  # noqa: BLE001 - any capture failure means: stay eager
             self.failed = f"{type(err).__name__}: {err}"

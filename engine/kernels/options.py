@@ -50,9 +50,6 @@ class KernelOptions:
     # with `overlap`: the input statistics of rows whose flows are final early (HCLT: most rows) run
     # on the parameter-flow stream during the pass (LayerPlan.input_flows_ready), the rest at its end
     early_stats: bool = True
-    # CUDA stream priorities in training steps: the captured step's own stream (the critical chain) and
-    # the recompute stream above the parameter-flow stream, so queued chain work takes free SMs first
-    stream_priority: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -75,6 +72,6 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-        for name in ("overlap", "early_stats", "stream_priority"):
+        for name in ("overlap", "early_stats"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")
