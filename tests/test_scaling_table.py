@@ -37,3 +37,12 @@ def test_round5_rows(capsys):
     assert "pd-128       2 |     0.560  1.90     9.9 |    0.973  1.83 |       1.74" in out
     assert "pd-256       2 |     1.574  1.93    10.3 |    2.867  1.88 |       1.82" in out
     assert "EM after every all-reduce: 0.548 s/ep, scaling 1.87" in out  # the deferred-wait A/B
+
+
+def test_round6_rows(capsys):
+    out = table(capsys, "round6")
+    assert "hclt-256     2 |     0.535  1.91    15.0 |    1.081  1.84 |       2.02" in out
+    assert "hclt-512     2 |     1.541  1.93    13.4 |    3.172  1.87 |       2.06" in out
+    assert "pd-128       2 |     0.555  1.91    10.3 |    0.936  1.87 |       1.69" in out
+    assert "pd-256       2 |     1.560  1.95    10.0 |    2.831  1.89 |       1.81" in out
+    assert "normal-priority NCCL: 0.540 s/ep, scaling 1.89" in out  # the priority A/B
