@@ -162,12 +162,14 @@ HIGH_PRIORITY = True
 _FLOW_GROUPS: dict = {}  # id of the default group -> (that group, the flows' high-priority group)
 
 
-def flow_group():
-    """The process group the flows are all-reduced on: the default one (gloo, or HIGH_PRIORITY off),
-    or a high-priority NCCL group over the same ranks, made once per default group (every rank makes
-    it at the same point: the reducer's construction) and initialised by one all-reduce outside any
-    CUDA graph capture."""
-    if not HIGH_PRIORITY or not dist.is_initialized() or dist.get_backend() != "nccl":
+def flow_group(device="cuda"):
+    """The process group the flows (on `device`) are all-reduced on: the default one (CPU tensors,
+    no NCCL in the default group, or HIGH_PRIORITY off), or a high-priority NCCL group over the same
+    ranks, made once per default group (every rank makes it at the same point: the reducer's
+    construction) and initialised by one all-reduce outside any CUDA graph capture."""
+    if not HIGH_PRIORITY or torch.device(device).type != "cuda" or not dist.is_initialized():
+        return None
+    if "nccl" not in str(dist.get_backend()):  # "nccl", or a multi-backend group "cpu:gloo,cuda:nccl"
         return None
     world = dist.group.WORLD
     cached = _FLOW_GROUPS.get(id(world))
@@ -225,7 +227,7 @@ class FlowReducer:
             raise ValueError(f"reduce dtype must be one of {', '.join(REDUCE_DTYPES)}, got {dtype!r}")
         self.pc = pc
         self.dtype = dtype
-        self.group = flow_group()
+        self.group = flow_group(pc.device)
         self.tensors = [pc.param_flows] + [pc.input_stats(i) for i in range(len(pc.input_layers))]
         self.flat = None
         if dtype != "fp32":

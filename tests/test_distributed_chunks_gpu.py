@@ -75,9 +75,9 @@ def _nccl_worker(rank, port, out):
     from engine.kernels import KernelOptions
 
     late = KernelOptions(early_stats=False)  # every statistic after the pass: the reference for the others
-    group = distributed.flow_group()  # the flows' own high-priority NCCL group, made once
+    group = distributed.flow_group("cuda")  # the flows' own high-priority NCCL group, made once
     results["group"] = (
-        group is not None and group is not dist.group.WORLD and distributed.flow_group() is group
+        group is not None and group is not dist.group.WORLD and distributed.flow_group("cuda") is group
     )
     for chunk in (
         0,
