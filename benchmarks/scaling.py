@@ -17,6 +17,11 @@ those sizes (none given: 32 MiB; 0 is one all-reduce after the layer) next to th
 (`engine.distributed.CHUNK_BYTES`, since the 14:17 run 0), in the same processes, alternating which
 goes first, and times the statistics launches alone (one launch against the chunked launches, no
 collective).
+
+Other in-process A/B flags (2+ GPUs unless said): `--priority-ab` (the flows' all-reduces on the
+default process group instead of their own high-priority NCCL group), `--defer-ab` (every
+all-reduce waited for before the EM update), `--early-ab` (all input statistics after the flows
+pass; any number of GPUs), `--options-ab NAME=VALUE[,...]` (other KernelOptions; any number of GPUs).
 """
 
 from __future__ import annotations
@@ -193,6 +198,23 @@ def run_pyjuice(juice, bridge, root, data_u8, ranks, epochs) -> dict:
     return {"epoch_s": statistics.median(times[1:]), "epoch_all_s": times, "rank_ll_sum": ll_sum}
 
 
+def parse_options(text: str) -> KernelOptions:
+    """`NAME=VALUE[,NAME=VALUE]` -> KernelOptions (`precision` a word, the rest integers)."""
+    kw = {}
+    for part in text.split(","):
+        key, sep, val = part.partition("=")
+        if not sep or not key or not val:
+            raise SystemExit(f"--options-ab: {part!r} is not NAME=VALUE")
+        try:
+            kw[key] = val if key == "precision" else int(val)
+        except ValueError:
+            raise SystemExit(f"--options-ab: {key} needs an integer, got {val!r}") from None
+    try:
+        return KernelOptions(**kw)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"--options-ab: {err}") from None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=["hclt:256", "hclt:512", "pd:128", "pd:256"])
@@ -243,7 +265,8 @@ def main():
         "--options-ab",
         default=None,
         metavar="NAME=VALUE[,NAME=VALUE]",
-        help="also time ours with these KernelOptions (e.g. stream_priority=1) on any number of GPUs, "
+        help="also time ours with these KernelOptions (e.g. early_stats=0,elem_block_b=128) on any number "
+        "of GPUs, "
         "in the same processes, in alternating order",
     )
     ap.add_argument("--out", default=None)
@@ -287,11 +310,7 @@ def main():
         early_off = run_ours(root, data_cpu, ranks, args.epochs, opts=late) if early_ab and odd else None
         defer_ab = args.defer_ab and ranks.world > 1
         undeferred = run_undeferred(root, data_cpu, ranks, args.epochs) if defer_ab and odd else None
-        extra = (
-            KernelOptions(**{k: int(v) for k, v in (kv.split("=") for kv in args.options_ab.split(","))})
-            if args.options_ab
-            else None
-        )
+        extra = parse_options(args.options_ab) if args.options_ab else None
         with_options = run_ours(root, data_cpu, ranks, args.epochs, opts=extra) if extra and odd else None
         priority_ab = args.priority_ab and ranks.world > 1
         normal = run_normal_priority(root, data_cpu, ranks, args.epochs) if priority_ab and odd else None

@@ -78,23 +78,39 @@ def is_nccl(name: str) -> bool:
     return "nccl" in name.lower()
 
 
-def summarise(step: list[dict], tail: int = 24) -> dict:
+def in_flows_pass(name: str) -> bool:
+    """A kernel of the forward or flows pass: not NCCL, not an EM update, not the LL bookkeeping
+    (PyTorch's own elementwise and reduce kernels at the end of the step)."""
+    return not (is_nccl(name) or "em_kernel" in name or name.startswith("void at::"))
+
+
+def summarise(step: list[dict], tail: int = 24) -> dict | None:
+    """One step's numbers (us from its first kernel); None for an island without pass kernels.
+
+    `after_flows_us`: from the end of the flows pass (its last kernel, the input statistics) to the
+    step's end: the EM updates, and on several GPUs whatever all-reduce they wait for.
+    `last_nccl_delay_us`: from the end of the flows pass to the start of the step's last NCCL kernel
+    (the last statistics' all-reduce waits for the pass; a long delay means it queued behind compute)."""
+    passes = [k for k in step if in_flows_pass(k["name"])]
+    if not passes:
+        return None
     t0 = step[0]["t0"]
     t1 = max(k["t1"] for k in step)
+    flows_end = max(k["t1"] for k in passes)
     compute = [k for k in step if not is_nccl(k["name"])]
     nccl = [k for k in step if is_nccl(k["name"])]
     by_name = defaultdict(float)
     for k in compute:
         by_name[k["name"][:60]] += k["t1"] - k["t0"]
-    last_compute = max(k["t1"] for k in compute)
     return {
         "step_us": t1 - t0,
         "compute_sum_us": sum(k["t1"] - k["t0"] for k in compute),
         "compute_kernels": len(compute),
-        "nccl_sum_us": sum(k["t1"] - k["t0"] for k in nccl),
+        "nccl_sum_us": sum(k["t1"] - k["t0"] for k in nccl),  # includes waiting for the other ranks
         "nccl": [(round(k["t0"] - t0, 1), round(k["t1"] - k["t0"], 1)) for k in nccl],
-        "nccl_end_us": max((k["t1"] for k in nccl), default=t0) - t0,
-        "last_compute_end_us": last_compute - t0,
+        "flows_end_us": flows_end - t0,
+        "after_flows_us": t1 - flows_end,
+        "last_nccl_delay_us": (nccl[-1]["t0"] - flows_end) if nccl else None,
         "by_name_us": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
         "tail": [
             (k["name"][:50], k["stream"], round(k["t0"] - t0, 1), round(k["t1"] - k["t0"], 1))
@@ -102,6 +118,25 @@ def summarise(step: list[dict], tail: int = 24) -> dict:
         ],
         "streams": sorted({k["stream"] for k in step}, key=str),
     }
+
+
+def median_step(steps: list[dict]) -> dict:
+    """The step of median length (an odd count's middle one, else the shorter of the two)."""
+    ordered = sorted(steps, key=lambda p: p["step_us"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def summary(found: list[list[dict]]) -> dict:
+    """The medians over the steps found; the first island is dropped (the ranks' first collective
+    absorbs their skew from before the profiler started)."""
+    keep = [p for p in (summarise(s) for s in found[1:]) if p is not None]
+    out = {"steps_found": len(found), "steps_kept": len(keep)}
+    for key in ("step_us", "compute_sum_us", "nccl_sum_us", "after_flows_us"):
+        out[f"{key}_median"] = statistics.median(p[key] for p in keep)
+    delays = [p["last_nccl_delay_us"] for p in keep if p["last_nccl_delay_us"] is not None]
+    out["last_nccl_delay_us"] = sorted(round(d, 1) for d in delays)
+    out["steps"] = keep
+    return out
 
 
 def trace_config(spec: str, data_u8, ranks, steps: int, out_dir: str) -> dict:
@@ -117,32 +152,21 @@ def trace_config(spec: str, data_u8, ranks, steps: int, out_dir: str) -> dict:
     driver = _Driver(pc, BATCH, ranks=ranks if world else None)
     step = driver.step("em", (STEP, PSEUDO))
     rows = data_u8[ranks.rank * BATCH :]
-    xs = [rows[(i * ranks.world) * BATCH : (i * ranks.world) * BATCH + BATCH] for i in range(steps + 6)]
+    xs = [rows[(i * ranks.world) * BATCH : (i * ranks.world) * BATCH + BATCH] for i in range(steps + 7)]
     for x in xs[:6]:  # eager, capture, replays
         step(x)
     torch.cuda.synchronize()
+    if world:
+        dist.barrier()  # the ranks start the profiled replays together (within the host's jitter)
     path = os.path.join(out_dir, f"trace_{kind}{nl}_r{ranks.rank}.json")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for x in xs[6:]:
+        for x in xs[6:]:  # one more than asked for: the first island is dropped
             step(x)
             torch.cuda.synchronize()
             time.sleep(GAP_S)
     prof.export_chrome_trace(path)
-    found = islands(kernels_of(path))
-    per = [summarise(s) for s in found]
-    keep = [p for p in per if p["compute_kernels"] > 20]
-    out = {
-        "config": f"{kind}-{nl}",
-        "graph_replays": step.replays,
-        "steps_found": len(found),
-        "step_us_median": statistics.median(p["step_us"] for p in keep),
-        "compute_sum_us_median": statistics.median(p["compute_sum_us"] for p in keep),
-        "nccl_sum_us_median": statistics.median(p["nccl_sum_us"] for p in keep),
-        "tail_after_compute_us_median": statistics.median(
-            p["step_us"] - p["last_compute_end_us"] for p in keep
-        ),
-        "steps": keep,
-    }
+    out = {"config": f"{kind}-{nl}", "rank": ranks.rank, "graph_replays": step.replays}
+    out.update(summary(islands(kernels_of(path))))
     driver.close()
     del pc
     torch.cuda.empty_cache()
@@ -151,22 +175,23 @@ def trace_config(spec: str, data_u8, ranks, steps: int, out_dir: str) -> dict:
 
 def compare(paths: list[str]) -> None:
     runs = [json.load(open(p)) for p in paths]
-    print(f"{'config':9s} {'gpus':>4s} | {'step us':>8s} {'compute':>8s} {'nccl':>8s} {'tail':>6s}")
+    print(
+        f"{'config':9s} {'gpus':>4s} {'rank':>4s} | {'step us':>8s} {'compute':>8s} {'nccl':>8s} "
+        f"{'after flows':>11s} | last all-reduce's delay after the pass (us)"
+    )
     for run in runs:
         for r in run["results"]:
             print(
-                f"{r['config']:9s} {run['gpus']:4d} | {r['step_us_median']:8.0f} "
+                f"{r['config']:9s} {run['gpus']:4d} {r.get('rank', 0):4d} | {r['step_us_median']:8.0f} "
                 f"{r['compute_sum_us_median']:8.0f} {r['nccl_sum_us_median']:8.0f} "
-                f"{r['tail_after_compute_us_median']:6.0f}"
+                f"{r['after_flows_us_median']:11.0f} | {r['last_nccl_delay_us']}"
             )
     if len(runs) == 2:
-        for a, b in zip(runs[0]["results"], runs[1]["results"]):
-            na, nb = (
-                a["steps"][len(a["steps"]) // 2]["by_name_us"],
-                b["steps"][len(b["steps"]) // 2]["by_name_us"],
-            )
+        first = [[r for r in run["results"] if r.get("rank", 0) == 0] for run in runs]
+        for a, b in zip(*first):
+            na, nb = median_step(a["steps"])["by_name_us"], median_step(b["steps"])["by_name_us"]
             diffs = sorted(((nb.get(k, 0) - na.get(k, 0), k) for k in set(na) | set(nb)), reverse=True)
-            print(f"\n{a['config']}: kernels slower on {runs[1]['gpus']} GPUs (us, median step)")
+            print(f"\n{a['config']}: kernels slower on {runs[1]['gpus']} GPUs (us, the median step, rank 0)")
             for d, k in diffs[:12]:
                 print(f"  {d:+8.1f}  {na.get(k, 0):8.1f} -> {nb.get(k, 0):8.1f}  {k}")
 
@@ -189,8 +214,13 @@ def main():
         "torch": torch.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
-        "results": [trace_config(spec, data_u8, ranks, args.steps, out_dir) for spec in args.configs],
+        "results": [],
     }
+    for spec in args.configs:
+        mine = trace_config(spec, data_u8, ranks, args.steps, out_dir)
+        every = [None] * ranks.world
+        dist.all_gather_object(every, mine)  # every rank's summary: their steps differ by their skew
+        info["results"] += every
     if ranks.is_main and args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)

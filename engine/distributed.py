@@ -157,34 +157,50 @@ DEFER_STATS = True
 
 # The flows' all-reduces run on their own NCCL communicator whose CUDA stream has high priority, so
 # their kernels take SMs ahead of queued compute (CUDA graphs keep the priority each node was captured
-# with). Measured on 2 H200s (benchmarks/NOTES.md, "NCCL stream priority"). False: the default group.
-HIGH_PRIORITY = True
+# with): on 2 H200s the last statistics' all-reduce no longer waits behind the EM kernel, -0.04 to
+# -0.20 ms a step (benchmarks/NOTES.md, "Issue 12: where the 2-GPU step's last 0.6 ms went").
+# False (or CW_DIST_HIGH_PRIORITY=0 in the environment): the default group, no second communicator.
+HIGH_PRIORITY = os.environ.get("CW_DIST_HIGH_PRIORITY", "1") != "0"
 _FLOW_GROUPS: dict = {}  # id of the default group -> (that group, the flows' high-priority group)
+
+
+def _default_has_nccl() -> bool:
+    """Whether the default group reaches CUDA tensors through NCCL ("nccl", "cuda:nccl",
+    "cpu:gloo,cuda:nccl"; init_process_group() without a backend makes the last)."""
+    try:
+        return "nccl" in str(dist.get_backend_config())
+    except (AttributeError, RuntimeError, ValueError):
+        return "nccl" in str(dist.get_backend())
 
 
 def flow_group(device="cuda"):
     """The process group the flows (on `device`) are all-reduced on: the default one (CPU tensors,
     no NCCL in the default group, or HIGH_PRIORITY off), or a high-priority NCCL group over the same
     ranks, made once per default group (every rank makes it at the same point: the reducer's
-    construction) and initialised by one all-reduce outside any CUDA graph capture."""
-    if not HIGH_PRIORITY or torch.device(device).type != "cuda" or not dist.is_initialized():
-        return None
-    if "nccl" not in str(dist.get_backend()):  # "nccl", or a multi-backend group "cpu:gloo,cuda:nccl"
+    construction) and initialised by one all-reduce on `device`, outside any CUDA graph capture."""
+    device = torch.device(device)
+    if not HIGH_PRIORITY or device.type != "cuda" or not dist.is_initialized() or not _default_has_nccl():
         return None
     world = dist.group.WORLD
     cached = _FLOW_GROUPS.get(id(world))
     if cached is not None and cached[0] is world:
         return cached[1]
-    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
-    group = _collective(
-        "creation of the flows' process group",
-        dist.new_group,
-        backend="nccl",
-        pg_options=opts,
-        timeout=datetime.timedelta(seconds=timeout_s()),
-    )
-    warm = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
-    _collective("first all-reduce of the flows' process group", dist.all_reduce, warm, group=group)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        group = dist.new_group(
+            backend="nccl",
+            pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=True),
+            timeout=datetime.timedelta(seconds=timeout_s()),
+        )
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
+    except (RuntimeError, ConnectionError) as err:
+        raise DistributedError(
+            f"rank {dist.get_rank()}: setting up the flows' high-priority NCCL group failed (another "
+            f"rank exited, or NCCL could not make a second communicator: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); CW_DIST_HIGH_PRIORITY=0 all-reduces "
+            "the flows on the default group instead"
+        ) from err
     _FLOW_GROUPS.clear()  # a default group destroyed and made again: its old flows group goes too
     _FLOW_GROUPS[id(world)] = (world, group)
     return group

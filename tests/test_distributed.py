@@ -294,3 +294,60 @@ def test_a_cancelled_reduction_leaves_nothing_armed():
     r._pending.append(object())  # a work handle of a capture that failed midway
     r.cancel()
     assert pc.flow_listener is None and not r._armed and r._pending == []
+
+
+def test_flow_group_is_one_high_priority_nccl_group_per_default_group(monkeypatch):
+    """The flows' own group (engine.distributed.flow_group) without NCCL: its creation stubbed, the
+    rules around it real. Made once per default group with a high-priority stream option, warmed up on
+    the flows' device; CPU flows, HIGH_PRIORITY off and a default group without NCCL keep the default
+    group; a set-up failure names the group and the switch that turns it off."""
+    import torch.distributed as dist
+
+    from engine import distributed as d
+
+    made, warmed = [], []
+
+    class Options:
+        def __init__(self, is_high_priority_stream=False):
+            self.is_high_priority_stream = is_high_priority_stream
+
+    real_zeros = torch.zeros
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", type("FakeNCCL", (), {"Options": Options}), raising=False)
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or object())
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: warmed.append((t.device_hint, group)))
+
+    def zeros(*shape, device=None, **kw):  # a CPU tensor that remembers the device it was asked for
+        t = real_zeros(*shape, **kw)
+        t.device_hint = str(device)
+        return t
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(d, "_FLOW_GROUPS", {})
+    for attempt in range(2):  # a default group destroyed and made again gets a new flows group
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            monkeypatch.setattr(d, "_default_has_nccl", lambda: False)
+            assert d.flow_group("cuda:1") is None  # no NCCL in the default group
+            monkeypatch.setattr(d, "_default_has_nccl", lambda: True)
+            assert d.flow_group("cpu") is None  # CPU flows: gloo's business
+            monkeypatch.setattr(d, "HIGH_PRIORITY", False)
+            assert d.flow_group("cuda:1") is None
+            monkeypatch.setattr(d, "HIGH_PRIORITY", True)
+            g = d.flow_group("cuda:1")
+            assert g is not None and d.flow_group("cuda:1") is g  # made once
+            assert len(made) == attempt + 1 and len(warmed) == attempt + 1
+            assert made[-1]["backend"] == "nccl" and made[-1]["pg_options"].is_high_priority_stream
+            assert warmed[-1] == ("cuda:1", g)  # warmed up on the flows' device, in its own group
+        finally:
+            dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+
+        def refuse(**kw):
+            raise RuntimeError("NCCL error: out of memory")
+
+        monkeypatch.setattr(dist, "new_group", refuse)
+        with pytest.raises(d.DistributedError, match="high-priority NCCL group.*CW_DIST_HIGH_PRIORITY=0"):
+            d.flow_group("cuda:0")
+    finally:
+        dist.destroy_process_group()

@@ -77,7 +77,11 @@ def _nccl_worker(rank, port, out):
     late = KernelOptions(early_stats=False)  # every statistic after the pass: the reference for the others
     group = distributed.flow_group("cuda")  # the flows' own high-priority NCCL group, made once
     results["group"] = (
-        group is not None and group is not dist.group.WORLD and distributed.flow_group("cuda") is group
+        group is not None
+        and group is not dist.group.WORLD
+        and distributed.flow_group("cuda") is group
+        and group._get_backend(torch.device("cuda")).options.is_high_priority_stream
+        and distributed.FlowReducer(engine.compile(copy.deepcopy(root), device="cuda")).group is group
     )
     for chunk in (
         0,
