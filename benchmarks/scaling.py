@@ -18,8 +18,8 @@ those sizes (none given: 32 MiB; 0 is one all-reduce after the layer) next to th
 goes first, and times the statistics launches alone (one launch against the chunked launches, no
 collective).
 
-Other in-process A/B flags (2+ GPUs unless said): `--priority-ab` (the flows' all-reduces on the
-default process group instead of their own high-priority NCCL group), `--defer-ab` (every
+Other in-process A/B flags (2+ GPUs unless said): `--priority-ab` (the flows' all-reduces on an NCCL
+group of normal priority instead of the default group, which `distributed.join` makes high-priority), `--defer-ab` (every
 all-reduce waited for before the EM update), `--early-ab` (all input statistics after the flows
 pass; any number of GPUs), `--options-ab NAME=VALUE[,...]` (other KernelOptions; any number of GPUs).
 """
@@ -166,14 +166,22 @@ def run_undeferred(root, data_cpu, ranks, epochs) -> dict:
         distributed.DEFER_STATS = True
 
 
-def run_normal_priority(root, data_cpu, ranks, epochs) -> dict:
-    """`run_ours` with the flows all-reduced on the default process group, whose NCCL stream has normal
-    priority (the --priority-ab variant; engine.distributed.HIGH_PRIORITY)."""
-    distributed.HIGH_PRIORITY = False
+def normal_priority_group():
+    """An NCCL group over every rank whose stream has normal priority (every rank calls this together):
+    the --priority-ab variant's, since `distributed.join` made the default group high-priority."""
+    group = dist.new_group(backend="nccl")
+    dist.all_reduce(torch.zeros(1, device="cuda"), group=group)  # connect it outside any graph capture
+    return group
+
+
+def run_normal_priority(root, data_cpu, ranks, epochs, group) -> dict:
+    """`run_ours` with the flows all-reduced on `group` (normal priority): the --priority-ab variant."""
+    made = distributed.flow_group
+    distributed.flow_group = lambda device="cuda": group
     try:
         return run_ours(root, data_cpu, ranks, epochs)
     finally:
-        distributed.HIGH_PRIORITY = True
+        distributed.flow_group = made
 
 
 def run_pyjuice(juice, bridge, root, data_u8, ranks, epochs) -> dict:
@@ -257,8 +265,8 @@ def main():
     ap.add_argument(
         "--priority-ab",
         action="store_true",
-        help="also time ours with the flows all-reduced on the default process group (normal-priority "
-        "NCCL stream; engine.distributed.HIGH_PRIORITY = False) on 2+ GPUs, in the same processes, "
+        help="also time ours with the flows all-reduced on an NCCL group of normal priority (the default "
+        "group, made by distributed.join, has high priority) on 2+ GPUs, in the same processes, "
         "in alternating order",
     )
     ap.add_argument(
@@ -279,6 +287,7 @@ def main():
     if not args.no_pyjuice:
         import pyjuice as juice
         import pyjuice_bridge as bridge
+    normal_group = normal_priority_group() if args.priority_ab and ranks.world > 1 else None
     data_u8 = mnist_like(60000).to(torch.uint8)
     data_cpu = data_u8.clone()
     data_u8 = data_u8.to(device)
@@ -313,7 +322,11 @@ def main():
         extra = parse_options(args.options_ab) if args.options_ab else None
         with_options = run_ours(root, data_cpu, ranks, args.epochs, opts=extra) if extra and odd else None
         priority_ab = args.priority_ab and ranks.world > 1
-        normal = run_normal_priority(root, data_cpu, ranks, args.epochs) if priority_ab and odd else None
+        normal = (
+            run_normal_priority(root, data_cpu, ranks, args.epochs, normal_group)
+            if priority_ab and odd
+            else None
+        )
         variants = {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if odd}
         row = {
             "config": f"{kind}-{nl}",
@@ -330,7 +343,9 @@ def main():
             row["options_ab"] = args.options_ab
             row["options_ab_order"] = "variant first" if odd else "default first"
         if priority_ab:
-            row["ours_normal_priority"] = normal or run_normal_priority(root, data_cpu, ranks, args.epochs)
+            row["ours_normal_priority"] = normal or run_normal_priority(
+                root, data_cpu, ranks, args.epochs, normal_group
+            )
             row["priority_ab_order"] = "variant first" if odd else "default first"
         if early_ab:
             row["ours_early_off"] = early_off or run_ours(root, data_cpu, ranks, args.epochs, opts=late)

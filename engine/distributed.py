@@ -62,8 +62,10 @@ def timeout_s() -> float:
 def join(device: str = "auto") -> tuple[Ranks, str]:
     """Join (or reuse) the default process group; returns the ranks and this rank's device.
 
-    On CUDA each rank takes GPU `LOCAL_RANK` and the NCCL backend; on the CPU, gloo. The group
-    reads the launcher's environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE).
+    On CUDA each rank takes GPU `LOCAL_RANK` and the NCCL backend, its stream of high priority
+    (`HIGH_PRIORITY`: the flows' all-reduces then need no second communicator, `flow_group`); on
+    the CPU, gloo. The group reads the launcher's environment (MASTER_ADDR, MASTER_PORT, RANK,
+    WORLD_SIZE).
     """
     from engine.training import pick_device
 
@@ -74,8 +76,11 @@ def join(device: str = "auto") -> tuple[Ranks, str]:
             raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
+        high = use_cuda and HIGH_PRIORITY
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s())
+            "nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s()),
+            pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=True) if high else None,
         )
     return Ranks(dist.get_rank(), dist.get_world_size()), f"cuda:{local}" if use_cuda else "cpu"
 
@@ -155,11 +160,12 @@ CHUNK_BYTES = 0
 DEFER_STATS = True
 
 
-# The flows' all-reduces run on their own NCCL communicator whose CUDA stream has high priority, so
-# their kernels take SMs ahead of queued compute (CUDA graphs keep the priority each node was captured
-# with): on 2 H200s the last statistics' all-reduce no longer waits behind the EM kernel, -0.04 to
-# -0.20 ms a step (benchmarks/NOTES.md, "Issue 12: where the 2-GPU step's last 0.6 ms went").
-# False (or CW_DIST_HIGH_PRIORITY=0 in the environment): the default group, no second communicator.
+# The flows' all-reduces run on an NCCL stream of high priority, so their kernels take SMs ahead of
+# queued compute (CUDA graphs keep the priority each node was captured with): on 2 H200s the last
+# statistics' all-reduce no longer waits behind the EM kernel, -0.04 to -0.20 ms a step
+# (benchmarks/NOTES.md, "Issue 12: where the 2-GPU step's last 0.6 ms went"). `join` makes the default
+# group so; a default group made elsewhere gets a second, high-priority group for the flows
+# (`flow_group`). False (or CW_DIST_HIGH_PRIORITY=0 in the environment): normal priority throughout.
 HIGH_PRIORITY = os.environ.get("CW_DIST_HIGH_PRIORITY", "1") != "0"
 _FLOW_GROUPS: dict = {}  # id of the default group -> (that group, the flows' high-priority group)
 
@@ -173,13 +179,25 @@ def _default_has_nccl() -> bool:
         return "nccl" in str(dist.get_backend())
 
 
+def _default_is_high_priority() -> bool:
+    """Whether the default group's NCCL stream already has high priority (`join` makes it so)."""
+    try:
+        return bool(dist.group.WORLD._get_backend(torch.device("cuda")).options.is_high_priority_stream)
+    except (AttributeError, RuntimeError, ValueError):
+        return False
+
+
 def flow_group(device="cuda"):
     """The process group the flows (on `device`) are all-reduced on: the default one (CPU tensors,
-    no NCCL in the default group, or HIGH_PRIORITY off), or a high-priority NCCL group over the same
-    ranks, made once per default group (every rank makes it at the same point: the reducer's
-    construction) and initialised by one all-reduce on `device`, outside any CUDA graph capture."""
+    no NCCL in the default group, HIGH_PRIORITY off, or a default group already of high priority, as
+    `join` makes it), else a high-priority NCCL group over the same ranks (a second communicator,
+    with its own NCCL buffers on each GPU), made once per default group (every rank makes it at the
+    same point: the reducer's construction) and initialised by one all-reduce on `device`, outside
+    any CUDA graph capture."""
     device = torch.device(device)
     if not HIGH_PRIORITY or device.type != "cuda" or not dist.is_initialized() or not _default_has_nccl():
+        return None
+    if _default_is_high_priority():
         return None
     world = dist.group.WORLD
     cached = _FLOW_GROUPS.get(id(world))

@@ -299,8 +299,9 @@ def test_a_cancelled_reduction_leaves_nothing_armed():
 def test_flow_group_is_one_high_priority_nccl_group_per_default_group(monkeypatch):
     """The flows' own group (engine.distributed.flow_group) without NCCL: its creation stubbed, the
     rules around it real. Made once per default group with a high-priority stream option, warmed up on
-    the flows' device; CPU flows, HIGH_PRIORITY off and a default group without NCCL keep the default
-    group; a set-up failure names the group and the switch that turns it off."""
+    the flows' device; CPU flows, HIGH_PRIORITY off, a default group without NCCL and one already of
+    high priority keep the default group; a set-up failure names the group and the switch that turns
+    it off."""
     import torch.distributed as dist
 
     from engine import distributed as d
@@ -333,6 +334,9 @@ def test_flow_group_is_one_high_priority_nccl_group_per_default_group(monkeypatc
             monkeypatch.setattr(d, "HIGH_PRIORITY", False)
             assert d.flow_group("cuda:1") is None
             monkeypatch.setattr(d, "HIGH_PRIORITY", True)
+            monkeypatch.setattr(d, "_default_is_high_priority", lambda: True)
+            assert d.flow_group("cuda:1") is None  # join() made the default group high-priority
+            monkeypatch.setattr(d, "_default_is_high_priority", lambda: False)
             g = d.flow_group("cuda:1")
             assert g is not None and d.flow_group("cuda:1") is g  # made once
             assert len(made) == attempt + 1 and len(warmed) == attempt + 1
@@ -342,6 +346,7 @@ def test_flow_group_is_one_high_priority_nccl_group_per_default_group(monkeypatc
             dist.destroy_process_group()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
+        monkeypatch.setattr(d, "_default_is_high_priority", lambda: False)
 
         def refuse(**kw):
             raise RuntimeError("NCCL error: out of memory")

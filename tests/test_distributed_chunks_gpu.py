@@ -5,8 +5,10 @@ chunked launches recorded in a CUDA graph (their chunk tables made in the eager 
 the single eager launch's statistics bit for bit. Two GPUs (skipped on one): NCCL with the chunks'
 all-reduces in the graphs of `fit` trains bit-identically to the unchunked reduction (two ranks:
 every sum is a + b, however the buffers are cut), and so does the default early statistics (HCLT: most
-rows computed and all-reduced during the pass) against all of them at the end, and the flows' own
-high-priority NCCL group (`distributed.flow_group`) against the default group.
+rows computed and all-reduced during the pass) against all of them at the end; `join` makes the
+default group's NCCL stream high-priority and the flows use it, a default group of normal priority
+gets a second, high-priority group for the flows (`distributed.flow_group`), and both train what
+normal priority trains.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _nccl_worker(rank, port, out):
+def _nccl_worker(rank, port, out, port2):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
     )
@@ -75,23 +77,20 @@ def _nccl_worker(rank, port, out):
     from engine.kernels import KernelOptions
 
     late = KernelOptions(early_stats=False)  # every statistic after the pass: the reference for the others
-    group = distributed.flow_group("cuda")  # the flows' own high-priority NCCL group, made once
-    results["group"] = (
-        group is not None
-        and group is not dist.group.WORLD
-        and distributed.flow_group("cuda") is group
-        and group._get_backend(torch.device("cuda")).options.is_high_priority_stream
-        and distributed.FlowReducer(engine.compile(copy.deepcopy(root), device="cuda")).group is group
+
+    def high(group) -> bool:
+        return bool(group._get_backend(torch.device("cuda")).options.is_high_priority_stream)
+
+    def reducer_group():
+        return distributed.FlowReducer(engine.compile(copy.deepcopy(root), device="cuda")).group
+
+    # join() made the default group's NCCL stream high-priority: the flows use it, no second communicator
+    results["world"] = (
+        high(dist.group.WORLD) and distributed.flow_group("cuda") is None and reducer_group() is None
     )
-    for chunk in (
-        0,
-        256 * 256 * 4,
-        "late",
-        "profiled",
-        "normal",
-    ):  # unchunked; 8 chunks; all at the end; rank 0 profiled; on the default group (normal priority)
+
+    def train(chunk):
         opts = late if chunk == "late" else None
-        distributed.HIGH_PRIORITY = chunk != "normal"
         pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
         if chunk == "profiled" and rank == 0:  # its sampled batches run the plain pass, rank 1's never do
             pc.profile(every=3)
@@ -111,6 +110,32 @@ def _nccl_worker(rank, port, out):
             "lls": [h["train_ll"] for h in hist],
             "replays": hist[-2].get("graph_batches") if hist else None,
         }
+
+    for chunk in (
+        0,
+        256 * 256 * 4,
+        "late",
+        "profiled",
+    ):  # unchunked; 8 chunks; all at the end; rank 0 profiled
+        train(chunk)
+    # a default group of normal priority (made without join's option): the flows get their own group
+    dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(port2)  # a fresh rendezvous for the second default group
+    distributed.HIGH_PRIORITY = False
+    distributed.join("cuda")
+    distributed.HIGH_PRIORITY = True
+    results["normal_world"] = not high(dist.group.WORLD)
+    group = distributed.flow_group("cuda")
+    results["second"] = (
+        group is not None
+        and group is not dist.group.WORLD
+        and distributed.flow_group("cuda") is group  # made once
+        and high(group)
+        and reducer_group() is group
+    )
+    train("second")
+    distributed.HIGH_PRIORITY = False  # the flows on the default group, of normal priority
+    train("normal")
     distributed.HIGH_PRIORITY = True
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -120,11 +145,15 @@ def _nccl_worker(rank, port, out):
 def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ports = [_free_port(), _free_port()]
+    while ports[1] == ports[0]:
+        ports[1] = _free_port()
+    mp.spawn(_nccl_worker, args=(ports[0], str(tmp_path), ports[1]), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     plain, chunked, late = r0[0], r0[256 * 256 * 4], r0["late"]
-    assert r0["group"] and r1["group"]
-    for c in (0, 256 * 256 * 4, "late", "profiled", "normal"):  # the ranks agree
+    for r in (r0, r1):
+        assert r["world"] and r["normal_world"] and r["second"], r
+    for c in (0, 256 * 256 * 4, "late", "profiled", "second", "normal"):  # the ranks agree
         assert torch.equal(r1[c]["params"], r0[c]["params"]) and torch.equal(r1[c]["inputs"], r0[c]["inputs"])
     assert chunked["replays"] and plain["replays"]  # the chunks' all-reduces ran inside CUDA graphs
     assert torch.equal(plain["params"], chunked["params"]) and torch.equal(plain["inputs"], chunked["inputs"])
@@ -135,7 +164,8 @@ def test_two_gpus_train_the_same_with_and_without_chunks(tmp_path):
     # one rank profiling (its sampled batches on one stream) issues the same collectives: the same training
     prof = r0["profiled"]
     assert torch.equal(plain["params"], prof["params"]) and torch.equal(plain["inputs"], prof["inputs"])
-    # the high-priority group only changes when NCCL's kernels get SMs, not what they sum
-    normal = r0["normal"]
-    assert torch.equal(plain["params"], normal["params"]) and torch.equal(plain["inputs"], normal["inputs"])
-    assert plain["lls"] == normal["lls"]
+    # stream priority and the communicator only change when NCCL's kernels get SMs, not what they sum
+    for c in ("second", "normal"):
+        other = r0[c]
+        assert torch.equal(plain["params"], other["params"]) and torch.equal(plain["inputs"], other["inputs"])
+        assert plain["lls"] == other["lls"]
