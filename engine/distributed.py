@@ -76,11 +76,10 @@ def join(device: str = "auto") -> tuple[Ranks, str]:
             raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        high = use_cuda and HIGH_PRIORITY
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s()),
-            pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=True) if high else None,
+            pg_options=_high_priority_options() if use_cuda and HIGH_PRIORITY else None,
         )
     return Ranks(dist.get_rank(), dist.get_world_size()), f"cuda:{local}" if use_cuda else "cpu"
 
@@ -170,6 +169,14 @@ HIGH_PRIORITY = os.environ.get("CW_DIST_HIGH_PRIORITY", "1") != "0"
 _FLOW_GROUPS: dict = {}  # id of the default group -> (that group, the flows' high-priority group)
 
 
+def _high_priority_options():
+    """NCCL options for a group whose stream has high priority, with the group's own timeout (torch
+    warns when the options' timeout and the `timeout` argument differ)."""
+    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    opts._timeout = datetime.timedelta(seconds=timeout_s())
+    return opts
+
+
 def _default_has_nccl() -> bool:
     """Whether the default group reaches CUDA tensors through NCCL ("nccl", "cuda:nccl",
     "cpu:gloo,cuda:nccl"; init_process_group() without a backend makes the last)."""
@@ -208,7 +215,7 @@ def flow_group(device="cuda"):
     try:
         group = dist.new_group(
             backend="nccl",
-            pg_options=dist.ProcessGroupNCCL.Options(is_high_priority_stream=True),
+            pg_options=_high_priority_options(),
             timeout=datetime.timedelta(seconds=timeout_s()),
         )
         dist.all_reduce(torch.zeros(1, device=device), group=group)
