@@ -19,9 +19,10 @@ goes first, and times the statistics launches alone (one launch against the chun
 collective).
 
 Other in-process A/B flags (2+ GPUs unless said): `--priority-ab` (the flows' all-reduces on an NCCL
-group of normal priority instead of the default group, which `distributed.join` makes high-priority), `--defer-ab` (every
-all-reduce waited for before the EM update), `--early-ab` (all input statistics after the flows
-pass; any number of GPUs), `--options-ab NAME=VALUE[,...]` (other KernelOptions; any number of GPUs).
+group of normal priority instead of the default group, which `distributed.join` makes
+high-priority), `--defer-ab` (every all-reduce waited for before the EM update), `--early-ab` (all
+input statistics after the flows pass; any number of GPUs), `--options-ab NAME=VALUE[,...]` (other
+KernelOptions; any number of GPUs).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -155,6 +157,11 @@ def run_ours(
         if ranks.world > 1:
             out["allreduce_share"] = out["allreduce_ms"] / 1e3 / (out["epoch_s"] / steps)
     return out
+
+
+def run_chunk_ab(root, data_cpu, ranks, epochs, sizes) -> dict:
+    """`run_ours` once per statistics chunk size in bytes (the --chunk-ab variants), keyed by it."""
+    return {str(b): run_ours(root, data_cpu, ranks, epochs, chunk_bytes=b) for b in sizes}
 
 
 def run_undeferred(root, data_cpu, ranks, epochs) -> dict:
@@ -305,59 +312,44 @@ def main():
         kind, nl = spec.split(":")
         torch.manual_seed(0)  # the same circuit and initial parameters on every rank
         root = ours_build(kind, int(nl), data_u8[:20000].long())
-        plain_first = args.overlap_ab and ranks.world > 1 and len(info["results"]) % 2 == 1
-        if plain_first:
-            row_plain = run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
         sizes = [int(m * 2**20) for m in (args.chunk_ab or [32])] if args.chunk_ab is not None else []
         timed = sorted({distributed.CHUNK_BYTES, *sizes} - {0}) if args.chunk_ab is not None else ()
-        chunks = sizes if ranks.world > 1 else []
-        odd = len(info["results"]) % 2 == 1  # alternate which goes first: the default, or the variants
-        late = KernelOptions(early_stats=False)
-        early_ab = args.early_ab and has_early_stats(
-            root
-        )  # PD: no row is final early, the runs would be equal
-        early_off = run_ours(root, data_cpu, ranks, args.epochs, opts=late) if early_ab and odd else None
-        defer_ab = args.defer_ab and ranks.world > 1
-        undeferred = run_undeferred(root, data_cpu, ranks, args.epochs) if defer_ab and odd else None
+        multi = ranks.world > 1
+        chunks = sizes if multi else []
         extra = parse_options(args.options_ab) if args.options_ab else None
-        with_options = run_ours(root, data_cpu, ranks, args.epochs, opts=extra) if extra and odd else None
-        priority_ab = args.priority_ab and ranks.world > 1
-        normal = (
-            run_normal_priority(root, data_cpu, ranks, args.epochs, normal_group)
-            if priority_ab and odd
-            else None
-        )
-        variants = {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if odd}
+        base = (root, data_cpu, ranks, args.epochs)
+        # variants timed beside the default in the same processes, in alternating order:
+        # (row key, key saying which went first, its words when the variant did, run)
+        one, ab = "variant first", []
+        if args.overlap_ab and multi:  # "ours" is the default (overlapped); this is the plain one
+            ab.append(("ours_plain_reduce", None, None, partial(run_ours, *base, overlap=False)))
+        if args.early_ab and has_early_stats(root):  # PD: no row is final early, the runs would be equal
+            late = KernelOptions(early_stats=False)
+            ab.append(("ours_early_off", "early_ab_order", one, partial(run_ours, *base, opts=late)))
+        if args.defer_ab and multi:
+            ab.append(("ours_undeferred", "defer_ab_order", one, partial(run_undeferred, *base)))
+        if extra is not None:
+            ab.append(("ours_options", "options_ab_order", one, partial(run_ours, *base, opts=extra)))
+        if args.priority_ab and multi:
+            normal = partial(run_normal_priority, *base, normal_group)
+            ab.append(("ours_normal_priority", "priority_ab_order", one, normal))
+        if chunks:
+            ab.append(
+                ("ours_chunk_ab", "chunk_ab_order", "variants first", partial(run_chunk_ab, *base, chunks))
+            )
+        odd = len(info["results"]) % 2 == 1  # alternate which goes first: the default, or the variants
+        first = {key: run() for key, _, _, run in ab} if odd else {}
         row = {
             "config": f"{kind}-{nl}",
             "ours": run_ours(root, data_cpu, ranks, args.epochs, time_stats=timed),
         }
-        variants.update(
-            {b: run_ours(root, data_cpu, ranks, args.epochs, chunk_bytes=b) for b in chunks if not odd}
-        )
-        if defer_ab:
-            row["ours_undeferred"] = undeferred or run_undeferred(root, data_cpu, ranks, args.epochs)
-            row["defer_ab_order"] = "variant first" if odd else "default first"
+        for key, order, words, run in ab:
+            row[key] = first[key] if odd else run()
+            if order is not None:
+                row[order] = words if odd else "default first"
         if extra is not None:
-            row["ours_options"] = with_options or run_ours(root, data_cpu, ranks, args.epochs, opts=extra)
             row["options_ab"] = args.options_ab
-            row["options_ab_order"] = "variant first" if odd else "default first"
-        if priority_ab:
-            row["ours_normal_priority"] = normal or run_normal_priority(
-                root, data_cpu, ranks, args.epochs, normal_group
-            )
-            row["priority_ab_order"] = "variant first" if odd else "default first"
-        if early_ab:
-            row["ours_early_off"] = early_off or run_ours(root, data_cpu, ranks, args.epochs, opts=late)
-            row["early_ab_order"] = "variant first" if odd else "default first"
-        if variants:
-            row["ours_chunk_ab"] = {str(b): variants[b] for b in chunks}
-            row["chunk_ab_order"] = "variants first" if odd else "default first"
-        if args.overlap_ab and ranks.world > 1:  # "ours" is the default (overlapped); this is the plain one
-            row["ours_plain_reduce"] = (
-                row_plain if plain_first else run_ours(root, data_cpu, ranks, args.epochs, overlap=False)
-            )
-        if args.bf16_reduce and ranks.world > 1:
+        if args.bf16_reduce and multi:
             row["ours_bf16_reduce"] = run_ours(root, data_cpu, ranks, args.epochs, "bf16")
         if juice is not None:
             row["pyjuice"] = run_pyjuice(juice, bridge, root, data_u8, ranks, args.epochs)
