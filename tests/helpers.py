@@ -94,3 +94,17 @@ def reference_probs(root, x: torch.Tensor) -> torch.Tensor:
                 w[nb * bs : (nb + 1) * bs, cb * bs : (cb + 1) * bs] = v.params[j].double()
             val[v.uid] = ch @ w.T
     return val[root.uid][:, 0]
+
+
+def fail_on_call(real, n: int, message: str = "launch failed"):
+    """`real` wrapped to raise RuntimeError(message) on its n-th call (a launch failing mid-pass);
+    returns (wrapper, calls), `calls["n"]` counting the calls made."""
+    calls = {"n": 0}
+
+    def wrapper(*args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(message)
+        return real(*args)
+
+    return wrapper, calls

@@ -23,6 +23,7 @@ from engine.dists import Categorical
 from engine.executor.stream_schedule import EARLY_STATS_PARTS, early_stats
 from engine.nodes import InputNodes, ProdNodes, SumNodes
 from engine.structures import hclt_from_tree, pd
+from tests.helpers import fail_on_call
 from tests.kernel_runner import OPTS, data
 from tests.test_overlap import CASES, record_flows_pass
 
@@ -346,15 +347,7 @@ def test_a_step_that_raises_leaves_no_reduction_armed(monkeypatch):
     try:
         r = distributed.FlowReducer(pc)
         step = CapturedStep(pc, 16, em=(0.5, 0.1), reduce=r)
-        calls = {"n": 0}
-        real = pc.backend.prod_backward
-
-        def failing(*a):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise RuntimeError("launch failed")
-            return real(*a)
-
+        failing, _ = fail_on_call(pc.backend.prod_backward, 3)
         monkeypatch.setattr(pc.backend, "prod_backward", failing)
         with pytest.raises(RuntimeError, match="launch failed"):
             step(x, m)

@@ -35,6 +35,7 @@ from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.sum_block import BlockSumTensors  # noqa: E402
 from engine.nodes import inputs, multiply, summate  # noqa: E402
 from engine.structures import hclt_from_tree, pd  # noqa: E402
+from tests.helpers import fail_on_call  # noqa: E402
 from tests.kernel_runner import DEVICE, EM, OPTS, data, errors, rel  # noqa: E402
 
 OVERLAP = dataclasses.replace(OPTS, overlap=True)
@@ -497,15 +498,7 @@ def test_a_launch_that_raises_still_joins_the_side_streams(monkeypatch):
     """An error mid-pass (compile error, out of memory, Ctrl-C) must not free the spare buffer or a
     deferred launch's scale and `mus` while a side stream may still use them: the pass joins first."""
     root, dists = CASES["chain"]()
-    calls = {"n": 0}
-    real = kernel_backend.product.prod_backward
-
-    def failing(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("launch failed")
-        real(*args)
-
+    failing, calls = fail_on_call(kernel_backend.product.prod_backward, 3)
     monkeypatch.setattr(kernel_backend.product, "prod_backward", failing)
     streams = RecordingStreams()
     with pytest.raises(RuntimeError, match="launch failed"):
