@@ -7,6 +7,7 @@ benchmarks/check_kernels_gpu.py.
 """
 
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -217,3 +218,46 @@ def test_profiler_samples_every_kth_batch():
     assert len(events) == 3 * len(per_batch) and prof.batches == 7
     with pytest.raises(ValueError):
         pc.profile(True, every=0)
+
+
+@pytest.mark.parametrize("sets,rows", [(1, 16), (2, 32), (4, 16), (16, 64)])
+def test_parent_set_element_flows_match_torch(sets, rows):
+    """Element flows parent-set-major (`elem_sets`): PD's shared children (sets of several child
+    blocks, uneven parent counts, runs cut at `sets` blocks, CM = rows // bs blocks per dot with a
+    masked tail) and the grouped-tiles circuit (children shared across partitions: read-modify-write)."""
+    opts = dataclasses.replace(OPTS, elem_sets=sets, elem_set_rows=rows)
+    root = pd((3, 4), 48, (1, 1), input_dist=Categorical(4), block_size=16)  # 3 parents, sets of <= 12
+    x, m = data([Categorical(4)] * 12, 9)
+    pc = compare(root, x.long(), m, opts=opts)
+    parts = [pt for t in pc.tables.layers if t is not None and hasattr(t, "parts") for pt in t.parts]
+    assert any(
+        getattr(pt, "set_par", None) is not None and len(pt.set_rows) > pt.set_par.shape[0] for pt in parts
+    )
+    xs = [inputs(v, 16, Categorical(5)) for v in range(4)]
+    ys = [inputs(v, 16, Categorical(5)) for v in range(2)]
+    p1, p2, p3 = multiply(xs[0], xs[1]), multiply(ys[0], ys[1]), multiply(xs[0], ys[1])
+    s = summate(p1, p2, p3, num_nodes=32, block_size=16)
+    s2 = summate(p1, p2, num_nodes=16, block_size=16)
+    t = summate(multiply(xs[2], xs[3]), num_nodes=32, block_size=16)
+    root = summate(
+        multiply(s, t),
+        multiply(s2, summate(multiply(xs[2], xs[3]), num_nodes=16, block_size=16)),
+        num_nodes=1,
+    )
+    x, m = data([Categorical(5)] * 4, 20)
+    compare(root, x.long(), m, opts=opts)
+
+
+def test_parent_sets_group_children_by_their_parents():
+    """The host tables: children with equal parent lists share a set; runs never cross sets."""
+    from engine.kernels.sum_block import child_major_blocks, parent_sets
+
+    # 3 node blocks x width 2; child rows 10, 20 under blocks 0 and 1, row 30 under block 2 only
+    child_rows = torch.tensor([[10, 20], [10, 20], [30, 0]])
+    cb, ptr, pi, pk = child_major_blocks(child_rows, 1)
+    set_par, set_rows, set_k, chunks = parent_sets(cb, ptr, pi, pk)
+    assert set_par.tolist() == [[0, 1], [2, -1]]
+    assert set_rows.tolist() == [10, 20, 30]
+    assert set_k.tolist() == [[0, 0], [1, 1], [0, 0]]
+    assert chunks[1].tolist() == [[0, 1, 0], [1, 2, 0], [2, 3, 1]]
+    assert chunks[4].tolist() == [[0, 2, 0], [2, 3, 1]]

@@ -19,6 +19,7 @@ PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 
 # tl.dot needs every dimension >= 16: smaller node blocks run the sparse (per-node) kernels.
 MIN_DOT_BLOCK = 16
+ELEM_SETS = (0, 1, 2, 4, 8, 16)  # child blocks per program of the parent-set element-flow kernel (0: off)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class KernelOptions:
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
+    # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
+    # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
+    # them, which reads the parents' scale tiles once; 0: child-major (one program per child block)
+    elem_sets: int = 0
+    elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     # categorical statistics kernel; defaults from benchmarks/stats_kernel_sweep.py on an H200
     # (2026-11-30: 0.77 ms against 1.63 for the previous 32 nodes x 256 categories, tf32x3, at HCLT-256)
     stats_block_b: int = 32  # batch columns per step
@@ -50,6 +56,12 @@ class KernelOptions:
     # with `overlap`: the input statistics of rows whose flows are final early (HCLT: most rows) run
     # on the parameter-flow stream during the pass (LayerPlan.input_flows_ready), the rest at its end
     early_stats: bool = True
+    # with `overlap`, in a training step (`CompiledCircuit.train_step` with an EM update): each sum
+    # layer's weight update runs on the parameter-flow stream right after its parameter flows (their
+    # last reader), an early input range's right after its statistics, the rest at the end; the same
+    # kernels on the same flows, so bit-identical to the update after the pass (ties, profiled
+    # batches: after the pass). Off until a GPU A/B (kernel_breakdown.py --variants default em_in_pass=1)
+    em_in_pass: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -65,6 +77,7 @@ class KernelOptions:
             "group_cols",
             "fwd_block_b",
             "elem_block_b",
+            "elem_set_rows",
             "stats_block_b",
             "stats_cats",
             "stats_nodes",
@@ -72,6 +85,8 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-        for name in ("overlap", "early_stats"):
+        if self.elem_sets not in ELEM_SETS:
+            raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
+        for name in ("overlap", "early_stats", "em_in_pass"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

@@ -9,7 +9,7 @@ A node block's `width` child tiles are taken G at a time (G = group_cols // bs, 
 one `[bs, G*bs]` weight slab against `[G*bs, BB]` gathered child rows is one larger, better-fed
 tl.dot instead of G small ones, and the loop runs G times fewer steps.
 
-Four kernels, and the reference they are tested against is the same-named function in torch_ops:
+Five kernels, and the reference they are tested against is the same-named function in torch_ops:
 - forward: log-sum-exp as an *online* max-shift over the child groups (one read of each child
   tile), exp, matmul with the weight slab, log.
 - node scale (backward, once per partition): `a = exp(log f - v - mu)` with `mu` the per-column max
@@ -20,6 +20,11 @@ Four kernels, and the reference they are tested against is the same-named functi
   time, rescaled to an online common max. A partition that is the only reader of every row of the product
   layer below (`sole_writer`, see backend.mark_sole_writer) stores its flows outright: the layer's
   rows need no zeroing and no read-back.
+- element flows *parent-set-major* (`KernelOptions.elem_sets`): child blocks whose parent lists are
+  equal (PD: every product block of a region under that region's sum blocks) form a set; a program
+  takes a run of them, reads and rescales the P parents' scale tiles once, and loops over its child
+  blocks with one `[bs, P*bs] @ [P*bs, BB]` dot each, instead of re-reading the parents per child block.
+  Used where P * bs <= SET_MAX_ROWS (registers); still one writer per child tile, no atomics.
 - parameter flows: one program per (node block, group of G child blocks) reduces over the whole
   batch with tl.dot, then adds `W * acc` into the parameter flows.
 """
@@ -27,15 +32,16 @@ Four kernels, and the reference they are tested against is the same-named functi
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
 from engine.executor.torch_ops import SumPartitionTensors
-from engine.kernels.options import KernelOptions
+from engine.kernels.options import ELEM_SETS, KernelOptions
 
+SET_MAX_ROWS = 128  # parent rows one program of the parent-set element-flow kernel holds (P * bs)
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
 
@@ -194,6 +200,74 @@ def _sum_bwd_elem_block_kernel(
 
 
 @triton.jit
+def _sum_bwd_elem_sets_kernel(
+    prm,
+    emars,
+    scale,
+    mus,
+    eflows,
+    chunks,
+    set_par,
+    set_rows,
+    set_k,
+    B,
+    W,
+    param_off,
+    num_bt,
+    BS: tl.constexpr,
+    BB: tl.constexpr,
+    P: tl.constexpr,
+    CM: tl.constexpr,
+    PREC: tl.constexpr,
+    ACCUM: tl.constexpr,
+):
+    """Element flows of a run of child blocks [lo, hi) that share one parent set (chunk `[lo, hi, set]`):
+    the P parents' scale tiles are read and rescaled to their common max once, then each step of CM
+    child blocks is one `[CM*BS, P*BS] @ [P*BS, BB]` dot against that register-held slab."""
+    pid = tl.program_id(0)
+    ch = pid // num_bt
+    offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
+    bmask = offs_b < B
+    lo = tl.load(chunks + 3 * ch)
+    hi = tl.load(chunks + 3 * ch + 1)
+    g = tl.load(chunks + 3 * ch + 2)
+    q = tl.arange(0, P * BS)  # (parent slot q // BS, its node q % BS)
+    pq = tl.load(set_par + g * P + q // BS)  # -1: no parent in this slot
+    pmask = pq >= 0
+    pq = tl.where(pmask, pq, 0)
+    pb = pmask[:, None] & bmask[None, :]
+    mu = tl.load(mus + pq[:, None] * B + offs_b[None, :], mask=pb, other=float("-inf"))
+    big_m = tl.max(mu, 0)
+    big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
+    a = tl.load(scale + (pq * BS + q % BS)[:, None] * B + offs_b[None, :], mask=pb, other=0.0)
+    a = a * tl.exp(mu - big_m[None, :])
+    wq = param_off + pq * (BS * W * BS) + (q % BS) * (W * BS)  # weights of parent node q start here
+    j = tl.arange(0, CM * BS)  # (child block c + j // BS, its element j % BS)
+    for c in range(lo, hi, CM):
+        cj = c + j // BS
+        cmask = cj < hi
+        if CM == 1:
+            kq = tl.load(set_k + c * P + q // BS)  # the child's slot in each parent
+            wt = tl.load(prm + (wq + kq * BS)[None, :] + (j % BS)[:, None], mask=pmask[None, :], other=0.0)
+        else:
+            kq = tl.load(set_k + cj[:, None] * P + (q // BS)[None, :], mask=cmask[:, None], other=0)
+            wt = tl.load(
+                prm + wq[None, :] + kq * BS + (j % BS)[:, None],
+                mask=cmask[:, None] & pmask[None, :],
+                other=0.0,
+            )
+        acc = _mm(wt, a, PREC)  # [child element, batch]
+        crow = tl.load(set_rows + cj, mask=cmask, other=0)
+        optr = (crow + j % BS)[:, None] * B + offs_b[None, :]
+        om = cmask[:, None] & bmask[None, :]
+        el = tl.load(emars + optr, mask=om, other=float("-inf"))
+        contrib = tl.exp(tl.log(acc) + el + big_m[None, :])
+        if ACCUM:
+            contrib += tl.load(eflows + optr, mask=om, other=0.0)
+        tl.store(eflows + optr, contrib, mask=om)
+
+
+@triton.jit
 def _sum_bwd_param_block_kernel(
     prm,
     pflows,
@@ -335,7 +409,9 @@ def sum_backward_block(
         num_warps=opts.num_warps,
     )
     nc = pt.cblocks.shape[0]
-    if nc:
+    if nc and opts.elem_sets and pt.set_par is not None:
+        elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts)
+    elif nc:
         max_par = pt.max_parents
         ebt = triton.cdiv(B, opts.elem_block_b)
         _sum_bwd_elem_block_kernel[(nc * ebt,)](
@@ -364,6 +440,36 @@ def sum_backward_block(
         defer.append(functools.partial(param_flows_block, *args))
     else:
         param_flows_block(*args)
+
+
+def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: KernelOptions) -> None:
+    """Element flows parent-set-major: one program per `opts.elem_sets` child blocks of one parent set."""
+    B = element_mars.shape[1]
+    bs = pt.block_size
+    chunks = pt.set_chunks[opts.elem_sets]
+    ebt = triton.cdiv(B, opts.elem_block_b)
+    _sum_bwd_elem_sets_kernel[(chunks.shape[0] * ebt,)](
+        params,
+        element_mars,
+        scale,
+        mus,
+        element_flows,
+        chunks,
+        pt.set_par,
+        pt.set_rows,
+        pt.set_k,
+        B,
+        pt.width,
+        pt.param_offset,
+        ebt,
+        BS=bs,
+        BB=opts.elem_block_b,
+        P=pt.set_par.shape[1],
+        CM=max(1, opts.elem_set_rows // bs),
+        PREC=opts.precision,
+        ACCUM=not pt.sole_writer,
+        num_warps=opts.num_warps,
+    )
 
 
 def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp) -> None:
@@ -405,6 +511,11 @@ class BlockSumTensors(SumPartitionTensors):
     max_parents: int
     sole_writer: bool = False  # the only writer of every element row of the product layer below
     rows_start: int = -1  # node_rows[i] == rows_start + i * block_size for all i (contiguous), else -1
+    # parent sets (parent_sets); None where P * block_size > SET_MAX_ROWS
+    set_par: torch.Tensor | None = None  # [ns, P] parent node blocks of each set, -1 padding
+    set_rows: torch.Tensor | None = None  # [nc] first element row of each child block, by set
+    set_k: torch.Tensor | None = None  # [nc, P] the child block's slot in each parent of its set
+    set_chunks: dict = field(default_factory=dict)  # elem_sets -> [nch, 3] (lo, hi, set) runs
 
 
 def block_tensors(
@@ -415,6 +526,15 @@ def block_tensors(
     max_parents = int((ptr[1:] - ptr[:-1]).max()) if len(cb) else 1
     rows = torch.as_tensor(node_rows).reshape(-1).cpu()
     contiguous = rows.numel() > 0 and torch.equal(rows - rows[0], torch.arange(rows.numel()) * pt.block_size)
+    sets = {}
+    if len(cb) and triton.next_power_of_2(max_parents) * pt.block_size <= SET_MAX_ROWS:
+        par, srows, sk, chunks = parent_sets(cb, ptr, pi, pk)
+        sets = dict(
+            set_par=long(par),
+            set_rows=long(srows),
+            set_k=long(sk),
+            set_chunks={n: long(c) for n, c in chunks.items()},
+        )
     return BlockSumTensors(
         **vars(pt),
         node_rows=long(node_rows),
@@ -425,7 +545,33 @@ def block_tensors(
         par_k=long(pk),
         max_parents=max_parents,
         rows_start=int(rows[0]) if contiguous else -1,
+        **sets,
     )
+
+
+def parent_sets(cblocks, ptr, par_i, par_k):
+    """Child blocks grouped by their parent node blocks (the CSR's, in its order), for the
+    parent-set element-flow kernel: (set_par [ns, P] with -1 padding, set_rows [nc], set_k [nc, P],
+    {n: [nch, 3] runs (lo, hi, set) of at most n child blocks of one set, n in ELEM_SETS})."""
+    members: dict[tuple, list[int]] = {}
+    for c in range(len(cblocks)):
+        members.setdefault(tuple(par_i[ptr[c] : ptr[c + 1]].tolist()), []).append(c)
+    P = triton.next_power_of_2(max(len(key) for key in members))
+    set_par = torch.full((len(members), P), -1, dtype=torch.long)
+    set_rows, set_k, bounds = [], [], []
+    for s, (key, cs) in enumerate(members.items()):
+        set_par[s, : len(key)] = torch.tensor(key)
+        bounds.append((len(set_rows), len(set_rows) + len(cs), s))
+        for c in cs:
+            set_rows.append(int(cblocks[c]))
+            k = torch.zeros(P, dtype=torch.long)
+            k[: len(key)] = par_k[ptr[c] : ptr[c + 1]]
+            set_k.append(k)
+    chunks = {}
+    for n in ELEM_SETS[1:]:
+        runs = [(a, min(a + n, hi), s) for lo, hi, s in bounds for a in range(lo, hi, n)]
+        chunks[n] = torch.tensor(runs, dtype=torch.long)
+    return set_par, torch.tensor(set_rows, dtype=torch.long), torch.stack(set_k), chunks
 
 
 def child_major_blocks(child_rows: torch.Tensor, first_real_row: int):
