@@ -41,6 +41,8 @@ class KernelOptions:
     # them, which reads the parents' scale tiles once; 0: child-major (one program per child block)
     elem_sets: int = 0
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
+    elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
+    elem_set_slab: int = 8192  # its batch tile is cut so the parents' slab [P * bs, BB] holds at most this
     # categorical statistics kernel; defaults from benchmarks/stats_kernel_sweep.py on an H200
     # (2026-11-30: 0.77 ms against 1.63 for the previous 32 nodes x 256 categories, tf32x3, at HCLT-256)
     stats_block_b: int = 32  # batch columns per step
@@ -78,6 +80,8 @@ class KernelOptions:
             "fwd_block_b",
             "elem_block_b",
             "elem_set_rows",
+            "elem_set_max_rows",
+            "elem_set_slab",
             "stats_block_b",
             "stats_cats",
             "stats_nodes",

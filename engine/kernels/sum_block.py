@@ -24,7 +24,8 @@ Five kernels, and the reference they are tested against is the same-named functi
   equal (PD: every product block of a region under that region's sum blocks) form a set; a program
   takes a run of them, reads and rescales the P parents' scale tiles once, and loops over its child
   blocks with one `[bs, P*bs] @ [P*bs, BB]` dot each, instead of re-reading the parents per child block.
-  Used where P * bs <= SET_MAX_ROWS (registers); still one writer per child tile, no atomics.
+  Used where P * bs <= `elem_set_max_rows`, with the batch tile cut so the slab holds at most
+  `elem_set_slab` floats (registers); still one writer per child tile, no atomics.
 - parameter flows: one program per (node block, group of G child blocks) reduces over the whole
   batch with tl.dot, then adds `W * acc` into the parameter flows.
 """
@@ -41,7 +42,7 @@ import triton.language as tl
 from engine.executor.torch_ops import SumPartitionTensors
 from engine.kernels.options import ELEM_SETS, KernelOptions
 
-SET_MAX_ROWS = 128  # parent rows one program of the parent-set element-flow kernel holds (P * bs)
+SET_MAX_ROWS = 512  # parent-set tables are built up to this many parent rows (P * bs); options pick below
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
 
@@ -409,7 +410,8 @@ def sum_backward_block(
         num_warps=opts.num_warps,
     )
     nc = pt.cblocks.shape[0]
-    if nc and opts.elem_sets and pt.set_par is not None:
+    sets = nc and opts.elem_sets and pt.set_par is not None
+    if sets and pt.set_par.shape[1] * bs <= opts.elem_set_max_rows:
         elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts)
     elif nc:
         max_par = pt.max_parents
@@ -447,7 +449,9 @@ def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: K
     B = element_mars.shape[1]
     bs = pt.block_size
     chunks = pt.set_chunks[opts.elem_sets]
-    ebt = triton.cdiv(B, opts.elem_block_b)
+    P = pt.set_par.shape[1]
+    bb = max(16, min(opts.elem_block_b, opts.elem_set_slab // (P * bs)))
+    ebt = triton.cdiv(B, bb)
     _sum_bwd_elem_sets_kernel[(chunks.shape[0] * ebt,)](
         params,
         element_mars,
@@ -463,8 +467,8 @@ def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: K
         pt.param_offset,
         ebt,
         BS=bs,
-        BB=opts.elem_block_b,
-        P=pt.set_par.shape[1],
+        BB=bb,
+        P=P,
         CM=max(1, opts.elem_set_rows // bs),
         PREC=opts.precision,
         ACCUM=not pt.sole_writer,
