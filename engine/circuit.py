@@ -19,7 +19,7 @@ from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
 from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
 from engine.executor.stream_schedule import plan_early_stats
-from engine.executor.streams import FlowStreams
+from engine.executor.streams import FlowStreams, PassEM
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.executor.ties import TiedSlots
 from engine.nodes import NodeVector
@@ -90,10 +90,14 @@ class CompiledCircuit(torch.nn.Module):
         self._inputs_cache: list = []
         self._graph_pool = None  # the CUDA-graph memory pool of this circuit's captured steps (graph.py)
         # called with each Step of a parameter-accumulating flows pass once its flows are final
-        # (data-parallel EM starts all-reducing a layer's flows while lower layers still compute)
-        self.flow_listener: Callable[[Step], None] | None = None
+        # (data-parallel EM starts all-reducing a layer's flows while lower layers still compute); it
+        # may return a wait (a callable: the current stream waits for that all-reduce, and with it for
+        # the flows of every sum layer reported since the last wait), which an EM update in the pass
+        # (`train_step`, PassEM) calls before it reads those flows
+        self.flow_listener: Callable[[Step], Callable[[], None] | None] | None = None
         # input layer i -> None or (rows per chunk, after(lo, hi)): that layer's statistics are then
-        # computed in node-row chunks, each reported once final (Backend.input_stats)
+        # computed in node-row chunks, each reported once final (Backend.input_stats); `after` may
+        # return a wait for those rows, as the flow listener does
         self.stats_listener: Callable[[int], tuple | None] | None = None
         self._flow_streams: FlowStreams | None = None  # side streams of the overlapped flows pass
         self._early: tuple | None = None  # (plan, its early input statistics): _early_stats
@@ -225,13 +229,16 @@ class CompiledCircuit(torch.nn.Module):
         return node_mars[self.plan.root_row].clone()
 
     # ----------------------------------------------------------------- flows and EM
-    def backward_flows(self, accumulate_params: bool = True, keep_node_flows: bool = True) -> torch.Tensor:
+    def backward_flows(
+        self, accumulate_params: bool = True, keep_node_flows: bool = True, *, em: PassEM | None = None
+    ) -> torch.Tensor:
         """Flows pass after `forward`; returns node_flows `[rows, B]` (probabilities).
 
         `keep_node_flows=False` (training steps: `accumulate_flows`): only parameter flows, input
         statistics and input nodes' rows are wanted, so the executor may overwrite a sum layer's node
         flows once its backward has read them (the tiled kernels put their node scale there, and the
-        overlapped schedule of engine/executor/streams.py runs); sum rows are then not flows."""
+        overlapped schedule of engine/executor/streams.py runs); sum rows are then not flows.
+        `em` (`train_step` only, with the overlapped pass): the EM update made inside the pass."""
         if self._mars is None:
             raise RuntimeError("call forward (or accumulate_flows) before backward_flows")
         node_mars, element_mars = self._mars
@@ -252,7 +259,9 @@ class CompiledCircuit(torch.nn.Module):
             and self.profiler is None
             and self.backend.overlaps_flows
         )
-        self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows)
+        if em is not None and not overlap:
+            raise ValueError("an EM update inside the flows pass needs the overlapped training pass")
+        self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows, em)
         return node_flows
 
     def _backward_step(
@@ -266,6 +275,7 @@ class CompiledCircuit(torch.nn.Module):
         keep_node_flows=True,
         defer: list | None = None,
         stats_from: int = 0,
+        waits: list | None = None,
     ) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "sum":
@@ -291,13 +301,19 @@ class CompiledCircuit(torch.nn.Module):
             elif layer.kind == "product":
                 self.backend.prod_backward(table, element_flows, node_flows)
             else:
-                self._input_stats(self._input_index[layer.index], node_flows, stats_from)
+                self._input_stats(self._input_index[layer.index], node_flows, stats_from, None, waits)
 
-    def _input_stats(self, i: int, node_flows, lo: int = 0, hi: int | None = None) -> int:
+    def _input_stats(
+        self, i: int, node_flows, lo: int = 0, hi: int | None = None, waits: list | None = None
+    ) -> int:
         """Input layer i's statistics of the nodes `[lo, end)`, `end <= hi` (`Backend.input_stats`),
-        reported to `stats_listener`; returns `end`."""
+        reported to `stats_listener` (what it returns for each range appended to `waits`, if given);
+        returns `end`."""
         inp = self.input_layers[i]
         chunks = self.stats_listener(i) if self.stats_listener is not None else None
+        if chunks is not None and waits is not None:
+            rows, after = chunks
+            chunks = (rows, lambda a, b: waits.append(after(a, b)))
         return self.backend.input_stats(
             inp,
             self.tables.inputs[i],
@@ -319,6 +335,7 @@ class CompiledCircuit(torch.nn.Module):
         overlap: bool = True,
         inputs: bool = True,
         keep_node_flows: bool = False,
+        em: PassEM | None = None,
     ):
         """The flows pass, top-down: per sum layer the recompute of the product layer below, the sum
         layer's backward and the product layer's backward, then (`inputs`) the input layers' statistics.
@@ -331,7 +348,9 @@ class CompiledCircuit(torch.nn.Module):
         With `early_stats` (a kernel option), the input rows whose flows a product layer's backward
         finished (`LayerPlan.input_flows_ready`, merged by `stream_schedule.early_stats`) get their
         statistics on the parameter-flow stream right after it, each range reported to
-        `stats_listener` there; the input layer's step computes only the rest.
+        `stats_listener` there; the input layer's step computes only the rest. With `em` (PassEM) each
+        sum layer's EM update follows its parameter flows and each input range's its statistics
+        (data-parallel: on the `em` stream, behind the all-reduce whose wait the listener returned).
         Otherwise the same walk runs every launch in order on the caller's stream (one element buffer,
         nothing deferred): queries that read node flows, profiled batches, the PyTorch executor."""
         streams = self._flow_streams if overlap else FlowStreams.one_stream()
@@ -350,6 +369,8 @@ class CompiledCircuit(torch.nn.Module):
         early = self._early_stats() if inputs and self.backend.early_stats and (overlap or listening) else {}
         stats_done = [0] * len(self.input_layers)  # per input layer: its nodes [0, done) have statistics
         streams.fork()
+        if em is not None and em.listening:
+            streams.fork_em()
         try:
             k = 0  # the element buffer of the current sum layer
             for p, step in enumerate(self.plan.backward_steps(inputs=inputs)):
@@ -368,15 +389,20 @@ class CompiledCircuit(torch.nn.Module):
                         streams.wait(scaled)
                         for launch in later or ():
                             launch()
-                        if listener is not None:  # an all-reduce of these flows follows them on this stream
-                            listener(step)
+                        # an all-reduce of these flows follows them on this stream
+                        wait = listener(step) if listener is not None else None
                         freed[k] = streams.mark()
+                        if em is not None:  # the weights' last reader is queued: update them behind it
+                            em.sum_layer(step.layer, wait, streams)
                     held += later or ()
                     k ^= 1
                     continue
                 elif step.layer.kind == "input":
                     i = self._input_index[step.layer.index]
-                    self._backward_step(step, *args, stats_from=stats_done[i])
+                    waits: list = []
+                    self._backward_step(step, *args, stats_from=stats_done[i], waits=waits)
+                    if em is not None:
+                        em.input_rows(i, stats_done[i], self.input_layers[i].num_nodes, waits, streams)
                 else:
                     self._backward_step(step, *args)
                     if p in early:  # input rows whose flows this product layer finished
@@ -384,8 +410,11 @@ class CompiledCircuit(torch.nn.Module):
                         with streams.on(streams.params):
                             streams.wait(final)
                             for i, _, hi in early[p]:
+                                lo, waits = stats_done[i], []
                                 with self._span(self.input_layers[i].layer, "backward"):  # merged per batch
-                                    stats_done[i] = self._input_stats(i, node_flows, stats_done[i], hi)
+                                    stats_done[i] = self._input_stats(i, node_flows, lo, hi, waits)
+                                if em is not None:
+                                    em.input_rows(i, lo, stats_done[i], waits, streams)
                 if listener is not None:
                     listener(step)
         except BaseException:
@@ -418,6 +447,59 @@ class CompiledCircuit(torch.nn.Module):
         return lls
 
     @torch.no_grad()
+    def train_step(
+        self,
+        x,
+        missing=None,
+        em: tuple[float, float] | None = None,
+        reduce=None,
+        zero_flows: bool = True,
+        validate: bool = True,
+    ) -> torch.Tensor:
+        """One training step, the one every driver runs (`CapturedStep`, so `optim.fit`): zero the
+        flows, forward, the flows pass adding this batch's flows, `reduce` them (a data-parallel
+        `engine.distributed.FlowReducer`: started before the pass, waited for after it), then the EM
+        update `em = (step_size, pseudocount)` (None: flows only). Returns log p(x) `[B]`.
+
+        With `KernelOptions.em_in_pass` the update runs inside the overlapped flows pass, each
+        layer's as soon as its last reader is queued (`PassEM`); otherwise (ties, a profiled batch, a
+        reducer that sums only after the pass, the PyTorch executor) `em_step` after it, as before."""
+        if em is not None:
+            check_em_args(*em)  # before any launch
+        if zero_flows:
+            self.zero_flows()
+        if reduce is not None:
+            reduce.start()  # a data-parallel reducer may start summing layers as they finish
+        in_pass = self._pass_em(em, reduce)
+        try:
+            ll = self.forward(x, missing, validate)
+            self.backward_flows(accumulate_params=True, keep_node_flows=False, em=in_pass)
+        except BaseException:
+            if reduce is not None:
+                reduce.cancel()  # no listener left armed, no half step's works waited on next time
+            raise
+        finally:
+            self._mars, self._inputs_cache = None, []  # the step buffers are not needed after the flows
+        if in_pass is not None:
+            if reduce is not None:
+                reduce()  # every all-reduce of the step waited for: the layers left over read their sums
+            in_pass.finish()
+            return ll
+        pending = reduce(defer_stats=em is not None) if reduce is not None else None
+        if em is not None:  # the last statistics' sums may still arrive during the update
+            self.em_step(*em, pending=pending)
+        return ll
+
+    def _pass_em(self, em, reduce) -> PassEM | None:
+        """The EM update to make inside this step's flows pass, or None: it runs after the pass."""
+        overlap = self.profiler is None and self.backend.overlaps_flows
+        listening = self.flow_listener is not None
+        summed_in_pass = reduce is None or (listening and self.stats_listener is not None)
+        if em is None or not (self.backend.em_in_pass and overlap and self._ties.empty and summed_in_pass):
+            return None
+        return PassEM(self, *em, listening=listening)
+
+    @torch.no_grad()
     def em_step(self, step_size: float = 1.0, pseudocount: float = 0.0, pending=None) -> None:
         """One EM update from the accumulated flows: new = (1-step) * old + step * normalised flows.
 
@@ -432,10 +514,7 @@ class CompiledCircuit(torch.nn.Module):
                 pending.wait_all()  # no all-reduce of this step left in flight after it, even on an error
 
     def _em_step(self, step_size: float, pseudocount: float, pending) -> None:
-        if not 0.0 < step_size <= 1.0:
-            raise ValueError(f"step_size must be in (0, 1], got {step_size}")
-        if pseudocount < 0:
-            raise ValueError(f"pseudocount must be >= 0, got {pseudocount}")
+        check_em_args(step_size, pseudocount)
         ties = None if self._ties.empty else self._ties
         if pending is not None and ties is not None:
             pending.wait_all()  # tied copies' flows move between layers: everything must be summed first
@@ -490,6 +569,14 @@ class CompiledCircuit(torch.nn.Module):
             f"layers={len(self.plan.layers)}, vars={self.num_vars}, params={self.plan.num_params}, "
             f"backend={self.backend.name}"
         )
+
+
+def check_em_args(step_size: float, pseudocount: float) -> None:
+    """Raise ValueError naming an EM setting that cannot update."""
+    if not 0.0 < step_size <= 1.0:
+        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+    if pseudocount < 0:
+        raise ValueError(f"pseudocount must be >= 0, got {pseudocount}")
 
 
 def compile(

@@ -243,7 +243,9 @@ class FlowReducer:
     `overlap=True` (the default; fp32 only): `start()` before a step's flows pass makes the circuit report each
     finished layer (`pc.flow_listener`); the flows of consecutive sum layers (contiguous in the
     flat vector, top-down) are all-reduced asynchronously in buckets of >= `bucket_bytes` while
-    the layers below still compute; the input statistics range by range as the circuit reports them
+    the layers below still compute (each report returns the wait for its all-reduce: an EM update
+    inside the pass, `CompiledCircuit.train_step`, waits for it on a stream of its own and updates
+    the bucket's layers behind it); the input statistics range by range as the circuit reports them
     (`pc.stats_listener`, each range a contiguous `[rows, num_stats]` view): in a training step the
     rows whose flows are final early (HCLT: most of them, `LayerPlan.input_flows_ready`) are computed
     and reduced while the layers below still run, the rest after the input layer's step. `reducer()`
@@ -311,19 +313,23 @@ class FlowReducer:
         self._pending = []
         self._reported = {}
 
-    def _on_step(self, step) -> None:
+    def _on_step(self, step) -> Callable[[], None] | None:
+        """The circuit's report of a finished step: a bucket it closes is all-reduced; returns the wait
+        for it (an EM update in the pass, `PassEM`, waits so for the bucket's layers), or None."""
         what = self.buckets.get((step.layer.index, step.pass_name))
-        if what is not None:
-            work = _collective(
-                "all-reduce of the parameter flows", dist.all_reduce, what, group=self.group, async_op=True
-            )
-            self._pending.append((None, work))
+        if what is None:
+            return None
+        work = _collective(
+            "all-reduce of the parameter flows", dist.all_reduce, what, group=self.group, async_op=True
+        )
+        self._pending.append((None, work))
+        return lambda: _collective("all-reduce of the parameter flows", work.wait)
 
     def _stats_chunks(self, i: int):
         """The circuit's question before input layer i's statistics: (rows per chunk, after)."""
         return self.chunk_rows.get(i, 0), lambda lo, hi: self._on_stats_chunk(i, lo, hi)
 
-    def _on_stats_chunk(self, i: int, lo: int, hi: int) -> None:
+    def _on_stats_chunk(self, i: int, lo: int, hi: int) -> Callable[[], None]:
         if lo != self._reported.get(i, 0) or hi <= lo:
             raise RuntimeError(f"input layer {i}: statistics rows {lo}..{hi} reported out of order")
         self._reported[i] = hi
@@ -332,6 +338,7 @@ class FlowReducer:
             "all-reduce of the input statistics", dist.all_reduce, view, group=self.group, async_op=True
         )
         self._pending.append(((i, lo, hi), work))
+        return lambda: PendingStats._wait(work)
 
     def _finish(self, defer_stats: bool) -> PendingStats | None:
         pending, reported = self._pending, self._reported

@@ -6,8 +6,9 @@ speed measured is the speed a user gets. On a GPU it keeps the data on the devic
 log-likelihoods up on the device and synchronises only when an event is due: a progress event
 every `event_interval_s` and the end of each pass (stop and pause requests are checked on the host
 before each batch, without a sync). Tail batches and the batches a sampled profiler times run
-eagerly. On the CPU the same loop is the plain PyTorch path (zero flows,
-forward + flows, EM update per batch).
+eagerly. On the CPU the same loop is the plain PyTorch path. Every mini-batch step is the circuit's
+one training step, `CompiledCircuit.train_step` (zero flows, forward + flows, EM update; with
+`KernelOptions.em_in_pass` the update runs inside the flows pass), replayed or not.
 
 Mini-batch EM with a decaying step size learns fast; full-batch EM (step 1, flows of the whole
 training set) then converges without noise and never decreases the training likelihood.

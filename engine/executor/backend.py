@@ -47,6 +47,7 @@ class Backend(ABC):
     # sum_backward may hand back its parameter flows as deferred launches (`defer`)
     overlaps_flows = False
     early_stats = False  # with overlaps_flows: input statistics of rows final early run during the pass
+    em_in_pass = False  # with overlaps_flows: a training step's EM update runs inside the pass (PassEM)
     # True: the first product layer to reach a node row in the flows pass stores its flows, so
     # node_flows needs no zero fill (only row 0); False: node_flows starts at zero
     first_writes_node_flows = False

@@ -131,6 +131,10 @@ class TritonBackend(TorchBackend):
     def early_stats(self) -> bool:
         return bool(self.options.early_stats)
 
+    @property
+    def em_in_pass(self) -> bool:
+        return bool(self.options.em_in_pass)
+
     def overwrites_element_flows(self, table: SumLayerKernelTensors) -> bool:
         return table.sole_writer
 
@@ -141,6 +145,8 @@ class TritonBackend(TorchBackend):
         product.prod_backward(table, element_flows, node_flows, self.options)
 
     def sum_em_update(self, table, params, param_flows, mask, step_size, pseudocount) -> None:
+        """One layer over its own tile list (`table.em`): per row the arithmetic of `sum_em_update_all`,
+        so a training step that updates layer by layer inside the pass (`PassEM`) is bit-identical."""
         em.sum_em_update_all(table.em, params, param_flows, mask, step_size, pseudocount, self.options)
 
     def sum_em_update_all(self, tables, layers, params, param_flows, mask, step_size, pseudocount):

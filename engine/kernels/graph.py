@@ -33,8 +33,8 @@ def _graph_pool(pc):
 
 
 class CapturedStep:
-    """Graph-replayed `zero_flows(); accumulate_flows(x); reduce(); em_step(*em)` for batches of `batch_size`,
-    or `pc(x)` alone with `forward_only=True`. Every call adds `sum(log p(x))` into `ll_sum`
+    """Graph-replayed `pc.train_step(x, em=em, reduce=reduce)` (zero flows, forward, flows, reduce, EM
+    update) for batches of `batch_size`, or `pc(x)` alone with `forward_only=True`. Every call adds `sum(log p(x))` into `ll_sum`
     (float64, on the circuit's device) so a caller reads the running total only when it wants it."""
 
     def __init__(
@@ -68,23 +68,8 @@ class CapturedStep:
         pc = self.pc
         if self.forward_only:
             ll = pc(x, missing, validate=False)
-        else:
-            if self.zero:
-                pc.zero_flows()
-            if self.reduce is not None:
-                self.reduce.start()  # a data-parallel reducer may start summing layers as they finish
-            try:
-                ll = pc.accumulate_flows(x, missing, validate=False)
-            except BaseException:
-                if self.reduce is not None:
-                    self.reduce.cancel()  # no listener left armed, no half step's works waited on next time
-                raise
-            pending = None
-            if self.reduce is not None:  # with an EM update next, the last statistics may arrive during it
-                pending = self.reduce(defer_stats=self.em is not None)
-            if self.em is not None:
-                pc.em_step(*self.em, pending=pending)
-            pc._mars, pc._inputs_cache = None, []  # the step buffers are not needed after the flows
+        else:  # the circuit's one training step (EM inside the flows pass when its options say so)
+            ll = pc.train_step(x, missing, self.em, self.reduce, self.zero, validate=False)
         self.ll_sum += ll.sum(dtype=torch.float64)
         return ll
 
