@@ -25,6 +25,7 @@ import engine
 from engine.dists import Categorical
 from engine.nodes import inputs, multiply, summate
 from engine.structures import hclt_from_tree, hmm, pd
+from tests import test_overlap as overlap_tests  # its recording stand-in for the streams
 from tests.kernel_runner import DEVICE, EM, OPTS, data
 
 ON = dataclasses.replace(OPTS, overlap=True, em_in_pass=True)
@@ -334,3 +335,126 @@ def test_two_ranks_train_bit_identically_with_updates_in_the_pass(tmp_path):
     for a, b, c, d, start in zip(r0["off"], r0["on"], r1["off"], r1["on"], r0["on_before"]):
         assert not torch.equal(start, b)  # trained
         assert torch.equal(a, b) and torch.equal(b, d) and torch.equal(c, d)  # on = off, ranks agree
+
+
+# ----------------------------------------------------------------- the schedule's dependency graph
+class RecordingEmStreams(overlap_tests.RecordingStreams):
+    """The recording stand-in for the streams (tests/test_overlap.py) with the fourth, `em` stream."""
+
+    STREAMS = ("main", "recompute", "params", "em")
+
+    def __init__(self):
+        super().__init__()
+        self.em, self.em_forked = "em", False
+
+    def fork(self) -> None:
+        super().fork()
+        self.em_forked = False
+
+    def fork_em(self) -> None:
+        self._merge("em", self.clock["main"])
+        self.em_forked = True
+
+    def join(self) -> None:
+        super().join()
+        if self.em_forked:
+            self._merge("main", self.clock["em"])
+
+
+def _record_updates(pc, streams, listening: bool) -> None:
+    """Record what the updates touch and who reads the weights they write (the element flows, the
+    deferred parameter flows, the statistics); `listening`: the listeners' all-reduces return waits
+    (modelled as events after them on their stream), else the single-process pass (no listeners)."""
+    be = pc.backend
+    layer_of = {id(t): i for i, t in enumerate(pc.tables.layers) if t is not None}
+    input_of = {id(inp): i for i, inp in enumerate(pc.input_layers)}
+    weights = ("weights", pc.params.untyped_storage().data_ptr())
+    flows = pc.param_flows.untyped_storage().data_ptr()
+
+    def slots(parts):
+        return frozenset(i for p in parts for i in range(p.param_offset, p.param_offset + p.num_params))
+
+    real = {n: getattr(be, n) for n in ("sum_backward", "input_stats", "sum_em_update", "input_em_update")}
+
+    def sum_backward(table, *args, keep_node_flows=True, defer=None):
+        li = layer_of[id(table)]
+        streams.record(f"sum {li} element flows read weights", [(weights, slots(table.parts), False)])
+        before = len(defer) if defer is not None else 0
+        real["sum_backward"](table, *args, keep_node_flows, defer)
+        for k in range(before, len(defer) if defer is not None else 0):
+            launch, pt = defer[k], defer[k].launch.args[0]
+
+            def run(launch=launch, pt=pt):
+                streams.record(f"sum {li} parameter flows read weights", [(weights, slots([pt]), False)])
+                launch()
+
+            defer[k] = run
+
+    def input_stats(layer, table, cache, fl, chunk_rows=0, after=None, lo=0, hi=None):
+        i = input_of[id(layer)]
+        rows = frozenset(range(lo, layer.num_nodes if hi is None else hi))
+        streams.record(f"input {i} statistics read parameters", [(("input params", i), rows, False)])
+        return real["input_stats"](layer, table, cache, fl, chunk_rows, after, lo, hi)
+
+    def sum_em_update(table, params, param_flows, *args):
+        s = slots(table.parts)
+        streams.record(f"sum {layer_of[id(table)]} EM", [(weights, s, True), (flows, s, False)])
+        real["sum_em_update"](table, params, param_flows, *args)
+
+    def input_em_update(layer, table, step_size, pseudocount, lo=0, hi=None):
+        i, rows = input_of[id(layer)], frozenset(range(lo, layer.num_nodes if hi is None else hi))
+        streams.record(f"input {i} EM", [(("input params", i), rows, True), (("stats", i), rows, False)])
+        real["input_em_update"](layer, table, step_size, pseudocount, lo, hi)
+
+    for name, fn in dict(
+        sum_backward=sum_backward,
+        input_stats=input_stats,
+        sum_em_update=sum_em_update,
+        input_em_update=input_em_update,
+    ).items():
+        setattr(be, name, fn)
+    flow_listener, stats_listener = pc.flow_listener, pc.stats_listener
+    if not listening:
+        pc.flow_listener = pc.stats_listener = None
+        return
+
+    def waited(event):
+        return lambda: streams.wait(event)
+
+    def on_step(step):
+        flow_listener(step)
+        return waited(streams.mark()) if step.layer.kind == "sum" else None
+
+    def on_stats(i):
+        rows, after = stats_listener(i)
+        return rows, lambda a, b: (after(a, b), waited(streams.mark()))[1]
+
+    pc.flow_listener, pc.stats_listener = on_step, on_stats
+
+
+@pytest.mark.parametrize("listening", [False, True])
+@pytest.mark.parametrize("name", ["hclt", "chain", "two_partitions"])
+def test_every_update_waits_for_the_readers_and_writers_of_its_rows(name, listening, monkeypatch):
+    """On the recording streams: each update writes weights (or input parameters) only after every
+    read of them on another stream (element flows on main, parameter flows, statistics), reads flows
+    and statistics only after they are final (and all-reduced, `listening`), and the join waits for it."""
+    from engine.circuit import CompiledCircuit
+
+    streams = RecordingEmStreams()
+    monkeypatch.setattr(overlap_tests, "OVERLAP", ON)
+    train_step = CompiledCircuit.train_step
+
+    def step_instead(pc, x, missing=None, validate=True):  # record_flows_pass's step, with the update
+        _record_updates(pc, streams, listening)
+        return train_step(pc, x, missing, em=EM, zero_flows=False, validate=validate)
+
+    monkeypatch.setattr(CompiledCircuit, "accumulate_flows", step_instead)
+    overlap_tests.record_flows_pass(monkeypatch, *CASES[name](), streams)
+    ops = {(n.split(" ", 2)[0] + " " + n.split(" ")[-1], s) for n, s, _, _ in streams.ops if n.endswith("EM")}
+    if listening:  # behind the all-reduces' waits; the input's late rows too
+        assert ("sum EM", "em") in ops and ("input EM", "em") in ops
+    else:
+        assert ("sum EM", "params") in ops and ("input EM", "main") in ops
+    assert ("input EM", "params") in ops or name != "hclt" or listening  # HCLT: early rows' updates
+    assert streams.violations() == []
+    assert streams.alive_at_join is True
