@@ -15,47 +15,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import socket
 
-import numpy as np
 import pytest
 import torch
 
 import engine
 from engine.dists import Categorical
-from engine.nodes import inputs, multiply, summate
-from engine.structures import hclt_from_tree, hmm, pd
-from tests import test_overlap as overlap_tests  # its recording stand-in for the streams
+from engine.structures import hmm
+from tests import test_overlap as overlap_tests  # its circuits and recording stand-in for the streams
 from tests.kernel_runner import DEVICE, EM, OPTS, data
+from tests.test_distributed_chunks import _free_port
 
 ON = dataclasses.replace(OPTS, overlap=True, em_in_pass=True)
 OFF = dataclasses.replace(OPTS, overlap=True, em_in_pass=False)
-
-
-def hclt_case():
-    """HCLT over a tree of 5 variables, 32 latents: early input statistics (HCLT) and tiled sums."""
-    edges = np.array([[0, 1], [1, 2], [1, 3], [3, 4]])
-    return hclt_from_tree(edges, 5, 32, Categorical(7)), [Categorical(7)] * 5
-
-
-def pd_case():
-    return pd((4, 4), 16, (2, 2), input_dist=Categorical(4)), [Categorical(4)] * 16
-
-
-def two_partition_case():
-    """A sum layer of two tiled partitions (node blocks of degree 1 and 3) beside a one-partition one."""
-    x = [inputs(v, 48, Categorical(5)) for v in range(4)]
-    s = summate(
-        multiply(x[0], x[1]), num_nodes=32, edge_ids=np.array([[0, 1, 1, 1], [0, 0, 1, 2]]), block_size=16
-    )
-    t = summate(multiply(x[2], x[3]), num_nodes=32, block_size=16)
-    return summate(multiply(s, t), num_nodes=1), [Categorical(5)] * 4
-
-
-def chain_case():
-    """HCLT over a path of 8 variables: a chain of sum layers (several buckets, element buffers reused)."""
-    edges = np.array([[v, v + 1] for v in range(7)])
-    return hclt_from_tree(edges, 8, 16, Categorical(5)), [Categorical(5)] * 8
 
 
 def tied_case():
@@ -63,7 +35,10 @@ def tied_case():
     return hmm(4, 16, 5, homogeneous=True), [Categorical(5)] * 4
 
 
-CASES = {"hclt": hclt_case, "pd": pd_case, "two_partitions": two_partition_case, "chain": chain_case}
+# HCLT over 5 variables (early input statistics), PD, a layer of two tiled partitions, a chain of sum
+# layers (several buckets, element buffers reused): test_overlap's circuits
+CASES = overlap_tests.CASES
+hclt_case = overlap_tests.hclt_case
 
 
 def batches_for(dists, steps=3):
@@ -89,7 +64,7 @@ def record_calls(pc) -> list[tuple]:
     layer_of = {id(t): i for i, t in enumerate(pc.tables.layers) if t is not None}
     input_of = {id(inp): i for i, inp in enumerate(pc.input_layers)}
 
-    def spy(name, real, rows=False):
+    def spy(name, real):
         def wrapper(*args, **kwargs):
             if name in ("input_stats", "input_em_update"):
                 i = input_of[id(args[0])]
@@ -282,12 +257,6 @@ def test_a_world_of_one_updates_each_bucket_after_its_all_reduce():
         assert all(torch.equal(a, b) for a, b in zip(bf16, bf16_off))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_rank_worker(rank, port, out):

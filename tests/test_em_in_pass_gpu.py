@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch
 import engine
 from engine.dists import Categorical
 from engine.kernels import KernelOptions
+from tests.test_distributed_chunks import _free_port
 from tests.test_overlap import DelayedStreams
 
 pytestmark = pytest.mark.gpu
@@ -101,10 +101,7 @@ def _nccl_worker(rank, port, out):
 def test_two_gpus_update_each_bucket_after_its_all_reduce(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_nccl_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name in ("end", "in_pass", "em_slow", "params_slow"):
         assert torch.equal(r0[name]["params"], r1[name]["params"]), name  # the ranks agree
