@@ -31,6 +31,12 @@ nodes costs `(hi - lo) / n` of the input step's time (the statistics are per nod
 That shortens the main chain, but the parameter-flows stream runs in queue order: a launch queued
 before a later sum layer's parameter flows holds them back (and, through the buffer rule, a
 recompute), so the step may end later, by at most the time moved.
+
+EM updates inside the pass (`KernelOptions.em_in_pass`, `streams.PassEM`) are not steps of the plan
+and are not drawn here: each sum layer's update is queued on the parameter-flows stream right after
+its parameter flows, each early statistics range's after that range, the rest at the end of main
+(data-parallel: on a fourth stream behind each all-reduce). The makespan above leaves them out, as
+it leaves out the update after the pass.
 """
 
 from __future__ import annotations
