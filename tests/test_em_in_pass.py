@@ -226,8 +226,8 @@ def _reduced_train(root, dists, opts, steps=3, **reducer):
 
 def test_a_world_of_one_updates_each_bucket_after_its_all_reduce():
     """In one process (gloo, world 1): one bucket per sum layer, or one for all; the updates wait for
-    the all-reduces' waits and give the update after the pass bit for bit; a reducer that sums only
-    after the pass (bf16) keeps the update there."""
+    the all-reduces' waits and give the update after the pass bit for bit, also with the statistics
+    reduced in chunks; a reducer that sums only after the pass (bf16) keeps the update there."""
     import torch.distributed as dist
 
     from engine import distributed
@@ -252,6 +252,9 @@ def test_a_world_of_one_updates_each_bucket_after_its_all_reduce():
             assert all(torch.equal(a, b) for a, b in zip(off, on))
             n = len(pc.plan.sum_layers)
             assert len(waited) == 3 * (n if bucket_bytes == 1 else 1)  # every bucket's wait, each step
+        pc, chunked = _reduced_train(root, dists, ON, chunk_bytes=16 * 7 * 4)  # statistics in chunks
+        assert distributed.FlowReducer(pc, chunk_bytes=16 * 7 * 4).chunk_rows  # of 16 rows: real chunks
+        assert all(torch.equal(a, b) for a, b in zip(off, chunked))
         _, bf16 = _reduced_train(root, dists, ON, dtype="bf16")
         _, bf16_off = _reduced_train(root, dists, OFF, dtype="bf16")
         assert all(torch.equal(a, b) for a, b in zip(bf16, bf16_off))
