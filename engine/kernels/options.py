@@ -43,6 +43,8 @@ class KernelOptions:
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
     elem_set_slab: int = 8192  # its batch tile is cut so the parents' slab [P * bs, BB] holds at most this
+    # larger sets run it too, in launches of at most elem_set_max_rows parent rows each
+    elem_set_split: bool = False
     # categorical statistics kernel; defaults from benchmarks/stats_kernel_sweep.py on an H200
     # (2026-11-30: 0.77 ms against 1.63 for the previous 32 nodes x 256 categories, tf32x3, at HCLT-256)
     stats_block_b: int = 32  # batch columns per step
@@ -91,6 +93,6 @@ class KernelOptions:
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.elem_sets not in ELEM_SETS:
             raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
-        for name in ("overlap", "early_stats", "em_in_pass"):
+        for name in ("overlap", "early_stats", "em_in_pass", "elem_set_split"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

@@ -215,6 +215,8 @@ def _sum_bwd_elem_sets_kernel(
     W,
     param_off,
     num_bt,
+    P_ALL,
+    slot0,
     BS: tl.constexpr,
     BB: tl.constexpr,
     P: tl.constexpr,
@@ -223,8 +225,9 @@ def _sum_bwd_elem_sets_kernel(
     ACCUM: tl.constexpr,
 ):
     """Element flows of a run of child blocks [lo, hi) that share one parent set (chunk `[lo, hi, set]`):
-    the P parents' scale tiles are read and rescaled to their common max once, then each step of CM
-    child blocks is one `[CM*BS, P*BS] @ [P*BS, BB]` dot against that register-held slab."""
+    its parents in slots [slot0, slot0 + P) of P_ALL have their scale tiles read and rescaled to their
+    common max once, then each step of CM child blocks is one `[CM*BS, P*BS] @ [P*BS, BB]` dot against
+    that register-held slab."""
     pid = tl.program_id(0)
     ch = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -233,7 +236,7 @@ def _sum_bwd_elem_sets_kernel(
     hi = tl.load(chunks + 3 * ch + 1)
     g = tl.load(chunks + 3 * ch + 2)
     q = tl.arange(0, P * BS)  # (parent slot q // BS, its node q % BS)
-    pq = tl.load(set_par + g * P + q // BS)  # -1: no parent in this slot
+    pq = tl.load(set_par + g * P_ALL + slot0 + q // BS)  # -1: no parent in this slot
     pmask = pq >= 0
     pq = tl.where(pmask, pq, 0)
     pb = pmask[:, None] & bmask[None, :]
@@ -248,10 +251,12 @@ def _sum_bwd_elem_sets_kernel(
         cj = c + j // BS
         cmask = cj < hi
         if CM == 1:
-            kq = tl.load(set_k + c * P + q // BS)  # the child's slot in each parent
+            kq = tl.load(set_k + c * P_ALL + slot0 + q // BS)  # the child's slot in each parent
             wt = tl.load(prm + (wq + kq * BS)[None, :] + (j % BS)[:, None], mask=pmask[None, :], other=0.0)
         else:
-            kq = tl.load(set_k + cj[:, None] * P + (q // BS)[None, :], mask=cmask[:, None], other=0)
+            kq = tl.load(
+                set_k + cj[:, None] * P_ALL + slot0 + (q // BS)[None, :], mask=cmask[:, None], other=0
+            )
             wt = tl.load(
                 prm + wq[None, :] + kq * BS + (j % BS)[:, None],
                 mask=cmask[:, None] & pmask[None, :],
@@ -411,7 +416,7 @@ def sum_backward_block(
     )
     nc = pt.cblocks.shape[0]
     sets = nc and opts.elem_sets and pt.set_par is not None
-    if sets and pt.set_par.shape[1] * bs <= opts.elem_set_max_rows:
+    if sets and (opts.elem_set_split or pt.set_par.shape[1] * bs <= opts.elem_set_max_rows):
         elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts)
     elif nc:
         max_par = pt.max_parents
@@ -445,35 +450,43 @@ def sum_backward_block(
 
 
 def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: KernelOptions) -> None:
-    """Element flows parent-set-major: one program per `opts.elem_sets` child blocks of one parent set."""
+    """Element flows parent-set-major: one program per `opts.elem_sets` child blocks of one parent set.
+
+    Sets of more than `elem_set_max_rows` parent rows (with `elem_set_split`) run as several launches
+    over slices of their parents, each adding its own flows (every set has a parent in slot 0, so the
+    first launch covers every child tile and may store outright)."""
     B = element_mars.shape[1]
     bs = pt.block_size
     chunks = pt.set_chunks[opts.elem_sets]
-    P = pt.set_par.shape[1]
+    p_all = pt.set_par.shape[1]
+    P = min(p_all, max(1, opts.elem_set_max_rows // bs))
     bb = max(16, min(opts.elem_block_b, opts.elem_set_slab // (P * bs)))
     ebt = triton.cdiv(B, bb)
-    _sum_bwd_elem_sets_kernel[(chunks.shape[0] * ebt,)](
-        params,
-        element_mars,
-        scale,
-        mus,
-        element_flows,
-        chunks,
-        pt.set_par,
-        pt.set_rows,
-        pt.set_k,
-        B,
-        pt.width,
-        pt.param_offset,
-        ebt,
-        BS=bs,
-        BB=bb,
-        P=P,
-        CM=max(1, opts.elem_set_rows // bs),
-        PREC=opts.precision,
-        ACCUM=not pt.sole_writer,
-        num_warps=opts.num_warps,
-    )
+    for slot0 in range(0, p_all, P):
+        _sum_bwd_elem_sets_kernel[(chunks.shape[0] * ebt,)](
+            params,
+            element_mars,
+            scale,
+            mus,
+            element_flows,
+            chunks,
+            pt.set_par,
+            pt.set_rows,
+            pt.set_k,
+            B,
+            pt.width,
+            pt.param_offset,
+            ebt,
+            p_all,
+            slot0,
+            BS=bs,
+            BB=bb,
+            P=P,
+            CM=max(1, opts.elem_set_rows // bs),
+            PREC=opts.precision,
+            ACCUM=slot0 > 0 or not pt.sole_writer,
+            num_warps=opts.num_warps,
+        )
 
 
 def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp) -> None:
