@@ -38,8 +38,11 @@ class KernelOptions:
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
-    # them, which reads the parents' scale tiles once; 0: child-major (one program per child block)
-    elem_sets: int = 0
+    # them, which reads the parents' scale tiles once; 0: child-major (one program per child block).
+    # A/B on an H200 2026-11-30 (results/kernel_breakdown_h200_elem_sets*.json), graph step ms 0 -> 4:
+    # PD-128 9.03 -> 8.02, PD-64 3.61 -> 3.12, PD-32 1.64 -> 1.50, HCLT-128 3.76 -> 3.56, HCLT-32
+    # 1.52 -> 1.48; HCLT-256 8.77 / 8.74 and PD-256 25.96 / 26.05 (their sets exceed elem_set_max_rows)
+    elem_sets: int = 4
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
     elem_set_slab: int = 8192  # its batch tile is cut so the parents' slab [P * bs, BB] holds at most this
