@@ -275,7 +275,6 @@ class CompiledCircuit(torch.nn.Module):
         keep_node_flows=True,
         defer: list | None = None,
         stats_from: int = 0,
-        waits: list | None = None,
     ) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "sum":
@@ -301,7 +300,7 @@ class CompiledCircuit(torch.nn.Module):
             elif layer.kind == "product":
                 self.backend.prod_backward(table, element_flows, node_flows)
             else:
-                self._input_stats(self._input_index[layer.index], node_flows, stats_from, None, waits)
+                self._input_stats(self._input_index[layer.index], node_flows, stats_from)
 
     def _input_stats(
         self, i: int, node_flows, lo: int = 0, hi: int | None = None, waits: list | None = None
@@ -399,10 +398,10 @@ class CompiledCircuit(torch.nn.Module):
                     continue
                 elif step.layer.kind == "input":
                     i = self._input_index[step.layer.index]
-                    waits: list = []
-                    self._backward_step(step, *args, stats_from=stats_done[i], waits=waits)
-                    if em is not None:
-                        em.input_rows(i, stats_done[i], self.input_layers[i].num_nodes, waits, streams)
+                    if em is None:
+                        self._backward_step(step, *args, stats_from=stats_done[i])
+                    else:  # no profiler in such a pass: no span
+                        self._stats_then_em(i, node_flows, stats_done[i], None, em, streams)
                 else:
                     self._backward_step(step, *args)
                     if p in early:  # input rows whose flows this product layer finished
@@ -410,11 +409,10 @@ class CompiledCircuit(torch.nn.Module):
                         with streams.on(streams.params):
                             streams.wait(final)
                             for i, _, hi in early[p]:
-                                lo, waits = stats_done[i], []
                                 with self._span(self.input_layers[i].layer, "backward"):  # merged per batch
-                                    stats_done[i] = self._input_stats(i, node_flows, lo, hi, waits)
-                                if em is not None:
-                                    em.input_rows(i, lo, stats_done[i], waits, streams)
+                                    stats_done[i] = self._stats_then_em(
+                                        i, node_flows, stats_done[i], hi, em, streams
+                                    )
                 if listener is not None:
                     listener(step)
         except BaseException:
@@ -426,6 +424,16 @@ class CompiledCircuit(torch.nn.Module):
             raise
         streams.join()
         held.clear()
+
+    def _stats_then_em(self, i: int, node_flows, lo: int, hi: int | None, em: PassEM | None, streams) -> int:
+        """`_input_stats` of input layer i's nodes `[lo, hi)`, then (`em`) their EM update behind them
+        (and behind what the stats listener returned for them); returns the statistics' end."""
+        if em is None:
+            return self._input_stats(i, node_flows, lo, hi)
+        waits: list = []
+        end = self._input_stats(i, node_flows, lo, hi, waits)
+        em.input_rows(i, lo, end, waits, streams)
+        return end
 
     def _early_stats(self) -> dict[int, list]:
         """The overlapped pass's early input statistics (stream_schedule.early_stats), once per plan."""
