@@ -137,6 +137,7 @@ def test_grouped_child_tiles_match_torch(group_cols):
             fwd_block_b=32,
             elem_block_b=16,
             stats_cats=16,
+            elem_sets=0,  # the child-major element-flow kernel's parent groups (the set kernel: below)
         ),
     )
 
@@ -222,7 +223,7 @@ def test_profiler_samples_every_kth_batch():
 
 @pytest.mark.parametrize(
     "sets,rows,max_rows,split",
-    [(1, 16, 128, 0), (2, 32, 128, 0), (4, 16, 32, 0), (16, 64, 512, 0), (4, 32, 32, 1)],
+    [(1, 16, 128, 0), (2, 32, 128, 0), (4, 16, 32, 0), (16, 64, 512, 0), (4, 32, 32, 16)],
 )
 def test_parent_set_element_flows_match_torch(sets, rows, max_rows, split, monkeypatch):
     """Element flows parent-set-major (`elem_sets`): PD's shared children (sets of several child

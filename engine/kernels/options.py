@@ -46,8 +46,11 @@ class KernelOptions:
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
     elem_set_slab: int = 8192  # its batch tile is cut so the parents' slab [P * bs, BB] holds at most this
-    # larger sets run it too, in launches of at most elem_set_max_rows parent rows each
-    elem_set_split: bool = False
+    # larger sets of partitions with block size <= elem_set_split run it too, in launches of at most
+    # elem_set_max_rows parent rows (0: never). A/B on an H200 (results/kernel_breakdown_h200_ab3b.json):
+    # PD-256 (bs 32, 8 parents) 25.93 -> 24.79 ms a step; HCLT-256 / 512 (bs 64, whose child-major
+    # kernel runs 64-row dots as fast as their forward) 8.70 -> 8.99 and 25.41 -> 25.76, so not there
+    elem_set_split: int = 32
     # categorical statistics kernel; defaults from benchmarks/stats_kernel_sweep.py on an H200
     # (2026-11-30: 0.77 ms against 1.63 for the previous 32 nodes x 256 categories, tf32x3, at HCLT-256)
     stats_block_b: int = 32  # batch columns per step
@@ -94,8 +97,12 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.elem_set_split and (
+            self.elem_set_split < 16 or self.elem_set_split & (self.elem_set_split - 1)
+        ):
+            raise ValueError(f"elem_set_split must be 0 or a power of two >= 16, got {self.elem_set_split!r}")
         if self.elem_sets not in ELEM_SETS:
             raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
-        for name in ("overlap", "early_stats", "em_in_pass", "elem_set_split"):
+        for name in ("overlap", "early_stats", "em_in_pass"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

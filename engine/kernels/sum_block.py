@@ -416,7 +416,7 @@ def sum_backward_block(
     )
     nc = pt.cblocks.shape[0]
     sets = nc and opts.elem_sets and pt.set_par is not None
-    if sets and (opts.elem_set_split or pt.set_par.shape[1] * bs <= opts.elem_set_max_rows):
+    if sets and (bs <= opts.elem_set_split or pt.set_par.shape[1] * bs <= opts.elem_set_max_rows):
         elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts)
     elif nc:
         max_par = pt.max_parents
@@ -452,7 +452,7 @@ def sum_backward_block(
 def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: KernelOptions) -> None:
     """Element flows parent-set-major: one program per `opts.elem_sets` child blocks of one parent set.
 
-    Sets of more than `elem_set_max_rows` parent rows (with `elem_set_split`) run as several launches
+    Sets of more than `elem_set_max_rows` parent rows (block size <= `elem_set_split`) run as launches
     over slices of their parents, each adding its own flows (every set has a parent in slot 0, so the
     first launch covers every child tile and may store outright)."""
     B = element_mars.shape[1]
