@@ -56,6 +56,18 @@ def test_table_reproduces_the_round4_rows():
     assert "no cliff" in out
 
 
+def test_table_reproduces_the_round5_rows():
+    """The README's round-5 table (issue 11, 2026-11-30 21:53-22:10 UTC) came from these three files."""
+    names = ("hclt_h200_round5_partial", "pd_h200_round5_partial", "h200_round5b")
+    docs = [tbl.load(os.path.join(RESULTS, f"vs_pyjuice_{n}.json")) for n in names]
+    out = tbl.render(docs)
+    assert "| HCLT-128 | 0.418 | 0.418 | 1.00 | 0.628 | 0.815 | 1.95x |" in out
+    assert "| PD-64 | 0.367 | 0.367 | 1.00 | 0.515 | 0.739 | 2.01x |" in out
+    assert "| PD-128 | 0.935 | 0.935 | 1.00 | 1.236 | 1.726 | 1.85x |" in out
+    assert "| PD-256 | 2.894 | 2.893 | 1.00 | 3.769 | 5.305 | 1.83x |" in out
+    assert "| HCLT-256 | 1.019 | 1.017 | 1.00 | 1.430 | 1.939 | 1.90x |" in out
+
+
 def test_table_rejects_a_file_that_is_not_a_result(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"rows": []}))
