@@ -8,16 +8,14 @@ Skipped without CUDA (the `gpu` marker); run on the lent GPU with `pytest -m gpu
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 import engine
-from engine.dists import Categorical
 from engine.kernels import KernelOptions
 from tests.test_distributed_chunks import _free_port
-from tests.test_overlap import DelayedStreams
+from tests.test_overlap import DelayedStreams, fit_two_ranks, nccl_rank_hclt
 
 pytestmark = pytest.mark.gpu
 
@@ -59,17 +57,11 @@ def test_updates_in_the_pass_on_a_gpu_are_bit_identical(graph):
 
 def _nccl_worker(rank, port, out):
     """One rank of `test_two_gpus_update_each_bucket_after_its_all_reduce`."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
-    )
     import torch.distributed as dist
 
-    from engine import distributed, optim
-    from engine.structures import hclt
+    from engine import distributed
 
-    distributed.join("cuda")
-    x = torch.randint(0, 256, (2048, 64), generator=torch.Generator().manual_seed(0))
-    root = hclt(x, 32, input_dist=Categorical(256))
+    x, root = nccl_rank_hclt(rank, port)
     results = {}
     buckets = distributed._flow_buckets
     for name, in_pass, slow, bucket in (
@@ -84,15 +76,7 @@ def _nccl_worker(rank, port, out):
         )
         if slow is not None:
             pc._flow_streams = DelayedStreams(pc.device, slow)
-        sched = optim.EMSchedule(batch_size=128, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
-        hist = optim.fit(
-            pc, x, epochs=2, schedule=sched, generator=torch.Generator().manual_seed(1), distributed=True
-        )
-        results[name] = {
-            "params": pc.params.cpu(),
-            "inputs": pc.input_params(0).cpu(),
-            "replays": hist[-2].get("graph_batches") if hist else None,
-        }
+        results[name] = fit_two_ranks(pc, x)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

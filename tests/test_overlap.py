@@ -562,34 +562,47 @@ def test_overlap_gpu_with_one_slow_stream_is_bit_identical(graph):
         assert ref[2] == got[2], slow
 
 
-def _nccl_slow_params_worker(rank, port, out):
-    """One rank of `test_two_gpus_slow_parameter_stream_trains_like_one_stream`."""
+def nccl_rank_hclt(rank, port):
+    """Join a two-rank NCCL group as `rank` (one GPU each); returns the data `[2048, 64]` and an HCLT-32
+    on it, the same on both ranks (the GPU tests of this file and test_em_in_pass_gpu)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
     )
-    import torch.distributed as dist
-
-    from engine import distributed, optim
+    from engine import distributed
     from engine.structures import hclt
 
     distributed.join("cuda")
     x = torch.randint(0, 256, (2048, 64), generator=torch.Generator().manual_seed(0))
-    root = hclt(x, 32, input_dist=Categorical(256))
+    return x, hclt(x, 32, input_dist=Categorical(256))
+
+
+def fit_two_ranks(pc, x) -> dict:
+    """Two data-parallel epochs of `fit` on this rank; its parameters and graph replays (CPU)."""
+    from engine import optim
+
+    sched = optim.EMSchedule(batch_size=128, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
+    hist = optim.fit(
+        pc, x, epochs=2, schedule=sched, generator=torch.Generator().manual_seed(1), distributed=True
+    )
+    return {
+        "params": pc.params.cpu(),
+        "inputs": pc.input_params(0).cpu(),
+        "replays": hist[-2].get("graph_batches") if hist else None,
+    }
+
+
+def _nccl_slow_params_worker(rank, port, out):
+    """One rank of `test_two_gpus_slow_parameter_stream_trains_like_one_stream`."""
+    import torch.distributed as dist
+
+    x, root = nccl_rank_hclt(rank, port)
     results = {}
     for slow in (None, "params", "main"):
         opts = KernelOptions(overlap=slow is not None)
         pc = engine.compile(copy.deepcopy(root), device="cuda", kernel_options=opts)
         if slow is not None:
             pc._flow_streams = DelayedStreams(pc.device, slow)
-        sched = optim.EMSchedule(batch_size=128, step_size=0.5, final_step_size=0.1, full_batch_epochs=1)
-        hist = optim.fit(
-            pc, x, epochs=2, schedule=sched, generator=torch.Generator().manual_seed(1), distributed=True
-        )
-        results[slow] = {
-            "params": pc.params.cpu(),
-            "inputs": pc.input_params(0).cpu(),
-            "replays": hist[-2].get("graph_batches") if hist else None,
-        }
+        results[slow] = fit_two_ranks(pc, x)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
