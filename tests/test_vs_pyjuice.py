@@ -57,7 +57,7 @@ def test_table_reproduces_the_round4_rows():
 
 
 def test_table_reproduces_the_round5_rows():
-    """The README's round-5 table (issue 11, 2026-11-30 21:53-22:10 UTC) came from these three files."""
+    """The README's round-5 table (issue 11, 2026-11-30 21:59-22:13 UTC) came from these three files."""
     names = ("hclt_h200_round5_partial", "pd_h200_round5_partial", "h200_round5b")
     docs = [tbl.load(os.path.join(RESULTS, f"vs_pyjuice_{n}.json")) for n in names]
     out = tbl.render(docs)
