@@ -368,7 +368,7 @@ class CompiledCircuit(torch.nn.Module):
         early = self._early_stats() if inputs and self.backend.early_stats and (overlap or listening) else {}
         stats_done = [0] * len(self.input_layers)  # per input layer: its nodes [0, done) have statistics
         streams.fork()
-        if em is not None and em.listening:
+        if em is not None and (em.listening or listening):  # an input range may wait for its all-reduce
             streams.fork_em()
         try:
             k = 0  # the element buffer of the current sum layer
@@ -470,7 +470,8 @@ class CompiledCircuit(torch.nn.Module):
         update `em = (step_size, pseudocount)` (None: flows only). Returns log p(x) `[B]`.
 
         With `KernelOptions.em_in_pass` the update runs inside the overlapped flows pass, each
-        layer's as soon as its last reader is queued (`PassEM`); otherwise (ties, a profiled batch, a
+        layer's as soon as its last reader is queued (`PassEM`), so a step that fails after the first
+        update leaves the parameters partly updated (the error says so); otherwise (ties, a profiled batch, a
         reducer that sums only after the pass, the PyTorch executor) `em_step` after it, as before."""
         if em is not None:
             check_em_args(*em)  # before any launch
@@ -482,9 +483,14 @@ class CompiledCircuit(torch.nn.Module):
         try:
             ll = self.forward(x, missing, validate)
             self.backward_flows(accumulate_params=True, keep_node_flows=False, em=in_pass)
-        except BaseException:
+        except BaseException as err:
             if reduce is not None:
                 reduce.cancel()  # no listener left armed, no half step's works waited on next time
+            if in_pass is not None:
+                err.add_note(
+                    "em_in_pass: this step's EM updates run inside the flows pass, so what was updated before "
+                    f"the failure keeps its new parameters ({in_pass.updated} sum layer(s) so far)"
+                )
             raise
         finally:
             self._mars, self._inputs_cache = None, []  # the step buffers are not needed after the flows

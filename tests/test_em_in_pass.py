@@ -430,3 +430,70 @@ def test_every_update_waits_for_the_readers_and_writers_of_its_rows(name, listen
     assert ("input EM", "params") in ops or name != "hclt" or listening  # HCLT: early rows' updates
     assert streams.violations() == []
     assert streams.alive_at_join is True
+
+
+def test_a_step_that_fails_late_says_the_parameters_are_partly_updated():
+    """The input statistics fail after the sum layers' in-pass updates: the error keeps its type and
+    says that those layers keep this step's update (with the option off they are untouched)."""
+    from tests.helpers import fail_on_call
+
+    root, dists = overlap_tests.hclt_case()
+    x, m = data(dists, 20)
+    for opts in (OFF, ON):
+        pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=opts)
+        before = pc.params.clone()
+        pc.backend.input_stats, _ = fail_on_call(pc.backend.input_stats, 1, "statistics failed")
+        with pytest.raises(RuntimeError, match="statistics failed") as err:
+            pc.train_step(x.long(), m, em=EM, validate=False)
+        notes = "".join(getattr(err.value, "__notes__", []))
+        if opts.em_in_pass:
+            assert "em_in_pass" in notes and not torch.equal(before, pc.params)
+        else:
+            assert notes == "" and torch.equal(before, pc.params)
+
+
+def test_input_updates_that_wait_for_a_stats_listener_run_on_a_forked_and_joined_stream():
+    """A stats listener that returns waits, with no flow listener: the input rows' updates go to the
+    `em` stream, which must start after the caller's stream and be joined back (else a race with the
+    next step, or an unjoined stream in a CUDA graph)."""
+    from contextlib import contextmanager
+
+    from engine.executor.streams import FlowStreams
+
+    log = []
+
+    class Recording(FlowStreams):
+        def __init__(self, device):
+            super().__init__(device)
+            self.recompute, self.params, self.em = "recompute", "params", "em"
+
+        def fork(self):
+            log.append("fork")
+            self._em_forked = False
+
+        def fork_em(self):
+            log.append("fork_em")
+            self._em_forked = True
+
+        def join(self):
+            log.append("join with em" if self._em_forked else "join")
+
+        @contextmanager
+        def on(self, stream):
+            log.append(f"on {stream}")
+            yield
+
+        def mark(self):
+            return None
+
+        @staticmethod
+        def wait(event):
+            pass
+
+    root, dists = overlap_tests.hclt_case()
+    pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=ON)
+    pc._flow_streams = Recording(pc.device)
+    pc.stats_listener = lambda i: (0, lambda lo, hi: lambda: None)  # each range: a wait to honour
+    x, m = data(dists, 20)
+    pc.train_step(x.long(), m, em=EM, validate=False)
+    assert "on em" in log and log.index("fork_em") < log.index("on em") and log[-1] == "join with em"

@@ -40,14 +40,15 @@ class KernelOptions:
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
     # them, which reads the parents' scale tiles once; 0: child-major (one program per child block).
     # A/B on an H200 2026-11-30 (results/kernel_breakdown_h200_elem_sets*.json), graph step ms 0 -> 4:
-    # PD-128 9.03 -> 8.02, PD-64 3.61 -> 3.12, PD-32 1.64 -> 1.50, HCLT-128 3.76 -> 3.56, HCLT-32
+    # PD-128 9.03 -> 8.01, PD-64 3.61 -> 3.12, PD-32 1.64 -> 1.50, HCLT-128 3.76 -> 3.56, HCLT-32
     # 1.52 -> 1.48; HCLT-256 8.77 / 8.74 and PD-256 25.96 / 26.05 (their sets exceed elem_set_max_rows)
     elem_sets: int = 4
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
     elem_set_slab: int = 8192  # its batch tile is cut so the parents' slab [P * bs, BB] holds at most this
-    # larger sets of partitions with block size <= elem_set_split run it too, in launches of at most
-    # elem_set_max_rows parent rows (0: never). A/B on an H200 (results/kernel_breakdown_h200_ab3b.json):
+    # wider sets of partitions with block size <= elem_set_split run it too, in launches of at most
+    # elem_set_max_rows parent rows (0: never). A/B on two H200s (results/kernel_breakdown_h200_ab3{a,b}.json, where
+    # `elem_set_split=1` split every block size, i.e. 64 today):
     # PD-256 (bs 32, 8 parents) 25.93 -> 24.79 ms a step; HCLT-256 / 512 (bs 64, whose child-major
     # kernel runs 64-row dots as fast as their forward) 8.70 -> 8.99 and 25.41 -> 25.76, so not there
     elem_set_split: int = 32
@@ -70,7 +71,9 @@ class KernelOptions:
     # layer's weight update runs on the parameter-flow stream right after its parameter flows (their
     # last reader), an early input range's right after its statistics, the rest at the end; the same
     # kernels on the same flows, so bit-identical to the update after the pass (ties, profiled
-    # batches: after the pass). Off until a GPU A/B (kernel_breakdown.py --variants default em_in_pass=1)
+    # batches: after the pass). A step that fails mid-pass keeps the updates made before (its error
+    # says so). Off: the A/B on two H200s (results/kernel_breakdown_h200_ab3{a,b}.json) gave HCLT-256
+    # 8.70 -> 8.61 ms a step but HCLT-128 3.56 -> 3.63, PD within 0.05 ms
     em_in_pass: bool = False
 
     def __post_init__(self):
