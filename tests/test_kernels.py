@@ -278,3 +278,22 @@ def test_parent_sets_group_children_by_their_parents():
     assert set_k.tolist() == [[0, 0], [1, 1], [0, 0]]
     assert chunks[1].tolist() == [[0, 1, 0], [1, 2, 0], [2, 3, 1]]
     assert chunks[4].tolist() == [[0, 2, 0], [2, 3, 1]]
+
+
+def test_parent_set_split_at_block_size_32_matches_torch(monkeypatch):
+    """The default split path's shape (PD-256: bs 32): sets of two parents in one-parent launches, two
+    child blocks a dot, against the PyTorch path."""
+    from engine.kernels import sum_block
+
+    ran = []
+    real = sum_block.elem_flows_sets
+    monkeypatch.setattr(
+        sum_block,
+        "elem_flows_sets",
+        lambda pt, *a: ran.append((pt.block_size, pt.set_par.shape[1])) or real(pt, *a),
+    )
+    root = pd((2, 4), 64, (1, 1), input_dist=Categorical(4), block_size=32)
+    opts = dataclasses.replace(OPTS, elem_sets=2, elem_set_rows=64, elem_set_max_rows=32, elem_set_split=32)
+    x, m = data([Categorical(4)] * 8, 21)
+    compare(root, x.long(), m, opts=opts)
+    assert (32, 2) in ran  # two parents of 32 rows over a 32-row limit: split into two launches
