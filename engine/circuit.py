@@ -253,16 +253,21 @@ class CompiledCircuit(torch.nn.Module):
         param_flows = self.param_flows if accumulate_params else torch.zeros_like(self.param_flows)
         bufs = (node_mars, element_mars, node_flows, element_flows, param_flows)
         listener = self.flow_listener if accumulate_params else None
-        overlap = (
+        overlap = self._overlapped(accumulate_params, keep_node_flows)
+        if em is not None and not overlap:
+            raise ValueError("an EM update inside the flows pass needs the overlapped training pass")
+        self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows, em)
+        return node_flows
+
+    def _overlapped(self, accumulate_params: bool, keep_node_flows: bool) -> bool:
+        """Whether a flows pass runs on the side streams (engine/executor/streams.py): a training pass
+        (parameter flows, no node flows kept), not profiled, on an executor that overlaps."""
+        return (
             accumulate_params
             and not keep_node_flows
             and self.profiler is None
             and self.backend.overlaps_flows
         )
-        if em is not None and not overlap:
-            raise ValueError("an EM update inside the flows pass needs the overlapped training pass")
-        self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows, em)
-        return node_flows
 
     def _backward_step(
         self,
@@ -506,7 +511,7 @@ class CompiledCircuit(torch.nn.Module):
 
     def _pass_em(self, em, reduce) -> PassEM | None:
         """The EM update to make inside this step's flows pass, or None: it runs after the pass."""
-        overlap = self.profiler is None and self.backend.overlaps_flows
+        overlap = self._overlapped(accumulate_params=True, keep_node_flows=False)  # train_step's pass
         listening = self.flow_listener is not None
         summed_in_pass = reduce is None or (listening and self.stats_listener is not None)
         if em is None or not (self.backend.em_in_pass and overlap and self._ties.empty and summed_in_pass):
