@@ -159,9 +159,7 @@ class TritonBackend(TorchBackend):
         """Kernels read x^T by each node's variable (no `[n, B]` gather); other families: PyTorch."""
         xt, mt = inputs.prepare_data(layer.dist, x, missing)
         if inputs.supports(layer.dist):
-            inputs.input_forward(
-                layer.dist, layer.params, layer.vars, xt, mt, out, self.options, table.segments
-            )
+            inputs.input_forward(layer.dist, layer.params, layer.vars, xt, mt, out, self.options)
         else:
             xv, miss = layer.gather(x, missing)
             out.copy_(layer.dist.log_prob(layer.params, xv, miss))

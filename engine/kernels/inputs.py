@@ -6,8 +6,6 @@ The data is read as `x^T: [num_vars, B]` (and `missing^T`), indexed by each node
 
 - forward: one program per (BN nodes, BB batch columns): reads BN*BB data values (cached: nodes of
   one variable share them) and BN*BB parameters, writes BN*BB log-probabilities into node_mars.
-  `input_segments`: one program per (segment of nodes sharing a variable, BB batch columns), which
-  reads its BB data values once.
 - tile statistics (families with at most 3 statistics): per-node reductions over the batch, one
   program per BN nodes; the family's `kernel_stats_tile` gives each batch tile's increments.
   Families with a specialised statistics kernel (Categorical) launch their own.
@@ -40,41 +38,6 @@ def _input_fwd_kernel(
     xv = tl.load(xt + dptr, mask=m2, other=0)
     lp = LOG_PROB(prm, n64, nm, xv, P, C)
     tl.store(out + n64[:, None] * B + offs_b[None, :], tl.where(miss, 0.0, lp), mask=m2)
-
-
-@triton.jit
-def _input_fwd_seg_kernel(
-    prm,
-    xt,
-    mt,
-    seg_start,
-    seg_len,
-    seg_var,
-    out,
-    B,
-    P,
-    C,
-    num_bt,
-    LOG_PROB: tl.constexpr,
-    BN: tl.constexpr,
-    BB: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    s = pid // num_bt
-    offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
-    bm = offs_b < B
-    n0 = tl.load(seg_start + s)
-    cnt = tl.load(seg_len + s)
-    var = tl.load(seg_var + s).to(tl.int64)
-    rn = tl.arange(0, BN)
-    nm = rn < cnt
-    n64 = (n0 + rn).to(tl.int64)
-    # the segment's nodes share one variable: BB data values and missing flags, read once
-    miss = tl.load(mt + var * B + offs_b, mask=bm, other=1) != 0
-    xv = tl.load(xt + var * B + offs_b, mask=bm, other=0)
-    lp = LOG_PROB(prm, n64, nm, tl.broadcast_to(xv[None, :], (BN, BB)), P, C)
-    m2 = nm[:, None] & bm[None, :]
-    tl.store(out + n64[:, None] * B + offs_b[None, :], tl.where(miss[None, :], 0.0, lp), mask=m2)
 
 
 @triton.jit
@@ -132,33 +95,10 @@ def prepare_data(dist, x: torch.Tensor, missing: torch.Tensor):
     return xt, missing.T.contiguous().to(torch.uint8)
 
 
-def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions, segs=None) -> None:
-    """out `[N, B]` (a node_mars slice) = log p(x_var(n)) per node, 0 where missing. With `segs`
-    (`segments(vars_, opts.stats_nodes)` on the device) and `opts.input_segments`: one program per
-    (segment, batch tile), the segment's data row read once."""
+def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions) -> None:
+    """out `[N, B]` (a node_mars slice) = log p(x_var(n)) per node, 0 where missing."""
     N, B = out.shape
-    if segs is not None and opts.input_segments:
-        starts, lens, svars = segs
-        nbt = triton.cdiv(B, opts.input_block_b)
-        _input_fwd_seg_kernel[(starts.numel() * nbt,)](
-            params,
-            xt,
-            mt,
-            starts,
-            lens,
-            svars,
-            out,
-            B,
-            params.shape[1],
-            dist.kernel_constant(),
-            nbt,
-            LOG_PROB=dist.kernel_log_prob,
-            BN=opts.stats_nodes,
-            BB=opts.input_block_b,
-            num_warps=opts.num_warps,
-        )
-        return
-    nbt = triton.cdiv(B, opts.input_block_b)
+    nbt = triton.cdiv(B, opts.block_b)
     _input_fwd_kernel[(triton.cdiv(N, opts.input_nodes) * nbt,)](
         params,
         xt,
@@ -172,7 +112,7 @@ def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions, segs=No
         nbt,
         LOG_PROB=dist.kernel_log_prob,
         BN=opts.input_nodes,
-        BB=opts.input_block_b,
+        BB=opts.block_b,
         num_warps=opts.num_warps,
     )
 

@@ -27,19 +27,12 @@ class KernelOptions:
     """Variant selection for all kernels of one compiled circuit (hashable: a cache key)."""
 
     precision: str = "tf32x3"
-    block_b: int = 32  # batch columns per program of the sparse sum kernels (32 from an H200 A/B,
-    # benchmarks/README.md round 3, then shared by every kernel below that has its own field now)
+    block_b: int = 32  # batch columns per program: node scale, parameter flows, product, input and sparse
+    # sum kernels (32 from an H200 A/B, benchmarks/README.md round 3)
     num_warps: int = 4
     prod_rows: int = 32  # product rows per program
-    prod_block_b: int = 32  # batch columns per program of the product kernels (forward and flows)
-    scale_block_b: int = 32  # batch columns per program of the node-scale kernel
-    param_block_b: int = 32  # batch columns per tl.dot step of the parameter-flow kernel
     sparse_children: int = 32  # children per step in the sparse sum kernel
-    input_nodes: int = 32  # input nodes per program (forward without input_segments, tile statistics)
-    input_block_b: int = 32  # batch columns per program of the input forward
-    # input forward over the variable segments (`stats_nodes` nodes sharing a variable a program, the
-    # data row read once a program) instead of `input_nodes` nodes gathered by variable
-    input_segments: bool = False
+    input_nodes: int = 32  # input nodes per program
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
@@ -92,10 +85,6 @@ class KernelOptions:
         for name in (
             "block_b",
             "prod_rows",
-            "prod_block_b",
-            "scale_block_b",
-            "param_block_b",
-            "input_block_b",
             "sparse_children",
             "input_nodes",
             "group_cols",
@@ -117,6 +106,6 @@ class KernelOptions:
             raise ValueError(f"elem_set_split must be 0 or a power of two >= 16, got {self.elem_set_split!r}")
         if self.elem_sets not in ELEM_SETS:
             raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
-        for name in ("overlap", "early_stats", "em_in_pass", "input_segments"):
+        for name in ("overlap", "early_stats", "em_in_pass"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

@@ -84,7 +84,7 @@ def prod_forward(t: ProdLayerKernelTensors, node_mars, element_mars, opts: Kerne
     elem_rows, child_rows = t.elem_rows, t.child_rows
     N, W = child_rows.shape
     B = node_mars.shape[1]
-    nbt = triton.cdiv(B, opts.prod_block_b)
+    nbt = triton.cdiv(B, opts.block_b)
     _prod_fwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
         node_mars,
         element_mars,
@@ -95,7 +95,7 @@ def prod_forward(t: ProdLayerKernelTensors, node_mars, element_mars, opts: Kerne
         W,
         nbt,
         PR=opts.prod_rows,
-        BB=opts.prod_block_b,
+        BB=opts.block_b,
         num_warps=opts.num_warps,
     )
 
@@ -105,7 +105,7 @@ def prod_backward(t: ProdLayerKernelTensors, element_flows, node_flows, opts: Ke
     if N == 0:
         return
     B = node_flows.shape[1]
-    nbt = triton.cdiv(B, opts.prod_block_b)
+    nbt = triton.cdiv(B, opts.block_b)
     _prod_bwd_kernel[(triton.cdiv(N, opts.prod_rows) * nbt,)](
         element_flows,
         node_flows,
@@ -117,7 +117,7 @@ def prod_backward(t: ProdLayerKernelTensors, element_flows, node_flows, opts: Ke
         D,
         nbt,
         PR=opts.prod_rows,
-        BB=opts.prod_block_b,
+        BB=opts.block_b,
         num_warps=opts.num_warps,
     )
 

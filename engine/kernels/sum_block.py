@@ -44,7 +44,6 @@ import triton.language as tl
 from engine.executor.torch_ops import SumPartitionTensors
 from engine.kernels.options import ELEM_SETS, KernelOptions
 
-TILE_CAP = 16384  # floats a [rows, batch] tile of the scale and parameter-flow kernels may hold (512 x 32)
 SET_MAX_ROWS = 512  # parent-set tables are built up to this many parent rows (P * bs); options pick below
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
@@ -334,11 +333,6 @@ def group_size(block_size: int, width: int, group_cols: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def capped_batch_tile(block_b: int, rows: int) -> int:
-    """`block_b`, cut so a `[rows, BB]` register tile holds at most TILE_CAP floats (at least 16 columns)."""
-    return max(16, min(block_b, TILE_CAP // rows))
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # the interpreter: any fixed number
@@ -402,9 +396,8 @@ def sum_backward_block(
     `defer` (a list the caller runs later, engine/executor/streams.py): a scratch would not outlive
     this call, node-flow rows do."""
     B = element_mars.shape[1]
+    nbt = triton.cdiv(B, opts.block_b)
     bs, nb = pt.block_size, pt.num_node_blocks
-    sbb = capped_batch_tile(opts.scale_block_b, bs)
-    nbt = triton.cdiv(B, sbb)
     slab = in_place and pt.rows_start >= 0
     if slab:
         scale = node_flows[pt.rows_start : pt.rows_start + nb * bs]
@@ -420,7 +413,7 @@ def sum_backward_block(
         B,
         nbt,
         BS=bs,
-        BB=sbb,
+        BB=opts.block_b,
         num_warps=opts.num_warps,
     )
     nc = pt.cblocks.shape[0]
@@ -516,7 +509,7 @@ def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, e
         pt.param_offset,
         nkg,
         BS=bs,
-        BB=capped_batch_tile(opts.param_block_b, g * bs),
+        BB=opts.block_b,
         G=g,
         PREC=opts.precision,
         EXP_CLAMP=exp_clamp,
