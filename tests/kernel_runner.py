@@ -27,6 +27,7 @@ OPTS = KernelOptions(
     prod_rows=16,
     sparse_children=16,
     input_nodes=16,
+    input_block_b=16,
     stats_nodes=16,
 )
 EM = (0.4, 0.1)  # step size, pseudocount of the one EM step compared

@@ -158,7 +158,9 @@ class TritonBackend(TorchBackend):
     def input_forward(self, layer: InputLayer, table: InputKernelTable, x, missing, out) -> TransposedInputs:
         """Kernels read x^T by each node's variable (no `[n, B]` gather); other families: PyTorch."""
         xt, mt = inputs.prepare_data(layer.dist, x, missing)
-        if inputs.supports(layer.dist):
+        if layer.dist.kernel_forward(out, layer.params, xt, mt, table.segments, self.options):
+            pass
+        elif inputs.supports(layer.dist):
             inputs.input_forward(layer.dist, layer.params, layer.vars, xt, mt, out, self.options)
         else:
             xv, miss = layer.gather(x, missing)

@@ -32,7 +32,13 @@ class KernelOptions:
     num_warps: int = 4
     prod_rows: int = 32  # product rows per program
     sparse_children: int = 32  # children per step in the sparse sum kernel
-    input_nodes: int = 32  # input nodes per program
+    input_nodes: int = 32  # input nodes per program of the generic input kernels
+    # input forward of families with a segment kernel (Categorical): 0 the generic per-element kernel,
+    # 1 per segment (nodes of one variable) with one global load per element, 2 per segment with the
+    # rows' log-parameters read once into a register tile that each batch tile gathers from
+    input_fwd: int = 2
+    input_block_b: int = 64  # batch columns per step of the segment forward
+    input_cols: int = 256  # batch columns per program of the segment forward (it loops over them)
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
@@ -87,6 +93,8 @@ class KernelOptions:
             "prod_rows",
             "sparse_children",
             "input_nodes",
+            "input_block_b",
+            "input_cols",
             "group_cols",
             "fwd_block_b",
             "elem_block_b",
@@ -104,6 +112,8 @@ class KernelOptions:
             self.elem_set_split < 16 or self.elem_set_split & (self.elem_set_split - 1)
         ):
             raise ValueError(f"elem_set_split must be 0 or a power of two >= 16, got {self.elem_set_split!r}")
+        if self.input_fwd not in (0, 1, 2):
+            raise ValueError(f"input_fwd must be 0, 1 or 2, got {self.input_fwd!r}")
         if self.elem_sets not in ELEM_SETS:
             raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
         for name in ("overlap", "early_stats", "em_in_pass"):
