@@ -169,6 +169,59 @@ def test_sum_forward_precisions(precision, tol):
     assert torch.isfinite(got).all() and err < tol, err
 
 
+def test_row_groups_are_runs_of_equal_child_lists():
+    from engine.kernels.sum_block import row_groups
+
+    child_rows = torch.tensor([[10, 20], [10, 20], [10, 20], [30, 40], [30, 40], [10, 20]])
+    g = row_groups(child_rows)
+    assert g[2].tolist() == [[0, 1], [2, -1], [3, 4], [5, -1]]
+    assert g[4].tolist() == [[0, 1, 2, -1], [3, 4, -1, -1], [5, -1, -1, -1]]
+    assert 2 not in row_groups(torch.tensor([[1, 2], [3, 4]]))  # no run: no table
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_row_grouped_sum_forward_matches_float64(rows):
+    """`fwd_rows`: node blocks sharing a child list as one tile; a broken run, a run longer than R
+    and a padded child tile, against float64 PyTorch; every real row written."""
+    from engine.kernels.sum_block import block_tensors, sum_forward_block
+
+    nb, w, bs, B = 5, 2, 16, 20
+    rows_e = 64 + 3 * w * bs
+    em = torch.randn(rows_e, B) * 3 - 5
+    em[:64] = -torch.inf
+    lists = (64 + torch.arange(3 * w) * bs).view(3, w)
+    child_rows = lists[[0, 0, 0, 1, 2]].clone()
+    child_rows[4, 1] = 0  # a padded tile
+    node_rows = 1 + torch.tensor([4, 0, 1, 2, 3]) * bs  # node blocks not in row order
+    base = torch_ops.SumPartitionTensors(
+        bs,
+        nb,
+        w,
+        5,
+        (node_rows[:, None] + torch.arange(bs)).view(-1),
+        (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1),
+    )
+    pt = block_tensors(base, node_rows, child_rows, 64, torch.as_tensor)
+    assert rows in pt.row_groups
+    params = torch.rand(5 + nb * bs * w * bs)
+    ref = torch.zeros(1 + nb * bs, B, dtype=torch.float64)
+    torch_ops.sum_forward(pt, params.double(), em.double(), ref)
+    got = torch.full((1 + nb * bs, B), float("nan"))
+    got[0] = 0
+    sum_forward_block(pt, params, em, got, KernelOptions(fwd_block_b=16, fwd_rows=rows))
+    err = ((got.double() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(got).all() and err < 1e-5, err
+
+
+def test_pd_with_row_grouped_forward_matches_torch():
+    root = pd((4, 4), 32, (2, 2), input_dist=Categorical(4), block_size=16)
+    x, m = data([Categorical(4)] * 16, 9)
+    pc = compare(root, x.long(), m, opts=dataclasses.replace(OPTS, fwd_rows=2))
+    assert any(
+        2 in getattr(p, "row_groups", {}) for t in pc.tables.layers if t for p in getattr(t, "parts", [])
+    )
+
+
 def test_plan_records_kernels_and_torch_on_cpu_backend():
     pc = engine.compile(_hclt(), backend="torch")
     assert {p["kernel"] for layer in pc.plan.to_dict()["layers"] for p in layer["partitions"]} == {"torch"}

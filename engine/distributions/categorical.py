@@ -23,7 +23,6 @@ from engine.distributions._triton import jit, tl, triton
 from engine.distributions.base import Distribution, register
 
 MAX_EM_CATS = 1024  # one [BN, C] tile per program; larger category counts use the PyTorch update
-MAX_FWD_TILE = 4096  # log-parameter tile [rows, categories] a forward program keeps in registers
 
 
 @jit
@@ -47,14 +46,13 @@ def _fwd_kernel(
     num_rc,
     cols_per_prog,
     RN: tl.constexpr,
-    CP: tl.constexpr,
     BB: tl.constexpr,
-    GATHER: tl.constexpr,
 ):
     """out[n, b] = log prm[n, x[var, b]] (0 where missing) for RN rows of one segment (one variable)
-    over `cols_per_prog` batch columns. GATHER: the rows' log-parameters are read once into a
-    `[RN, CP]` register tile and each batch tile picks from it (tl.gather), instead of one global load
-    (one L2 sector) per element as `_log_prob` does."""
+    over `cols_per_prog` batch columns: the program's RN parameter rows stay in L1 while it walks the
+    batch, where the generic kernel's (32 nodes x 32 columns) programs each fetch their own L2 sector
+    per element (H200: 0.17 against 0.28 ms at HCLT-128; a tl.gather from a register tile of the
+    log-parameters took 0.34, benchmarks/NOTES.md)."""
     pid = tl.program_id(0)
     s = pid // num_rc
     r0 = (pid % num_rc) * RN
@@ -64,21 +62,13 @@ def _fwd_kernel(
     n = tl.load(seg_start + s).to(tl.int64) + r0 + tl.arange(0, RN)
     nm = r0 + tl.arange(0, RN) < cnt
     var = tl.load(seg_var + s).to(tl.int64)
-    if GATHER:
-        cp = tl.arange(0, CP)
-        tile = tl.log(
-            tl.load(prm + n[:, None] * C + cp[None, :], mask=nm[:, None] & (cp < C)[None, :], other=1.0)
-        )
     c0 = tl.program_id(1) * cols_per_prog
     for b0 in range(c0, tl.minimum(c0 + cols_per_prog, B), BB):
         offs_b = b0 + tl.arange(0, BB)
         bm = offs_b < B
         xv = tl.minimum(tl.maximum(tl.load(xt + var * B + offs_b, mask=bm, other=0), 0), C - 1)
         miss = tl.load(mt + var * B + offs_b, mask=bm, other=1) != 0
-        if GATHER:
-            lp = tl.gather(tile, tl.broadcast_to(xv[None, :], (RN, BB)), 1)
-        else:
-            lp = tl.log(tl.load(prm + n[:, None] * C + xv[None, :], mask=nm[:, None], other=1.0))
+        lp = tl.log(tl.load(prm + n[:, None] * C + xv[None, :], mask=nm[:, None], other=1.0))
         tl.store(
             out + n[:, None] * B + offs_b[None, :],
             tl.where(miss[None, :], 0.0, lp),
@@ -242,23 +232,18 @@ class Categorical(Distribution):
         return self.num_cats
 
     def kernel_forward(self, out, params, xt, mt, segments, opts) -> bool:
-        """Per segment of nodes sharing a variable (`opts.input_fwd`: 1 global loads, 2 a register
-        tile of log-parameters): float32 only, and 2 only while the tile fits (`MAX_FWD_TILE`).
-        `segments` at most `opts.stats_nodes` long (the backend's table, `inputs.segments`)."""
-        mode = opts.input_fwd
-        if not mode or not all(t.dtype == torch.float32 for t in (out, params)):
+        """Per segment of nodes sharing a variable (`opts.input_fwd`), `input_rows` rows a program:
+        float32 and contiguous only. `segments` at most `opts.stats_nodes` long (the backend's table,
+        `inputs.segments`)."""
+        if not opts.input_fwd or not all(t.dtype == torch.float32 for t in (out, params)):
             return False
         if not params.is_contiguous() or out.stride() != (out.shape[1], 1):
             return False
-        C = self.num_cats
-        CP = triton.next_power_of_2(C)
-        gather = mode == 2 and CP * 16 <= MAX_FWD_TILE
-        RN = max(16, min(opts.stats_nodes, MAX_FWD_TILE // CP)) if gather else 16
-        BB = opts.input_block_b
         B = out.shape[1]
         starts, lens, svars = segments
-        cols = max(BB, opts.input_cols)
-        _fwd_kernel[(starts.numel() * triton.cdiv(opts.stats_nodes, RN), triton.cdiv(B, cols))](
+        RN, cols = opts.input_rows, max(opts.input_block_b, opts.input_cols)
+        nrc = triton.cdiv(opts.stats_nodes, RN)
+        _fwd_kernel[(starts.numel() * nrc, triton.cdiv(B, cols))](
             out,
             params,
             xt,
@@ -267,13 +252,11 @@ class Categorical(Distribution):
             lens,
             svars,
             B,
-            C,
-            triton.cdiv(opts.stats_nodes, RN),
+            self.num_cats,
+            nrc,
             cols,
             RN=RN,
-            CP=CP if gather else 16,
-            BB=BB,
-            GATHER=gather,
+            BB=opts.input_block_b,
             num_warps=opts.num_warps,
         )
         return True

@@ -19,6 +19,7 @@ PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 
 # tl.dot needs every dimension >= 16: smaller node blocks run the sparse (per-node) kernels.
 MIN_DOT_BLOCK = 16
+FWD_ROWS = (1, 2, 4, 8)  # node blocks per program of the row-grouped block sum forward
 ELEM_SETS = (0, 1, 2, 4, 8, 16)  # child blocks per program of the parent-set element-flow kernel (0: off)
 
 
@@ -33,14 +34,21 @@ class KernelOptions:
     prod_rows: int = 32  # product rows per program
     sparse_children: int = 32  # children per step in the sparse sum kernel
     input_nodes: int = 32  # input nodes per program of the generic input kernels
-    # input forward of families with a segment kernel (Categorical): 0 the generic per-element kernel,
-    # 1 per segment (nodes of one variable) with one global load per element, 2 per segment with the
-    # rows' log-parameters read once into a register tile that each batch tile gathers from
-    input_fwd: int = 2
-    input_block_b: int = 64  # batch columns per step of the segment forward
+    # input forward of families with a segment kernel (Categorical): programs of `input_rows` nodes of
+    # one variable walking `input_cols` batch columns, `input_block_b` at a time (0: the generic kernel).
+    # A/B on an H200 2026-12-01 (results/kernel_breakdown_h200_input_fwd_*.json), input forward ms
+    # generic -> segments: HCLT-128 0.276 -> 0.165, PD-128 0.274 -> 0.162, HCLT-256 0.545 -> 0.321,
+    # PD-256 0.546 -> 0.317 (graph step -0.11 to -0.27 ms)
+    input_fwd: bool = True
+    input_rows: int = 16
+    input_block_b: int = 64
     input_cols: int = 256  # batch columns per program of the segment forward (it loops over them)
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
+    # node blocks with equal child lists per program of the block sum forward (sum_block.row_groups):
+    # each child tile read and exponentiated once for all of them, one dot of fwd_rows * bs rows
+    fwd_rows: int = 1
+    fwd_warps: int = 0  # warps of that kernel when fwd_rows > 1 (0: num_warps)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
@@ -85,7 +93,12 @@ class KernelOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name, allowed in (("num_warps", (1, 2, 4, 8, 16)), ("stats_warps", (0, 1, 2, 4, 8, 16))):
+        for name, allowed in (
+            ("num_warps", (1, 2, 4, 8, 16)),
+            ("stats_warps", (0, 1, 2, 4, 8, 16)),
+            ("fwd_warps", (0, 1, 2, 4, 8, 16)),
+            ("fwd_rows", FWD_ROWS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in (
@@ -93,6 +106,7 @@ class KernelOptions:
             "prod_rows",
             "sparse_children",
             "input_nodes",
+            "input_rows",
             "input_block_b",
             "input_cols",
             "group_cols",
@@ -112,10 +126,8 @@ class KernelOptions:
             self.elem_set_split < 16 or self.elem_set_split & (self.elem_set_split - 1)
         ):
             raise ValueError(f"elem_set_split must be 0 or a power of two >= 16, got {self.elem_set_split!r}")
-        if self.input_fwd not in (0, 1, 2):
-            raise ValueError(f"input_fwd must be 0, 1 or 2, got {self.input_fwd!r}")
         if self.elem_sets not in ELEM_SETS:
             raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
-        for name in ("overlap", "early_stats", "em_in_pass"):
+        for name in ("overlap", "early_stats", "em_in_pass", "input_fwd"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from engine.executor.torch_ops import SumPartitionTensors
-from engine.kernels.options import ELEM_SETS, KernelOptions
+from engine.kernels.options import ELEM_SETS, FWD_ROWS, KernelOptions
 
 SET_MAX_ROWS = 512  # parent-set tables are built up to this many parent rows (P * bs); options pick below
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
@@ -68,20 +68,37 @@ def _sum_fwd_block_kernel(
     W,
     param_off,
     num_bt,
+    groups,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
+    R: tl.constexpr,
 ):
+    """R == 1: program (node block i, batch tile). R > 1: program (row group g, batch tile), the
+    group's up-to-R node blocks (`groups[g]`, -1 padding) sharing one child list, as one `[R * BS,
+    BB]` tile: each child tile is read and exponentiated once for R blocks, and the dot has R * BS rows."""
     pid = tl.program_id(0)
-    i = pid // num_bt
+    g = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
     bmask = offs_b < B
-    r = tl.arange(0, BS)
     q = tl.arange(0, G * BS)  # column of the weight slab = (child block k0 + q // BS, child q % BS)
-    wbase = prm + param_off + i.to(tl.int64) * BS * W * BS
+    if R == 1:
+        i = g
+        r = tl.arange(0, BS)
+        rmask = r < BS
+        wrow = prm + param_off + i.to(tl.int64) * BS * W * BS + r * (W * BS)
+        nrow = tl.load(node_rows + i) + r
+    else:
+        rr = tl.arange(0, R * BS)
+        blk = tl.load(groups + g * R + rr // BS)
+        rmask = blk >= 0
+        blk = tl.maximum(blk, 0)
+        i = tl.load(groups + g * R)
+        wrow = prm + param_off + blk.to(tl.int64) * BS * W * BS + (rr % BS) * (W * BS)
+        nrow = tl.load(node_rows + blk) + rr % BS
     m = tl.full([BB], float("-inf"), tl.float32)
-    acc = tl.zeros([BS, BB], dtype=tl.float32)
+    acc = tl.zeros([R * BS, BB], dtype=tl.float32)
     for k0 in range(0, W, G):
         kk = k0 + q // BS
         kmask = kk < W
@@ -95,13 +112,16 @@ def _sum_fwd_block_kernel(
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         # the BS x G*BS weight slab (L2-resident across the batch tiles of this node block)
-        w = tl.load(wbase + r[:, None] * (W * BS) + (k0 * BS + q)[None, :], mask=kmask[None, :], other=0.0)
+        w = tl.load(wrow[:, None] + (k0 * BS + q)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc = acc * tl.exp(m - m_safe)[None, :] + _mm(w, tl.exp(el - m_safe[None, :]), PREC)
         m = m_new
     m = tl.where(m == float("-inf"), 0.0, m)
-    n0 = tl.load(node_rows + i)
-    # write BS * BB node values
-    tl.store(nmars + (n0 + r)[:, None] * B + offs_b[None, :], tl.log(acc) + m[None, :], mask=bmask[None, :])
+    # write R * BS * BB node values
+    tl.store(
+        nmars + nrow[:, None] * B + offs_b[None, :],
+        tl.log(acc) + m[None, :],
+        mask=rmask[:, None] & bmask[None, :],
+    )
 
 
 @triton.jit
@@ -353,10 +373,12 @@ def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
     """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition."""
     B = element_mars.shape[1]
-    bb = forward_batch_tile(pt.num_node_blocks, B, opts.fwd_block_b, element_mars.device)
+    rows = opts.fwd_rows if opts.fwd_rows in pt.row_groups else 1
+    groups = pt.row_groups[rows] if rows > 1 else pt.node_rows
+    ng = groups.shape[0]
+    bb = forward_batch_tile(ng, B, opts.fwd_block_b, element_mars.device)
     nbt = triton.cdiv(B, bb)
-    grid = (pt.num_node_blocks * nbt,)
-    _sum_fwd_block_kernel[grid](
+    _sum_fwd_block_kernel[(ng * nbt,)](
         params,
         element_mars,
         node_mars,
@@ -366,11 +388,13 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
         pt.width,
         pt.param_offset,
         nbt,
+        groups,
         BS=pt.block_size,
         BB=bb,
         G=group_size(pt.block_size, pt.width, opts.group_cols),
         PREC=opts.precision,
-        num_warps=opts.num_warps,
+        R=rows,
+        num_warps=opts.fwd_warps if rows > 1 and opts.fwd_warps else opts.num_warps,
     )
 
 
@@ -535,6 +559,9 @@ class BlockSumTensors(SumPartitionTensors):
     set_rows: torch.Tensor | None = None  # [nc] first element row of each child block, by set
     set_k: torch.Tensor | None = None  # [nc, P] the child block's slot in each parent of its set
     set_chunks: dict = field(default_factory=dict)  # elem_sets -> [nch, 3] (lo, hi, set) runs
+    # R -> [ng, R] runs of consecutive node blocks with equal child lists (-1 padding), R in FWD_ROWS[1:]
+    # (PD: a region's sum blocks; HCLT: a variable's), for the row-grouped forward (`fwd_rows`)
+    row_groups: dict = field(default_factory=dict)
 
 
 def block_tensors(
@@ -556,6 +583,7 @@ def block_tensors(
         )
     return BlockSumTensors(
         **vars(pt),
+        row_groups={r: long(g) for r, g in row_groups(torch.as_tensor(child_rows).cpu()).items()},
         node_rows=long(node_rows),
         child_rows=long(child_rows),
         cblocks=long(cb),
@@ -566,6 +594,28 @@ def block_tensors(
         rows_start=int(rows[0]) if contiguous else -1,
         **sets,
     )
+
+
+def row_groups(child_rows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{R: [ng, R]} the node blocks in runs of at most R consecutive ones with equal child lists
+    (`child_rows: [nb, width]`), -1 padding; R in FWD_ROWS[1:], omitted when no run is longer than 1."""
+    nb = child_rows.shape[0]
+    if nb == 0:
+        return {}
+    change = torch.ones(nb, dtype=torch.bool)
+    change[1:] = (child_rows[1:] != child_rows[:-1]).any(1)
+    idx = torch.arange(nb)
+    run_start = torch.cummax(torch.where(change, idx, torch.zeros_like(idx)), 0).values
+    out = {}
+    for r in FWD_ROWS[1:]:
+        starts = idx[change | ((idx - run_start) % r == 0)]
+        if starts.numel() == nb:
+            continue
+        lens = torch.diff(torch.cat([starts, torch.tensor([nb])]))
+        off = torch.arange(r)
+        g = starts[:, None] + off[None, :]
+        out[r] = torch.where(off[None, :] < lens[:, None], g, torch.full_like(g, -1))
+    return out
 
 
 def parent_sets(cblocks, ptr, par_i, par_k):
