@@ -142,6 +142,17 @@ def test_grouped_child_tiles_match_torch(group_cols):
     )
 
 
+def _on_device(x):
+    return torch.as_tensor(x, dtype=torch.long, device=DEVICE)
+
+
+def _forward_ref(pt, params, em, rows):
+    """float64 PyTorch forward of partition `pt` (tables on DEVICE), returned on the CPU."""
+    ref = torch.zeros(rows, em.shape[1], dtype=torch.float64, device=DEVICE)
+    torch_ops.sum_forward(pt, params.double().to(DEVICE), em.double().to(DEVICE), ref)
+    return ref.cpu()
+
+
 @pytest.mark.parametrize("precision,tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 3e-3), ("bf16", 2e-2)])
 def test_sum_forward_precisions(precision, tol):
     """One tiled partition on random log-values (with -inf padding rows) against float64 PyTorch."""
@@ -156,15 +167,22 @@ def test_sum_forward_precisions(precision, tol):
     child_rows = (64 + torch.arange(nb * w) * bs).view(nb, w)
     child_rows[2, 1] = 0  # a padded tile
     base = torch_ops.SumPartitionTensors(
-        bs, nb, w, 5, torch.arange(nb * bs) + 1, (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1)
+        bs,
+        nb,
+        w,
+        5,
+        (torch.arange(nb * bs) + 1).to(DEVICE),
+        (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1).to(DEVICE),
     )
-    pt = block_tensors(base, 1 + torch.arange(nb) * bs, child_rows, 64, torch.as_tensor)
+    pt = block_tensors(base, 1 + torch.arange(nb) * bs, child_rows, 64, _on_device)
     params = torch.rand(5 + nb * bs * w * bs)
-    ref = torch.zeros(1 + nb * bs, B, dtype=torch.float64)
-    torch_ops.sum_forward(pt, params.double(), em.double(), ref)
-    got = torch.full((1 + nb * bs, B), float("nan"))  # poisoned: every real row must be written
+    ref = _forward_ref(pt, params, em, 1 + nb * bs)
+    got = torch.full((1 + nb * bs, B), float("nan"), device=DEVICE)  # poisoned: every real row written
     got[0] = 0
-    sum_forward_block(pt, params, em, got, KernelOptions(precision=precision, fwd_block_b=16))
+    sum_forward_block(
+        pt, params.to(DEVICE), em.to(DEVICE), got, KernelOptions(precision=precision, fwd_block_b=16)
+    )
+    got = got.cpu()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(got).all() and err < tol, err
 
@@ -198,17 +216,18 @@ def test_row_grouped_sum_forward_matches_float64(rows):
         nb,
         w,
         5,
-        (node_rows[:, None] + torch.arange(bs)).view(-1),
-        (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1),
+        (node_rows[:, None] + torch.arange(bs)).view(-1).to(DEVICE),
+        (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1).to(DEVICE),
     )
-    pt = block_tensors(base, node_rows, child_rows, 64, torch.as_tensor)
+    pt = block_tensors(base, node_rows, child_rows, 64, _on_device)
     assert rows in pt.row_groups
     params = torch.rand(5 + nb * bs * w * bs)
-    ref = torch.zeros(1 + nb * bs, B, dtype=torch.float64)
-    torch_ops.sum_forward(pt, params.double(), em.double(), ref)
-    got = torch.full((1 + nb * bs, B), float("nan"))
+    ref = _forward_ref(pt, params, em, 1 + nb * bs)
+    got = torch.full((1 + nb * bs, B), float("nan"), device=DEVICE)
     got[0] = 0
-    sum_forward_block(pt, params, em, got, KernelOptions(fwd_block_b=16, fwd_rows=rows))
+    opts = KernelOptions(fwd_block_b=16, fwd_rows=rows, fwd_rows_min_block=bs)
+    sum_forward_block(pt, params.to(DEVICE), em.to(DEVICE), got, opts)
+    got = got.cpu()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(got).all() and err < 1e-5, err
 
@@ -216,7 +235,7 @@ def test_row_grouped_sum_forward_matches_float64(rows):
 def test_pd_with_row_grouped_forward_matches_torch():
     root = pd((4, 4), 32, (2, 2), input_dist=Categorical(4), block_size=16)
     x, m = data([Categorical(4)] * 16, 9)
-    pc = compare(root, x.long(), m, opts=dataclasses.replace(OPTS, fwd_rows=2))
+    pc = compare(root, x.long(), m, opts=dataclasses.replace(OPTS, fwd_rows=2, fwd_rows_min_block=16))
     assert any(
         2 in getattr(p, "row_groups", {}) for t in pc.tables.layers if t for p in getattr(t, "parts", [])
     )

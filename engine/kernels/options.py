@@ -45,10 +45,16 @@ class KernelOptions:
     input_cols: int = 256  # batch columns per program of the segment forward (it loops over them)
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
-    # node blocks with equal child lists per program of the block sum forward (sum_block.row_groups):
-    # each child tile read and exponentiated once for all of them, one dot of fwd_rows * bs rows
-    fwd_rows: int = 1
-    fwd_warps: int = 0  # warps of that kernel when fwd_rows > 1 (0: num_warps)
+    # node blocks with equal child lists per program of the block sum forward (sum_block.row_groups),
+    # in partitions of block size >= fwd_rows_min_block: each child tile read and exponentiated once
+    # for all of them, one dot of fwd_rows * bs rows, batch tiles of at most fwd_rows_block_b. A/B on
+    # an H200 2026-12-01 (results/kernel_breakdown_h200_fwd_rows_*.json), sum forward ms off -> 2 rows
+    # at 64 columns: HCLT-256 (bs 64) 2.46 -> 1.94 (step 8.49 -> 8.01), HCLT-128 0.81 -> 0.78; PD
+    # (bs 32, 32-wide child lists) slower at every setting (PD-256 5.57 -> 9.1-18.9), so not there
+    fwd_rows: int = 2
+    fwd_rows_min_block: int = 64
+    fwd_rows_block_b: int = 64
+    fwd_warps: int = 0  # warps of that kernel when it groups rows (0: num_warps)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
@@ -111,6 +117,8 @@ class KernelOptions:
             "input_cols",
             "group_cols",
             "fwd_block_b",
+            "fwd_rows_min_block",
+            "fwd_rows_block_b",
             "elem_block_b",
             "elem_set_rows",
             "elem_set_max_rows",

@@ -373,10 +373,12 @@ def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
     """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition."""
     B = element_mars.shape[1]
-    rows = opts.fwd_rows if opts.fwd_rows in pt.row_groups else 1
-    groups = pt.row_groups[rows] if rows > 1 else pt.node_rows
+    grouped = pt.block_size >= opts.fwd_rows_min_block and opts.fwd_rows in pt.row_groups
+    rows = opts.fwd_rows if grouped else 1
+    groups = pt.row_groups[rows] if grouped else pt.node_rows
     ng = groups.shape[0]
-    bb = forward_batch_tile(ng, B, opts.fwd_block_b, element_mars.device)
+    largest = min(opts.fwd_block_b, opts.fwd_rows_block_b) if grouped else opts.fwd_block_b
+    bb = forward_batch_tile(ng, B, largest, element_mars.device)
     nbt = triton.cdiv(B, bb)
     _sum_fwd_block_kernel[(ng * nbt,)](
         params,
@@ -394,7 +396,7 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
         G=group_size(pt.block_size, pt.width, opts.group_cols),
         PREC=opts.precision,
         R=rows,
-        num_warps=opts.fwd_warps if rows > 1 and opts.fwd_warps else opts.num_warps,
+        num_warps=opts.fwd_warps if grouped and opts.fwd_warps else opts.num_warps,
     )
 
 
