@@ -120,6 +120,11 @@ def gpu_cases(mnist: torch.Tensor) -> dict:
             engine.structures.hclt(mnist, 64, input_dist=Categorical(256), device="cuda"),
             "cat",
         ),
+        # 128 latents in blocks of 64: two blocks a variable, so the row-grouped sum forward runs
+        "hclt128_mnist": (
+            engine.structures.hclt(mnist, 128, input_dist=Categorical(256), device="cuda", block_size=64),
+            "cat",
+        ),
         "pd32_mnist": (engine.structures.pd((28, 28), 32, (4, 4), input_dist=Categorical(256)), "cat"),
         "mixed_sparse": (mixed_circuit(), "mixed"),
     }

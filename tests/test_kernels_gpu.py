@@ -17,7 +17,7 @@ from engine.kernels import KernelOptions
 from tests.kernel_runner import errors, gpu_batch, gpu_cases, graph_rel_err, profiled_training, run, train_ll
 
 pytestmark = pytest.mark.gpu
-CASES = ("hclt64_mnist", "pd32_mnist", "mixed_sparse")
+CASES = ("hclt64_mnist", "hclt128_mnist", "pd32_mnist", "mixed_sparse")
 
 
 @functools.cache
