@@ -232,12 +232,6 @@ def test_row_grouped_sum_forward_matches_float64(rows):
     assert torch.isfinite(got).all() and err < 1e-5, err
 
 
-@pytest.mark.parametrize("name", ["fwd_warps", "elem_warps", "param_warps", "fwd_rows"])
-def test_per_kernel_warp_and_row_options_are_validated(name):
-    with pytest.raises(ValueError, match=name):
-        KernelOptions(**{name: 3})
-
-
 def test_pd_with_row_grouped_forward_matches_torch():
     root = pd((4, 4), 32, (2, 2), input_dist=Categorical(4), block_size=16)
     x, m = data([Categorical(4)] * 16, 9)

@@ -54,10 +54,7 @@ class KernelOptions:
     fwd_rows: int = 2
     fwd_rows_min_block: int = 64
     fwd_rows_block_b: int = 64
-    # warps of the block sum forward, element-flow and parameter-flow kernels (0: num_warps)
-    fwd_warps: int = 0
-    elem_warps: int = 0
-    param_warps: int = 0
+    fwd_warps: int = 0  # warps of that kernel when it groups rows (0: num_warps)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
@@ -106,8 +103,6 @@ class KernelOptions:
             ("num_warps", (1, 2, 4, 8, 16)),
             ("stats_warps", (0, 1, 2, 4, 8, 16)),
             ("fwd_warps", (0, 1, 2, 4, 8, 16)),
-            ("elem_warps", (0, 1, 2, 4, 8, 16)),
-            ("param_warps", (0, 1, 2, 4, 8, 16)),
             ("fwd_rows", FWD_ROWS),
         ):
             if getattr(self, name) not in allowed:

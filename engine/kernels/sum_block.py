@@ -396,7 +396,7 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
         G=group_size(pt.block_size, pt.width, opts.group_cols),
         PREC=opts.precision,
         R=rows,
-        num_warps=opts.fwd_warps or opts.num_warps,
+        num_warps=opts.fwd_warps if grouped and opts.fwd_warps else opts.num_warps,
     )
 
 
@@ -468,7 +468,7 @@ def sum_backward_block(
             G=group_size(bs, max_par, opts.group_cols),
             PREC=opts.precision,
             ACCUM=not pt.sole_writer,
-            num_warps=opts.elem_warps or opts.num_warps,
+            num_warps=opts.num_warps,
         )
     args = (pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp)
     if slab and defer is not None:
@@ -513,7 +513,7 @@ def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: K
             CM=max(1, opts.elem_set_rows // bs),
             PREC=opts.precision,
             ACCUM=slot0 > 0 or not pt.sole_writer,
-            num_warps=opts.elem_warps or opts.num_warps,
+            num_warps=opts.num_warps,
         )
 
 
@@ -539,7 +539,7 @@ def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, e
         G=g,
         PREC=opts.precision,
         EXP_CLAMP=exp_clamp,
-        num_warps=opts.param_warps or opts.num_warps,
+        num_warps=opts.num_warps,
     )
 
 
