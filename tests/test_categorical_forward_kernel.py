@@ -30,6 +30,7 @@ def _case(num_cats: int, batch: int, seed: int):
     p = p / p.sum(1, keepdim=True)
     x = torch.randint(0, num_cats, (batch, 3), generator=g)
     x[:, 0][::7] = 1  # node 3 meets its zero probability
+    x[5, 2] = num_cats + 3  # out of range (the data check refuses it first): clamped like log_prob
     miss = torch.rand(batch, 3, generator=g) < 0.25
     return d, vars_, p, x, miss
 
@@ -38,7 +39,7 @@ def _forward(d, vars_, p, x, miss, opts):
     xt, mt = inputs.prepare_data(d, x.to(DEVICE), miss.to(DEVICE))
     segs = tuple(t.to(DEVICE) for t in inputs.segments(vars_, opts.stats_nodes))
     out = torch.full((len(VARS), x.shape[0]), float("nan"), device=DEVICE)
-    ran = d.kernel_forward(out, p.float().to(DEVICE), xt, mt, segs, opts)
+    ran = d.kernel_forward(out, p.float().to(DEVICE), xt, mt, segs, opts.stats_nodes, opts)
     return ran, out.cpu()
 
 
@@ -58,13 +59,33 @@ def test_segment_forward_matches_float64(num_cats, cols, block_b, rows):
     assert (out[miss.T[vars_]] == 0).all()
 
 
-def test_mode_zero_and_other_dtypes_leave_it_to_the_generic_kernel():
+def test_off_other_dtypes_and_strided_params_leave_it_to_the_generic_kernel():
     d, vars_, p, x, miss = _case(5, 20, seed=1)
-    assert not _forward(d, vars_, p, x, miss, dataclasses.replace(OPTS, input_fwd=0))[0]
-    out = torch.zeros(len(VARS), 20, dtype=torch.float64, device=DEVICE)
+    assert not _forward(d, vars_, p, x, miss, dataclasses.replace(OPTS, input_fwd=False))[0]
     segs = tuple(t.to(DEVICE) for t in inputs.segments(vars_, OPTS.stats_nodes))
     xt, mt = inputs.prepare_data(d, x.to(DEVICE), miss.to(DEVICE))
-    assert not d.kernel_forward(out, p.to(DEVICE), xt, mt, segs, OPTS)
+    out64 = torch.zeros(len(VARS), 20, dtype=torch.float64, device=DEVICE)
+    assert not d.kernel_forward(out64, p.to(DEVICE), xt, mt, segs, OPTS.stats_nodes, OPTS)
+    out = torch.zeros(len(VARS), 20, device=DEVICE)
+    strided = torch.zeros(len(VARS), 10, device=DEVICE)[:, :5]  # rows 10 apart: not [n, C] contiguous
+    strided.copy_(p.float())
+    assert not d.kernel_forward(out, strided, xt, mt, segs, OPTS.stats_nodes, OPTS)
+
+
+def test_segments_longer_than_the_options_say_are_all_written():
+    """The table's own length limit drives the program count: a table cut at 64 nodes with options
+    that say 16 still writes every row."""
+    d, vars_, p, x, miss = _case(7, 30, seed=2)
+    xt, mt = inputs.prepare_data(d, x.to(DEVICE), miss.to(DEVICE))
+    segs = tuple(t.to(DEVICE) for t in inputs.segments(vars_, 64))
+    out = torch.full((len(VARS), 30), float("nan"), device=DEVICE)
+    assert d.kernel_forward(
+        out, p.float().to(DEVICE), xt, mt, segs, 64, dataclasses.replace(OPTS, stats_nodes=16)
+    )
+    assert not torch.isnan(out).any()
+    ref = d.log_prob(p.float().double(), x.T[vars_], miss.T[vars_])
+    fin = torch.isfinite(ref)
+    assert (out.cpu().double()[fin] - ref[fin]).abs().max().item() < 2e-6
 
 
 def test_bad_options_are_refused():

@@ -191,26 +191,44 @@ def test_row_groups_are_runs_of_equal_child_lists():
     from engine.kernels.sum_block import row_groups
 
     child_rows = torch.tensor([[10, 20], [10, 20], [10, 20], [30, 40], [30, 40], [10, 20]])
-    g = row_groups(child_rows)
+    g = row_groups(child_rows, min_fill=0)
     assert g[2].tolist() == [[0, 1], [2, -1], [3, 4], [5, -1]]
     assert g[4].tolist() == [[0, 1, 2, -1], [3, 4, -1, -1], [5, -1, -1, -1]]
     assert 2 not in row_groups(torch.tensor([[1, 2], [3, 4]]))  # no run: no table
+    assert 2 not in row_groups(torch.tensor([[10, 20], [10, 30]]), min_fill=0)  # equal only in part
+    # the default fill rule: 6 blocks in 4 pairs (75%) kept, in 3 quadruples (50%) not
+    assert set(row_groups(child_rows)) == {2}
+
+
+def test_forward_rows_follow_the_block_size_and_the_tile_limit():
+    from engine.kernels.sum_block import FWD_MAX_ROWS, forward_rows
+
+    class Part:
+        def __init__(self, bs, tables=(2, 4)):
+            self.block_size, self.row_groups = bs, dict.fromkeys(tables)
+
+    opts = KernelOptions()
+    assert forward_rows(Part(64), opts) == 2  # HCLT's blocks: grouped by default
+    assert forward_rows(Part(32), opts) == 1  # PD's: slower grouped, so not
+    assert forward_rows(Part(128), opts) == (2 if 2 * 128 <= FWD_MAX_ROWS else 1)
+    assert forward_rows(Part(32), dataclasses.replace(opts, fwd_rows=4, fwd_rows_min_block=16)) == 4
+    assert forward_rows(Part(64, tables=()), opts) == 1
 
 
 @pytest.mark.parametrize("rows", [2, 4])
 def test_row_grouped_sum_forward_matches_float64(rows):
-    """`fwd_rows`: node blocks sharing a child list as one tile; a broken run, a run longer than R
-    and a padded child tile, against float64 PyTorch; every real row written."""
-    from engine.kernels.sum_block import block_tensors, sum_forward_block
+    """`fwd_rows`: node blocks sharing a child list as one tile; broken runs, runs longer than R, a
+    group padded with -1 and a padded child tile, against float64 PyTorch; every real row written."""
+    from engine.kernels.sum_block import block_tensors, forward_rows, sum_forward_block
 
-    nb, w, bs, B = 5, 2, 16, 20
+    nb, w, bs, B = 12, 2, 16, 20
     rows_e = 64 + 3 * w * bs
     em = torch.randn(rows_e, B) * 3 - 5
     em[:64] = -torch.inf
     lists = (64 + torch.arange(3 * w) * bs).view(3, w)
-    child_rows = lists[[0, 0, 0, 1, 2]].clone()
-    child_rows[4, 1] = 0  # a padded tile
-    node_rows = 1 + torch.tensor([4, 0, 1, 2, 3]) * bs  # node blocks not in row order
+    child_rows = lists[[0] * 7 + [1] * 4 + [2]].clone()
+    child_rows[11, 1] = 0  # a padded tile
+    node_rows = 1 + torch.randperm(nb, generator=torch.Generator().manual_seed(0)) * bs  # not in row order
     base = torch_ops.SumPartitionTensors(
         bs,
         nb,
@@ -220,12 +238,12 @@ def test_row_grouped_sum_forward_matches_float64(rows):
         (child_rows[:, :, None] + torch.arange(bs)).view(nb, -1).to(DEVICE),
     )
     pt = block_tensors(base, node_rows, child_rows, 64, _on_device)
-    assert rows in pt.row_groups
+    opts = KernelOptions(fwd_block_b=16, fwd_rows=rows, fwd_rows_min_block=bs)
+    assert forward_rows(pt, opts) == rows and (pt.row_groups[rows] < 0).any()
     params = torch.rand(5 + nb * bs * w * bs)
     ref = _forward_ref(pt, params, em, 1 + nb * bs)
     got = torch.full((1 + nb * bs, B), float("nan"), device=DEVICE)
     got[0] = 0
-    opts = KernelOptions(fwd_block_b=16, fwd_rows=rows, fwd_rows_min_block=bs)
     sum_forward_block(pt, params.to(DEVICE), em.to(DEVICE), got, opts)
     got = got.cpu()
     err = ((got.double() - ref).norm() / ref.norm()).item()
@@ -233,12 +251,14 @@ def test_row_grouped_sum_forward_matches_float64(rows):
 
 
 def test_pd_with_row_grouped_forward_matches_torch():
+    from engine.kernels.sum_block import forward_rows
+
     root = pd((4, 4), 32, (2, 2), input_dist=Categorical(4), block_size=16)
     x, m = data([Categorical(4)] * 16, 9)
-    pc = compare(root, x.long(), m, opts=dataclasses.replace(OPTS, fwd_rows=2, fwd_rows_min_block=16))
-    assert any(
-        2 in getattr(p, "row_groups", {}) for t in pc.tables.layers if t for p in getattr(t, "parts", [])
-    )
+    opts = dataclasses.replace(OPTS, fwd_rows=2, fwd_rows_min_block=16)
+    pc = compare(root, x.long(), m, opts=opts)
+    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
+    assert any(forward_rows(p, opts) == 2 for p in parts)
 
 
 def test_plan_records_kernels_and_torch_on_cpu_backend():

@@ -130,9 +130,9 @@ class Distribution:
         """The integer C handed to `kernel_log_prob` (e.g. the number of categories)."""
         return 0
 
-    def kernel_forward(self, out, params, xt, mt, segments, opts) -> bool:
+    def kernel_forward(self, out, params, xt, mt, segments, max_len: int, opts) -> bool:
         """out `[n, B]` = log-probabilities through a specialised kernel over the layer's segments (runs
-        of nodes sharing a variable); False (nothing done): the generic `kernel_log_prob` kernel."""
+        of at most `max_len` nodes sharing a variable); False (nothing done): the generic kernel."""
         return False
 
     def kernel_stats(self, stats, params, vars_, xt, mt, flows, segments, opts) -> bool:

@@ -1,9 +1,9 @@
 """Categorical over {0, ..., num_cats-1}; params are the probabilities `[n, num_cats]`.
 
-Kernels: the log-probability device function reads `prm[n, x]`; statistics run over *segments*
-(runs of at most BN nodes sharing a variable), where `stats[n, c] += sum_b f[n, b] [x_b = c]` is a
-matmul of the flows `[BN, BB]` with a one-hot `[BB, CC]` built in registers (tl.dot, tf32x3 or
-ieee): no atomics, no contention on popular categories. Options (engine/kernels/options.py) pick
+Kernels: the forward and the statistics run over *segments* (runs of at most BN nodes sharing a
+variable). A forward program keeps its nodes' parameter rows in L1 while it walks the batch. In the
+statistics, `stats[n, c] += sum_b f[n, b] [x_b = c]` is a matmul of the flows `[BN, BB]` with a
+one-hot `[BB, CC]` built in registers (tl.dot, tf32x3 or ieee): no atomics, no contention on popular categories. Options (engine/kernels/options.py) pick
 the tile's orientation (`stats_cats_major`: `[CC, BN]`, so the MMA's long side is the categories)
 and `stats_split` (two tf32 MMAs instead of tf32x3's three: the one-hot operand is exact in tf32,
 so only the flows need a high and a low part). The split: hi = the flow with its 13 low mantissa
@@ -231,10 +231,9 @@ class Categorical(Distribution):
     def kernel_constant(self) -> int:
         return self.num_cats
 
-    def kernel_forward(self, out, params, xt, mt, segments, opts) -> bool:
-        """Per segment of nodes sharing a variable (`opts.input_fwd`), `input_rows` rows a program:
-        float32 and contiguous only. `segments` at most `opts.stats_nodes` long (the backend's table,
-        `inputs.segments`)."""
+    def kernel_forward(self, out, params, xt, mt, segments, max_len, opts) -> bool:
+        """Per segment of at most `max_len` nodes sharing a variable (`opts.input_fwd`), `input_rows`
+        rows a program: float32 and contiguous only."""
         if not opts.input_fwd or not all(t.dtype == torch.float32 for t in (out, params)):
             return False
         if not params.is_contiguous() or out.stride() != (out.shape[1], 1):
@@ -242,7 +241,7 @@ class Categorical(Distribution):
         B = out.shape[1]
         starts, lens, svars = segments
         RN, cols = opts.input_rows, max(opts.input_block_b, opts.input_cols)
-        nrc = triton.cdiv(opts.stats_nodes, RN)
+        nrc = triton.cdiv(max_len, RN)
         _fwd_kernel[(starts.numel() * nrc, triton.cdiv(B, cols))](
             out,
             params,

@@ -44,6 +44,7 @@ class InputKernelTable:
     """Runs of at most `stats_nodes` nodes sharing a variable: (start, length, variable) `[S]` each."""
 
     segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    max_len: int  # the segments' length limit (the options' stats_nodes when the table was built)
     chunks: dict = field(default_factory=dict)  # chunk rows -> chunked statistics launches (input_stats)
 
 
@@ -84,7 +85,10 @@ class TritonBackend(TorchBackend):
             [pt for lay in plan.sum_layers for pt in tables.layers[lay.index].parts], device
         )
         tables.inputs = [
-            InputKernelTable(tuple(t.to(device) for t in inputs.segments(inp.vars, self.options.stats_nodes)))
+            InputKernelTable(
+                tuple(t.to(device) for t in inputs.segments(inp.vars, self.options.stats_nodes)),
+                self.options.stats_nodes,
+            )
             for inp in inputs_
         ]
         return tables
@@ -158,7 +162,7 @@ class TritonBackend(TorchBackend):
     def input_forward(self, layer: InputLayer, table: InputKernelTable, x, missing, out) -> TransposedInputs:
         """Kernels read x^T by each node's variable (no `[n, B]` gather); other families: PyTorch."""
         xt, mt = inputs.prepare_data(layer.dist, x, missing)
-        if layer.dist.kernel_forward(out, layer.params, xt, mt, table.segments, self.options):
+        if layer.dist.kernel_forward(out, layer.params, xt, mt, table.segments, table.max_len, self.options):
             pass
         elif inputs.supports(layer.dist):
             inputs.input_forward(layer.dist, layer.params, layer.vars, xt, mt, out, self.options)

@@ -6,6 +6,7 @@ The data is read as `x^T: [num_vars, B]` (and `missing^T`), indexed by each node
 
 - forward: one program per (BN nodes, BB batch columns): reads BN*BB data values (cached: nodes of
   one variable share them) and BN*BB parameters, writes BN*BB log-probabilities into node_mars.
+  Families with a segment forward (`Distribution.kernel_forward`; Categorical) launch their own.
 - tile statistics (families with at most 3 statistics): per-node reductions over the batch, one
   program per BN nodes; the family's `kernel_stats_tile` gives each batch tile's increments.
   Families with a specialised statistics kernel (Categorical) launch their own.

@@ -19,7 +19,7 @@ PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 
 # tl.dot needs every dimension >= 16: smaller node blocks run the sparse (per-node) kernels.
 MIN_DOT_BLOCK = 16
-FWD_ROWS = (1, 2, 4, 8)  # node blocks per program of the row-grouped block sum forward
+FWD_ROWS = (1, 2, 4)  # node blocks per program of the row-grouped block sum forward
 ELEM_SETS = (0, 1, 2, 4, 8, 16)  # child blocks per program of the parent-set element-flow kernel (0: off)
 
 
@@ -35,7 +35,7 @@ class KernelOptions:
     sparse_children: int = 32  # children per step in the sparse sum kernel
     input_nodes: int = 32  # input nodes per program of the generic input kernels
     # input forward of families with a segment kernel (Categorical): programs of `input_rows` nodes of
-    # one variable walking `input_cols` batch columns, `input_block_b` at a time (0: the generic kernel).
+    # one variable walking `input_cols` batch columns, `input_block_b` at a time (False: the generic kernel).
     # A/B on an H200 2026-12-01 (results/kernel_breakdown_h200_input_fwd_*.json), input forward ms
     # generic -> segments: HCLT-128 0.276 -> 0.165, PD-128 0.274 -> 0.162, HCLT-256 0.545 -> 0.321,
     # PD-256 0.546 -> 0.317 (graph step -0.11 to -0.27 ms)
@@ -54,7 +54,6 @@ class KernelOptions:
     fwd_rows: int = 2
     fwd_rows_min_block: int = 64
     fwd_rows_block_b: int = 64
-    fwd_warps: int = 0  # warps of that kernel when it groups rows (0: num_warps)
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
@@ -102,7 +101,6 @@ class KernelOptions:
         for name, allowed in (
             ("num_warps", (1, 2, 4, 8, 16)),
             ("stats_warps", (0, 1, 2, 4, 8, 16)),
-            ("fwd_warps", (0, 1, 2, 4, 8, 16)),
             ("fwd_rows", FWD_ROWS),
         ):
             if getattr(self, name) not in allowed:

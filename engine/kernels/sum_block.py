@@ -11,7 +11,9 @@ tl.dot instead of G small ones, and the loop runs G times fewer steps.
 
 Five kernels, and the reference they are tested against is the same-named function in torch_ops:
 - forward: log-sum-exp as an *online* max-shift over the child groups (one read of each child
-  tile), exp, matmul with the weight slab, log.
+  tile), exp, matmul with the weight slab, log. Node blocks with equal child lists (HCLT: a
+  variable's blocks) run R to a program (`forward_rows`): each child tile is read and exponentiated
+  once for R blocks, and the dot has R * bs rows.
 - node scale (backward, once per partition): `a = exp(log f - v - mu)` with `mu` the per-column max
   over the node block, written to a scratch `[nb * bs, B]` (+ `mu: [nb, B]`): both flow kernels read
   it instead of re-deriving it from values and flows for every child tile (one read, no log/exp).
@@ -44,6 +46,7 @@ import triton.language as tl
 from engine.executor.torch_ops import SumPartitionTensors
 from engine.kernels.options import ELEM_SETS, FWD_ROWS, KernelOptions
 
+FWD_MAX_ROWS = 128  # rows of a row-grouped forward tile (R * block size): 4 x 64 ran 2x slower on an H200
 SET_MAX_ROWS = 512  # parent-set tables are built up to this many parent rows (P * bs); options pick below
 TINY = tl.constexpr(1.2e-38)  # smallest normal float32 is 1.18e-38; Triton types 1e-38 as float64
 
@@ -111,7 +114,7 @@ def _sum_fwd_block_kernel(
         )
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # the BS x G*BS weight slab (L2-resident across the batch tiles of this node block)
+        # the R*BS x G*BS weight slab (L2-resident across the batch tiles of these node blocks)
         w = tl.load(wrow[:, None] + (k0 * BS + q)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc = acc * tl.exp(m - m_safe)[None, :] + _mm(w, tl.exp(el - m_safe[None, :]), PREC)
         m = m_new
@@ -370,14 +373,22 @@ def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch
     return bb
 
 
+def forward_rows(pt, opts: KernelOptions) -> int:
+    """Node blocks per program of the block forward: `opts.fwd_rows` where the partition's block size
+    is at least `fwd_rows_min_block`, the tile stays within FWD_MAX_ROWS rows (the measured shape:
+    2 x 64) and `row_groups` has a table for it (runs that pad little); else 1."""
+    r = opts.fwd_rows
+    ok = pt.block_size >= opts.fwd_rows_min_block and r * pt.block_size <= FWD_MAX_ROWS
+    return r if ok and r in pt.row_groups else 1
+
+
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
     """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition."""
     B = element_mars.shape[1]
-    grouped = pt.block_size >= opts.fwd_rows_min_block and opts.fwd_rows in pt.row_groups
-    rows = opts.fwd_rows if grouped else 1
-    groups = pt.row_groups[rows] if grouped else pt.node_rows
+    rows = forward_rows(pt, opts)
+    groups = pt.row_groups[rows] if rows > 1 else pt.node_rows
     ng = groups.shape[0]
-    largest = min(opts.fwd_block_b, opts.fwd_rows_block_b) if grouped else opts.fwd_block_b
+    largest = min(opts.fwd_block_b, opts.fwd_rows_block_b) if rows > 1 else opts.fwd_block_b
     bb = forward_batch_tile(ng, B, largest, element_mars.device)
     nbt = triton.cdiv(B, bb)
     _sum_fwd_block_kernel[(ng * nbt,)](
@@ -396,7 +407,7 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
         G=group_size(pt.block_size, pt.width, opts.group_cols),
         PREC=opts.precision,
         R=rows,
-        num_warps=opts.fwd_warps if grouped and opts.fwd_warps else opts.num_warps,
+        num_warps=opts.num_warps,
     )
 
 
@@ -598,9 +609,11 @@ def block_tensors(
     )
 
 
-def row_groups(child_rows: torch.Tensor) -> dict[int, torch.Tensor]:
+def row_groups(child_rows: torch.Tensor, min_fill: float = 0.75) -> dict[int, torch.Tensor]:
     """{R: [ng, R]} the node blocks in runs of at most R consecutive ones with equal child lists
-    (`child_rows: [nb, width]`), -1 padding; R in FWD_ROWS[1:], omitted when no run is longer than 1."""
+    (`child_rows: [nb, width]`), -1 padding; R in FWD_ROWS[1:], only where the groups are at least
+    `min_fill` real blocks (a partition of mostly single blocks would run half-empty tiles) and some
+    run is longer than 1."""
     nb = child_rows.shape[0]
     if nb == 0:
         return {}
@@ -611,8 +624,8 @@ def row_groups(child_rows: torch.Tensor) -> dict[int, torch.Tensor]:
     out = {}
     for r in FWD_ROWS[1:]:
         starts = idx[change | ((idx - run_start) % r == 0)]
-        if starts.numel() == nb:
-            continue
+        if starts.numel() == nb or nb < min_fill * starts.numel() * r:
+            continue  # no run longer than 1, or too much padding
         lens = torch.diff(torch.cat([starts, torch.tensor([nb])]))
         off = torch.arange(r)
         g = starts[:, None] + off[None, :]
