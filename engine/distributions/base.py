@@ -57,8 +57,7 @@ class Distribution:
       observed values (int32 if `discrete`, else float32), C = `kernel_constant()`.
     - `kernel_stats_tile(prm, n64, nm, P, xv, miss, f) -> (a0, a1, a2)`: `[BN]` increments of the
       (at most 3) statistics from one batch tile with flows `f: [BN, BB]`.
-    - `kernel_forward` / `kernel_stats` / `kernel_em_update`: launchers a family overrides for a
-      specialised kernel.
+    - `kernel_stats` / `kernel_em_update`: launchers a family overrides for a specialised kernel.
     """
 
     name = "abstract"
@@ -129,11 +128,6 @@ class Distribution:
     def kernel_constant(self) -> int:
         """The integer C handed to `kernel_log_prob` (e.g. the number of categories)."""
         return 0
-
-    def kernel_forward(self, out, params, xt, mt, segments, max_len: int, opts) -> bool:
-        """out `[n, B]` = log-probabilities through a specialised kernel over the layer's segments (runs
-        of at most `max_len` nodes sharing a variable); False (nothing done): the generic kernel."""
-        return False
 
     def kernel_stats(self, stats, params, vars_, xt, mt, flows, segments, opts) -> bool:
         """Add this batch's statistics through a kernel; False when the family has none."""

@@ -1,9 +1,9 @@
 """Categorical over {0, ..., num_cats-1}; params are the probabilities `[n, num_cats]`.
 
-Kernels: the forward and the statistics run over *segments* (runs of at most BN nodes sharing a
-variable). A forward program keeps its nodes' parameter rows in L1 while it walks the batch. In the
-statistics, `stats[n, c] += sum_b f[n, b] [x_b = c]` is a matmul of the flows `[BN, BB]` with a
-one-hot `[BB, CC]` built in registers (tl.dot, tf32x3 or ieee): no atomics, no contention on popular categories. Options (engine/kernels/options.py) pick
+Kernels: the log-probability device function reads `prm[n, x]`; statistics run over *segments*
+(runs of at most BN nodes sharing a variable), where `stats[n, c] += sum_b f[n, b] [x_b = c]` is a
+matmul of the flows `[BN, BB]` with a one-hot `[BB, CC]` built in registers (tl.dot, tf32x3 or
+ieee): no atomics, no contention on popular categories. Options (engine/kernels/options.py) pick
 the tile's orientation (`stats_cats_major`: `[CC, BN]`, so the MMA's long side is the categories)
 and `stats_split` (two tf32 MMAs instead of tf32x3's three: the one-hot operand is exact in tf32,
 so only the flows need a high and a low part). The split: hi = the flow with its 13 low mantissa
@@ -30,50 +30,6 @@ def _log_prob(prm, n64, nm, xv, P, C):
     xv = tl.minimum(tl.maximum(xv, 0), C - 1)
     p = tl.load(prm + n64[:, None] * P + xv, mask=nm[:, None], other=1.0)
     return tl.log(p)  # -inf for a zero probability
-
-
-@jit
-def _fwd_kernel(
-    out,
-    prm,
-    xt,
-    mt,
-    seg_start,
-    seg_len,
-    seg_var,
-    B,
-    C,
-    num_rc,
-    cols_per_prog,
-    RN: tl.constexpr,
-    BB: tl.constexpr,
-):
-    """out[n, b] = log prm[n, x[var, b]] (0 where missing) for RN rows of one segment (one variable)
-    over `cols_per_prog` batch columns: the program's RN parameter rows stay in L1 while it walks the
-    batch, where the generic kernel's (32 nodes x 32 columns) programs each fetch their own L2 sector
-    per element (H200: 0.17 against 0.28 ms at HCLT-128; a tl.gather from a register tile of the
-    log-parameters took 0.34, benchmarks/NOTES.md)."""
-    pid = tl.program_id(0)
-    s = pid // num_rc
-    r0 = (pid % num_rc) * RN
-    cnt = tl.load(seg_len + s)
-    if r0 >= cnt:
-        return
-    n = tl.load(seg_start + s).to(tl.int64) + r0 + tl.arange(0, RN)
-    nm = r0 + tl.arange(0, RN) < cnt
-    var = tl.load(seg_var + s).to(tl.int64)
-    c0 = tl.program_id(1) * cols_per_prog
-    for b0 in range(c0, tl.minimum(c0 + cols_per_prog, B), BB):
-        offs_b = b0 + tl.arange(0, BB)
-        bm = offs_b < B
-        xv = tl.minimum(tl.maximum(tl.load(xt + var * B + offs_b, mask=bm, other=0), 0), C - 1)
-        miss = tl.load(mt + var * B + offs_b, mask=bm, other=1) != 0
-        lp = tl.log(tl.load(prm + n[:, None] * C + xv[None, :], mask=nm[:, None], other=1.0))
-        tl.store(
-            out + n[:, None] * B + offs_b[None, :],
-            tl.where(miss[None, :], 0.0, lp),
-            mask=nm[:, None] & bm[None, :],
-        )
 
 
 @jit
@@ -230,35 +186,6 @@ class Categorical(Distribution):
     # ------------------------------------------------------------------ kernels
     def kernel_constant(self) -> int:
         return self.num_cats
-
-    def kernel_forward(self, out, params, xt, mt, segments, max_len, opts) -> bool:
-        """Per segment of at most `max_len` nodes sharing a variable (`opts.input_fwd`), `input_rows`
-        rows a program: float32 and contiguous only."""
-        if not opts.input_fwd or not all(t.dtype == torch.float32 for t in (out, params)):
-            return False
-        if not params.is_contiguous() or out.stride() != (out.shape[1], 1):
-            return False
-        B = out.shape[1]
-        starts, lens, svars = segments
-        RN, cols = opts.input_rows, max(opts.input_block_b, opts.input_cols)
-        nrc = triton.cdiv(max_len, RN)
-        _fwd_kernel[(starts.numel() * nrc, triton.cdiv(B, cols))](
-            out,
-            params,
-            xt,
-            mt,
-            starts,
-            lens,
-            svars,
-            B,
-            self.num_cats,
-            nrc,
-            cols,
-            RN=RN,
-            BB=opts.input_block_b,
-            num_warps=opts.num_warps,
-        )
-        return True
 
     def kernel_stats(self, stats, params, vars_, xt, mt, flows, segments, opts) -> bool:
         """Per segment of nodes sharing a variable: flows x one-hot through tl.dot (no atomics).

@@ -162,10 +162,10 @@ class TritonBackend(TorchBackend):
     def input_forward(self, layer: InputLayer, table: InputKernelTable, x, missing, out) -> TransposedInputs:
         """Kernels read x^T by each node's variable (no `[n, B]` gather); other families: PyTorch."""
         xt, mt = inputs.prepare_data(layer.dist, x, missing)
-        if layer.dist.kernel_forward(out, layer.params, xt, mt, table.segments, table.max_len, self.options):
-            pass
-        elif inputs.supports(layer.dist):
-            inputs.input_forward(layer.dist, layer.params, layer.vars, xt, mt, out, self.options)
+        if inputs.supports(layer.dist):
+            inputs.input_forward(
+                layer.dist, layer.params, layer.vars, xt, mt, out, self.options, table.segments, table.max_len
+            )
         else:
             xv, miss = layer.gather(x, missing)
             out.copy_(layer.dist.log_prob(layer.params, xv, miss))

@@ -6,7 +6,8 @@ The data is read as `x^T: [num_vars, B]` (and `missing^T`), indexed by each node
 
 - forward: one program per (BN nodes, BB batch columns): reads BN*BB data values (cached: nodes of
   one variable share them) and BN*BB parameters, writes BN*BB log-probabilities into node_mars.
-  Families with a segment forward (`Distribution.kernel_forward`; Categorical) launch their own.
+  With `input_fwd` (default): one program per (input_rows nodes of one variable, input_cols batch
+  columns), which reads each data row once a step and keeps its parameter rows in L1.
 - tile statistics (families with at most 3 statistics): per-node reductions over the batch, one
   program per BN nodes; the family's `kernel_stats_tile` gives each batch tile's increments.
   Families with a specialised statistics kernel (Categorical) launch their own.
@@ -39,6 +40,52 @@ def _input_fwd_kernel(
     xv = tl.load(xt + dptr, mask=m2, other=0)
     lp = LOG_PROB(prm, n64, nm, xv, P, C)
     tl.store(out + n64[:, None] * B + offs_b[None, :], tl.where(miss, 0.0, lp), mask=m2)
+
+
+@triton.jit
+def _input_fwd_seg_kernel(
+    prm,
+    xt,
+    mt,
+    seg_start,
+    seg_len,
+    seg_var,
+    out,
+    B,
+    P,
+    C,
+    num_rc,
+    cols_per_prog,
+    LOG_PROB: tl.constexpr,
+    RN: tl.constexpr,
+    BB: tl.constexpr,
+):
+    """RN rows of one segment (nodes of one variable) over `cols_per_prog` batch columns, BB at a time:
+    the rows' parameters stay in L1 while the program walks the batch, where `_input_fwd_kernel`'s
+    programs each fetch their own L2 sectors per element (H200, Categorical: 0.17 against 0.28 ms at
+    HCLT-128; a tl.gather from a register tile of log-parameters took 0.34, benchmarks/NOTES.md)."""
+    pid = tl.program_id(0)
+    s = pid // num_rc
+    r0 = (pid % num_rc) * RN
+    cnt = tl.load(seg_len + s)
+    if r0 >= cnt:
+        return
+    n64 = tl.load(seg_start + s).to(tl.int64) + r0 + tl.arange(0, RN)
+    nm = r0 + tl.arange(0, RN) < cnt
+    var = tl.load(seg_var + s).to(tl.int64)
+    c0 = tl.program_id(1) * cols_per_prog
+    for b0 in range(c0, tl.minimum(c0 + cols_per_prog, B), BB):
+        offs_b = b0 + tl.arange(0, BB)
+        bm = offs_b < B
+        # the segment's nodes share one variable: BB data values and missing flags, read once
+        xv = tl.load(xt + var * B + offs_b, mask=bm, other=0)
+        miss = tl.load(mt + var * B + offs_b, mask=bm, other=1) != 0
+        lp = LOG_PROB(prm, n64, nm, tl.broadcast_to(xv[None, :], (RN, BB)), P, C)
+        tl.store(
+            out + n64[:, None] * B + offs_b[None, :],
+            tl.where(miss[None, :], 0.0, lp),
+            mask=nm[:, None] & bm[None, :],
+        )
 
 
 @triton.jit
@@ -96,9 +143,34 @@ def prepare_data(dist, x: torch.Tensor, missing: torch.Tensor):
     return xt, missing.T.contiguous().to(torch.uint8)
 
 
-def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions) -> None:
-    """out `[N, B]` (a node_mars slice) = log p(x_var(n)) per node, 0 where missing."""
+def input_forward(dist, params, vars_, xt, mt, out, opts: KernelOptions, segs=None, max_len: int = 0) -> None:
+    """out `[N, B]` (a node_mars slice) = log p(x_var(n)) per node, 0 where missing. With `segs` (the
+    layer's `segments(vars_, max_len)` on the device) and `opts.input_fwd`: programs of `input_rows`
+    nodes of one segment walking `input_cols` batch columns (`_input_fwd_seg_kernel`)."""
     N, B = out.shape
+    if segs is not None and opts.input_fwd:
+        starts, lens, svars = segs
+        nrc = triton.cdiv(max_len, opts.input_rows)
+        cols = max(opts.input_block_b, opts.input_cols)
+        _input_fwd_seg_kernel[(starts.numel() * nrc, triton.cdiv(B, cols))](
+            params,
+            xt,
+            mt,
+            starts,
+            lens,
+            svars,
+            out,
+            B,
+            params.shape[1],
+            dist.kernel_constant(),
+            nrc,
+            cols,
+            LOG_PROB=dist.kernel_log_prob,
+            RN=opts.input_rows,
+            BB=opts.input_block_b,
+            num_warps=opts.num_warps,
+        )
+        return
     nbt = triton.cdiv(B, opts.block_b)
     _input_fwd_kernel[(triton.cdiv(N, opts.input_nodes) * nbt,)](
         params,

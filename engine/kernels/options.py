@@ -34,9 +34,10 @@ class KernelOptions:
     prod_rows: int = 32  # product rows per program
     sparse_children: int = 32  # children per step in the sparse sum kernel
     input_nodes: int = 32  # input nodes per program of the generic input kernels
-    # input forward of families with a segment kernel (Categorical): programs of `input_rows` nodes of
-    # one variable walking `input_cols` batch columns, `input_block_b` at a time (False: the generic kernel).
-    # A/B on an H200 2026-12-01 (results/kernel_breakdown_h200_input_fwd_*.json), input forward ms
+    # input forward by variable segments: programs of `input_rows` nodes of one variable walking
+    # `input_cols` batch columns, `input_block_b` at a time (False: `input_nodes` nodes a program).
+    # A/B on an H200 2026-12-01 (results/kernel_breakdown_h200_input_fwd_*.json; Categorical, run then
+    # as the family's own kernel with the same loads), input forward ms
     # generic -> segments: HCLT-128 0.276 -> 0.165, PD-128 0.274 -> 0.162, HCLT-256 0.545 -> 0.321,
     # PD-256 0.546 -> 0.317 (graph step -0.11 to -0.27 ms)
     input_fwd: bool = True
