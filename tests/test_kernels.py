@@ -389,3 +389,28 @@ def test_parent_set_split_at_block_size_32_matches_torch(monkeypatch):
     x, m = data([Categorical(4)] * 8, 21)
     compare(root, x.long(), m, opts=opts)
     assert (32, 2) in ran  # two parents of 32 rows over a 32-row limit: split into two launches
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_row_grouped_node_scale_and_parameter_flows_match_torch(rows, in_place):
+    """`flow_rows`: one node-scale max per row group, the parameter flows of the group's blocks as one
+    tile (PD at block size 16: four blocks a region); every buffer against the PyTorch path, with the
+    scale in a scratch and in place over the node flows (training steps)."""
+    from engine.kernels.sum_block import flow_rows
+
+    root = pd((4, 4), 64, (2, 2), input_dist=Categorical(4), block_size=16)
+    x, m = data([Categorical(4)] * 16, 9)
+    opts = dataclasses.replace(OPTS, flow_rows=rows, flow_rows_min_block=16)
+    pc = compare(root, x.long(), m, opts=opts)
+    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
+    assert any(flow_rows(p, opts) == rows for p in parts)
+    if in_place:  # a training step writes the scale over the node flows (`sum_backward_block`)
+        pcs = [
+            engine.compile(copy.deepcopy(root), device=DEVICE, backend=b, kernel_options=opts)
+            for b in ("triton", "torch")
+        ]
+        lls = [c.train_step(x.long().to(DEVICE), m.to(DEVICE), em=(0.5, 0.1)) for c in pcs]
+        assert torch.allclose(lls[0], lls[1], rtol=1e-5)
+        err = ((pcs[0].params - pcs[1].params).norm() / pcs[1].params.norm()).item()
+        assert err < 1e-5, err

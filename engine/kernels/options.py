@@ -55,6 +55,10 @@ class KernelOptions:
     fwd_rows: int = 2
     fwd_rows_min_block: int = 64
     fwd_rows_block_b: int = 64
+    # the node scale and parameter flows by row groups too (sum_block.flow_rows): one node-scale max
+    # per group, so the parameter flows exponentiate each child tile once for its R blocks (1: off)
+    flow_rows: int = 1
+    flow_rows_min_block: int = 32
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
@@ -103,6 +107,7 @@ class KernelOptions:
             ("num_warps", (1, 2, 4, 8, 16)),
             ("stats_warps", (0, 1, 2, 4, 8, 16)),
             ("fwd_rows", FWD_ROWS),
+            ("flow_rows", FWD_ROWS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -118,6 +123,7 @@ class KernelOptions:
             "fwd_block_b",
             "fwd_rows_min_block",
             "fwd_rows_block_b",
+            "flow_rows_min_block",
             "elem_block_b",
             "elem_set_rows",
             "elem_set_max_rows",

@@ -128,27 +128,60 @@ def _sum_fwd_block_kernel(
 
 
 @triton.jit
-def _node_scale_kernel(nmars, nflows, node_rows, scale, mus, B, num_bt, BS: tl.constexpr, BB: tl.constexpr):
-    """scale[i*BS + n] = exp(u - mu), u = log f - v, mu = max_n u (finite or 0); mus[i] = mu."""
+def _node_scale_kernel(
+    nmars,
+    nflows,
+    node_rows,
+    scale,
+    mus,
+    B,
+    num_bt,
+    groups,
+    BS: tl.constexpr,
+    BB: tl.constexpr,
+    R: tl.constexpr,
+):
+    """scale[i*BS + n] = exp(u - mu), u = log f - v, mu = max_n u (finite or 0); mus[i] = mu. R > 1:
+    program per row group (`groups[g]`, -1 padding), mu the max over all its blocks' rows, stored for
+    each of them (so the parameter flows of a group may share one exp of the child values)."""
     pid = tl.program_id(0)
-    i = pid // num_bt
+    g = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
     bmask = offs_b < B
-    r = tl.arange(0, BS)
-    n0 = tl.load(node_rows + i)
-    ptr = (n0 + r)[:, None] * B + offs_b[None, :]
-    v = tl.load(nmars + ptr, mask=bmask[None, :], other=0.0)
-    f = tl.load(nflows + ptr, mask=bmask[None, :], other=0.0)
+    if R == 1:
+        r = tl.arange(0, BS)
+        blk = tl.zeros([BS], dtype=tl.int64) + g
+        rmask = r < BS
+        nrow = tl.load(node_rows + g) + r
+    else:
+        rr = tl.arange(0, R * BS)
+        blk = tl.load(groups + g * R + rr // BS)
+        rmask = blk >= 0
+        blk = tl.maximum(blk, 0)
+        r = rr % BS
+        nrow = tl.load(node_rows + blk) + r
+    m2 = rmask[:, None] & bmask[None, :]
+    ptr = nrow[:, None] * B + offs_b[None, :]
+    v = tl.load(nmars + ptr, mask=m2, other=0.0)
+    f = tl.load(nflows + ptr, mask=m2, other=0.0)
     ninf = tl.full(f.shape, float("-inf"), tl.float32)  # a python -inf in where() becomes fp64 on 3.6
-    u = tl.where(f > 0, tl.log(tl.maximum(f, TINY)) - v, ninf)
+    u = tl.where((f > 0) & m2, tl.log(tl.maximum(f, TINY)) - v, ninf)
     mu = tl.max(u, 0)
     mu = tl.where(mu == float("-inf"), 0.0, mu)
     tl.store(
-        scale + (i * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :],
+        scale + (blk * BS + r).to(tl.int64)[:, None] * B + offs_b[None, :],
         tl.exp(u - mu[None, :]),
-        mask=bmask[None, :],
+        mask=m2,
     )
-    tl.store(mus + i.to(tl.int64) * B + offs_b, mu, mask=bmask)
+    if R == 1:
+        tl.store(mus + g.to(tl.int64) * B + offs_b, mu, mask=bmask)
+    else:
+        first = rmask & (r == 0)  # one row per block writes the block's mu
+        tl.store(
+            mus + blk.to(tl.int64)[:, None] * B + offs_b[None, :],
+            tl.zeros([R * BS, BB], dtype=tl.float32) + mu[None, :],
+            mask=first[:, None] & bmask[None, :],
+        )
 
 
 @triton.jit
@@ -310,42 +343,59 @@ def _sum_bwd_param_block_kernel(
     W,
     param_off,
     num_kg,
+    groups,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
     EXP_CLAMP: tl.constexpr,
+    R: tl.constexpr,
 ):
+    """R > 1: a row group's blocks (one child list, one node-scale max: `_node_scale_kernel` with the
+    same R) as one `[R*BS, G*BS]` tile, each batch step's child values exponentiated once for all."""
     pid = tl.program_id(0)
-    i = pid // num_kg
+    g = pid // num_kg
     k0 = (pid % num_kg) * G
     q = tl.arange(0, G * BS)
     kk = k0 + q // BS
     kmask = kk < W
+    if R == 1:
+        i = g
+        r = tl.arange(0, BS)
+        blk = tl.zeros([BS], dtype=tl.int64) + g
+        rmask = r < BS
+    else:
+        rr = tl.arange(0, R * BS)
+        blk = tl.load(groups + g * R + rr // BS)
+        rmask = blk >= 0
+        blk = tl.maximum(blk, 0)
+        r = rr % BS
+        i = tl.load(groups + g * R)
     c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
     if tl.max(c0, 0) > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
-        r = tl.arange(0, BS)
         crow = (c0 + q % BS)[:, None] * B
-        srow = (i * BS + r).to(tl.int64)[:, None] * B
-        acc = tl.zeros([BS, G * BS], dtype=tl.float32)
+        srow = (blk * BS + r).to(tl.int64)[:, None] * B
+        acc = tl.zeros([R * BS, G * BS], dtype=tl.float32)
         for b0 in range(0, B, BB):
             offs_b = b0 + tl.arange(0, BB)
             bmask = offs_b < B
-            a = tl.load(scale + srow + offs_b[None, :], mask=bmask[None, :], other=0.0)
+            a = tl.load(scale + srow + offs_b[None, :], mask=rmask[:, None] & bmask[None, :], other=0.0)
             mu = tl.load(mus + i.to(tl.int64) * B + offs_b, mask=bmask, other=0.0)
             el = tl.load(
                 emars + crow + offs_b[None, :], mask=kmask[:, None] & bmask[None, :], other=float("-inf")
             )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
-        wptr = param_off + i.to(tl.int64) * BS * W * BS + r[:, None] * (W * BS) + (k0 * BS + q)[None, :]
-        w = tl.load(prm + wptr, mask=kmask[None, :], other=0.0)
-        # read-modify-write one BS x G*BS slab of parameter flows
-        tl.store(
-            pflows + wptr,
-            tl.load(pflows + wptr, mask=kmask[None, :], other=0.0) + w * acc,
-            mask=kmask[None, :],
+        wptr = (
+            param_off
+            + blk.to(tl.int64)[:, None] * BS * W * BS
+            + r[:, None] * (W * BS)
+            + (k0 * BS + q)[None, :]
         )
+        wm = rmask[:, None] & kmask[None, :]
+        w = tl.load(prm + wptr, mask=wm, other=0.0)
+        # read-modify-write one R*BS x G*BS slab of parameter flows
+        tl.store(pflows + wptr, tl.load(pflows + wptr, mask=wm, other=0.0) + w * acc, mask=wm)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -379,6 +429,15 @@ def forward_rows(pt, opts: KernelOptions) -> int:
     2 x 64) and `row_groups` has a table for it (runs that pad little); else 1."""
     r = opts.fwd_rows
     ok = pt.block_size >= opts.fwd_rows_min_block and r * pt.block_size <= FWD_MAX_ROWS
+    return r if ok and r in pt.row_groups else 1
+
+
+def flow_rows(pt, opts: KernelOptions) -> int:
+    """Node blocks per program of the node scale and the parameter flows (`opts.flow_rows`, where the
+    block size is at least `flow_rows_min_block` and a row-group table exists; else 1). Both kernels
+    of a partition must agree: the parameter flows share the group's one node-scale max."""
+    r = opts.flow_rows
+    ok = pt.block_size >= opts.flow_rows_min_block and r * pt.block_size <= FWD_MAX_ROWS
     return r if ok and r in pt.row_groups else 1
 
 
@@ -441,7 +500,9 @@ def sum_backward_block(
     else:
         scale = torch.empty(nb * bs, B, device=element_mars.device, dtype=element_mars.dtype)
     mus = torch.empty(nb, B, device=element_mars.device, dtype=element_mars.dtype)
-    _node_scale_kernel[(nb * nbt,)](
+    rows = flow_rows(pt, opts)
+    groups = pt.row_groups[rows] if rows > 1 else pt.node_rows
+    _node_scale_kernel[(groups.shape[0] * nbt,)](
         node_mars,
         node_flows,
         pt.node_rows,
@@ -449,8 +510,10 @@ def sum_backward_block(
         mus,
         B,
         nbt,
+        groups,
         BS=bs,
         BB=opts.block_b,
+        R=rows,
         num_warps=opts.num_warps,
     )
     nc = pt.cblocks.shape[0]
@@ -531,10 +594,12 @@ def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: K
 def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp) -> None:
     """param_flows += W * (scale x exp(element_mars + mu)^T), reduced over the batch per weight slab."""
     B = element_mars.shape[1]
-    bs, nb = pt.block_size, pt.num_node_blocks
+    bs = pt.block_size
     g = group_size(bs, pt.width, opts.group_cols)
     nkg = triton.cdiv(pt.width, g)
-    _sum_bwd_param_block_kernel[(nb * nkg,)](
+    rows = flow_rows(pt, opts)
+    groups = pt.row_groups[rows] if rows > 1 else pt.node_rows
+    _sum_bwd_param_block_kernel[(groups.shape[0] * nkg,)](
         params,
         param_flows,
         element_mars,
@@ -545,6 +610,8 @@ def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, e
         pt.width,
         pt.param_offset,
         nkg,
+        groups,
+        R=rows,
         BS=bs,
         BB=opts.block_b,
         G=g,
