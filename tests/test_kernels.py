@@ -208,11 +208,27 @@ def test_forward_rows_follow_the_block_size_and_the_tile_limit():
             self.block_size, self.row_groups = bs, dict.fromkeys(tables)
 
     opts = KernelOptions()
-    assert forward_rows(Part(64), opts) == 2  # HCLT's blocks: grouped by default
-    assert forward_rows(Part(32), opts) == 1  # PD's: slower grouped, so not
-    assert forward_rows(Part(128), opts) == (2 if 2 * 128 <= FWD_MAX_ROWS else 1)
-    assert forward_rows(Part(32), dataclasses.replace(opts, fwd_rows=4, fwd_rows_min_block=16)) == 4
-    assert forward_rows(Part(64, tables=()), opts) == 1
+    assert forward_rows(Part(64), opts) == (2, 64)  # HCLT's blocks: 2 x 64 rows at 64 columns
+    assert forward_rows(Part(32), opts) == (4, 32)  # PD's: 4 x 32 rows at 32 columns
+    assert forward_rows(Part(16), opts) == (1, opts.fwd_block_b)  # not measured: one block a program
+    assert forward_rows(Part(128), opts)[0] == (2 if 2 * 128 <= FWD_MAX_ROWS else 1)
+    assert forward_rows(Part(32), dataclasses.replace(opts, fwd_rows_32=1)) == (1, opts.fwd_block_b)
+    assert forward_rows(Part(16), dataclasses.replace(opts, fwd_rows=4, fwd_rows_min_block=16))[0] == 4
+    assert forward_rows(Part(64, tables=()), opts) == (1, opts.fwd_block_b)
+
+
+def test_flow_rows_only_at_the_measured_block_size():
+    from engine.kernels.sum_block import flow_rows
+
+    class Part:
+        def __init__(self, bs, tables=(2, 4)):
+            self.block_size, self.row_groups = bs, dict.fromkeys(tables)
+
+    opts = KernelOptions()
+    assert flow_rows(Part(32), opts) == 2  # PD: measured faster
+    assert flow_rows(Part(64), opts) == 1 and flow_rows(Part(16), opts) == 1
+    assert flow_rows(Part(32, tables=()), opts) == 1
+    assert flow_rows(Part(32), dataclasses.replace(opts, flow_rows=1)) == 1
 
 
 @pytest.mark.parametrize("rows", [2, 4])
@@ -239,7 +255,7 @@ def test_row_grouped_sum_forward_matches_float64(rows):
     )
     pt = block_tensors(base, node_rows, child_rows, 64, _on_device)
     opts = KernelOptions(fwd_block_b=16, fwd_rows=rows, fwd_rows_min_block=bs)
-    assert forward_rows(pt, opts) == rows and (pt.row_groups[rows] < 0).any()
+    assert forward_rows(pt, opts)[0] == rows and (pt.row_groups[rows] < 0).any()
     params = torch.rand(5 + nb * bs * w * bs)
     ref = _forward_ref(pt, params, em, 1 + nb * bs)
     got = torch.full((1 + nb * bs, B), float("nan"), device=DEVICE)
@@ -258,7 +274,7 @@ def test_pd_with_row_grouped_forward_matches_torch():
     opts = dataclasses.replace(OPTS, fwd_rows=2, fwd_rows_min_block=16)
     pc = compare(root, x.long(), m, opts=opts)
     parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
-    assert any(forward_rows(p, opts) == 2 for p in parts)
+    assert any(forward_rows(p, opts)[0] == 2 for p in parts)
 
 
 def test_plan_records_kernels_and_torch_on_cpu_backend():
@@ -401,7 +417,7 @@ def test_row_grouped_node_scale_and_parameter_flows_match_torch(rows, in_place):
 
     root = pd((4, 4), 64, (2, 2), input_dist=Categorical(4), block_size=16)
     x, m = data([Categorical(4)] * 16, 9)
-    opts = dataclasses.replace(OPTS, flow_rows=rows, flow_rows_min_block=16)
+    opts = dataclasses.replace(OPTS, flow_rows=rows, flow_rows_min_block=16, flow_rows_max_block=16)
     pc = compare(root, x.long(), m, opts=opts)
     parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
     assert any(flow_rows(p, opts) == rows for p in parts)

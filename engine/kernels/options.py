@@ -46,19 +46,29 @@ class KernelOptions:
     input_cols: int = 256  # batch columns per program of the segment forward (it loops over them)
     group_cols: int = 64  # child columns per tl.dot step in the block sum kernels (G = group_cols // bs)
     fwd_block_b: int = 128  # largest batch tile of the block sum forward (smaller for small partitions)
-    # node blocks with equal child lists per program of the block sum forward (sum_block.row_groups),
-    # in partitions of block size >= fwd_rows_min_block: each child tile read and exponentiated once
-    # for all of them, one dot of fwd_rows * bs rows, batch tiles of at most fwd_rows_block_b. A/B on
-    # an H200 2026-12-01 (results/kernel_breakdown_h200_fwd_rows_*.json), sum forward ms off -> 2 rows
-    # at 64 columns: HCLT-256 (bs 64) 2.46 -> 1.94 (step 8.49 -> 8.01), HCLT-128 0.81 -> 0.78; PD
-    # (bs 32, 32-wide child lists) slower at every setting (PD-256 5.57 -> 9.1-18.9), so not there
+    # node blocks with equal child lists per program of the block sum forward (sum_block.row_groups):
+    # each child tile read and exponentiated once for all of them, one dot of R * bs rows. Two shapes,
+    # each from an A/B on an H200 (sum forward ms, off -> grouped):
+    # - block size >= fwd_rows_min_block: fwd_rows blocks, batch tiles of at most fwd_rows_block_b.
+    #   2026-12-01 (results/kernel_breakdown_h200_fwd_rows_*.json): 2 x 64 rows at 64 columns,
+    #   HCLT-256 (bs 64) 2.46 -> 1.94 (step 8.49 -> 8.01), HCLT-128 0.81 -> 0.78
+    # - block size 32 (PD): fwd_rows_32 blocks at fwd_rows_32_block_b columns. 2026-12-01 05:28
+    #   (results/kernel_breakdown_h200_pd_rows_*.json): 4 x 32 rows at 32 columns, PD-128 1.59 -> 1.42
+    #   (step 7.91 -> 7.74), PD-256 5.58 -> 4.82 (24.51 -> 23.81); at 64 columns no gain (1.64, 5.55),
+    #   2 rows at 64 or 128 columns slower (PD-256 9.1-18.9)
     fwd_rows: int = 2
     fwd_rows_min_block: int = 64
     fwd_rows_block_b: int = 64
-    # the node scale and parameter flows by row groups too (sum_block.flow_rows): one node-scale max
-    # per group, so the parameter flows exponentiate each child tile once for its R blocks (1: off)
-    flow_rows: int = 1
+    fwd_rows_32: int = 4
+    fwd_rows_32_block_b: int = 32
+    # the node scale and parameter flows by row groups too (sum_block.flow_rows), in partitions of
+    # block size flow_rows_min_block..flow_rows_max_block: one node-scale max per group, so the
+    # parameter flows exponentiate each child tile once for the group's blocks (1: off). Same call:
+    # parameter flows PD-128 1.34 -> 1.20 (step 7.91 -> 7.77), PD-256 4.70 -> 3.93 (24.51 -> 23.81);
+    # 4 rows less (1.24, 4.02). Not measured at block size 64 (HCLT), so not there
+    flow_rows: int = 2
     flow_rows_min_block: int = 32
+    flow_rows_max_block: int = 32
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
@@ -107,6 +117,7 @@ class KernelOptions:
             ("num_warps", (1, 2, 4, 8, 16)),
             ("stats_warps", (0, 1, 2, 4, 8, 16)),
             ("fwd_rows", FWD_ROWS),
+            ("fwd_rows_32", FWD_ROWS),
             ("flow_rows", FWD_ROWS),
         ):
             if getattr(self, name) not in allowed:
@@ -123,6 +134,8 @@ class KernelOptions:
             "fwd_block_b",
             "fwd_rows_min_block",
             "fwd_rows_block_b",
+            "fwd_rows_32_block_b",
+            "flow_rows_max_block",
             "flow_rows_min_block",
             "elem_block_b",
             "elem_set_rows",

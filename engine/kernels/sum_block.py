@@ -423,31 +423,39 @@ def forward_batch_tile(num_node_blocks: int, B: int, largest: int, device: torch
     return bb
 
 
-def forward_rows(pt, opts: KernelOptions) -> int:
-    """Node blocks per program of the block forward: `opts.fwd_rows` where the partition's block size
-    is at least `fwd_rows_min_block`, the tile stays within FWD_MAX_ROWS rows (the measured shape:
-    2 x 64) and `row_groups` has a table for it (runs that pad little); else 1."""
-    r = opts.fwd_rows
-    ok = pt.block_size >= opts.fwd_rows_min_block and r * pt.block_size <= FWD_MAX_ROWS
-    return r if ok and r in pt.row_groups else 1
+def forward_rows(pt, opts: KernelOptions) -> tuple[int, int]:
+    """(node blocks, largest batch tile) of a block forward program: `fwd_rows_32` blocks at
+    `fwd_rows_32_block_b` columns at block size 32, `fwd_rows` at `fwd_rows_block_b` at block sizes
+    of at least `fwd_rows_min_block` (the two measured shapes: 4 x 32 and 2 x 64 rows), where the tile
+    stays within FWD_MAX_ROWS rows and `row_groups` has a table for it (runs that pad little); else
+    one block at `fwd_block_b`."""
+    bs = pt.block_size
+    if bs == 32:
+        r, bb = opts.fwd_rows_32, opts.fwd_rows_32_block_b
+    elif bs >= opts.fwd_rows_min_block:
+        r, bb = opts.fwd_rows, opts.fwd_rows_block_b
+    else:
+        r = 1
+    if r > 1 and r * bs <= FWD_MAX_ROWS and r in pt.row_groups:
+        return r, min(opts.fwd_block_b, bb)
+    return 1, opts.fwd_block_b
 
 
 def flow_rows(pt, opts: KernelOptions) -> int:
     """Node blocks per program of the node scale and the parameter flows (`opts.flow_rows`, where the
-    block size is at least `flow_rows_min_block` and a row-group table exists; else 1). Both kernels
-    of a partition must agree: the parameter flows share the group's one node-scale max."""
-    r = opts.flow_rows
-    ok = pt.block_size >= opts.flow_rows_min_block and r * pt.block_size <= FWD_MAX_ROWS
+    block size lies in `flow_rows_min_block..flow_rows_max_block` and a row-group table exists; else
+    1). Both kernels of a partition must agree: the parameter flows share the group's one node-scale max."""
+    r, bs = opts.flow_rows, pt.block_size
+    ok = opts.flow_rows_min_block <= bs <= opts.flow_rows_max_block and r * bs <= FWD_MAX_ROWS
     return r if ok and r in pt.row_groups else 1
 
 
 def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) -> None:
     """node_mars[nodes] = log sum_c w exp(element_mars[c]) for one tiled partition."""
     B = element_mars.shape[1]
-    rows = forward_rows(pt, opts)
+    rows, largest = forward_rows(pt, opts)
     groups = pt.row_groups[rows] if rows > 1 else pt.node_rows
     ng = groups.shape[0]
-    largest = min(opts.fwd_block_b, opts.fwd_rows_block_b) if rows > 1 else opts.fwd_block_b
     bb = forward_batch_tile(ng, B, largest, element_mars.device)
     nbt = triton.cdiv(B, bb)
     _sum_fwd_block_kernel[(ng * nbt,)](
