@@ -63,7 +63,7 @@ def main() -> int:
     data = mnist_like(3000)
     cases = gpu_cases(data)
     rows, bad = kernel_rows(cases, data)
-    for name in ("hclt64_mnist", "pd32_mnist"):
+    for name in ("hclt64_mnist", "pd32_mnist", "pd128_mnist"):
         lt, lr = train_ll(cases[name][0], data, "triton"), train_ll(cases[name][0], data, "torch")
         print(f"{name:14s} 30 EM steps: LL triton {lt:.3f} torch {lr:.3f}")
         bad = bad or not abs(lt - lr) < 1e-2 * abs(lr)

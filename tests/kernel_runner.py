@@ -126,6 +126,8 @@ def gpu_cases(mnist: torch.Tensor) -> dict:
             "cat",
         ),
         "pd32_mnist": (engine.structures.pd((28, 28), 32, (4, 4), input_dist=Categorical(256)), "cat"),
+        # four blocks of 32 a region: the 4-block forward and the 2-block node scale / parameter flows
+        "pd128_mnist": (engine.structures.pd((28, 28), 128, (4, 4), input_dist=Categorical(256)), "cat"),
         "mixed_sparse": (mixed_circuit(), "mixed"),
     }
 

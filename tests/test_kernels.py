@@ -37,7 +37,8 @@ def test_hclt_categorical_with_missing_matches_torch():
     x, m = data([Categorical(7)] * 5, 20)
     pc = compare(_hclt(), x.long(), m)
     kernels = {p["kernel"] for layer in pc.plan.to_dict()["layers"] for p in layer["partitions"]}
-    assert kernels == {"product", "sum_block", "sum_sparse"}
+    # layers above a sparse partition keep their product kernels; the rest are fused into the sums
+    assert kernels == {"product", "product_fused", "sum_block", "sum_sparse"}
 
 
 def test_hclt_block_64_width_2():
