@@ -176,8 +176,7 @@ class CompiledCircuit(torch.nn.Module):
     def _forward_step(self, step: Step, x, missing, node_mars, element_mars, semiring: str) -> None:
         layer, table = step.layer, self.tables.layers[step.layer.index]
         if layer.kind == "product":
-            if semiring == "max" or not self.backend.fuses_product(table):  # fused: the sums compute it
-                self.backend.prod_forward(table, node_mars, element_mars)
+            self.backend.prod_forward(table, node_mars, element_mars)
         elif layer.kind == "sum" and semiring == "max":
             self.backend.sum_forward_max(table, self.params, element_mars, node_mars)
         elif layer.kind == "sum":
@@ -260,13 +259,6 @@ class CompiledCircuit(torch.nn.Module):
         self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows, em)
         return node_flows
 
-    def _products_fused(self) -> bool:
-        """Every product layer is computed inside the sum kernels above it (`Backend.fuses_product`)."""
-        layers = self.plan.layers
-        return all(
-            self.backend.fuses_product(self.tables.layers[la.index]) for la in layers if la.kind == "product"
-        )
-
     def _overlapped(self, accumulate_params: bool, keep_node_flows: bool) -> bool:
         """Whether a flows pass runs on the side streams (engine/executor/streams.py): a training pass
         (parameter flows, no node flows kept), not profiled, on an executor that overlaps."""
@@ -297,8 +289,7 @@ class CompiledCircuit(torch.nn.Module):
                 element_flows[lo:hi].zero_()
         with self._span(layer, step.pass_name):
             if step.pass_name == "recompute":
-                if not self.backend.fuses_product(table):
-                    self.backend.prod_forward(table, node_mars, element_mars)
+                self.backend.prod_forward(table, node_mars, element_mars)
             elif layer.kind == "sum":
                 self.backend.sum_backward(
                     table,
@@ -370,7 +361,7 @@ class CompiledCircuit(torch.nn.Module):
         if overlap and (streams is None or streams.device != self.device):
             streams = self._flow_streams = FlowStreams(self.device)
         ebufs = (element_mars, element_mars)
-        if overlap and not self._products_fused():  # fused layers read no element values
+        if overlap:
             spare = self._scratch(*element_mars.shape)
             spare[:PAD_ROWS] = -torch.inf
             ebufs = (element_mars, spare)

@@ -37,8 +37,7 @@ def test_hclt_categorical_with_missing_matches_torch():
     x, m = data([Categorical(7)] * 5, 20)
     pc = compare(_hclt(), x.long(), m)
     kernels = {p["kernel"] for layer in pc.plan.to_dict()["layers"] for p in layer["partitions"]}
-    # layers above a sparse partition keep their product kernels; the rest are fused into the sums
-    assert kernels == {"product", "product_fused", "sum_block", "sum_sparse"}
+    assert kernels == {"product", "sum_block", "sum_sparse"}
 
 
 def test_hclt_block_64_width_2():

@@ -86,12 +86,6 @@ class Backend(ABC):
         """True when this sum layer's backward writes every element-flow row below it (no zeroing)."""
         return False
 
-    def fuses_product(self, table) -> bool:
-        """Whether the sum layer above computes this product layer itself: the forward pass and the
-        flows pass's recompute skip it (its element values are never written). Queries that read
-        element values (sampling's top-down walk) call `prod_forward`, which always computes."""
-        return False
-
     @abstractmethod
     def prod_forward(self, table, node_mars, element_mars) -> None:
         """element_mars[products] = sum of the children's log-values (also the recompute)."""

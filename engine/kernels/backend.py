@@ -22,13 +22,7 @@ from engine.kernels import em, inputs, product
 from engine.kernels.options import KernelOptions
 from engine.kernels.product import ProdLayerKernelTensors
 from engine.kernels.select import check_runnable, choose_kernels
-from engine.kernels.sum_block import (
-    BlockSumTensors,
-    FusedProducts,
-    block_tensors,
-    sum_backward_block,
-    sum_forward_block,
-)
+from engine.kernels.sum_block import BlockSumTensors, block_tensors, sum_backward_block, sum_forward_block
 from engine.kernels.sum_sparse import (
     SparseSumTensors,
     sparse_tensors,
@@ -84,8 +78,6 @@ class TritonBackend(TorchBackend):
                 )
             if layer.kind == "sum" and layer.index > 0:
                 mark_sole_writer(plan.layers[layer.index - 1], tables.layers[layer.index])
-                if self.options.fuse_products:
-                    fuse_products(plan.layers[layer.index - 1], tables, tables.layers[layer.index], long)
         mark_first_flow_writers(plan, tables.layers, device)
         for layer in plan.sum_layers:
             tables.layers[layer.index].em = em.em_table(tables.layers[layer.index].parts, device)
@@ -149,9 +141,6 @@ class TritonBackend(TorchBackend):
 
     def overwrites_element_flows(self, table: SumLayerKernelTensors) -> bool:
         return table.sole_writer
-
-    def fuses_product(self, table) -> bool:
-        return bool(getattr(table, "fused", False))
 
     def prod_forward(self, table: ProdLayerKernelTensors, node_mars, element_mars) -> None:
         product.prod_forward(table, node_mars, element_mars, self.options)
@@ -277,21 +266,6 @@ def mark_sole_writer(below: Layer, table: SumLayerKernelTensors) -> None:
         and cb.numel() == starts.numel()
         and torch.equal(torch.sort(cb).values, starts)
     )
-
-
-def fuse_products(below: Layer, tables: Tables, table: SumLayerKernelTensors, long) -> None:
-    """Let a sum layer whose partitions all run the tiled kernels compute the product layer below while
-    loading its children (`KernelOptions.fuse_products`): the product forward and its recompute in the
-    flows pass are then skipped (`Backend.fuses_product`), and their element-buffer traffic with them."""
-    prod = tables.layers[below.index] if below.kind == "product" else None
-    if prod is None or not table.parts or not all(isinstance(pt, BlockSumTensors) for pt in table.parts):
-        return
-    _, lo, hi = below.writes
-    fused = FusedProducts(long(product.fused_table(prod, lo, hi)), lo)
-    for pt in table.parts:
-        pt.fused = fused
-    prod.fused = True
-    tables.kernels[below.index] = ["product_fused"] * len(below.partitions)
 
 
 def mark_first_flow_writers(plan: LayerPlan, tables: list, device) -> None:

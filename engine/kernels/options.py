@@ -69,10 +69,6 @@ class KernelOptions:
     flow_rows: int = 2
     flow_rows_min_block: int = 32
     flow_rows_max_block: int = 32
-    # the block sum kernels compute the product layer below while loading its values (the sum of each
-    # product's child node rows, sum_block._child_values) where every partition of the sum layer is
-    # tiled: no product forward, no recompute in the flows pass, no element-value traffic
-    fuse_products: bool = True
     elem_block_b: int = 64  # batch columns per program of the block element-flow kernel
     # element flows *parent-set-major* (sum_block._sum_bwd_elem_sets_kernel): child blocks with the same
     # parent node blocks (PD: a region's products under its sums) share one program per `elem_sets` of
@@ -158,6 +154,6 @@ class KernelOptions:
             raise ValueError(f"elem_set_split must be 0 or a power of two >= 16, got {self.elem_set_split!r}")
         if self.elem_sets not in ELEM_SETS:
             raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
-        for name in ("overlap", "early_stats", "em_in_pass", "input_fwd", "fuse_products"):
+        for name in ("overlap", "early_stats", "em_in_pass", "input_fwd"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

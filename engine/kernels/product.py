@@ -71,7 +71,6 @@ class ProdLayerKernelTensors(ProdLayerTensors):
     flow_rows: torch.Tensor  # [nc] child node rows, each owned by one program in the flows pass
     parent_table: torch.Tensor  # [nc, max parents] element rows feeding each child (-1 padded)
     flow_first: torch.Tensor | None = None  # [nc] uint8: 1 where this layer is the first to reach the row
-    fused: bool = False  # the sum layer above computes these products itself (never written, see fused_table)
 
 
 def layer_tensors(base: ProdLayerTensors, long) -> ProdLayerKernelTensors:
@@ -121,18 +120,6 @@ def prod_backward(t: ProdLayerKernelTensors, element_flows, node_flows, opts: Ke
         BB=opts.block_b,
         num_warps=opts.num_warps,
     )
-
-
-def fused_table(t: ProdLayerKernelTensors, lo: int, hi: int) -> torch.Tensor:
-    """`[hi - lo, width]` child node rows of element rows lo..hi (the layer's write range), for sum
-    kernels that compute the products while loading them (`KernelOptions.fuse_products`): row 0 (log 1)
-    pads narrower products as in `merge_layer`; -1 marks a row no product writes (read as -inf)."""
-    elem, child = t.elem_rows.cpu(), t.child_rows.cpu()
-    table = torch.full((hi - lo, child.shape[1]), -1, dtype=torch.long)
-    if elem.numel() and (int(elem.min()) < lo or int(elem.max()) >= hi):
-        raise ValueError(f"product rows outside the layer's write range [{lo}, {hi})")
-    table[elem - lo] = child
-    return table
 
 
 def merge_layer(parts) -> tuple[torch.Tensor, torch.Tensor]:

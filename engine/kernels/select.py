@@ -4,8 +4,6 @@ The names show in `pc.plan.to_dict()` (each partition's "kernel"; the PyTorch ex
 - "sum_block": padded bs x bs tiles through tl.dot (forward, element flows, parameter flows).
 - "sum_sparse": per-node / per-edge kernels, for block sizes below MIN_DOT_BLOCK (tl.dot needs 16).
 - "product": the product-layer kernels (forward, recompute, flows).
-- "product_fused" (set by the executor's `prepare`, `KernelOptions.fuse_products`): the sum layer
-  above computes these products while loading its children; only the flows kernel runs.
 """
 
 from __future__ import annotations

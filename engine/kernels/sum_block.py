@@ -61,27 +61,6 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _child_values(emars, nmars, ftab, flo, rows, cols, mask, B, FW: tl.constexpr):
-    """Log-values of element `rows` ([n]) at batch `cols` ([BB]), -inf where `mask` is off. FW == 0:
-    read from element_mars. FW > 0 (`fuse_products`): the product layer below is never written; each
-    value is summed from its FW child node rows, `ftab[row - flo, :]` (row 0: log 1 for narrower
-    products, -1: an element row no product writes, -inf as the padding rows below `flo`)."""
-    if FW == 0:
-        return tl.load(emars + rows[:, None] * B + cols[None, :], mask=mask, other=float("-inf"))
-    else:
-        real = rows >= flo
-        rel = tl.where(real, rows - flo, 0) * FW
-        c = tl.load(ftab + rel)
-        real = real & (c >= 0)
-        m = mask & real[:, None]
-        v = tl.load(nmars + c[:, None] * B + cols[None, :], mask=m, other=0.0)
-        for k in tl.static_range(1, FW):
-            c = tl.load(ftab + rel + k)
-            v += tl.load(nmars + c[:, None] * B + cols[None, :], mask=m, other=0.0)
-        return tl.where(m, v, tl.full(v.shape, float("-inf"), tl.float32))
-
-
-@triton.jit
 def _sum_fwd_block_kernel(
     prm,
     emars,
@@ -93,14 +72,11 @@ def _sum_fwd_block_kernel(
     param_off,
     num_bt,
     groups,
-    ftab,
-    flo,
     BS: tl.constexpr,
     BB: tl.constexpr,
     G: tl.constexpr,
     PREC: tl.constexpr,
     R: tl.constexpr,
-    FW: tl.constexpr,
 ):
     """R == 1: program (node block i, batch tile). R > 1: program (row group g, batch tile), the
     group's up-to-R node blocks (`groups[g]`, -1 padding) sharing one child list, as one `[R * BS,
@@ -130,9 +106,11 @@ def _sum_fwd_block_kernel(
         kk = k0 + q // BS
         kmask = kk < W
         c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
-        # read (or, fused, sum from the product's children) G * BS * BB child values, once
-        el = _child_values(
-            emars, nmars, ftab, flo, c0 + q % BS, offs_b, kmask[:, None] & bmask[None, :], B, FW
+        # read G * BS * BB child values, once
+        el = tl.load(
+            emars + (c0 + q % BS)[:, None] * B + offs_b[None, :],
+            mask=kmask[:, None] & bmask[None, :],
+            other=float("-inf"),
         )
         m_new = tl.maximum(m, tl.max(el, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -210,9 +188,6 @@ def _node_scale_kernel(
 def _sum_bwd_elem_block_kernel(
     prm,
     emars,
-    nmars,
-    ftab,
-    flo,
     scale,
     mus,
     eflows,
@@ -229,7 +204,6 @@ def _sum_bwd_elem_block_kernel(
     G: tl.constexpr,
     PREC: tl.constexpr,
     ACCUM: tl.constexpr,
-    FW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid // num_bt
@@ -277,7 +251,7 @@ def _sum_bwd_elem_block_kernel(
         big_m = m_new
     big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
     optr = (c0 + r)[:, None] * B + offs_b[None, :]
-    el = _child_values(emars, nmars, ftab, flo, c0 + r, offs_b, bmask[None, :], B, FW)
+    el = tl.load(emars + optr, mask=bmask[None, :], other=float("-inf"))
     contrib = tl.exp(tl.log(acc) + el + big_m[None, :])
     if ACCUM:  # read-modify-write: partitions of one layer may share children (run in sequence)
         contrib += tl.load(eflows + optr, mask=bmask[None, :], other=0.0)
@@ -288,9 +262,6 @@ def _sum_bwd_elem_block_kernel(
 def _sum_bwd_elem_sets_kernel(
     prm,
     emars,
-    nmars,
-    ftab,
-    flo,
     scale,
     mus,
     eflows,
@@ -310,7 +281,6 @@ def _sum_bwd_elem_sets_kernel(
     CM: tl.constexpr,
     PREC: tl.constexpr,
     ACCUM: tl.constexpr,
-    FW: tl.constexpr,
 ):
     """Element flows of a run of child blocks [lo, hi) that share one parent set (chunk `[lo, hi, set]`):
     its parents in slots [slot0, slot0 + P) of P_ALL have their scale tiles read and rescaled to their
@@ -354,7 +324,7 @@ def _sum_bwd_elem_sets_kernel(
         crow = tl.load(set_rows + cj, mask=cmask, other=0)
         optr = (crow + j % BS)[:, None] * B + offs_b[None, :]
         om = cmask[:, None] & bmask[None, :]
-        el = _child_values(emars, nmars, ftab, flo, crow + j % BS, offs_b, om, B, FW)
+        el = tl.load(emars + optr, mask=om, other=float("-inf"))
         contrib = tl.exp(tl.log(acc) + el + big_m[None, :])
         if ACCUM:
             contrib += tl.load(eflows + optr, mask=om, other=0.0)
@@ -366,9 +336,6 @@ def _sum_bwd_param_block_kernel(
     prm,
     pflows,
     emars,
-    nmars,
-    ftab,
-    flo,
     scale,
     mus,
     child_rows,
@@ -383,7 +350,6 @@ def _sum_bwd_param_block_kernel(
     PREC: tl.constexpr,
     EXP_CLAMP: tl.constexpr,
     R: tl.constexpr,
-    FW: tl.constexpr,
 ):
     """R > 1: a row group's blocks (one child list, one node-scale max: `_node_scale_kernel` with the
     same R) as one `[R*BS, G*BS]` tile, each batch step's child values exponentiated once for all."""
@@ -407,7 +373,7 @@ def _sum_bwd_param_block_kernel(
         i = tl.load(groups + g * R)
     c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
     if tl.max(c0, 0) > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
-        crow = c0 + q % BS
+        crow = (c0 + q % BS)[:, None] * B
         srow = (blk * BS + r).to(tl.int64)[:, None] * B
         acc = tl.zeros([R * BS, G * BS], dtype=tl.float32)
         for b0 in range(0, B, BB):
@@ -415,7 +381,9 @@ def _sum_bwd_param_block_kernel(
             bmask = offs_b < B
             a = tl.load(scale + srow + offs_b[None, :], mask=rmask[:, None] & bmask[None, :], other=0.0)
             mu = tl.load(mus + i.to(tl.int64) * B + offs_b, mask=bmask, other=0.0)
-            el = _child_values(emars, nmars, ftab, flo, crow, offs_b, kmask[:, None] & bmask[None, :], B, FW)
+            el = tl.load(
+                emars + crow + offs_b[None, :], mask=kmask[:, None] & bmask[None, :], other=float("-inf")
+            )
             e = tl.exp(tl.minimum(el + mu[None, :], EXP_CLAMP))
             acc += _mm(a, tl.trans(e), PREC)  # [node n, child q], reduced over the batch
         wptr = (
@@ -501,13 +469,11 @@ def sum_forward_block(pt, params, element_mars, node_mars, opts: KernelOptions) 
         pt.param_offset,
         nbt,
         groups,
-        *_fused_args(pt, element_mars),
         BS=pt.block_size,
         BB=bb,
         G=group_size(pt.block_size, pt.width, opts.group_cols),
         PREC=opts.precision,
         R=rows,
-        FW=_fused_width(pt),
         num_warps=opts.num_warps,
     )
 
@@ -561,15 +527,13 @@ def sum_backward_block(
     nc = pt.cblocks.shape[0]
     sets = nc and opts.elem_sets and pt.set_par is not None
     if sets and (bs <= opts.elem_set_split or pt.set_par.shape[1] * bs <= opts.elem_set_max_rows):
-        elem_flows_sets(pt, params, element_mars, node_mars, scale, mus, element_flows, opts)
+        elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts)
     elif nc:
         max_par = pt.max_parents
         ebt = triton.cdiv(B, opts.elem_block_b)
         _sum_bwd_elem_block_kernel[(nc * ebt,)](
             params,
             element_mars,
-            node_mars,
-            *_fused_args(pt, element_mars),
             scale,
             mus,
             element_flows,
@@ -586,19 +550,16 @@ def sum_backward_block(
             G=group_size(bs, max_par, opts.group_cols),
             PREC=opts.precision,
             ACCUM=not pt.sole_writer,
-            FW=_fused_width(pt),
             num_warps=opts.num_warps,
         )
-    args = (pt, params, element_mars, node_mars, scale, mus, param_flows, opts, exp_clamp)
+    args = (pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp)
     if slab and defer is not None:
         defer.append(functools.partial(param_flows_block, *args))
     else:
         param_flows_block(*args)
 
 
-def elem_flows_sets(
-    pt, params, element_mars, node_mars, scale, mus, element_flows, opts: KernelOptions
-) -> None:
+def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: KernelOptions) -> None:
     """Element flows parent-set-major: one program per `opts.elem_sets` child blocks of one parent set.
 
     Sets of more than `elem_set_max_rows` parent rows (block size <= `elem_set_split`) run as launches
@@ -615,8 +576,6 @@ def elem_flows_sets(
         _sum_bwd_elem_sets_kernel[(chunks.shape[0] * ebt,)](
             params,
             element_mars,
-            node_mars,
-            *_fused_args(pt, element_mars),
             scale,
             mus,
             element_flows,
@@ -636,12 +595,11 @@ def elem_flows_sets(
             CM=max(1, opts.elem_set_rows // bs),
             PREC=opts.precision,
             ACCUM=slot0 > 0 or not pt.sole_writer,
-            FW=_fused_width(pt),
             num_warps=opts.num_warps,
         )
 
 
-def param_flows_block(pt, params, element_mars, node_mars, scale, mus, param_flows, opts, exp_clamp) -> None:
+def param_flows_block(pt, params, element_mars, scale, mus, param_flows, opts, exp_clamp) -> None:
     """param_flows += W * (scale x exp(element_mars + mu)^T), reduced over the batch per weight slab."""
     B = element_mars.shape[1]
     bs = pt.block_size
@@ -653,8 +611,6 @@ def param_flows_block(pt, params, element_mars, node_mars, scale, mus, param_flo
         params,
         param_flows,
         element_mars,
-        node_mars,
-        *_fused_args(pt, element_mars),
         scale,
         mus,
         pt.child_rows,
@@ -669,33 +625,8 @@ def param_flows_block(pt, params, element_mars, node_mars, scale, mus, param_flo
         G=g,
         PREC=opts.precision,
         EXP_CLAMP=exp_clamp,
-        FW=_fused_width(pt),
         num_warps=opts.num_warps,
     )
-
-
-@dataclass
-class FusedProducts:
-    """The product layer below a sum layer as its kernels compute it (`KernelOptions.fuse_products`):
-    `table[e - first_row, k]` the k-th child node row of element row e (row 0, log 1, pads narrower
-    products; -1: a row no product writes). Built by `product.fused_table`."""
-
-    table: torch.Tensor  # [rows, width] long
-    first_row: int
-
-    @property
-    def width(self) -> int:
-        return self.table.shape[1]
-
-
-def _fused_args(pt, element_mars) -> tuple:
-    """(ftab, flo) kernel arguments: the fused product table, or a placeholder pointer when unfused."""
-    f = pt.fused
-    return (f.table, f.first_row) if f is not None else (element_mars, 0)
-
-
-def _fused_width(pt) -> int:
-    return pt.fused.width if pt.fused is not None else 0
 
 
 @dataclass
@@ -719,8 +650,6 @@ class BlockSumTensors(SumPartitionTensors):
     # R -> [ng, R] runs of consecutive node blocks with equal child lists (-1 padding), R in FWD_ROWS[1:]
     # (PD: a region's sum blocks; HCLT: a variable's), for the row-grouped forward (`fwd_rows`)
     row_groups: dict = field(default_factory=dict)
-    # the product layer below, computed inside these kernels from node values (None: read element_mars)
-    fused: FusedProducts | None = None
 
 
 def block_tensors(
