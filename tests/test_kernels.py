@@ -407,6 +407,32 @@ def test_parent_set_split_at_block_size_32_matches_torch(monkeypatch):
     assert (32, 2) in ran  # two parents of 32 rows over a 32-row limit: split into two launches
 
 
+@pytest.mark.parametrize("wide", [0, 2, 8])
+def test_split_parent_sets_take_elem_sets_wide_children(wide):
+    """Sets split over launches run `elem_sets_wide` child blocks a program (0: `elem_sets`), sets that
+    fit one launch `elem_sets`; every buffer against the PyTorch path."""
+
+    class Seen(dict):
+        def __getitem__(self, key):
+            used.append(key)
+            return super().__getitem__(key)
+
+    used = []
+    root = pd((4, 4), 64, (2, 2), input_dist=Categorical(4), block_size=16)  # 4 parents a set
+    x, m = data([Categorical(4)] * 16, 9)
+    opts = dataclasses.replace(OPTS, elem_sets=1, elem_sets_wide=wide, elem_set_max_rows=32)
+    pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=opts)
+    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "set_chunks")]
+    for p in parts:
+        p.set_chunks = Seen(p.set_chunks)
+    pc.zero_flows()
+    pc.forward(x.long().to(DEVICE), m.to(DEVICE))
+    pc.backward_flows()
+    # the 4-parent sets split (wide); sets of fewer parents run in one launch (elem_sets = 1)
+    assert (wide or 1) in used and set(used) <= {1, wide or 1}
+    compare(root, x.long(), m, opts=opts)
+
+
 @pytest.mark.parametrize("rows", [2, 4])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_row_grouped_node_scale_and_parameter_flows_match_torch(rows, in_place):

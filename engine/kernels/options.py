@@ -77,6 +77,11 @@ class KernelOptions:
     # PD-128 9.03 -> 8.01, PD-64 3.61 -> 3.12, PD-32 1.64 -> 1.50, HCLT-128 3.76 -> 3.56, HCLT-32
     # 1.52 -> 1.48; HCLT-256 8.77 / 8.74 and PD-256 25.96 / 26.05 (their sets exceed elem_set_max_rows)
     elem_sets: int = 4
+    # child blocks per program for sets wider than elem_set_max_rows (run as launches over slices of the
+    # parents, below): the wider slab is read once for more children. A/B on an H200 2026-12-01 06:59
+    # (results/kernel_breakdown_h200_pd_opts_*.json): PD-256 (bs 32, 8 parents) element flows 7.98 ->
+    # 7.44 ms, step 23.14 -> 22.60 with 8; PD-128 (4 parents, one launch) 7.58 either way
+    elem_sets_wide: int = 8
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
     elem_set_slab: int = 8192  # its batch tile is cut so the parents' slab [P * bs, BB] holds at most this
@@ -152,8 +157,9 @@ class KernelOptions:
             self.elem_set_split < 16 or self.elem_set_split & (self.elem_set_split - 1)
         ):
             raise ValueError(f"elem_set_split must be 0 or a power of two >= 16, got {self.elem_set_split!r}")
-        if self.elem_sets not in ELEM_SETS:
-            raise ValueError(f"elem_sets must be one of {ELEM_SETS}, got {self.elem_sets!r}")
+        for name in ("elem_sets", "elem_sets_wide"):
+            if getattr(self, name) not in ELEM_SETS:
+                raise ValueError(f"{name} must be one of {ELEM_SETS}, got {getattr(self, name)!r}")
         for name in ("overlap", "early_stats", "em_in_pass", "input_fwd"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

@@ -560,16 +560,18 @@ def sum_backward_block(
 
 
 def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: KernelOptions) -> None:
-    """Element flows parent-set-major: one program per `opts.elem_sets` child blocks of one parent set.
+    """Element flows parent-set-major: one program per `opts.elem_sets` child blocks of one parent set
+    (`elem_sets_wide` for sets split over launches).
 
     Sets of more than `elem_set_max_rows` parent rows (block size <= `elem_set_split`) run as launches
     over slices of their parents, each adding its own flows (every set has a parent in slot 0, so the
     first launch covers every child tile and may store outright)."""
     B = element_mars.shape[1]
     bs = pt.block_size
-    chunks = pt.set_chunks[opts.elem_sets]
     p_all = pt.set_par.shape[1]
     P = min(p_all, max(1, opts.elem_set_max_rows // bs))
+    # sets split over launches take `elem_sets_wide` child blocks a program (0 there: `elem_sets`)
+    chunks = pt.set_chunks[(p_all > P and opts.elem_sets_wide) or opts.elem_sets]
     bb = max(16, min(opts.elem_block_b, opts.elem_set_slab // (P * bs)))
     ebt = triton.cdiv(B, bb)
     for slot0 in range(0, p_all, P):
