@@ -456,3 +456,13 @@ def test_row_grouped_node_scale_and_parameter_flows_match_torch(rows, in_place):
         assert torch.allclose(lls[0], lls[1], rtol=1e-5)
         err = ((pcs[0].params - pcs[1].params).norm() / pcs[1].params.norm()).item()
         assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("split_once", [False, True])
+def test_parent_set_element_flows_with_and_without_the_presplit_slab(split_once):
+    """`elem_split_once` (tf32x3): the parents' slab split into tf32 hi / lo parts once per program, or
+    inside each dot; both against the PyTorch path."""
+    root = pd((2, 4), 64, (1, 1), input_dist=Categorical(4), block_size=16)
+    opts = dataclasses.replace(OPTS, elem_sets=4, elem_split_once=split_once)
+    x, m = data([Categorical(4)] * 8, 13)
+    compare(root, x.long(), m, opts=opts)

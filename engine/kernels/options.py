@@ -82,6 +82,9 @@ class KernelOptions:
     # (results/kernel_breakdown_h200_pd_opts_*.json): PD-256 (bs 32, 8 parents) element flows 7.98 ->
     # 7.44 ms, step 23.14 -> 22.60 with 8; PD-128 (4 parents, one launch) 7.58 either way
     elem_sets_wide: int = 8
+    # tf32x3 in that kernel: the register-held parents' slab split into its tf32 hi / lo parts once per
+    # program instead of inside every child block's dot (the same three MMAs; hi truncated, not rounded)
+    elem_split_once: bool = True
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
     elem_set_slab: int = 8192  # its batch tile is cut so the parents' slab [P * bs, BB] holds at most this
@@ -160,6 +163,6 @@ class KernelOptions:
         for name in ("elem_sets", "elem_sets_wide"):
             if getattr(self, name) not in ELEM_SETS:
                 raise ValueError(f"{name} must be one of {ELEM_SETS}, got {getattr(self, name)!r}")
-        for name in ("overlap", "early_stats", "em_in_pass", "input_fwd"):
+        for name in ("overlap", "early_stats", "em_in_pass", "input_fwd", "elem_split_once"):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

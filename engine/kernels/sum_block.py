@@ -61,6 +61,23 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _tf32_split(x):
+    """(hi, lo) with hi = x truncated to tf32's 10 mantissa bits (exact as a tf32 operand) and
+    lo = x - hi (exact in float32): the operand split of tf32x3, for an operand reused across dots."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _mm_presplit(a, b_hi, b_lo):
+    """a @ b as tf32x3's three tf32 MMAs (small terms first), b split once by the caller."""
+    a_hi, a_lo = _tf32_split(a)
+    acc = tl.dot(a_lo, b_hi, input_precision="tf32")
+    acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+
+
+@triton.jit
 def _sum_fwd_block_kernel(
     prm,
     emars,
@@ -281,11 +298,12 @@ def _sum_bwd_elem_sets_kernel(
     CM: tl.constexpr,
     PREC: tl.constexpr,
     ACCUM: tl.constexpr,
+    SPLIT_ONCE: tl.constexpr,
 ):
     """Element flows of a run of child blocks [lo, hi) that share one parent set (chunk `[lo, hi, set]`):
     its parents in slots [slot0, slot0 + P) of P_ALL have their scale tiles read and rescaled to their
     common max once, then each step of CM child blocks is one `[CM*BS, P*BS] @ [P*BS, BB]` dot against
-    that register-held slab."""
+    that register-held slab. SPLIT_ONCE (tf32x3): the slab's tf32 hi / lo parts are also made once."""
     pid = tl.program_id(0)
     ch = pid // num_bt
     offs_b = (pid % num_bt) * BB + tl.arange(0, BB)
@@ -303,6 +321,8 @@ def _sum_bwd_elem_sets_kernel(
     big_m = tl.where(big_m == float("-inf"), 0.0, big_m)
     a = tl.load(scale + (pq * BS + q % BS)[:, None] * B + offs_b[None, :], mask=pb, other=0.0)
     a = a * tl.exp(mu - big_m[None, :])
+    if SPLIT_ONCE:  # tf32x3: the slab's hi / lo split once for all child blocks, not per dot
+        a_hi, a_lo = _tf32_split(a)
     wq = param_off + pq * (BS * W * BS) + (q % BS) * (W * BS)  # weights of parent node q start here
     j = tl.arange(0, CM * BS)  # (child block c + j // BS, its element j % BS)
     for c in range(lo, hi, CM):
@@ -320,7 +340,10 @@ def _sum_bwd_elem_sets_kernel(
                 mask=cmask[:, None] & pmask[None, :],
                 other=0.0,
             )
-        acc = _mm(wt, a, PREC)  # [child element, batch]
+        if SPLIT_ONCE:
+            acc = _mm_presplit(wt, a_hi, a_lo)  # [child element, batch]
+        else:
+            acc = _mm(wt, a, PREC)
         crow = tl.load(set_rows + cj, mask=cmask, other=0)
         optr = (crow + j % BS)[:, None] * B + offs_b[None, :]
         om = cmask[:, None] & bmask[None, :]
@@ -597,6 +620,7 @@ def elem_flows_sets(pt, params, element_mars, scale, mus, element_flows, opts: K
             CM=max(1, opts.elem_set_rows // bs),
             PREC=opts.precision,
             ACCUM=slot0 > 0 or not pt.sole_writer,
+            SPLIT_ONCE=opts.precision == "tf32x3" and bool(opts.elem_split_once),
             num_warps=opts.num_warps,
         )
 
