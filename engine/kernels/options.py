@@ -78,7 +78,7 @@ class KernelOptions:
     # 1.52 -> 1.48; HCLT-256 8.77 / 8.74 and PD-256 25.96 / 26.05 (their sets exceed elem_set_max_rows)
     elem_sets: int = 4
     # child blocks per program for sets wider than elem_set_max_rows (run as launches over slices of the
-    # parents, below): the wider slab is read once for more children. A/B on an H200 2026-12-01 06:59
+    # parents, below): the wider slab is read once for more children. A/B on an H200 2026-12-01 05:41
     # (results/kernel_breakdown_h200_pd_opts_*.json): PD-256 (bs 32, 8 parents) element flows 7.98 ->
     # 7.44 ms, step 23.14 -> 22.60 with 8; PD-128 (4 parents, one launch) 7.58 either way
     elem_sets_wide: int = 8

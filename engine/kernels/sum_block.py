@@ -12,11 +12,12 @@ tl.dot instead of G small ones, and the loop runs G times fewer steps.
 Five kernels, and the reference they are tested against is the same-named function in torch_ops:
 - forward: log-sum-exp as an *online* max-shift over the child groups (one read of each child
   tile), exp, matmul with the weight slab, log. Node blocks with equal child lists (HCLT: a
-  variable's blocks) run R to a program (`forward_rows`): each child tile is read and exponentiated
-  once for R blocks, and the dot has R * bs rows.
+  variable's blocks; PD: a region's) run R to a program (`forward_rows`): each child tile is read and
+  exponentiated once for R blocks, and the dot has R * bs rows.
 - node scale (backward, once per partition): `a = exp(log f - v - mu)` with `mu` the per-column max
-  over the node block, written to a scratch `[nb * bs, B]` (+ `mu: [nb, B]`): both flow kernels read
-  it instead of re-deriving it from values and flows for every child tile (one read, no log/exp).
+  over the node block (or over its row group, `flow_rows`), written to a scratch `[nb * bs, B]`
+  (+ `mu: [nb, B]`): both flow kernels read it instead of re-deriving it from values and flows for
+  every child tile (one read, no log/exp).
 - element flows: *child-major* (a CSR of (node block, k) parents per child block built from the plan),
   so every child tile is written by exactly one program: no atomics, deterministic. G parents at a
   time, rescaled to an online common max. A partition that is the only reader of every row of the product
@@ -29,8 +30,9 @@ Five kernels, and the reference they are tested against is the same-named functi
   Used where P * bs <= `elem_set_max_rows` (and, at block sizes <= `elem_set_split`, for wider sets
   as launches over slices of the parents that add their flows), with the batch tile cut so the slab
   holds at most `elem_set_slab` floats (registers); still one writer per launch and child tile.
-- parameter flows: one program per (node block, group of G child blocks) reduces over the whole
-  batch with tl.dot, then adds `W * acc` into the parameter flows.
+- parameter flows: one program per (node block, or row group of `flow_rows` blocks sharing one
+  node-scale max; group of G child blocks) reduces over the whole batch with tl.dot, then adds
+  `W * acc` into the parameter flows.
 """
 
 from __future__ import annotations
