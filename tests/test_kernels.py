@@ -17,12 +17,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import engine  # noqa: E402
 from engine.dists import Bernoulli, Categorical, Gaussian  # noqa: E402
 from engine.executor import torch_ops  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.graph import CapturedStep  # noqa: E402
 from engine.kernels.product import ProdLayerKernelTensors  # noqa: E402
+from engine.kernels.sum_block import _tf32_split  # noqa: E402
 from engine.nodes import inputs, multiply, summate  # noqa: E402
 from engine.structures import hclt_from_tree, pd  # noqa: E402
 from tests.kernel_runner import DEVICE, OPTS, compare, data  # noqa: E402
@@ -466,3 +470,62 @@ def test_parent_set_element_flows_with_and_without_the_presplit_slab(split_once)
     opts = dataclasses.replace(OPTS, elem_sets=4, elem_split_once=split_once)
     x, m = data([Categorical(4)] * 8, 13)
     compare(root, x.long(), m, opts=opts)
+
+
+@triton.jit
+def _split_kernel(x, hi, lo, N: tl.constexpr):
+    o = tl.arange(0, N)
+    h, low = _tf32_split(tl.load(x + o))
+    tl.store(hi + o, h)
+    tl.store(lo + o, low)
+
+
+def test_tf32_split_rounds_to_ten_mantissa_bits_exactly():
+    """`_tf32_split`: hi has tf32's 10 mantissa bits (the low 13 bits zero), hi + lo == x exactly
+    (subnormals, 0 and 1 included), and hi is rounded to nearest: |lo| <= 2^-11 |x| for normal x,
+    with lo of both signs."""
+    x = torch.cat([torch.rand(1000), torch.tensor([0.0, 1.0, 1e-39, 1e-45, 1 - 2**-24, 0.1, 1 / 3])])
+    x = torch.cat([x, torch.rand(1024 - len(x)) * 1e-20]).to(DEVICE)
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, N=1024)
+    hi, lo, x = hi.cpu(), lo.cpu(), x.cpu()
+    assert ((hi.view(torch.int32) & 8191) == 0).all()
+    assert torch.equal(hi + lo, x)
+    normal = x.abs() >= 2.0**-126  # subnormals have fewer bits: exact, but not this relative bound
+    assert (lo.abs() <= x.abs() * 2.0**-11)[normal].all()
+    assert (lo < 0).any() and (lo > 0).any()
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_row_grouped_flows_with_padded_groups_match_torch(rows):
+    """Three blocks a region: groups of 2 or 4 padded with -1, in the node scale and the parameter
+    flows (their row masks), in a flows pass and in a training step against the PyTorch path."""
+    from engine.kernels.sum_block import flow_rows
+
+    root = pd((4, 4), 48, (2, 2), input_dist=Categorical(4), block_size=16)
+    x, m = data([Categorical(4)] * 16, 9)
+    opts = dataclasses.replace(OPTS, flow_rows=rows, flow_rows_min_block=16, flow_rows_max_block=16)
+    pc = compare(root, x.long(), m, opts=opts)
+    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
+    assert any(flow_rows(p, opts) == rows and bool((p.row_groups[rows] < 0).any()) for p in parts)
+    pcs = [
+        engine.compile(copy.deepcopy(root), device=DEVICE, backend=b, kernel_options=opts)
+        for b in ("triton", "torch")
+    ]
+    lls = [c.train_step(x.long().to(DEVICE), m.to(DEVICE), em=(0.5, 0.1)) for c in pcs]
+    assert torch.allclose(lls[0], lls[1], rtol=1e-5)
+    err = ((pcs[0].params - pcs[1].params).norm() / pcs[1].params.norm()).item()
+    assert err < 1e-5, err
+
+
+def test_new_grouping_options_are_refused_by_name():
+    for kw, name in (
+        ({"fwd_rows_32": 3}, "fwd_rows_32"),
+        ({"flow_rows": 8}, "flow_rows"),
+        ({"elem_sets_wide": 3}, "elem_sets_wide"),
+        ({"elem_split_once": 2}, "elem_split_once"),
+        ({"fwd_rows_32_block_b": 48}, "fwd_rows_32_block_b"),
+        ({"flow_rows_min_block": 64}, "flow_rows_min_block"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            KernelOptions(**kw)

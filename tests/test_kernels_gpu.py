@@ -17,7 +17,7 @@ from engine.kernels import KernelOptions
 from tests.kernel_runner import errors, gpu_batch, gpu_cases, graph_rel_err, profiled_training, run, train_ll
 
 pytestmark = pytest.mark.gpu
-CASES = ("hclt64_mnist", "hclt128_mnist", "pd32_mnist", "mixed_sparse")
+CASES = ("hclt64_mnist", "hclt128_mnist", "pd32_mnist", "pd128_mnist", "mixed_sparse")
 
 
 @functools.cache
@@ -48,11 +48,20 @@ def test_kernels_match_float64_torch(name, precision):
     assert errs[worst] < 1e-4, f"{worst}: {errs[worst]:.2e}"
 
 
-@pytest.mark.parametrize("name", ["hclt64_mnist", "pd32_mnist"])
+@pytest.mark.parametrize("name", ["hclt64_mnist", "pd32_mnist", "pd128_mnist"])
 def test_thirty_em_steps_agree(name):
     mnist, cases = _setup()
     lt, lr = train_ll(cases[name][0], mnist, "triton"), train_ll(cases[name][0], mnist, "torch")
     assert abs(lt - lr) < 1e-2 * abs(lr), (lt, lr)
+
+
+def test_parent_sets_split_over_launches_match_float64():
+    """PD-128's 4-parent sets (128 rows) split into launches of 64 rows, as PD-256's 8-parent sets are
+    by default: `elem_sets_wide` child blocks a program and the read-modify-write of the second launch."""
+    root, x, m, ref = _reference("pd128_mnist")
+    _, errs = errors(root, x, m, KernelOptions(elem_set_max_rows=64), "cuda", ref=ref)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 1e-4, f"{worst}: {errs[worst]:.2e}"
 
 
 def test_graph_replay_reproduces_eager():

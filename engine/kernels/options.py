@@ -19,7 +19,7 @@ PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16")
 
 # tl.dot needs every dimension >= 16: smaller node blocks run the sparse (per-node) kernels.
 MIN_DOT_BLOCK = 16
-FWD_ROWS = (1, 2, 4)  # node blocks per program of the row-grouped block sum forward
+FWD_ROWS = (1, 2, 4)  # node blocks per program of the row-grouped forward, node scale and parameter flows
 ELEM_SETS = (0, 1, 2, 4, 8, 16)  # child blocks per program of the parent-set element-flow kernel (0: off)
 
 
@@ -49,7 +49,8 @@ class KernelOptions:
     # node blocks with equal child lists per program of the block sum forward (sum_block.row_groups):
     # each child tile read and exponentiated once for all of them, one dot of R * bs rows. Two shapes,
     # each from an A/B on an H200 (sum forward ms, off -> grouped):
-    # - block size >= fwd_rows_min_block: fwd_rows blocks, batch tiles of at most fwd_rows_block_b.
+    # - block size 32 is ruled by fwd_rows_32 below; any other block size >= fwd_rows_min_block:
+    #   fwd_rows blocks, batch tiles of at most fwd_rows_block_b.
     #   2026-12-01 (results/kernel_breakdown_h200_fwd_rows_*.json): 2 x 64 rows at 64 columns,
     #   HCLT-256 (bs 64) 2.46 -> 1.94 (step 8.49 -> 8.01), HCLT-128 0.81 -> 0.78
     # - block size 32 (PD): fwd_rows_32 blocks at fwd_rows_32_block_b columns. 2026-12-01 05:28
@@ -65,7 +66,10 @@ class KernelOptions:
     # block size flow_rows_min_block..flow_rows_max_block: one node-scale max per group, so the
     # parameter flows exponentiate each child tile once for the group's blocks (1: off). Same call:
     # parameter flows PD-128 1.34 -> 1.20 (step 7.91 -> 7.77), PD-256 4.70 -> 3.93 (24.51 -> 23.81);
-    # 4 rows less (1.24, 4.02). Not measured at block size 64 (HCLT), so not there
+    # 4 rows less (1.24, 4.02). At HCLT's block size 64 slower (results/kernel_breakdown_h200_
+    # flow_rows64_*.json: step HCLT-128 3.43 -> 3.64, HCLT-256 7.99 -> 8.12), so not there. The price:
+    # a node whose `log f - v` lies ~87 below its group's max (not its block's) has its scale underflow
+    # to 0 in float32, so the group widens the range a block of 32 already had to 64 rows
     flow_rows: int = 2
     flow_rows_min_block: int = 32
     flow_rows_max_block: int = 32
@@ -83,7 +87,7 @@ class KernelOptions:
     # 7.44 ms, step 23.14 -> 22.60 with 8; PD-128 (4 parents, one launch) 7.58 either way
     elem_sets_wide: int = 8
     # tf32x3 in that kernel: the register-held parents' slab split into its tf32 hi / lo parts once per
-    # program instead of inside every child block's dot (the same three MMAs; hi truncated, not rounded)
+    # program instead of inside every child block's dot (the same three MMAs, sum_block._tf32_split)
     elem_split_once: bool = True
     elem_set_rows: int = 32  # child rows per tl.dot step of that kernel (child blocks per step: rows // bs)
     elem_set_max_rows: int = 128  # only parent sets of at most this many rows (P * bs) run it
@@ -156,6 +160,11 @@ class KernelOptions:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.flow_rows_min_block > self.flow_rows_max_block:
+            raise ValueError(
+                f"flow_rows_min_block ({self.flow_rows_min_block}) must not exceed flow_rows_max_block "
+                f"({self.flow_rows_max_block}): no block size would be grouped"
+            )
         if self.elem_set_split and (
             self.elem_set_split < 16 or self.elem_set_split & (self.elem_set_split - 1)
         ):
