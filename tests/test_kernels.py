@@ -204,6 +204,24 @@ def test_row_groups_are_runs_of_equal_child_lists():
     assert set(row_groups(child_rows)) == {2}
 
 
+def _tiled_parts(pc) -> list:
+    """The tiled (block-kernel) partitions of a Triton-compiled circuit."""
+    return [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
+
+
+def _train_step_matches_torch(root, x, m, opts) -> None:
+    """One overlapped training step (node scale in place, deferred parameter flows) on the Triton and
+    the PyTorch executors: the same log-likelihoods and updated weights."""
+    pcs = [
+        engine.compile(copy.deepcopy(root), device=DEVICE, backend=b, kernel_options=opts)
+        for b in ("triton", "torch")
+    ]
+    lls = [c.train_step(x.long().to(DEVICE), m.to(DEVICE), em=(0.5, 0.1)) for c in pcs]
+    assert torch.allclose(lls[0], lls[1], rtol=1e-5)
+    err = ((pcs[0].params - pcs[1].params).norm() / pcs[1].params.norm()).item()
+    assert err < 1e-5, err
+
+
 def test_forward_rows_follow_the_block_size_and_the_tile_limit():
     from engine.kernels.sum_block import FWD_MAX_ROWS, forward_rows
 
@@ -277,7 +295,7 @@ def test_pd_with_row_grouped_forward_matches_torch():
     x, m = data([Categorical(4)] * 16, 9)
     opts = dataclasses.replace(OPTS, fwd_rows=2, fwd_rows_min_block=16)
     pc = compare(root, x.long(), m, opts=opts)
-    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
+    parts = _tiled_parts(pc)
     assert any(forward_rows(p, opts)[0] == 2 for p in parts)
 
 
@@ -426,7 +444,7 @@ def test_split_parent_sets_take_elem_sets_wide_children(wide):
     x, m = data([Categorical(4)] * 16, 9)
     opts = dataclasses.replace(OPTS, elem_sets=1, elem_sets_wide=wide, elem_set_max_rows=32)
     pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=opts)
-    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "set_chunks")]
+    parts = _tiled_parts(pc)
     for p in parts:
         p.set_chunks = Seen(p.set_chunks)
     pc.zero_flows()
@@ -449,17 +467,10 @@ def test_row_grouped_node_scale_and_parameter_flows_match_torch(rows, in_place):
     x, m = data([Categorical(4)] * 16, 9)
     opts = dataclasses.replace(OPTS, flow_rows=rows, flow_rows_min_block=16, flow_rows_max_block=16)
     pc = compare(root, x.long(), m, opts=opts)
-    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
+    parts = _tiled_parts(pc)
     assert any(flow_rows(p, opts) == rows for p in parts)
     if in_place:  # a training step writes the scale over the node flows (`sum_backward_block`)
-        pcs = [
-            engine.compile(copy.deepcopy(root), device=DEVICE, backend=b, kernel_options=opts)
-            for b in ("triton", "torch")
-        ]
-        lls = [c.train_step(x.long().to(DEVICE), m.to(DEVICE), em=(0.5, 0.1)) for c in pcs]
-        assert torch.allclose(lls[0], lls[1], rtol=1e-5)
-        err = ((pcs[0].params - pcs[1].params).norm() / pcs[1].params.norm()).item()
-        assert err < 1e-5, err
+        _train_step_matches_torch(root, x, m, opts)
 
 
 @pytest.mark.parametrize("split_once", [False, True])
@@ -506,16 +517,9 @@ def test_row_grouped_flows_with_padded_groups_match_torch(rows):
     x, m = data([Categorical(4)] * 16, 9)
     opts = dataclasses.replace(OPTS, flow_rows=rows, flow_rows_min_block=16, flow_rows_max_block=16)
     pc = compare(root, x.long(), m, opts=opts)
-    parts = [p for t in pc.tables.layers if t for p in getattr(t, "parts", []) if hasattr(p, "row_groups")]
+    parts = _tiled_parts(pc)
     assert any(flow_rows(p, opts) == rows and bool((p.row_groups[rows] < 0).any()) for p in parts)
-    pcs = [
-        engine.compile(copy.deepcopy(root), device=DEVICE, backend=b, kernel_options=opts)
-        for b in ("triton", "torch")
-    ]
-    lls = [c.train_step(x.long().to(DEVICE), m.to(DEVICE), em=(0.5, 0.1)) for c in pcs]
-    assert torch.allclose(lls[0], lls[1], rtol=1e-5)
-    err = ((pcs[0].params - pcs[1].params).norm() / pcs[1].params.norm()).item()
-    assert err < 1e-5, err
+    _train_step_matches_torch(root, x, m, opts)
 
 
 def test_new_grouping_options_are_refused_by_name():

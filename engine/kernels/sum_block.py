@@ -83,6 +83,16 @@ def _mm_presplit(a, b_hi, b_lo):
 
 
 @triton.jit
+def _row_group(groups, g, R: tl.constexpr, BS: tl.constexpr):
+    """Rows of row group g (`groups[g]`: R node blocks sharing one child list, -1 padding), as the
+    grouped forward, node scale and parameter flows tile them: (block of each row, its row within
+    the block, real-row mask), `[R * BS]` each; padded rows point at the group's first block."""
+    rr = tl.arange(0, R * BS)
+    blk = tl.load(groups + g * R + rr // BS)
+    return tl.maximum(blk, 0), rr % BS, blk >= 0
+
+
+@triton.jit
 def _sum_fwd_block_kernel(
     prm,
     emars,
@@ -115,13 +125,10 @@ def _sum_fwd_block_kernel(
         wrow = prm + param_off + i.to(tl.int64) * BS * W * BS + r * (W * BS)
         nrow = tl.load(node_rows + i) + r
     else:
-        rr = tl.arange(0, R * BS)
-        blk = tl.load(groups + g * R + rr // BS)
-        rmask = blk >= 0
-        blk = tl.maximum(blk, 0)
+        blk, r, rmask = _row_group(groups, g, R, BS)
         i = tl.load(groups + g * R)
-        wrow = prm + param_off + blk.to(tl.int64) * BS * W * BS + (rr % BS) * (W * BS)
-        nrow = tl.load(node_rows + blk) + rr % BS
+        wrow = prm + param_off + blk.to(tl.int64) * BS * W * BS + r * (W * BS)
+        nrow = tl.load(node_rows + blk) + r
     m = tl.full([BB], float("-inf"), tl.float32)
     acc = tl.zeros([R * BS, BB], dtype=tl.float32)
     for k0 in range(0, W, G):
@@ -176,11 +183,7 @@ def _node_scale_kernel(
         rmask = r < BS
         nrow = tl.load(node_rows + g) + r
     else:
-        rr = tl.arange(0, R * BS)
-        blk = tl.load(groups + g * R + rr // BS)
-        rmask = blk >= 0
-        blk = tl.maximum(blk, 0)
-        r = rr % BS
+        blk, r, rmask = _row_group(groups, g, R, BS)
         nrow = tl.load(node_rows + blk) + r
     m2 = rmask[:, None] & bmask[None, :]
     ptr = nrow[:, None] * B + offs_b[None, :]
@@ -393,11 +396,7 @@ def _sum_bwd_param_block_kernel(
         blk = tl.zeros([BS], dtype=tl.int64) + g
         rmask = r < BS
     else:
-        rr = tl.arange(0, R * BS)
-        blk = tl.load(groups + g * R + rr // BS)
-        rmask = blk >= 0
-        blk = tl.maximum(blk, 0)
-        r = rr % BS
+        blk, r, rmask = _row_group(groups, g, R, BS)
         i = tl.load(groups + g * R)
     c0 = tl.load(child_rows + i * W + kk, mask=kmask, other=0)
     if tl.max(c0, 0) > 0:  # padded tiles (child row 0) hold zero weights: nothing to add
