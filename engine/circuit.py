@@ -18,7 +18,13 @@ from engine.compiler import DEFAULT_TOLERANCE, compile_circuit
 from engine.compiler.plan import PAD_ROWS, LayerPlan, Step
 from engine.executor.backend import TORCH_BACKEND, Backend, Tables
 from engine.executor.inputs import InputLayer
-from engine.executor.stream_schedule import plan_early_stats
+from engine.executor.stream_schedule import (
+    ELEMENT,
+    SPARE,
+    RecomputeBuffers,
+    plan_early_stats,
+    recompute_buffers,
+)
 from engine.executor.streams import FlowStreams, PassEM
 from engine.executor.tensors import apply_tensors, gather_sum_params, scatter_sum_params
 from engine.executor.ties import TiedSlots
@@ -101,6 +107,7 @@ class CompiledCircuit(torch.nn.Module):
         self.stats_listener: Callable[[int], tuple | None] | None = None
         self._flow_streams: FlowStreams | None = None  # side streams of the overlapped flows pass
         self._early: tuple | None = None  # (plan, its early input statistics): _early_stats
+        self._places: tuple | None = None  # (plan, its RecomputeBuffers): _recompute_buffers
         self._all_node_rows_written = _rows_written_by_layers(plan)
         self.num_vars = plan.num_vars
         self.to(device)
@@ -360,11 +367,11 @@ class CompiledCircuit(torch.nn.Module):
         streams = self._flow_streams if overlap else FlowStreams.one_stream()
         if overlap and (streams is None or streams.device != self.device):
             streams = self._flow_streams = FlowStreams(self.device)
-        ebufs = (element_mars, element_mars)
-        if overlap:
-            spare = self._scratch(*element_mars.shape)
+        places = self._recompute_buffers() if overlap else None
+        spare = None
+        if places is not None and places.spare_rows:
+            spare = self._scratch(places.spare_rows, element_mars.shape[1])
             spare[:PAD_ROWS] = -torch.inf
-            ebufs = (element_mars, spare)
         freed = [None, None]  # per element buffer: an event after its last reader (parameter flows)
         held = []  # deferred launches and the tensors they read stay alive until the join
         # early statistics in every pass a reducer listens to, overlapped or not (a profiled batch runs the
@@ -376,13 +383,16 @@ class CompiledCircuit(torch.nn.Module):
         if em is not None and (em.listening or listening):  # an input range may wait for its all-reduce
             streams.fork_em()
         try:
-            k = 0  # the element buffer of the current sum layer
+            j = 0  # sum layers passed: the current one's element buffer is the (j % 2)-th
+            ebuf, flows = element_mars, (node_flows, element_flows, param_flows, keep_node_flows)
             for p, step in enumerate(self.plan.backward_steps(inputs=inputs)):
-                args = (node_mars, ebufs[k], node_flows, element_flows, param_flows, keep_node_flows)
+                args = (node_mars, ebuf, *flows)
                 if step.pass_name == "recompute":
                     with streams.on(streams.recompute):
-                        streams.wait(freed[k])
-                        self._backward_step(step, *args)
+                        streams.wait(freed[j % 2])
+                        if places is not None:  # its place is free now: its last readers are done
+                            ebuf = self._recompute_buffer(places, j, element_mars, spare, node_mars)
+                        self._backward_step(step, node_mars, ebuf, *flows)
                         ready = streams.mark()
                     streams.wait(ready)
                 elif step.layer.kind == "sum":
@@ -395,11 +405,11 @@ class CompiledCircuit(torch.nn.Module):
                             launch()
                         # an all-reduce of these flows follows them on this stream
                         wait = listener(step) if listener is not None else None
-                        freed[k] = streams.mark()
+                        freed[j % 2] = streams.mark()
                         if em is not None:  # the weights' last reader is queued: update them behind it
                             em.sum_layer(step.layer, wait, streams)
                     held += later or ()
-                    k ^= 1
+                    j += 1
                     continue
                 elif step.layer.kind == "input":
                     i = self._input_index[step.layer.index]
@@ -429,6 +439,29 @@ class CompiledCircuit(torch.nn.Module):
             raise
         streams.join()
         held.clear()
+
+    def _recompute_buffers(self) -> RecomputeBuffers:
+        """Where the overlapped pass recomputes each product layer (stream_schedule.recompute_buffers),
+        once per plan."""
+        if self._places is None or self._places[0] is not self.plan:
+            self._places = (
+                self.plan,
+                recompute_buffers(self.plan, bool(self.backend.recompute_in_node_rows)),
+            )
+        return self._places[1]
+
+    @staticmethod
+    def _recompute_buffer(places: RecomputeBuffers, j: int, element_mars, spare, node_mars) -> torch.Tensor:
+        """The element buffer of the j-th sum layer's recompute; a view of node rows gets its -inf
+        padding rows here, on the recompute stream, after the wait for its last readers."""
+        place = places.places[j]
+        if place == ELEMENT:
+            return element_mars
+        if place == SPARE:
+            return spare
+        view = node_mars[places.starts[j] : places.starts[j] + places.rows[j]]
+        view[:PAD_ROWS] = -torch.inf
+        return view
 
     def _stats_then_em(self, i: int, node_flows, lo: int, hi: int | None, em: PassEM | None, streams) -> int:
         """`_input_stats` of input layer i's nodes `[lo, hi)`, then (`em`) their EM update behind them

@@ -29,7 +29,9 @@ if not torch.cuda.is_available():
 import engine  # noqa: E402
 import engine.circuit as circuit_mod  # noqa: E402
 import engine.kernels.backend as kernel_backend  # noqa: E402
+from engine.compiler.plan import PAD_ROWS  # noqa: E402
 from engine.dists import Categorical  # noqa: E402
+from engine.executor.stream_schedule import ELEMENT, NODE_ROWS, recompute_buffers  # noqa: E402
 from engine.executor.streams import FlowStreams  # noqa: E402
 from engine.kernels import KernelOptions  # noqa: E402
 from engine.kernels.sum_block import BlockSumTensors  # noqa: E402
@@ -68,7 +70,20 @@ def chain_case():
     return hclt_from_tree(edges, 8, 16, Categorical(5)), [Categorical(5)] * 8
 
 
-CASES = {"hclt": hclt_case, "pd": pd_case, "two_partitions": two_partition_case, "chain": chain_case}
+def long_chain_case():
+    """HCLT over a path of 16 variables, 32 latents: deep enough that the 6th and 8th sum layers
+    (top-down) are recomputed into node-value rows of the layers above (`recompute_buffers`)."""
+    edges = np.array([[v, v + 1] for v in range(15)])
+    return hclt_from_tree(edges, 16, 32, Categorical(5)), [Categorical(5)] * 16
+
+
+CASES = {
+    "hclt": hclt_case,
+    "pd": pd_case,
+    "two_partitions": two_partition_case,
+    "chain": chain_case,
+    "long_chain": long_chain_case,
+}
 
 
 def block_partitions(pc):
@@ -151,22 +166,35 @@ def test_overlapped_training_is_bit_identical_and_matches_float64(name, deferred
         assert rel(ref[k], on[k]) < 2e-5, (k, rel(ref[k], on[k]))
 
 
-def test_second_element_buffer_is_used():
-    """Consecutive sum layers alternate between the forward's element buffer and a spare one."""
-    root, dists = chain_case()
+@pytest.mark.parametrize("name", ["chain", "long_chain"])
+def test_recompute_buffers_follow_their_places(name):
+    """Consecutive sum layers alternate between the forward's element buffer and a second one: the
+    spare, or (long chains) node-value rows of sum layers above, as `recompute_buffers` places them,
+    with their -inf padding rows written."""
+    root, dists = CASES[name]()
     (x, m), _ = batches_for(dists)
     pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=OVERLAP)
+    places = recompute_buffers(pc.plan)
     used = []
     real = pc.backend.sum_backward
 
-    def spy(table, params, element_mars, *rest, **kw):
-        used.append(element_mars.data_ptr())
-        return real(table, params, element_mars, *rest, **kw)
+    def spy(table, params, element_mars, node_mars, *rest, **kw):
+        first = (element_mars.storage_offset() - node_mars.storage_offset()) // node_mars.stride(0)
+        same = element_mars.untyped_storage().data_ptr() == node_mars.untyped_storage().data_ptr()
+        pads = element_mars[:PAD_ROWS]
+        used.append((element_mars.data_ptr(), same, first, bool(torch.isneginf(pads).all())))
+        return real(table, params, element_mars, node_mars, *rest, **kw)
 
     pc.backend.sum_backward = spy
     pc.accumulate_flows(x, m, validate=False)
-    assert len(pc.plan.sum_layers) >= 4 and len(used) == len(pc.plan.sum_layers)
-    assert len(set(used)) == 2 and all(a != b for a, b in zip(used, used[1:])), used
+    assert len(used) == len(pc.plan.sum_layers) == len(places.places)
+    assert all(a[0] != b[0] for a, b in zip(used, used[1:])), used
+    assert len({u[0] for u, p in zip(used, places.places) if p == ELEMENT}) == 1
+    for (_, in_nodes, first, padded), place, start in zip(used, places.places, places.starts):
+        assert in_nodes == (place == NODE_ROWS) and padded
+        if place == NODE_ROWS:
+            assert first == start
+    assert (NODE_ROWS in places.places) == (name == "long_chain"), places
 
 
 def test_listener_hears_every_step_in_order():
@@ -373,9 +401,17 @@ def record_flows_pass(monkeypatch, root, dists, streams=None, scattered=False) -
     def key(t):
         return t.untyped_storage().data_ptr()
 
-    def rows(layer_index):
+    def rows(layer_index, t=None, pads=False):
+        """The rows a layer writes; with `t` (a view), as rows of t's storage (element buffers may be
+        node-value rows: accesses meet there); `pads`: from row 0 (the -inf rows written with it)."""
         _, lo, hi = pc.plan.layers[layer_index].writes
-        return frozenset(range(lo, hi))
+        first = 0 if t is None else t.storage_offset() // t.stride(0)
+        return frozenset(range(first + (0 if pads else lo), first + hi))
+
+    def reads(layer_index, t):  # the node-value rows a product layer reads (a range around them)
+        _, lo, hi = pc.plan.layers[layer_index].reads
+        first = t.storage_offset() // t.stride(0)
+        return frozenset(range(first + lo, first + hi))
 
     def slots(parts):
         return frozenset(i for p in parts for i in range(p.param_offset, p.param_offset + p.num_params))
@@ -387,7 +423,12 @@ def record_flows_pass(monkeypatch, root, dists, streams=None, scattered=False) -
     real = {n: getattr(be, n) for n in ("prod_forward", "sum_backward", "prod_backward", "input_stats")}
 
     def prod_forward(table, node_mars, element_mars):
-        streams.record("recompute", [(key(element_mars), rows(layer_of[id(table)]), True)])
+        li = layer_of[id(table)]
+        acc = [
+            (key(element_mars), rows(li, element_mars, pads=True), True),
+            (key(node_mars), reads(li, node_mars), False),
+        ]
+        streams.record("recompute", acc)
         real["prod_forward"](table, node_mars, element_mars)
 
     def sum_backward(table, params, em, nm, nf, ef, pf, keep_node_flows=True, defer=None):
@@ -398,7 +439,8 @@ def record_flows_pass(monkeypatch, root, dists, streams=None, scattered=False) -
         streams.record(
             f"sum {li} element flows",
             [
-                (key(em), rows(li - 1), False),
+                (key(em), rows(li - 1, em), False),
+                (key(nm), rows(li, nm), False),
                 (key(nf), rows(li), True),  # node flows in, the scale over them
                 (key(ef), rows(li - 1), True),
                 (key(pf), slots([p for p in table.parts if all(p is not q for q in later)]), True),
@@ -406,7 +448,7 @@ def record_flows_pass(monkeypatch, root, dists, streams=None, scattered=False) -
         )
         for d in mine:
             pt, scale = d.args[0], d.args[3]
-            acc = [(key(em), rows(li - 1), False), (key(nf), view_rows(scale, nf), False)]
+            acc = [(key(em), rows(li - 1, em), False), (key(nf), view_rows(scale, nf), False)]
             acc.append((key(pf), slots([pt]), True))
             run = _Deferred(d, lambda acc=acc: streams.record(f"sum {li} parameter flows", acc))
             streams.deferred.append(weakref.ref(run))
@@ -492,6 +534,32 @@ def test_the_dependency_check_sees_a_missing_wait(ignore, monkeypatch):
     """The check above is not vacuous: dropping the waits of any one stream leaves races it reports."""
     streams = record_flows_pass(monkeypatch, *CASES["chain"](), RecordingStreams(ignore))
     assert streams.violations(), ignore
+
+
+def test_the_dependency_check_sees_a_recompute_into_rows_still_read(monkeypatch):
+    """Node-value rows are a recompute buffer only once their readers are done: placing the recompute
+    of a sum layer over the rows of the layer just above it (whose backward may still be reading them)
+    is a race the check reports; the real places have none (test above)."""
+    real = circuit_mod.recompute_buffers
+
+    def too_early(plan, node_rows=True):
+        places = real(plan, node_rows)
+        sums = [
+            s.layer
+            for s in plan.backward_steps(inputs=False)
+            if s.layer.kind == "sum" and s.pass_name == "backward"
+        ]
+        starts = [
+            sums[j - 1].writes[1] if p == NODE_ROWS else st
+            for j, (p, st) in enumerate(zip(places.places, places.starts))
+        ]
+        return dataclasses.replace(places, starts=tuple(starts))
+
+    monkeypatch.setattr(circuit_mod, "recompute_buffers", too_early)
+    streams = record_flows_pass(monkeypatch, *CASES["long_chain"]())
+    assert any(a.startswith("sum") and b == "recompute" for a, b in streams.violations()), (
+        streams.violations()
+    )
 
 
 def test_a_launch_that_raises_still_joins_the_side_streams(monkeypatch):

@@ -106,6 +106,51 @@ def test_bad_input_is_named(plan):
         ss.three_streams(steps, [1.0] * len(steps), param_share=1.5)
 
 
+def _sum_steps(plan):
+    return [
+        s for s in plan.backward_steps(inputs=False) if s.layer.kind == "sum" and s.pass_name == "backward"
+    ]
+
+
+@pytest.mark.parametrize("latents", [16, 32])
+def test_recompute_buffers_use_only_rows_whose_readers_are_done(latents):
+    """Odd sum layers (top-down) take node-value rows only inside the rows of the sum layers at least
+    two before (their last readers are waited for), the rest a spare as large as the largest of them;
+    even ones the forward's element buffer."""
+    root = hclt_from_tree(np.array([[v, v + 1] for v in range(15)]), 16, latents, Categorical(3), root_var=0)
+    plan, _, _ = compile_plan(root, None, 0.5)
+    b = ss.recompute_buffers(plan)
+    sums = _sum_steps(plan)
+    assert len(b.places) == len(b.starts) == len(b.rows) == len(sums)
+    for j, (s, place, start, rows) in enumerate(zip(sums, b.places, b.starts, b.rows)):
+        assert rows == s.partner.writes[2]
+        assert (place == ss.ELEMENT) == (j % 2 == 0)
+        if place == ss.NODE_ROWS:
+            done = set()
+            for t in sums[: j - 1]:
+                done |= set(range(*t.layer.writes[1:]))
+            assert set(range(start, start + rows)) <= done, (j, start, rows)
+    spared = [r for p, r in zip(b.places, b.rows) if p == ss.SPARE]
+    assert b.spare_rows == max(spared, default=0)
+    assert ss.NODE_ROWS in b.places  # a path of 16 variables is deep enough
+    off = ss.recompute_buffers(plan, node_rows=False)
+    assert ss.NODE_ROWS not in off.places and off.spare_rows == max(b.rows[1::2])
+
+
+def test_recompute_buffers_of_a_learnt_hclt_need_only_a_small_spare():
+    """The memory point: in an HCLT learnt from data the product layers grow toward the bottom, and
+    those large layers find room in node rows; the spare holds the top layers' rows only."""
+    from engine.data import mnist_like
+
+    x = mnist_like(2000)[:, 300:400].long() // 64
+    plan, _, _ = compile_plan(
+        engine.structures.hclt(x, 16, input_dist=Categorical(4), device="cpu"), None, 0.5
+    )
+    b = ss.recompute_buffers(plan)
+    assert b.places[:2] == (ss.ELEMENT, ss.SPARE)
+    assert b.spare_rows * 2 < max(b.rows) == plan.num_element_rows
+
+
 def test_module_imports_without_torch():
     """Views import it: it must load where torch cannot be imported."""
     path = Path(ss.__file__)

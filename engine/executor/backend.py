@@ -48,6 +48,8 @@ class Backend(ABC):
     overlaps_flows = False
     early_stats = False  # with overlaps_flows: input statistics of rows final early run during the pass
     em_in_pass = False  # with overlaps_flows: a training step's EM update runs inside the pass (PassEM)
+    # with overlaps_flows: the second element buffer lives in node rows already read (recompute_buffers)
+    recompute_in_node_rows = False
     # True: the first product layer to reach a node row in the flows pass stores its flows, so
     # node_flows needs no zero fill (only row 0); False: node_flows starts at zero
     first_writes_node_flows = False

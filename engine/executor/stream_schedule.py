@@ -84,6 +84,66 @@ def plan_early_stats(plan, parts: int = EARLY_STATS_PARTS) -> dict[int, list]:
     return early_stats(plan.input_flows_ready(), [layer.num_nodes for layer in plan.input_layers], parts)
 
 
+ELEMENT, SPARE, NODE_ROWS = "element", "spare", "node rows"  # where a recompute writes (RecomputeBuffers)
+
+
+@dataclass(frozen=True)
+class RecomputeBuffers:
+    """Where the overlapped flows pass recomputes each product layer: one entry per sum layer in
+    top-down order (the order of `plan.backward_steps()`).
+
+    Even entries use the forward's element buffer (`ELEMENT`). Odd ones need a second buffer, since
+    the recompute runs ahead while the layer before still reads the first. Its place: `NODE_ROWS`,
+    rows `[start, start + rows)` of the node values, when that many rows belong to sum layers whose
+    every reader is done by then (a training pass keeps no node flows, and the recompute into a
+    buffer already waits for the parameter flows of the layer two before, the last reader of the
+    rows of every layer above), else `SPARE`, a buffer of `spare_rows` rows of its own. Each entry's
+    `rows` counts the -inf padding rows (`PAD_ROWS`) that a view must get before its recompute.
+    HCLT and PD lay their sum layers out top-down from the end of the node rows, so only the top
+    few layers, a few hundred rows each, need the spare, not a copy of the largest layer."""
+
+    places: tuple[str, ...]
+    starts: tuple[int, ...]  # first node row of a NODE_ROWS place; 0 otherwise
+    rows: tuple[int, ...]
+    spare_rows: int
+
+
+def _longest_run(ranges: list[tuple[int, int]]) -> tuple[int, int]:
+    """(start, length) of the longest run of rows covered by the union of `[lo, hi)` ranges."""
+    best, cur = (0, 0), None
+    for lo, hi in sorted(ranges):
+        if cur is not None and lo <= cur[1]:
+            cur = (cur[0], max(cur[1], hi))
+        else:
+            cur = (lo, hi)
+        if cur[1] - cur[0] > best[1]:
+            best = (cur[0], cur[1] - cur[0])
+    return best
+
+
+def recompute_buffers(plan, node_rows: bool = True) -> RecomputeBuffers:
+    """`RecomputeBuffers` of a plan (anything with `backward_steps()` whose sum layers write
+    `("node_mars", lo, hi)` and product layers `(..., PAD_ROWS, hi)`); `node_rows=False`: every odd
+    layer in a spare as large as the largest of them (the two-buffer layout before node rows)."""
+    sums = [
+        s for s in plan.backward_steps(inputs=False) if s.layer.kind == "sum" and s.pass_name == "backward"
+    ]
+    places, starts, rows, spare = [], [], [], 0
+    for i, s in enumerate(sums):
+        need = s.partner.writes[2]  # padding rows + the product layer's rows
+        place, start = ELEMENT, 0
+        if i % 2:
+            done = [t.layer.writes[1:] for t in sums[: i - 1] if t.layer.writes[0] == "node_mars"]
+            start, free = _longest_run(done) if node_rows else (0, 0)
+            place = NODE_ROWS if free >= need else SPARE
+        if place == SPARE:
+            spare, start = max(spare, need), 0
+        places.append(place)
+        starts.append(start)
+        rows.append(need)
+    return RecomputeBuffers(tuple(places), tuple(starts), tuple(rows), spare)
+
+
 @dataclass(frozen=True)
 class Slot:
     """One piece of work on one stream. `step`: index into the step list; `part`: the step's pass,

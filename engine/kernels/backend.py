@@ -136,6 +136,10 @@ class TritonBackend(TorchBackend):
         return bool(self.options.early_stats)
 
     @property
+    def recompute_in_node_rows(self) -> bool:
+        return bool(self.options.recompute_in_node_rows)
+
+    @property
     def em_in_pass(self) -> bool:
         return bool(self.options.em_in_pass)
 

@@ -110,6 +110,11 @@ class KernelOptions:
     # (engine/executor/streams.py); A/B on an H200 2026-11-30 13:54, step -15% HCLT-128, -9% HCLT-256,
     # -6% PD-64, -2% PD-128 (benchmarks/results/kernel_breakdown_h200_overlap2.json)
     overlap: bool = True
+    # with `overlap`: the second element buffer of the flows pass (the recompute runs ahead into it)
+    # lives in node-value rows of sum layers whose readers are done (stream_schedule.recompute_buffers),
+    # not in a spare as large as the largest product layer; the spare keeps only the top layers that
+    # do not fit (HCLT-128: 384 rows instead of 12,160). Off: the spare layout, for A/B
+    recompute_in_node_rows: bool = True
     # with `overlap`: the input statistics of rows whose flows are final early (HCLT: most rows) run
     # on the parameter-flow stream during the pass (LayerPlan.input_flows_ready), the rest at its end
     early_stats: bool = True
@@ -172,6 +177,13 @@ class KernelOptions:
         for name in ("elem_sets", "elem_sets_wide"):
             if getattr(self, name) not in ELEM_SETS:
                 raise ValueError(f"{name} must be one of {ELEM_SETS}, got {getattr(self, name)!r}")
-        for name in ("overlap", "early_stats", "em_in_pass", "input_fwd", "elem_split_once"):
+        for name in (
+            "overlap",
+            "early_stats",
+            "em_in_pass",
+            "input_fwd",
+            "elem_split_once",
+            "recompute_in_node_rows",
+        ):
             if getattr(self, name) not in (0, 1):
                 raise ValueError(f"{name} must be a bool (or 0 / 1), got {getattr(self, name)!r}")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.compiler.plan import PAD_ROWS
+from engine.executor.stream_schedule import recompute_buffers
 from workbench.services import calibrate, memory, plans
 from workbench.state.circuit import BuildState
 
@@ -60,13 +61,14 @@ def test_calibration_needs_measured_steps(demo_plan):
     assert calibrate.calibrate(recs, 1e11, 2e10, 5.0) is None
 
 
-def test_three_stream_memory_holds_a_second_element_buffer_in_the_flows_pass(demo_plan):
+def test_three_stream_memory_holds_the_spare_element_buffer_in_the_flows_pass(demo_plan):
     batch = 256
     recs = plans.schedule(demo_plan, batch)
     tl = memory.memory_timeline(demo_plan, recs, batch)
     three, one = tl["three streams"], tl["recompute"]
     assert len(three) == len(recs)
-    buffer = demo_plan.num_element_rows * 4 * batch  # the spare _flows_pass allocates
+    buffer = recompute_buffers(demo_plan).spare_rows * 4 * batch  # the spare _flows_pass allocates
+    assert 0 < buffer <= demo_plan.num_element_rows * 4 * batch
     for r, a, b in zip(recs, three, one, strict=True):
         extra = buffer if r["pass"] != "forward" else 0  # held from the first backward step on
         assert a["element values"] == b["element values"] + extra

@@ -9,8 +9,10 @@ Three policies over the same schedule (`plans.schedule` order), from the plan's 
   backward, the way an autograd framework keeps activations.
 - **three streams** (GPU training: engine/executor/stream_schedule.py): recompute as above, but the
   flows pass recomputes each product layer *ahead* into a second element-value buffer as well (the
-  two alternate per sum layer), so two element-value buffers are held from the first backward step
-  on. The node scale is written over the node-flow rows: no scratch of its own.
+  two alternate per sum layer). That second buffer takes node-value rows whose readers are done
+  where they fit (`recompute_buffers`), so only its spare, sized for the top layers that do not fit,
+  is held on top from the first backward step on. The node scale is written over the node-flow
+  rows: no scratch of its own.
 
 Node values, node flows and parameters are the same under all three. Sizes in bytes (float32).
 """
@@ -18,7 +20,7 @@ Node values, node flows and parameters are the same under all three. Sizes in by
 from __future__ import annotations
 
 from engine.compiler.plan import PAD_ROWS, LayerPlan
-from engine.executor.stream_schedule import NUM_ELEMENT_BUFFERS
+from engine.executor.stream_schedule import recompute_buffers
 
 FLOAT_BYTES = 4
 BUFFERS = ["parameters", "node values", "node flows", "element values", "element flows"]
@@ -40,6 +42,7 @@ def memory_timeline(plan: LayerPlan, records: list[dict], batch_size: int) -> di
     params = FLOAT_BYTES * (2 * plan.num_params + 2 * plan.num_input_params)  # weights + their flows
     prod = _product_rows(plan)
     scratch = (PAD_ROWS + max(prod.values(), default=0)) * per_row
+    spare = recompute_buffers(plan).spare_rows * per_row  # what the overlapped pass allocates on top
     out: dict[str, list[dict]] = {"recompute": [], "store": [], "three streams": []}
     stored: dict[int, int] = {}  # store policy: product layer -> bytes kept
     backward = False
@@ -55,7 +58,7 @@ def memory_timeline(plan: LayerPlan, records: list[dict], batch_size: int) -> di
         }
         keys = {"step": r["step"], "layer": r["layer"], "pass": r["pass"]}
         out["recompute"].append({**keys, **common, "element values": scratch})
-        two = NUM_ELEMENT_BUFFERS * scratch if backward else scratch  # the spare exists in the flows pass
+        two = scratch + spare if backward else scratch  # the spare exists in the flows pass
         out["three streams"].append({**keys, **common, "element values": two})
         out["store"].append({**keys, **common, "element values": PAD_ROWS * per_row + sum(stored.values())})
         if r["layer"] in prod and r["pass"] == "backward":

@@ -437,8 +437,9 @@ class ScheduleView(DeferWhileHidden, pn.viewable.Viewer):
             line += (
                 "Drawn: **three streams**, a GPU training step (Triton executor, "
                 "`KernelOptions.overlap=True`): the side streams' work overlaps the main chain, taken as "
-                "not slowing it (a lower bound: large layers leave no idle SMs); the memory plot holds "
-                "two element buffers in the flows pass. "
+                "not slowing it (a lower bound: large layers leave no idle SMs). The flows pass recomputes "
+                "into two element buffers; the second takes node-value rows already read where they fit "
+                "and a small spare elsewhere, which the memory plot counts. "
             ) + self._early_line(slots, known=bool(plan.input_flows_ready()))
         else:
             line += (
