@@ -133,10 +133,12 @@ def main() -> int:
                 pc = engine.compile(root, device="cuda", kernel_options=opts)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
                 step = CapturedStep(pc, BATCH, em=(STEP, PSEUDO))
                 row["graph_ms_per_batch"] = time_graph(step, data)
                 row["graph_captured"] = step.captured
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9  # data + circuit + step
+                row["step_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9  # the step's buffers
                 step = None  # free the graph's pool before the eager profile
                 trace = [] if args.trace else None
                 row["kernels"] = kernel_table(pc, data, trace)
@@ -153,7 +155,7 @@ def main() -> int:
                 + (
                     row.get("error")
                     or f"graph {row['graph_ms_per_batch']:.2f} ms/batch, eager kernels {row['eager_kernel_ms']:.2f} ms"
-                    f", peak {row['peak_gb']:.3f} GB"
+                    f", peak {row['peak_gb']:.3f} GB (step {row['step_peak_gb'] * 1e3:.1f} MB)"
                 ),
                 flush=True,
             )
