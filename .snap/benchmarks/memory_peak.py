@@ -4,7 +4,7 @@
 
 Per configuration and batch size: what `vs_pyjuice.py` measures as ours (compile, the first
 log-likelihood, one epoch of `optim.fit` on a uint8 copy of the 60,000 MNIST-shaped rows) under
-`torch.cuda.memory._record_memory_history`; the allocator's trace is replayed to find the moment of
+`torch.cuda.memory._record_memory_history` (`--epochs`, default 2 as vs_pyjuice.py runs); the allocator's trace is replayed to find the moment of
 most bytes allocated (blocks count until their free completes, as `max_memory_allocated` counts
 them), and the blocks live then are summed by the innermost frame in engine/ or benchmarks/. Used to
 find what puts a peak above PyJuice's; a diagnosis, not a timing (recording slows allocations).
@@ -60,9 +60,10 @@ def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[str, int]]:
     return best, at, dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 
-def run(kind: str, nl: int, bs: int, data_u8) -> dict:
-    root = ours_build(kind, nl, data_u8[:20000].cuda().long())  # outside the region, as in vs_pyjuice
-    data_cpu = data_u8.clone()
+def run(kind: str, nl: int, bs: int, data_u8, epochs: int) -> dict:
+    data_cpu = data_u8.clone()  # what the user hands fit; the first LL reads a GPU copy (vs_pyjuice.py)
+    data_u8 = data_u8.cuda()
+    root = ours_build(kind, nl, data_u8[:20000].long())  # outside the region, as in vs_pyjuice
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
@@ -71,13 +72,21 @@ def run(kind: str, nl: int, bs: int, data_u8) -> dict:
     torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     pc = engine.compile(root, device="cuda")
     ours_ll(pc, data_u8, bs)
-    optim.fit(pc, data_cpu, epochs=1, schedule=schedule(bs), generator=torch.Generator().manual_seed(SEED))
+    optim.fit(
+        pc, data_cpu, epochs=epochs, schedule=schedule(bs), generator=torch.Generator().manual_seed(SEED)
+    )
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     measured = torch.cuda.max_memory_allocated() - base
     dev = torch.cuda.current_device()
-    peak, at, sites = peak_blocks(snap["device_traces"][dev])
+    trace = snap["device_traces"][dev]
+    peak, at, sites = peak_blocks(trace)
+    frames = trace[at].get("frames") or [] if trace else []
+    stack = [
+        f"{f['filename'].rsplit('/', 2)[-2]}/{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
+        for f in frames
+    ]
     del pc, root
     return {
         "config": f"{kind}:{nl}",
@@ -86,6 +95,9 @@ def run(kind: str, nl: int, bs: int, data_u8) -> dict:
         "trace_peak_GB": peak / 1e9,
         "trace_index": at,
         "sites_MB": {k: v / 1e6 for k, v in sites.items()},
+        "peak_alloc_stack": [x for x in stack if "/engine/" in x or "engine/" in x or "benchmarks/" in x][
+            :12
+        ],
     }
 
 
@@ -95,6 +107,7 @@ def main(argv=None) -> int:
         "--configs", nargs="+", default=["hclt:256@128", "hclt:256@512"], help="kind:latents@batch"
     )
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     data_u8 = mnist_like(60000).to(torch.uint8)
@@ -109,7 +122,7 @@ def main(argv=None) -> int:
     for spec in args.configs:
         cfg, bs = spec.split("@")
         kind, nl = cfg.split(":")
-        row = run(kind, int(nl), int(bs), data_u8)
+        row = run(kind, int(nl), int(bs), data_u8, args.epochs)
         info["results"].append(row)
         print(
             f"\n{row['config']} batch {row['batch']}: max_memory_allocated {row['max_memory_allocated_GB']:.3f} GB, "
@@ -118,6 +131,7 @@ def main(argv=None) -> int:
         )
         for site, mb in list(row["sites_MB"].items())[: args.top]:
             print(f"  {mb:10.1f} MB  {site}")
+        print("  the allocation that made the peak, innermost first: " + " <- ".join(row["peak_alloc_stack"]))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(info, f, indent=1)
