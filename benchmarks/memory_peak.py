@@ -83,10 +83,7 @@ def run(kind: str, nl: int, bs: int, data_u8, epochs: int) -> dict:
     trace = snap["device_traces"][dev]
     peak, at, sites = peak_blocks(trace)
     frames = trace[at].get("frames") or [] if trace else []
-    stack = [
-        f"{f['filename'].rsplit('/', 2)[-2]}/{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
-        for f in frames
-    ]
+    stack = [where([f]) for f in frames if any(k in f.get("filename", "") for k in OURS)]
     del pc, root
     return {
         "config": f"{kind}:{nl}",
@@ -95,9 +92,7 @@ def run(kind: str, nl: int, bs: int, data_u8, epochs: int) -> dict:
         "trace_peak_GB": peak / 1e9,
         "trace_index": at,
         "sites_MB": {k: v / 1e6 for k, v in sites.items()},
-        "peak_alloc_stack": [x for x in stack if "/engine/" in x or "engine/" in x or "benchmarks/" in x][
-            :12
-        ],
+        "peak_alloc_stack": stack[:12],
     }
 
 
