@@ -207,6 +207,35 @@ def test_non_finite_training_stops_with_a_clear_error():
         optim.fit(pc, x, epochs=1, schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0))
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_finiteness_check_finds_one_bad_value_without_a_full_size_temporary(bad):
+    t = torch.rand(4096, 3)
+    assert optim.all_finite(t) and optim.all_finite(t[:0])
+    t[1234, 2] = bad
+    assert not optim.all_finite(t) and not optim.all_finite(t.double()) and not optim.all_finite(t.T)
+    pc, _ = _pair()
+    pc.input_params(0)[0, 0] = bad
+    with pytest.raises(optim.NonFiniteError, match="input layer 0 parameters"):
+        optim.check_finite_parameters(pc, 3)
+
+
+def test_evaluation_keeps_no_step_buffers_between_epochs():
+    """An evaluation batch needs no flows: its node values (an eager tail batch's on a GPU) must not stay
+    alive under the next epoch's training steps (they were that epoch's memory peak)."""
+    x = _data(200)  # batches of BS and a tail: the tail runs eagerly
+    pc, _ = _pair()
+    seen = []
+    optim.fit(
+        pc,
+        x,
+        epochs=2,
+        schedule=optim.EMSchedule(batch_size=BS, full_batch_epochs=0),
+        callback=lambda e: seen.append(pc._mars) if e["type"] == "epoch" else None,
+    )
+    assert len(seen) == 2 and all(m is None for m in seen)
+    assert optim.evaluate(pc, x, BS) < 0 and pc._mars is None
+
+
 def test_profiler_interval_sampling_is_time_based():
     x = _data(640)
     pc, _ = _pair()

@@ -68,6 +68,9 @@ class CapturedStep:
         pc = self.pc
         if self.forward_only:
             ll = pc(x, missing, validate=False)
+            # no flows follow an evaluation batch: keeping its values (an eager tail batch's, 150 MB at
+            # HCLT-256 batch 128) until the next forward would put them under the next epoch's peak
+            pc._mars, pc._inputs_cache = None, []
         else:  # the circuit's one training step (EM inside the flows pass when its options say so)
             ll = pc.train_step(x, missing, self.em, self.reduce, self.zero, validate=False)
         self.ll_sum += ll.sum(dtype=torch.float64)
