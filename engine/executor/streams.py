@@ -14,6 +14,8 @@ one CUDA graph (one branch per stream) and every tensor freed after it is free o
 
 A buffer is reused only after everything that reads it is done: the recompute into element buffer
 k waits for the parameter flows of the layer two above (which ran after that layer's element flows).
+The same wait frees the node-value rows of every sum layer from that one up, so the second buffer is
+mostly a view of those rows, not a copy of the largest layer (`stream_schedule.recompute_buffers`).
 On the CPU there are no streams: the same schedule runs in program order (tests check it there).
 
 With `KernelOptions.em_in_pass` a training step's EM update runs inside the pass too (`PassEM`): a
