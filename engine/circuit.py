@@ -244,10 +244,15 @@ class CompiledCircuit(torch.nn.Module):
         `keep_node_flows=False` (training steps: `accumulate_flows`): only parameter flows, input
         statistics and input nodes' rows are wanted, so the executor may overwrite a sum layer's node
         flows once its backward has read them (the tiled kernels put their node scale there, and the
-        overlapped schedule of engine/executor/streams.py runs); sum rows are then not flows.
+        overlapped schedule of engine/executor/streams.py runs); sum rows are then not flows. Such a
+        pass uses up the forward's values (the overlapped one recomputes into node-value rows
+        already read): another flows pass needs a new `forward`.
         `em` (`train_step` only, with the overlapped pass): the EM update made inside the pass."""
         if self._mars is None:
-            raise RuntimeError("call forward (or accumulate_flows) before backward_flows")
+            raise RuntimeError(
+                "call forward before backward_flows (a training pass, accumulate_flows or train_step, uses up "
+                "the forward's values)"
+            )
         node_mars, element_mars = self._mars
         if self.backend.first_writes_node_flows:  # each row's first product layer stores
             node_flows = self._scratch(*node_mars.shape)
@@ -263,7 +268,11 @@ class CompiledCircuit(torch.nn.Module):
         overlap = self._overlapped(accumulate_params, keep_node_flows)
         if em is not None and not overlap:
             raise ValueError("an EM update inside the flows pass needs the overlapped training pass")
-        self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows, em)
+        try:
+            self._flows_pass(*bufs, listener, overlap, accumulate_params, keep_node_flows, em)
+        finally:
+            if not keep_node_flows:  # node values may be overwritten (recompute_buffers): no second pass
+                self._mars, self._inputs_cache = None, []
         return node_flows
 
     def _overlapped(self, accumulate_params: bool, keep_node_flows: bool) -> bool:

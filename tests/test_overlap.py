@@ -197,6 +197,23 @@ def test_recompute_buffers_follow_their_places(name):
     assert (NODE_ROWS in places.places) == (name == "long_chain"), places
 
 
+@pytest.mark.parametrize("opts", [OVERLAP, PLAIN])
+def test_a_training_pass_uses_up_the_forward_values(opts):
+    """The overlapped pass recomputes into node-value rows already read, so after accumulate_flows the
+    forward's values are gone: a second flows pass must ask for a new forward, not answer from them
+    (on every schedule alike); after a new forward the flows are right again."""
+    root, dists = CASES["long_chain"]()
+    (x, m), _ = batches_for(dists)
+    pc = engine.compile(copy.deepcopy(root), device=DEVICE, backend="triton", kernel_options=opts)
+    pc.accumulate_flows(x, m, validate=False)
+    with pytest.raises(RuntimeError, match="call forward before backward_flows"):
+        pc.backward_flows(accumulate_params=False)
+    ref = engine.compile(copy.deepcopy(root), device=DEVICE, backend="torch").double()
+    ref.forward(x, m)
+    pc.forward(x, m)
+    assert rel(ref.backward_flows(accumulate_params=False), pc.backward_flows(accumulate_params=False)) < 1e-4
+
+
 def test_listener_hears_every_step_in_order():
     """Data-parallel EM all-reduces a layer's flows when the listener hears of it: the overlapped pass
     reports the same steps in the same order as the plain one."""
