@@ -68,6 +68,18 @@ def test_table_reproduces_the_round5_rows():
     assert "| HCLT-256 | 1.019 | 1.017 | 1.00 | 1.430 | 1.939 | 1.90x |" in out
 
 
+def test_table_reproduces_the_round8_rows():
+    """The README's round-8 tables (issue 11, 2026-12-01 10:08-10:26 UTC) came from these files."""
+    names = ("hclt_h200_round8", "pd_h200_round8")
+    out = tbl.render([tbl.load(os.path.join(RESULTS, f"vs_pyjuice_{n}.json")) for n in names])
+    assert "| HCLT-512 | 2.586 | 2.584 | 1.00 | 3.458 | 5.915 | 2.29x | - | 5.73 | 5.89 |" in out
+    assert "| PD-128 | 0.872 | 0.871 | 1.00 | 1.143 | 1.747 | 2.00x | - | 1.90 | 2.52 |" in out
+    assert "| PD-128 | 4096 | 14 | 0.754 | 76,085 | 1.381 | 41,527 | 1.83x | 3.4x | 10.58 | 14.99 |" in out
+    assert "no cliff" in out
+    again = tbl.render([tbl.load(os.path.join(RESULTS, "vs_pyjuice_hclt256_h200_round8b.json"))])
+    assert "| HCLT-256 | 128 | 468 | 1.702 | 35,198 | 5.034 | 11,900 | 2.96x | 3.9x | 1.28 | 1.33 |" in again
+
+
 def test_table_rejects_a_file_that_is_not_a_result(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"rows": []}))
