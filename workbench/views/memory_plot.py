@@ -20,7 +20,7 @@ STORE_COLOR = "#222222"
 
 POLICY_NOTE = {  # how the title names what is recomputed into
     "recompute": "with product layers recomputed",
-    "three streams": "recomputing into two element buffers, the second in node rows already read (three streams)",
+    "three streams": "with two element buffers (three streams)",
 }
 
 

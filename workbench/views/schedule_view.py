@@ -54,8 +54,9 @@ variables whose subtree ends above the lowest layer: about half of its input nod
 the third stream right after the product layer that finished them (bars in the input layers'
 colour in the *param flows behind* lane); the input layers' own step at the end does only the rest. A PD reads every input node
 in its lowest layer, so there all statistics stay at the end.
-Switch *Stream schedule* to see it: the side work hides behind the main chain, for one more element
-buffer of memory. The model splits a sum layer's backward half and half (element flows and parameter
+Switch *Stream schedule* to see it: the side work hides behind the main chain. The second element
+buffer costs little memory: it takes node-value rows whose readers are done, and only the top layers,
+where too few such rows exist yet, get a small spare. The model splits a sum layer's backward half and half (element flows and parameter
 flows are one matmul each) and assumes the streams do not slow each other, so it is a lower bound:
 fed an H200's one-stream kernel trace it predicts -23% for HCLT-128 and -20% for PD-128, where the
 GPU measured -15% and -2% (benchmarks/README.md, round 4): PD's large layers already fill the card.
