@@ -3,8 +3,8 @@
 The workbench is served in this process (so the build can be made slow on purpose): a circuit with
 13 latents spins pure Python (holding the GIL as a real structure build does) for `SLOW_S` seconds
 before building. While it runs, a second browser session switches template, a server round trip
-that redraws the template's fields; it must finish in about twice its idle time (the build thread
-and the event loop share the GIL), long before the build does.
+that redraws the template's fields; it must finish long before the build does (the build thread and
+the event loop share the GIL, so it takes about twice its idle time).
 """
 
 from __future__ import annotations
@@ -106,9 +106,11 @@ def test_a_slow_build_in_one_session_leaves_another_session_responsive(browser, 
         print(f"template switch: {idle} s idle, {seconds:.2f} s during another session's build")
 
         assert still_building, "the slow build finished before the other session was measured"
-        # A build holding the GIL leaves the event loop about half of it: 0.4-0.6 s idle became
-        # 1.0 s (measured); on the event loop itself the switch waited for the whole build.
-        assert seconds < min(1.5, SLOW_S / 4), f"the other session waited {seconds:.2f} s (idle: {idle})"
+        # A build holding the GIL leaves the event loop about half of it. On this 2-core machine an idle
+        # switch takes 0.8-1.6 s and 1.4-2.6 s during the build (2026-12-01, also at the previous
+        # commit, so a bound of 1.5 s failed about half the runs); on the event loop itself the switch
+        # waited for the whole build (~7.5 s here). Half the build tells the two apart with room.
+        assert seconds < SLOW_S / 2, f"the other session waited {seconds:.2f} s (idle: {idle})"
         expect(built).to_be_visible(timeout=60_000)  # and the slow build itself completes
     finally:
         ctx_a.close()
