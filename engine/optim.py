@@ -306,9 +306,7 @@ def all_finite(t: torch.Tensor) -> bool:
     """Whether no element of `t` is NaN or infinite, from its min and max: one reduction and no
     temporary as large as `t` (`isfinite(t).all()` allocated 360 MB at HCLT-256 and was that
     epoch's memory peak). Max and min propagate NaN."""
-    if t.numel() == 0:
-        return True
-    if not t.is_floating_point():
+    if t.numel() == 0 or not t.is_floating_point():
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))

@@ -113,7 +113,7 @@ class KernelOptions:
     # with `overlap`: the second element buffer of the flows pass (the recompute runs ahead into it)
     # lives in node-value rows of sum layers whose readers are done (stream_schedule.recompute_buffers),
     # not in a spare as large as the largest product layer; the spare keeps only the top layers that
-    # do not fit (HCLT-128: 384 rows instead of 12,160). Off: the spare layout, for A/B
+    # do not fit (HCLT-128, MNIST: 320 rows instead of 12,096). Off: the spare layout, for A/B
     recompute_in_node_rows: bool = True
     # with `overlap`: the input statistics of rows whose flows are final early (HCLT: most rows) run
     # on the parameter-flow stream during the pass (LayerPlan.input_flows_ready), the rest at its end

@@ -26,8 +26,9 @@ POLICY_NOTE = {  # how the title names what is recomputed into
 
 def memory_plot(timeline: dict[str, list[dict]], policy: str = "recompute"):
     """Stacked areas: the engine's buffers per step under `policy` ("recompute": one stream, "three
-    streams": GPU training's flows pass, two element-value buffers, the second mostly in node-value rows already read); a dashed line: the total if every
-    product layer were stored instead; pass boundaries shaded in the pass colours."""
+    streams": GPU training's flows pass, two element-value buffers, the second mostly in node-value
+    rows already read); a dashed line: the total if every product layer were stored instead; pass
+    boundaries shaded in the pass colours."""
     if policy not in POLICY_NOTE:
         raise ValueError(f"memory policy must be one of {sorted(POLICY_NOTE)}, got {policy!r}")
     rec, store = timeline[policy], timeline["store"]
